@@ -1,0 +1,3 @@
+from ichdlib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,285 @@
+"""One parameter schema for every notebook and command.
+
+A params YAML is validated at load: an unknown key or a wrong type fails at once with a message naming
+the key. Relative paths are resolved against ``root``, which defaults to the parent of the folder that
+holds the params file (the repository root for files in ``params/``). ``{run}`` in a path is replaced by
+the run name.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ParamsError(ValueError):
+    """A params file that is missing, unreadable or invalid; the message names file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsCfg(_Strict):
+    """Where the data, the intermediate work and the reports live."""
+
+    data_root: Path = Path("data/phantom")
+    work: Path = Path("work/{run}")
+    reports: Path = Path("reports/{run}")
+    train_dir: str = "stage_2_train"
+    test_dir: str = "stage_2_test"
+    train_csv: str = "stage_2_train.csv"
+    sample_submission: str = "stage_2_sample_submission.csv"
+    #: Test-split truth in Kaggle long format; the phantom writes one, real Kaggle data has none.
+    answer_key: str | None = "answer_key.csv"
+
+
+class SynthCfg(_Strict):
+    """The phantom generator; used when ``enabled`` and ``paths.data_root`` holds no data yet."""
+
+    enabled: bool = True
+    studies: int = Field(60, ge=2)
+    seed: int = 0
+    size: int = Field(256, ge=32)
+    quirks: bool = True
+    masks: bool = True
+
+
+class IngestCfg(_Strict):
+    """Header scan, catalog, folds and the resized HU cache."""
+
+    size: int = Field(256, ge=16)
+    workers: int = Field(0, ge=0, description="0 = one per CPU core")
+    folds: int = Field(5, ge=2)
+    #: IDs to leave out on purpose (e.g. known-corrupt ``ID_6431af929``); they are quarantined with a reason.
+    skip_ids: list[str] = Field(default_factory=list)
+
+
+class WindowsCfg(_Strict):
+    """How HU becomes the network's three channels."""
+
+    recipe: Literal["seed_3window", "adjacent_header", "three_window"] = "seed_3window"
+    #: Window (center, width) for ``adjacent_header``.
+    single_window: tuple[float, float] = (40.0, 80.0)
+    learnable: bool = False
+
+
+class AugmentCfg(_Strict):
+    """Training augmentations (run batched on the device); each can be switched off."""
+
+    slice_swap: float = Field(0.5, ge=0, le=1)
+    hflip: float = Field(0.5, ge=0, le=1)
+    shift_scale_rotate: float = Field(0.5, ge=0, le=1)
+    rotate_deg: float = 30.0
+    erase: float = Field(0.5, ge=0, le=1)
+    random_crop: float = Field(0.5, ge=0, le=1)
+    crop_range: tuple[float, float] = (0.6, 0.99)
+    val_center_crop: float = Field(0.8, gt=0, le=1)
+
+
+class BackboneCfg(_Strict):
+    """One 2D CNN to train: a timm model name at one image size."""
+
+    name: str = "densenet121"
+    size: int = Field(256, ge=16)
+    batch: int = Field(32, ge=1)
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    #: ``false``, ``true`` (timm hub; needs network) or a path to a local weights file.
+    pretrained: bool | str = False
+    #: Optional label used for output folders; default ``<name>_<size>``.
+    tag: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.tag or f"{self.name}_{self.size}"
+
+
+class CnnCfg(_Strict):
+    """2D CNN training (notebook 02)."""
+
+    backbones: list[BackboneCfg] = Field(default_factory=lambda: [BackboneCfg()])
+    #: Which folds to train: ``all`` or a list of fold numbers.
+    folds: Literal["all"] | list[int] = "all"
+    sampler: Literal["study", "slice"] = "study"
+    #: Epoch length for the study sampler: ``k`` x number of training studies.
+    study_sampler_k: int = Field(4, ge=1)
+    max_steps_per_epoch: int | None = None
+    schedule: Literal["seed_restarts", "cosine"] = "seed_restarts"
+    class_weights: list[float] = Field(default_factory=lambda: [2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    grad_clip: float | None = 5.0
+    weight_decay: float = 0.0
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = Field(0, ge=0)
+    augment: AugmentCfg = Field(default_factory=AugmentCfg)
+
+    @field_validator("class_weights")
+    @classmethod
+    def _six(cls, v: list[float]) -> list[float]:
+        if len(v) != 6:
+            raise ValueError("class_weights needs one weight per label (6)")
+        return v
+
+
+class FeaturesCfg(_Strict):
+    """Pooled features and probabilities with TTA (notebook 03)."""
+
+    tta: int = Field(4, ge=1)
+    batch: int = Field(64, ge=1)
+
+
+class SeqCfg(_Strict):
+    """Sequence models 1 and 2 (notebook 04)."""
+
+    models: list[Literal["seq1", "seq2"]] = Field(default_factory=lambda: ["seq1", "seq2"])
+    epochs: int = Field(40, ge=1)
+    batch: int = Field(64, ge=1)
+    crop: int = Field(24, ge=2)
+    lr: float = Field(3e-4, gt=0)
+    milestones: list[int] = Field(default_factory=lambda: [20, 30])
+    gamma: float = 0.1
+    reduce_dim: int = Field(128, ge=1)
+    hidden: int = Field(96, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+
+
+class EnsembleCfg(_Strict):
+    """Blending and submission (notebook 05)."""
+
+    method: Literal["mean", "fit"] = "mean"
+
+
+class CamCfg(_Strict):
+    """Grad-CAM review (notebook 06)."""
+
+    method: Literal["gradcam", "gradcam++", "hirescam"] = "gradcam"
+    cases_per_group: int = Field(3, ge=1)
+    batch: int = Field(16, ge=1)
+
+
+class Params(_Strict):
+    """A whole experiment."""
+
+    run: str = "demo"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    root: Path | None = None
+    paths: PathsCfg = Field(default_factory=PathsCfg)
+    synth: SynthCfg = Field(default_factory=SynthCfg)
+    ingest: IngestCfg = Field(default_factory=IngestCfg)
+    windows: WindowsCfg = Field(default_factory=WindowsCfg)
+    cnn: CnnCfg = Field(default_factory=CnnCfg)
+    features: FeaturesCfg = Field(default_factory=FeaturesCfg)
+    seq: SeqCfg = Field(default_factory=SeqCfg)
+    ensemble: EnsembleCfg = Field(default_factory=EnsembleCfg)
+    cam: CamCfg = Field(default_factory=CamCfg)
+
+    # -- resolved locations ---------------------------------------------------------------------
+    def _resolve(self, p: Path) -> Path:
+        p = Path(str(p).replace("{run}", self.run))
+        if not p.is_absolute() and self.root is not None:
+            p = self.root / p
+        return p
+
+    @property
+    def data_root(self) -> Path:
+        return self._resolve(self.paths.data_root)
+
+    @property
+    def work_dir(self) -> Path:
+        return self._resolve(self.paths.work)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self._resolve(self.paths.reports)
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.work_dir / "catalog.parquet"
+
+    def torch_device(self) -> str:
+        """``cuda`` when asked for or available under ``auto``, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, val in over.items():
+        if isinstance(val, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], val)
+        else:
+            out[key] = copy.deepcopy(val)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``['cnn.epochs=2', 'run=x']`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ParamsError(f"override {item!r}: expected KEY=VALUE, e.g. cnn.epochs=2")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate a params YAML (or the defaults when ``path`` is None), with nested overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    root: Path | None = None
+    if path is not None:
+        path = Path(path).expanduser().resolve()
+        source = str(path)
+        if not path.is_file():
+            raise ParamsError(f"params file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ParamsError(f"{path}: expected a mapping of keys at the top level")
+        root = path.parent.parent
+    if overrides:
+        data = _deep_merge(data, overrides)
+    if data.get("root") is not None:
+        r = Path(data["root"]).expanduser()
+        data["root"] = r if r.is_absolute() or root is None else (root / r)
+    elif root is not None:
+        data["root"] = root
+    else:
+        data["root"] = Path.cwd()
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(exc, source)) from None
+
+
+def dump_params(params: Params) -> str:
+    """The validated params as YAML (for reports and bundles)."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,106 @@
+"""The six RSNA labels, their order and weights, and Kaggle long/wide CSV conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+#: Label order used everywhere (alphabetical after ``any``, as a pandas pivot yields it).
+LABELS: tuple[str, ...] = (
+    "any",
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+)
+SUBTYPES: tuple[str, ...] = LABELS[1:]
+#: Competition weights: ``any`` counts twice.
+WEIGHTS: np.ndarray = np.array([2.0, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=np.float64)
+#: Order of the six rows per image in the Kaggle files.
+KAGGLE_ROW_ORDER: tuple[str, ...] = SUBTYPES + ("any",)
+
+
+class LabelFileError(ValueError):
+    """A label or submission CSV that cannot be parsed."""
+
+
+def split_id(long_id: str) -> tuple[str, str]:
+    """``'ID_abc123_subdural'`` -> ``('ID_abc123', 'subdural')``."""
+    parts = long_id.rsplit("_", 1)
+    if len(parts) != 2 or parts[1] not in LABELS or not parts[0].startswith("ID_"):
+        raise LabelFileError(f"malformed ID {long_id!r}: expected 'ID_<hex>_<label>'")
+    return parts[0], parts[1]
+
+
+def long_to_wide(long: pd.DataFrame, *, source: str = "<frame>") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pivot long ``ID,Label`` rows into one row per image with the six label columns.
+
+    Exact duplicate rows are dropped; conflicting duplicates keep the maximum value and are reported.
+    Returns ``(wide, problems)``: ``wide`` is indexed by ``sop_uid`` with columns :data:`LABELS`;
+    ``problems`` lists ``sop_uid, reason`` for images with conflicting or missing label rows
+    (missing rows are left as NaN).
+    """
+    if list(long.columns[:2]) != ["ID", "Label"]:
+        raise LabelFileError(f"{source}: expected header 'ID,Label', got {list(long.columns)}")
+    ids = long["ID"].astype(str)
+    parts = ids.str.rsplit("_", n=1, expand=True)
+    if parts.shape[1] != 2:
+        raise LabelFileError(f"{source}: no row has the form 'ID_<hex>_<label>'")
+    bad = ~parts[1].isin(LABELS) | ~parts[0].str.startswith("ID_")
+    if bad.any():
+        first = ids[bad].iloc[0]
+        raise LabelFileError(f"{source}: {int(bad.sum())} malformed ID(s), first {first!r}")
+    frame = pd.DataFrame({"sop_uid": parts[0], "label": parts[1], "value": long["Label"].to_numpy()})
+    frame = frame.drop_duplicates()
+    problems = []
+    dup = frame.duplicated(["sop_uid", "label"], keep=False)
+    if dup.any():
+        for sop in frame.loc[dup, "sop_uid"].unique():
+            problems.append((sop, "conflicting duplicate label rows; kept the maximum"))
+    wide = frame.pivot_table(index="sop_uid", columns="label", values="value", aggfunc="max")
+    wide = wide.reindex(columns=list(LABELS))
+    missing = wide.isna().any(axis=1)
+    for sop in wide.index[missing]:
+        problems.append((sop, "missing label rows for " + ",".join(c for c in LABELS if pd.isna(wide.at[sop, c]))))
+    wide.columns.name = None
+    return wide, pd.DataFrame(problems, columns=["sop_uid", "reason"])
+
+
+def read_labels(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read a Kaggle long-format label CSV (``stage_2_train.csv``) into ``(wide, problems)``."""
+    path = Path(path)
+    try:
+        long = pd.read_csv(path)
+    except Exception as exc:  # pandas raises many types
+        raise LabelFileError(f"{path}: cannot read CSV ({exc})") from exc
+    return long_to_wide(long, source=str(path))
+
+
+def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:
+    """One row per image (index or column ``sop_uid``, columns :data:`LABELS`) -> Kaggle ``ID,Label`` rows.
+
+    Rows come per image in the Kaggle order (subtypes, then ``any``).
+    """
+    if "sop_uid" in wide.columns:
+        wide = wide.set_index("sop_uid")
+    missing = [c for c in LABELS if c not in wide.columns]
+    if missing:
+        raise LabelFileError(f"missing label columns {missing}")
+    values = wide[list(KAGGLE_ROW_ORDER)].to_numpy()
+    sops = np.repeat(wide.index.to_numpy(dtype=str), len(KAGGLE_ROW_ORDER))
+    suffix = np.tile(np.array(KAGGLE_ROW_ORDER, dtype=object), len(wide))
+    ids = pd.Series(sops, dtype=object) + "_" + pd.Series(suffix, dtype=object)
+    return pd.DataFrame({"ID": ids.to_numpy(), "Label": values.reshape(-1)})
+
+
+def write_long_csv(wide: pd.DataFrame, path: str | Path, *, float_format: str = "%.6f") -> Path:
+    """Write predictions or labels in the exact Kaggle format (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    wide_to_long(wide).to_csv(tmp, index=False, float_format=float_format)
+    tmp.replace(path)
+    return path
