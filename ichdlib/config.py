@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 
 class ParamsError(ValueError):
@@ -179,6 +179,8 @@ class Params(_Strict):
     seq: SeqCfg = Field(default_factory=SeqCfg)
     ensemble: EnsembleCfg = Field(default_factory=EnsembleCfg)
     cam: CamCfg = Field(default_factory=CamCfg)
+    #: Set by ``ichdlib.nb.setup`` from ``overrides["force"]``: True, or a list of stage numbers to recompute.
+    _force: Any = PrivateAttr(default=False)
 
     # -- resolved locations ---------------------------------------------------------------------
     def _resolve(self, p: Path) -> Path:
