@@ -1,0 +1,239 @@
+"""Exploration helpers behind notebook 01: catalog summary, HU histograms, windows, composites, a browser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ichdlib.labels import LABELS, SUBTYPES
+from ichdlib.windows import WINDOWS, channels, window
+
+#: Typical HU ranges of head-CT tissues, drawn as bands on the histogram.
+TISSUES: dict[str, tuple[float, float]] = {
+    "air": (-1100, -900),
+    "fat": (-120, -60),
+    "CSF": (0, 15),
+    "white matter": (20, 30),
+    "grey matter": (35, 45),
+    "acute blood": (50, 90),
+    "bone": (700, 2000),
+}
+
+
+def catalog_summary(cat: pd.DataFrame, quarantine: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Tables describing a catalog: counts per split, label prevalence, geometry, quarantine reasons."""
+    counts = cat.groupby("split").agg(
+        patients=("patient_id", "nunique"), studies=("study_uid", "nunique"), slices=("sop_uid", "size"))
+    train = cat[cat.split == "train"]
+    prev = pd.DataFrame({
+        "slice %": train[list(LABELS)].mean() * 100,
+        "study %": train.groupby("study_uid")[list(LABELS)].max().mean() * 100,
+        "positive slices": train[list(LABELS)].sum().astype(int),
+    })
+    per_study = cat.groupby("study_uid").agg(n_slices=("n_slices", "first"), spacing=("spacing_z", "median"))
+    geometry = pd.DataFrame({
+        "slices per study": per_study.n_slices.describe(),
+        "z spacing (mm)": per_study.spacing.describe(),
+    }).T[["min", "50%", "mean", "max"]]
+    sizes = cat.groupby(["rows", "cols"]).size().rename("slices").reset_index()
+    out = {"counts": counts, "prevalence": prev.round(2), "geometry": geometry.round(2), "sizes": sizes}
+    if quarantine is not None:
+        reasons = quarantine["reason"].str.split(":").str[0] if len(quarantine) else quarantine["reason"]
+        out["quarantine"] = reasons.value_counts().rename_axis("reason").rename("files").reset_index()
+    if "fold" in cat:
+        out["folds"] = train.groupby("fold").agg(
+            patients=("patient_id", "nunique"), slices=("sop_uid", "size"), any_pct=("any", "mean"))
+    return out
+
+
+def sample_rows(cat: pd.DataFrame, n: int, seed: int = 0) -> np.ndarray:
+    """Cache rows of ``n`` random catalog slices (sorted, for memmap-friendly reads)."""
+    rng = np.random.default_rng(seed)
+    take = rng.choice(len(cat), size=min(n, len(cat)), replace=False)
+    return np.sort(cat["row"].to_numpy()[take])
+
+
+def plot_hu_histogram(cache: np.ndarray, rows: np.ndarray, ax: Any = None) -> Any:
+    """HU histogram over some cache rows with tissue bands and the three windows marked."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(10, 4))[1]
+    hu = np.asarray(cache[rows], dtype=np.float32).ravel()
+    ax.hist(hu, bins=np.arange(-1100, 2100, 10), color="0.3", log=True)
+    colors = plt.cm.tab10(np.linspace(0, 1, len(TISSUES)))
+    for (name, (lo, hi)), col in zip(TISSUES.items(), colors, strict=True):
+        ax.axvspan(lo, hi, color=col, alpha=0.25, label=name)
+    for name in ("brain", "subdural"):
+        c, w = WINDOWS[name]
+        ax.axvline(c - w / 2, ls="--", lw=0.8, color="k")
+        ax.axvline(c + w / 2, ls="--", lw=0.8, color="k")
+    ax.set(xlabel="HU", ylabel="pixels (log)", title="HU histogram over sampled slices (dashed: brain and subdural windows)")
+    ax.legend(ncol=4, fontsize=8)
+    return ax
+
+
+def zoom_hu_histogram(cache: np.ndarray, rows: np.ndarray, ax: Any = None) -> Any:
+    """The brain range (-20..120 HU) of the histogram, where grey/white matter, CSF and blood separate."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(10, 3))[1]
+    hu = np.asarray(cache[rows], dtype=np.float32).ravel()
+    hu = hu[(hu > -20) & (hu < 120)]
+    ax.hist(hu, bins=140, color="0.3")
+    for name in ("CSF", "white matter", "grey matter", "acute blood"):
+        lo, hi = TISSUES[name]
+        ax.axvspan(lo, hi, alpha=0.2, label=name, color=plt.cm.Set1(list(TISSUES).index(name) % 9))
+    ax.set(xlabel="HU", ylabel="pixels", title="brain range")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def neighbours(cat: pd.DataFrame, i: int, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HU of slice ``i`` (catalog position) and its z-neighbours (s-1, s, s+1)."""
+    r = cat.iloc[i]
+    return (np.asarray(cache[int(r.prev_row)], np.float32), np.asarray(cache[int(r.row)], np.float32),
+            np.asarray(cache[int(r.next_row)], np.float32))
+
+
+def plot_windows(hu: np.ndarray, title: str = "") -> Any:
+    """One slice as raw HU and under each window preset."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(WINDOWS) + 1, figsize=(3 * (len(WINDOWS) + 1), 3.2))
+    axes[0].imshow(hu, cmap="gray", vmin=-1000, vmax=2000)
+    axes[0].set_title("HU -1000..2000")
+    for ax, (name, (c, w)) in zip(axes[1:], WINDOWS.items(), strict=True):
+        ax.imshow(window(hu, c, w), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{name} {c:g}/{w:g}")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_composite(prev: np.ndarray, cur: np.ndarray, nxt: np.ndarray, recipe: str = "seed_3window",
+                   single_window: tuple[float, float] = WINDOWS["brain"], title: str = "") -> Any:
+    """The three channels the network sees, and their RGB composite."""
+    import matplotlib.pyplot as plt
+
+    ch = channels(prev, cur, nxt, recipe, single_window)
+    names = {"seed_3window": ["brain(s-1)", "subdural(s)", "bone(s+1)"],
+             "adjacent_header": ["s-1", "s", "s+1"],
+             "three_window": ["brain(s)", "subdural(s)", "bone(s)"]}[recipe]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+    for k in range(3):
+        axes[k].imshow(ch[k], cmap="gray", vmin=0, vmax=1)
+        axes[k].set_title(f"channel {k}: {names[k]}")
+    axes[3].imshow(np.moveaxis(ch, 0, -1))
+    axes[3].set_title(f"RGB composite ({recipe})")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig
+
+
+def subtype_examples(cat: pd.DataFrame, per_subtype: int = 2) -> pd.DataFrame:
+    """For each subtype, training slices from the middle of positive runs (the clearest examples)."""
+    train = cat[cat.split == "train"]
+    picks = []
+    for sub in SUBTYPES:
+        pos = train[train[sub] == 1]
+        for study, g in list(pos.groupby("study_uid"))[:per_subtype]:
+            mid = g.iloc[len(g) // 2]
+            picks.append({"subtype": sub, "study_uid": study, "position": int(cat.index.get_loc(mid.name)),
+                          "sop_uid": mid.sop_uid, "slice_index": int(mid.slice_index)})
+    return pd.DataFrame(picks)
+
+
+def plot_subtype_examples(cat: pd.DataFrame, cache: np.ndarray, picks: pd.DataFrame) -> Any:
+    """Grid of example slices per subtype under the brain and subdural windows."""
+    import matplotlib.pyplot as plt
+
+    n = max(len(picks), 1)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.6), squeeze=False)
+    for j, p in enumerate(picks.itertuples()):
+        hu = np.asarray(cache[int(cat.iloc[p.position].row)], np.float32)
+        axes[0, j].imshow(window(hu, *WINDOWS["brain"]), cmap="gray")
+        axes[1, j].imshow(window(hu, *WINDOWS["subdural"]), cmap="gray")
+        axes[0, j].set_title(f"{p.subtype}\nslice {p.slice_index}", fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].text(-0.1, 0.5, "brain", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
+    axes[1, 0].text(-0.1, 0.5, "subdural", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
+    return fig
+
+
+def study_montage(cat: pd.DataFrame, cache: np.ndarray, study_uid: str, window_name: str = "brain",
+                  max_slices: int = 16) -> Any:
+    """Static view of a study: evenly spaced slices in z order with their labels (the headless browser)."""
+    import matplotlib.pyplot as plt
+
+    g = cat[cat.study_uid == study_uid]
+    idx = np.unique(np.linspace(0, len(g) - 1, min(max_slices, len(g))).round().astype(int))
+    cols = min(8, len(idx))
+    rows = int(np.ceil(len(idx) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    c, w = WINDOWS[window_name]
+    for ax, k in zip(axes.ravel(), idx, strict=False):
+        r = g.iloc[k]
+        ax.imshow(window(np.asarray(cache[int(r.row)], np.float32), c, w), cmap="gray")
+        labs = [s[:5] for s in SUBTYPES if r.get(s, 0) == 1]
+        ax.set_title(f"{k}: z={r.z:.0f}" + ("\n" + ",".join(labs) if labs else ""), fontsize=8,
+                     color="red" if labs else "black")
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(f"study {study_uid} ({window_name} window)")
+    return fig
+
+
+def study_browser(cat: pd.DataFrame, cache: np.ndarray, study_uid: str | None = None) -> Any:
+    """An ipywidgets control to scroll a study's slices and switch windows (JupyterLab).
+
+    Returns the widget box; its ``.state`` dict and ``.render()`` are exposed for tests.
+    """
+    import io
+
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    studies = list(dict.fromkeys(cat.study_uid))
+    study = W.Dropdown(options=studies, value=study_uid or studies[0], description="study")
+    win = W.Dropdown(options=list(WINDOWS), value="brain", description="window")
+    slider = W.IntSlider(min=0, max=0, value=0, description="slice", continuous_update=True)
+    image = W.Image(format="png")
+    caption = W.HTML()
+
+    def rows_of(s: str) -> pd.DataFrame:
+        return cat[cat.study_uid == s]
+
+    def render(*_: Any) -> None:
+        g = rows_of(study.value)
+        r = g.iloc[min(slider.value, len(g) - 1)]
+        hu = np.asarray(cache[int(r.row)], np.float32)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.imshow(window(hu, *WINDOWS[win.value]), cmap="gray")
+        ax.axis("off")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+        plt.close(fig)
+        image.value = buf.getvalue()
+        labs = [s for s in SUBTYPES if r.get(s, 0) == 1]
+        caption.value = (f"<b>{r.sop_uid}</b> slice {int(r.slice_index)}/{len(g) - 1}, z = {r.z:.1f} mm"
+                         f" &mdash; {', '.join(labs) or 'no hemorrhage label'}")
+
+    def on_study(*_: Any) -> None:
+        slider.max = len(rows_of(study.value)) - 1
+        slider.value = slider.max // 2
+        render()
+
+    study.observe(on_study, names="value")
+    slider.observe(render, names="value")
+    win.observe(render, names="value")
+    on_study()
+    box = W.VBox([W.HBox([study, win]), slider, image, caption])
+    box.render = render  # type: ignore[attr-defined]
+    box.controls = {"study": study, "window": win, "slider": slider, "image": image,  # type: ignore[attr-defined]
+                    "caption": caption}
+    return box

@@ -1,0 +1,231 @@
+"""``ichd run``: execute notebooks 01-06 in order with papermill from one params file.
+
+Executed copies (and an HTML export of each) go to ``reports/<run>/``. A stage that finished with the same
+params is skipped unless forced; each notebook also skips work whose outputs exist, so a rerun after an
+interruption resumes where it stopped. On a failure the notebook and the failing cell are named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ichdlib.config import Params, dump_params, load_params, parse_overrides
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@dataclass
+class StageResult:
+    """What happened to one notebook."""
+
+    stage: str
+    notebook: str
+    status: str  # "ran", "skipped", "failed"
+    seconds: float = 0.0
+    message: str = ""
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+def list_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The numbered notebooks ``NN_name.ipynb`` in order."""
+    nbs = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not nbs:
+        raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {folder}")
+    return nbs
+
+
+def select(nbs: list[Path], only: list[str] | None = None, start: str | None = None) -> list[Path]:
+    """Filter by ``--only 02,03`` and ``--from 03`` (stage numbers)."""
+    stages = [p.name[:2] for p in nbs]
+    for s in (only or []) + ([start] if start else []):
+        if s not in stages:
+            raise ValueError(f"unknown stage {s!r}; available: {', '.join(stages)}")
+    out = nbs
+    if start:
+        out = [p for p in out if p.name[:2] >= start]
+    if only:
+        out = [p for p in out if p.name[:2] in set(only)]
+    return out
+
+
+def _stamp_path(P: Params, stage: str) -> Path:
+    return P.work_dir / "stages" / f"{stage}.done"
+
+
+def _fingerprint(P: Params) -> str:
+    return hashlib.sha256(dump_params(P).encode()).hexdigest()[:16]
+
+
+def _failure_message(nb_name: str, exc: Exception, out_path: Path) -> str:
+    cell = getattr(exc, "exec_count", None)
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    where = f"cell [{cell}]" if cell is not None else "a cell"
+    return (f"notebook {nb_name} failed in {where}: {ename}: {evalue}\n"
+            f"  the executed copy with the full traceback: {out_path}")
+
+
+def export_html(ipynb: Path) -> Path | None:
+    """Write an HTML copy next to an executed notebook (best effort; returns None on failure)."""
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
+        out = ipynb.with_suffix(".html")
+        out.write_text(body, encoding="utf-8")
+        return out
+    except Exception as exc:  # an export problem must not fail a finished run
+        print(f"  warning: HTML export of {ipynb.name} failed: {exc}", file=sys.stderr)
+        return None
+
+
+def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, Any], *,
+                 html: bool = True, log_output: bool = False) -> Path:
+    """Execute one notebook with papermill into ``reports/<run>/``; raises :class:`NotebookFailed`."""
+    import papermill as pm
+
+    out = P.reports_dir / nb.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.environ["ICHD_HEADLESS"] = "1"
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        pm.execute_notebook(
+            str(nb), str(out),
+            parameters={"params_path": str(params_path), "overrides": overrides},
+            cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
+        )
+    except pm.PapermillExecutionError as exc:
+        raise NotebookFailed(_failure_message(nb.name, exc, out)) from None
+    if html:
+        export_html(out)
+    return out
+
+
+def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, start: str | None = None,
+                 force: bool = False, overrides: dict[str, Any] | None = None, html: bool = True,
+                 notebooks: Path = NOTEBOOK_DIR, log_output: bool = False) -> list[StageResult]:
+    """Run the selected notebooks in order; stop at the first failure (raised as :class:`NotebookFailed`)."""
+    params_path = Path(params_path).resolve()
+    overrides = dict(overrides or {})
+    P = load_params(params_path, overrides)
+    chosen = select(list_notebooks(notebooks), only, start)
+    fp = _fingerprint(P)
+    results: list[StageResult] = []
+    print(f"ichd run: {P.run}: {len(chosen)} notebook(s) -> {P.reports_dir}", flush=True)
+    for i, nb in enumerate(chosen, 1):
+        stage = nb.name[:2]
+        stamp = _stamp_path(P, stage)
+        head = f"[{i}/{len(chosen)}] {nb.stem}"
+        if not force and stamp.is_file() and stamp.read_text().strip() == fp and (P.reports_dir / nb.name).is_file():
+            print(f"{head}: done earlier with the same params, skipped (--force to rerun)", flush=True)
+            results.append(StageResult(stage, nb.name, "skipped"))
+            continue
+        print(f"{head} ...", flush=True)
+        t0 = time.perf_counter()
+        nb_over = dict(overrides)
+        if force:
+            nb_over["force"] = True
+        try:
+            run_notebook(nb, P, params_path, nb_over, html=html, log_output=log_output)
+        except NotebookFailed as exc:
+            results.append(StageResult(stage, nb.name, "failed", time.perf_counter() - t0, str(exc)))
+            raise
+        dt = time.perf_counter() - t0
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fp)
+        print(f"{head}: done in {dt:.0f} s", flush=True)
+        results.append(StageResult(stage, nb.name, "ran", dt))
+    summary = write_summary(P, results)
+    if summary:
+        print(f"summary: {summary}", flush=True)
+    return results
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def write_summary(P: Params, results: list[StageResult] | None = None) -> Path | None:
+    """``reports/<run>/summary.md``: the stage table from metrics.json, key figures, executed notebooks."""
+    rep = P.reports_dir
+    metrics_path = rep / "metrics.json"
+    lines = [f"# Run `{P.run}`", ""]
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        stages = m.get("stages", {})
+        prior = m.get("prior", {})
+        lines += ["## Weighted log loss by stage (lower is better)", "",
+                  "| stage | OOF wLL | test wLL | OOF AUC any | test AUC any |", "|---|---|---|---|---|"]
+        if prior:
+            lines.append(f"| prior (label frequency) | {_fmt(prior.get('oof', {}).get('wll'))} | "
+                         f"{_fmt(prior.get('test', {}).get('wll'))} | | |")
+        for name, s in stages.items():
+            oof, test = s.get("oof") or {}, s.get("test") or {}
+            lines.append(f"| {name} | {_fmt(oof.get('wll'))} | {_fmt(test.get('wll'))} | "
+                         f"{_fmt((oof.get('auc') or {}).get('any'))} | {_fmt((test.get('auc') or {}).get('any'))} |")
+        pg = m.get("pointing_game")
+        if pg:
+            lines += ["", "## Grad-CAM pointing game (CAM peak inside the lesion, true-positive slices)", "",
+                      "| subtype | hit rate | slices |", "|---|---|---|"]
+            per = pg.get("per_subtype", pg)
+            for k, v in per.items():
+                if isinstance(v, dict):
+                    lines.append(f"| {k} | {_fmt(v.get('hit_rate'))} | {_fmt(v.get('n'))} |")
+            if "overall" in pg:
+                lines.append(f"| overall | {_fmt(pg['overall'].get('hit_rate'))} | {_fmt(pg['overall'].get('n'))} |")
+    figs = sorted((rep / "figures").glob("*.png")) if (rep / "figures").is_dir() else []
+    if figs:
+        lines += ["", "## Key figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in figs[:12]]
+    nbs = sorted(rep.glob("[0-9][0-9]_*.ipynb"))
+    if nbs:
+        lines += ["", "## Executed notebooks", ""]
+        for nb in nbs:
+            html = nb.with_suffix(".html")
+            link = f" ([html]({html.name}))" if html.is_file() else ""
+            lines.append(f"- [{nb.name}]({nb.name}){link}")
+    if results:
+        lines += ["", "## This run", "", "| notebook | status | seconds |", "|---|---|---|"]
+        lines += [f"| {r.notebook} | {r.status} | {r.seconds:.0f} |" for r in results]
+    if (rep / "submission.csv").is_file():
+        lines += ["", "Submission: [submission.csv](submission.csv)"]
+    rep.mkdir(parents=True, exist_ok=True)
+    out = rep / "summary.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("params", type=Path, help="params YAML, e.g. params/demo.yaml")
+    parser.add_argument("--only", help="comma-separated stages to run, e.g. 02,03")
+    parser.add_argument("--from", dest="start", help="start at this stage, e.g. 03")
+    parser.add_argument("--force", action="store_true", help="recompute stages whose outputs exist")
+    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set seq.epochs=2 (repeatable)")
+    parser.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
+    parser.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
+
+
+def cli(args: argparse.Namespace) -> int:
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    t0 = time.perf_counter()
+    try:
+        run_pipeline(args.params, only=only, start=args.start, force=args.force,
+                     overrides=parse_overrides(args.overrides), html=not args.no_html,
+                     log_output=args.log_output)
+    except NotebookFailed as exc:
+        print(f"ichd run: {exc}", file=sys.stderr)
+        return 1
+    print(f"ichd run: finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0

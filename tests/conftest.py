@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny phantom in a temp folder, generated and ingested once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("ICHD_HEADLESS", "1")
+
+import pytest  # noqa: E402
+
+from ichdlib.config import Params, load_params  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def smoke_params(tmp_path_factory) -> Params:
+    """``params/smoke.yaml`` with every path under a fresh temp root (nothing generated yet)."""
+    root = tmp_path_factory.mktemp("smoke_root")
+    return load_params(REPO / "params" / "smoke.yaml", {"root": str(root)})
+
+
+@pytest.fixture(scope="session")
+def phantom(smoke_params) -> Path:
+    """The smoke phantom written in RSNA layout (with quirks and masks)."""
+    from ichdlib.synth import ensure_phantom
+
+    return ensure_phantom(smoke_params)
+
+
+@pytest.fixture(scope="session")
+def ingested(smoke_params, phantom) -> Params:
+    """The smoke phantom ingested: ``catalog.parquet``, ``quarantine.csv`` and the HU cache exist."""
+    from ichdlib.catalog import ingest
+
+    ingest(smoke_params)
+    return smoke_params
