@@ -1,0 +1,465 @@
+"""Study-level sequence models (notebook 04): inputs, datasets, K-fold training, flip-TTA prediction.
+
+Level-2 inputs come from notebook 03 (``work/features/<key>/``): the pooled features and TTA probabilities
+of every 2D backbone, out-of-fold for training slices and the fold mean for test slices. Each study is a
+sequence of slices in z order (the catalog's order). Per slice:
+
+- ``fea`` ``(F, D)``: each backbone's feature vector zero-padded to the widest backbone, stacked;
+- ``X`` ``(2n+2, 6)``: [mean of the n backbones' probabilities, n cyclic differences ``p_i - p_{i+1 mod n}``,
+  n raw probabilities] (seed_spec §4 ``get_X``) and the z-spacing channel: the z step to the next slice
+  in units of the study's median spacing, negative when the slices run the other way (reversal).
+
+Training uses the catalog's patient folds (the same split as the 2D stage), trains every fold, saves OOF
+and test predictions, and averages probabilities over both slice directions on validation and test alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ichdlib.config import Params
+from ichdlib.labels import LABELS
+from ichdlib.metrics import weighted_log_loss
+from ichdlib.seqmodels import build_seq_model, masked_weighted_bce, model_logits
+
+MODELS = ("seq1", "seq2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+def get_X(probs: np.ndarray) -> np.ndarray:
+    """``(N, n, 6)`` backbone probabilities -> ``(N, 2n+1, 6)``: [mean, cyclic differences, raw]."""
+    probs = np.asarray(probs, dtype=np.float32)
+    diffs = probs - np.roll(probs, -1, axis=1)
+    return np.concatenate([probs.mean(axis=1, keepdims=True), diffs, probs], axis=1)
+
+
+def z_steps(z: np.ndarray, scale: float) -> np.ndarray:
+    """z step to the next slice (the last repeats the previous), divided by ``scale`` (the study's median)."""
+    z = np.asarray(z, dtype=np.float64)
+    if len(z) < 2:
+        return np.zeros(len(z), dtype=np.float32)
+    d = np.diff(z)
+    return (np.append(d, d[-1]) / scale).astype(np.float32)
+
+
+@dataclass
+class SeqInputs:
+    """One split's level-2 inputs, rows in catalog order, with the slices of each study in z order."""
+
+    sop_uid: np.ndarray
+    study_uid: np.ndarray
+    patient_id: np.ndarray
+    fold: np.ndarray
+    z: np.ndarray
+    feats: list[np.ndarray]  # per backbone (N, D_i), may be memory-mapped float16
+    probs: np.ndarray  # (N, n, 6) float32
+    y: np.ndarray | None = None  # (N, 6) or None for test
+    keys: list[str] = field(default_factory=list)
+    study_rows: list[np.ndarray] = field(init=False)
+    study_scale: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.sop_uid)
+        if self.probs.ndim != 3 or self.probs.shape[0] != n or self.probs.shape[2] != len(LABELS):
+            raise ValueError(f"probs must be (N={n}, n_backbones, 6), got {self.probs.shape}")
+        if len(self.feats) != self.probs.shape[1]:
+            raise ValueError(f"{len(self.feats)} feature arrays but {self.probs.shape[1]} probability sets")
+        for k, f in enumerate(self.feats):
+            if f.ndim != 2 or f.shape[0] != n:
+                raise ValueError(f"feature array {k} must be (N={n}, D), got {f.shape}")
+        codes, first = pd.factorize(pd.Series(self.study_uid))
+        order = np.lexsort((np.asarray(self.z, dtype=np.float64), codes))
+        bounds = np.flatnonzero(np.diff(codes[order])) + 1
+        self.study_rows = np.split(order, bounds) if n else []
+        scales = []
+        for rows in self.study_rows:
+            d = np.abs(np.diff(np.asarray(self.z, dtype=np.float64)[rows]))
+            d = d[d > 0]
+            scales.append(float(np.median(d)) if len(d) else 1.0)
+        self.study_scale = np.asarray(scales, dtype=np.float64)
+
+    @property
+    def n_cnn(self) -> int:
+        return len(self.feats)
+
+    @property
+    def dim(self) -> int:
+        return max(f.shape[1] for f in self.feats)
+
+    @property
+    def x_channels(self) -> int:
+        return 2 * self.n_cnn + 2
+
+    def study_fold(self) -> np.ndarray:
+        """The fold of each study (its slices share one fold)."""
+        return np.array([self.fold[r[0]] for r in self.study_rows], dtype=int)
+
+    def item(self, study: int, rows: np.ndarray | None = None, reverse: bool = False) -> dict[str, Any]:
+        """Arrays for one study (``rows``: a subset/crop of its rows, in the order to feed)."""
+        if rows is None:
+            rows = self.study_rows[study]
+        if reverse:
+            rows = rows[::-1]
+        D = self.dim
+        fea = np.zeros((len(rows), self.n_cnn, D), dtype=np.float32)
+        for k, f in enumerate(self.feats):
+            fea[:, k, : f.shape[1]] = np.asarray(f[rows], dtype=np.float32)
+        X = get_X(self.probs[rows])  # (L, 2n+1, 6)
+        zc = z_steps(self.z[rows], self.study_scale[study])
+        X = np.concatenate([X, np.repeat(zc[:, None, None], len(LABELS), axis=2)], axis=1).transpose(1, 0, 2)
+        y = None if self.y is None else np.asarray(self.y[rows], dtype=np.float32)
+        return {"fea": fea, "X": np.ascontiguousarray(X), "y": y, "rows": np.asarray(rows)}
+
+
+def _load_catalog(P: Params) -> pd.DataFrame:
+    try:
+        from ichdlib.catalog import load_catalog
+    except ImportError:  # pragma: no cover - the catalog module is written in parallel
+        if not P.catalog_path.is_file():
+            raise FileNotFoundError(f"{P.catalog_path}: no catalog; run notebook 01 (ingest) first") from None
+        return pd.read_parquet(P.catalog_path)
+    return load_catalog(P.work_dir)
+
+
+def backbone_keys(P: Params) -> list[str]:
+    """The 2D backbones whose outputs feed the sequence models (``seq.backbones`` or all of ``cnn``)."""
+    keys = [b.key for b in P.cnn.backbones]
+    if P.seq.backbones:
+        unknown = [k for k in P.seq.backbones if k not in keys]
+        if unknown:
+            raise ValueError(f"seq.backbones {unknown} are not among cnn.backbones {keys}")
+        keys = list(P.seq.backbones)
+    return keys
+
+
+def load_inputs(P: Params, split: str, catalog: pd.DataFrame | None = None) -> SeqInputs:
+    """Read notebook 03's arrays for ``split`` ('train' uses the OOF arrays) and check their alignment."""
+    cat = _load_catalog(P) if catalog is None else catalog
+    rows = cat[cat["split"] == split].reset_index(drop=True)
+    prefix = "oof" if split == "train" else "test"
+    feats, probs = [], []
+    keys = backbone_keys(P)
+    for key in keys:
+        d = P.work_dir / "features" / key
+        fpath, ppath = d / f"{prefix}_feat.npy", d / f"{prefix}_prob.parquet"
+        for p in (fpath, ppath):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: missing; run notebook 03 (features) for backbone {key!r}")
+        feat = np.load(fpath, mmap_mode="r")
+        prob = pd.read_parquet(ppath)
+        if feat.shape[0] != len(rows) or len(prob) != len(rows):
+            raise ValueError(f"{d}: {feat.shape[0]} feature rows and {len(prob)} probability rows, but the "
+                             f"catalog has {len(rows)} {split} slices; rerun notebook 03")
+        if not np.array_equal(prob["sop_uid"].to_numpy(str), rows["sop_uid"].to_numpy(str)):
+            raise ValueError(f"{ppath}: rows are not in catalog order; rerun notebook 03")
+        feats.append(feat)
+        probs.append(prob[list(LABELS)].to_numpy(np.float32))
+    y = rows[list(LABELS)].to_numpy(np.float32) if split == "train" else None
+    return SeqInputs(
+        sop_uid=rows["sop_uid"].to_numpy(str), study_uid=rows["study_uid"].to_numpy(str),
+        patient_id=rows["patient_id"].to_numpy(str), fold=rows["fold"].to_numpy(int),
+        z=rows["z"].to_numpy(np.float64), feats=feats, probs=np.stack(probs, axis=1), y=y, keys=keys)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------
+class StudyDataset(Dataset):
+    """Whole studies (validation/test, optionally reversed) or augmented crops (training).
+
+    Training augmentations (seed_spec §4): with p ``subsample_p`` keep every other slice (odd or even at
+    random) when the study has more than 10 slices; a random contiguous crop of ``crop`` slices; with p
+    ``reverse_p`` reverse the slice order. z steps are recomputed after the augmentations, so they change
+    sign under reversal and double under subsampling.
+    """
+
+    def __init__(self, inputs: SeqInputs, studies: np.ndarray, *, train: bool = False, crop: int = 24,
+                 subsample_p: float = 0.5, reverse_p: float = 0.5, reverse: bool = False, seed: int = 0) -> None:
+        self.inputs, self.studies = inputs, np.asarray(studies, dtype=int)
+        self.train, self.crop, self.reverse = train, crop, reverse
+        self.subsample_p, self.reverse_p = subsample_p, reverse_p
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = int(self.studies[i])
+        rows = self.inputs.study_rows[s]
+        reverse = self.reverse
+        if self.train:
+            if len(rows) > 10 and self.rng.random() < self.subsample_p:
+                rows = rows[int(self.rng.integers(2)):: 2]
+            if len(rows) > self.crop:
+                start = int(self.rng.integers(len(rows) - self.crop + 1))
+                rows = rows[start: start + self.crop]
+            reverse = bool(self.rng.random() < self.reverse_p)
+        return self.inputs.item(s, rows, reverse=reverse)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of study items to the longest: tensors ``fea (B,L,F,D)``, ``X (B,C,L,6)``, ``y``,
+    ``mask (B,L)``, ``lengths (B,)``; ``rows`` keeps each study's catalog rows for writing predictions."""
+    lengths = [len(it["rows"]) for it in items]
+    B, L = len(items), max(lengths)
+    f0, x0 = items[0]["fea"], items[0]["X"]
+    fea = torch.zeros(B, L, *f0.shape[1:])
+    X = torch.zeros(B, x0.shape[0], L, x0.shape[2])
+    y = torch.zeros(B, L, len(LABELS))
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for b, it in enumerate(items):
+        n = lengths[b]
+        fea[b, :n] = torch.from_numpy(it["fea"])
+        X[b, :, :n] = torch.from_numpy(it["X"])
+        if it["y"] is not None:
+            y[b, :n] = torch.from_numpy(it["y"])
+        mask[b, :n] = True
+    return {"fea": fea, "X": X, "y": y, "mask": mask, "lengths": torch.tensor(lengths),
+            "rows": [it["rows"] for it in items]}
+
+
+def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_studies(models: list[torch.nn.Module], inputs: SeqInputs, studies: np.ndarray | None = None, *,
+                    device: str = "cpu", batch: int = 32) -> np.ndarray:
+    """Flip-TTA probabilities ``(N, 6)``: the mean over ``models`` and both slice directions of the sigmoid
+    of the final head. Rows of studies not in ``studies`` are NaN. The same function serves validation
+    (one fold model) and test (every fold model)."""
+    if studies is None:
+        studies = np.arange(len(inputs.study_rows))
+    acc = np.zeros((len(inputs.sop_uid), len(LABELS)), dtype=np.float64)
+    seen = np.zeros(len(inputs.sop_uid), dtype=bool)
+    for m in models:
+        m.eval()
+    for reverse in (False, True):
+        loader = DataLoader(StudyDataset(inputs, studies, reverse=reverse), batch_size=batch, collate_fn=collate)
+        for b in loader:
+            b = _to(b, device)
+            for m in models:
+                p = torch.sigmoid(model_logits(m, b)[0]).double().cpu().numpy()
+                for j, rows in enumerate(b["rows"]):
+                    acc[rows] += p[j, : len(rows)]
+                    seen[rows] = True
+    out = acc / (2 * len(models))
+    out[~seen] = np.nan
+    return out
+
+
+def load_seq_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A trained sequence model from ``fold<k>.pt`` (``weights_only`` load), in eval mode, and its meta."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot load sequence checkpoint ({exc})") from exc
+    meta = ckpt["meta"]
+    model = build_seq_model(meta["model"], meta["in_dim"], meta["n_cnn"], meta["x_channels"],
+                            reduce_dim=meta["reduce_dim"], hidden=meta["hidden"], dropout=meta["dropout"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class SeqResult:
+    """What :func:`train_seq` returns: OOF and test frames (``sop_uid`` [, ``fold``] + six labels) and the
+    per-epoch log of every fold."""
+
+    model: str
+    oof: pd.DataFrame
+    test: pd.DataFrame
+    history: pd.DataFrame
+    out_dir: Path
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def check_level2_folds(inputs: SeqInputs) -> None:
+    """Raise ValueError when a patient or a study has slices in two folds (leakage at level 2)."""
+    frame = pd.DataFrame({"patient": inputs.patient_id, "study": inputs.study_uid, "fold": inputs.fold})
+    for col in ("patient", "study"):
+        n = frame.groupby(col)["fold"].nunique()
+        if (n > 1).any():
+            raise ValueError(f"catalog folds leak: {int((n > 1).sum())} {col}(s) in several folds, "
+                             f"e.g. {n[n > 1].index[0]!r}; rebuild the catalog (notebook 01)")
+
+
+def fold_split(inputs: SeqInputs, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Study indices for training (other folds) and validation (``fold``)."""
+    sf = inputs.study_fold()
+    return np.flatnonzero(sf != fold), np.flatnonzero(sf == fold)
+
+
+def _signature(P: Params, model_name: str, inputs: SeqInputs) -> dict:
+    cfg = P.seq.model_dump(mode="json", exclude={"models"})
+    return {"model": model_name, "seq": cfg, "backbones": inputs.keys, "dims": [f.shape[1] for f in inputs.feats],
+            "seed": P.seed, "n_train": len(inputs.sop_uid)}
+
+
+def _epoch_seed(seed: int, fold: int, epoch: int, model_name: str) -> int:
+    return int(np.random.SeedSequence([seed, fold, epoch + 1, MODELS.index(model_name)]).generate_state(1)[0])
+
+
+def train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir: Path, *,
+               force: bool = False, signature: dict | None = None) -> pd.DataFrame:
+    """Train one fold (resuming from ``fold<k>_last.pt``; skipped when ``fold<k>.pt`` is finished and
+    current). Writes ``fold<k>.pt`` (``{"state_dict", "meta"}``), ``fold<k>_last.pt`` each epoch and
+    ``fold<k>_log.csv``. Returns the per-epoch log."""
+    cfg, device = P.seq, P.torch_device()
+    signature = signature or _signature(P, model_name, inputs)
+    final, last, log_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}_last.pt", out_dir / f"fold{fold}_log.csv"
+    if not force and final.is_file() and log_path.is_file():
+        meta = torch.load(final, map_location="cpu", weights_only=True)["meta"]
+        if meta.get("signature") == signature:
+            return pd.read_csv(log_path)
+        print(f"{final}: trained with other settings; retraining fold {fold}")
+    tr, va = fold_split(inputs, fold)
+    if len(tr) == 0 or len(va) == 0:
+        raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation studies; need both")
+    meta = {"model": model_name, "in_dim": inputs.dim, "n_cnn": inputs.n_cnn, "x_channels": inputs.x_channels,
+            "reduce_dim": cfg.reduce_dim, "hidden": cfg.hidden, "dropout": cfg.dropout, "fold": fold,
+            "backbones": inputs.keys, "signature": signature}
+    torch.manual_seed(_epoch_seed(P.seed, fold, -1, model_name))
+    model = build_seq_model(model_name, inputs.dim, inputs.n_cnn, inputs.x_channels,
+                            reduce_dim=cfg.reduce_dim, hidden=cfg.hidden, dropout=cfg.dropout).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
+    history: list[dict] = []
+    start, best = 0, (float("inf"), None)
+    if not force and last.is_file():
+        ck = torch.load(last, map_location=device, weights_only=True)
+        if ck["meta"].get("signature") == signature:
+            model.load_state_dict(ck["state_dict"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            history, start = list(ck["history"]), ck["epoch"] + 1
+            best = (ck["best_wll"], ck["best_state"])
+    y_va = inputs.y
+    bar = tqdm(range(start, cfg.epochs), desc=f"{model_name} fold {fold}", leave=False)
+    for epoch in bar:
+        t0 = time.time()
+        eseed = _epoch_seed(P.seed, fold, epoch, model_name)
+        torch.manual_seed(eseed)
+        ds = StudyDataset(inputs, tr, train=True, crop=cfg.crop, subsample_p=cfg.subsample_p,
+                          reverse_p=cfg.reverse_p, seed=eseed)
+        loader = DataLoader(ds, batch_size=cfg.batch, shuffle=True, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(eseed))
+        model.train()
+        losses = []
+        lr = opt.param_groups[0]["lr"]
+        for b in loader:
+            b = _to(b, device)
+            loss = sum(masked_weighted_bce(lg, b["y"], b["mask"]) for lg in model_logits(model, b))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        p = predict_studies([model], inputs, va, device=device, batch=cfg.batch)
+        rows = np.concatenate([inputs.study_rows[s] for s in va])
+        wll = weighted_log_loss(y_va[rows], p[rows])
+        history.append({"fold": fold, "epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)),
+                        "val_wll": wll, "seconds": time.time() - t0})
+        bar.set_postfix(train=f"{np.mean(losses):.4f}", val=f"{wll:.4f}")
+        if cfg.select == "best" and wll < best[0]:
+            best = (wll, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        _atomic_torch_save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                            "best_wll": best[0], "best_state": best[1], "meta": meta}, last)
+    if not history:
+        raise ValueError(f"{last}: nothing trained for fold {fold} (epochs={cfg.epochs})")
+    state = best[1] if cfg.select == "best" and best[1] is not None else model.state_dict()
+    chosen = min(history, key=lambda h: h["val_wll"]) if cfg.select == "best" else history[-1]
+    meta = {**meta, "epoch": chosen["epoch"], "metrics": {"val_wll": chosen["val_wll"]}}
+    log = pd.DataFrame(history)
+    log.to_csv(log_path, index=False)
+    _atomic_torch_save({"state_dict": state, "meta": meta}, final)
+    return log
+
+
+def _outputs_current(out_dir: Path, signature: dict) -> bool:
+    done = out_dir / "done.json"
+    if not (done.is_file() and (out_dir / "oof.parquet").is_file() and (out_dir / "test.parquet").is_file()):
+        return False
+    return json.loads(done.read_text()).get("signature") == signature
+
+
+def _frame(inputs: SeqInputs, probs: np.ndarray, with_fold: bool) -> pd.DataFrame:
+    df = pd.DataFrame({"sop_uid": inputs.sop_uid})
+    if with_fold:
+        df["fold"] = inputs.fold
+    for k, c in enumerate(LABELS):
+        df[c] = probs[:, k].astype(np.float32)
+    return df
+
+
+def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
+    """Train ``seq1`` or ``seq2`` on every catalog fold and write ``work/seq/<model>/{oof,test}.parquet``.
+
+    OOF: each training slice from the fold model that did not see its patient (flip TTA). Test: the mean
+    over all fold models and both directions. Finished outputs are reused unless ``force`` (or unless the
+    settings changed); an interrupted fold resumes from its last epoch.
+    """
+    if model_name not in MODELS:
+        raise ValueError(f"unknown sequence model {model_name!r}: expected one of {MODELS}")
+    out_dir = P.work_dir / "seq" / model_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cat = _load_catalog(P)
+    tr_in = load_inputs(P, "train", cat)
+    te_in = load_inputs(P, "test", cat)
+    check_level2_folds(tr_in)
+    signature = _signature(P, model_name, tr_in)
+    folds = sorted(set(tr_in.study_fold().tolist()))
+    if not force and _outputs_current(out_dir, signature):
+        hist = pd.concat([pd.read_csv(out_dir / f"fold{k}_log.csv") for k in folds], ignore_index=True)
+        return SeqResult(model_name, pd.read_parquet(out_dir / "oof.parquet"),
+                         pd.read_parquet(out_dir / "test.parquet"), hist, out_dir)
+    logs = [train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature) for k in folds]
+    device = P.torch_device()
+    models = [load_seq_model(out_dir / f"fold{k}.pt", device)[0] for k in folds]
+    oof = np.full((len(tr_in.sop_uid), len(LABELS)), np.nan)
+    for k, m in zip(folds, models, strict=True):
+        va = fold_split(tr_in, k)[1]
+        p = predict_studies([m], tr_in, va, device=device, batch=P.seq.batch)
+        rows = np.concatenate([tr_in.study_rows[s] for s in va])
+        oof[rows] = p[rows]
+    if np.isnan(oof).any():
+        raise ValueError(f"{out_dir}: {int(np.isnan(oof).any(axis=1).sum())} training slices got no OOF prediction")
+    test = (predict_studies(models, te_in, device=device, batch=P.seq.batch) if len(te_in.sop_uid)
+            else np.zeros((0, len(LABELS))))
+    oof_df, test_df = _frame(tr_in, oof, True), _frame(te_in, test, False)
+    _atomic_parquet(oof_df, out_dir / "oof.parquet")
+    _atomic_parquet(test_df, out_dir / "test.parquet")
+    (out_dir / "done.json").write_text(json.dumps({"signature": signature, "folds": folds}, indent=1))
+    return SeqResult(model_name, oof_df, test_df, pd.concat(logs, ignore_index=True), out_dir)

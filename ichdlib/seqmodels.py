@@ -1,0 +1,169 @@
+"""Sequence models 1 and 2 of the 1st-place RSNA 2019 solution, with padding masked out.
+
+Shapes (B studies, L slices padded, F backbones, D feature width, C probability channels, 6 labels):
+
+- ``fea``: ``(B, L, F, D)`` per-slice pooled CNN features, each backbone zero-padded to width D;
+- ``X``: ``(B, C, L, 6)`` CNN probabilities as [mean, cyclic differences, raw] plus the z-spacing channel;
+- ``mask``: ``(B, L)`` bool, True on real slices; ``lengths``: ``(B,)`` number of real slices.
+
+Fixes over the original (seed_spec §8 items 9 and 11): BatchNorm statistics are computed over real slices
+only (:class:`MaskedBatchNorm`), padded positions are zeroed between layers so a convolution never sees
+anything but zeros past a study's end, and the GRUs run on packed sequences, so the outputs at real
+positions do not depend on how much padding a batch has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ichdlib.labels import LABELS, WEIGHTS
+
+N_LABELS = len(LABELS)
+
+
+class MaskedBatchNorm(nn.Module):
+    """``nn.BatchNorm1d`` over the last axis whose statistics use only the positions where ``mask`` is True.
+
+    ``x`` is ``(B, L, ..., C)`` and ``mask`` ``(B, L)``; padded positions come out as zeros.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        valid = x[mask]  # (n_valid, ..., C)
+        flat = valid.reshape(-1, x.shape[-1])
+        if self.training and flat.shape[0] < 2:
+            # One value per channel has no variance: fall back to the running statistics.
+            bn = self.bn
+            flat = F.batch_norm(flat, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            flat = self.bn(flat)
+        out = x.new_zeros(x.shape)
+        out[mask] = flat.reshape(valid.shape)
+        return out
+
+
+def _run_gru(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A batch-first GRU over packed sequences: padding never reaches a real position. Returns (B, L, H)."""
+    packed = pack_padded_sequence(x, lengths.detach().cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = gru(packed)
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+    return out
+
+
+class SeqModel1(nn.Module):
+    """Per-slice reduction of the CNN features, a linear skip head and a 2-layer BiGRU head, summed.
+
+    (seed_spec §4 'Seq model 1': Conv1x1 D→512→128 with BN/ReLU/dropout per slice and backbone, the
+    128·F vector per slice feeds ``Linear(128F→6)`` and ``BiGRU(128F, hidden) → Linear(2·hidden→6)``.)
+    """
+
+    def __init__(self, in_dim: int, n_cnn: int, mid: int = 512, reduce_dim: int = 128, hidden: int = 96,
+                 layers: int = 2, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.in_dim, self.n_cnn = in_dim, n_cnn
+        self.drop = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(in_dim, mid, bias=False)
+        self.bn1 = MaskedBatchNorm(mid)
+        self.fc2 = nn.Linear(mid, reduce_dim, bias=False)
+        self.bn2 = MaskedBatchNorm(reduce_dim)
+        width = reduce_dim * n_cnn
+        self.skip = nn.Linear(width, N_LABELS)
+        self.gru = nn.GRU(width, hidden, num_layers=layers, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, N_LABELS)
+
+    def forward(self, fea: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``fea (B, L, F, D)`` -> logits ``(B, L, 6)`` (zero at padded positions)."""
+        h = self.drop(fea)
+        h = self.drop(F.relu(self.bn1(self.fc1(h), mask)))
+        h = self.drop(F.relu(self.bn2(self.fc2(h), mask)))
+        h = h.flatten(2)  # (B, L, reduce·F)
+        out = self.skip(h) + self.head(_run_gru(self.gru, h, lengths))
+        return out * mask[..., None]
+
+
+class _ConvBlock(nn.Module):
+    """Conv along the slice axis (kernel ``(k, 1)``: weights shared across the 6 labels) + masked BN + ReLU."""
+
+    def __init__(self, cin: int, cout: int, k: int, dilation: int) -> None:
+        super().__init__()
+        pad = dilation * (k - 1) // 2
+        self.conv = nn.Conv2d(cin, cout, (k, 1), padding=(pad, 0), dilation=(dilation, 1), bias=False)
+        self.bn = MaskedBatchNorm(cout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).permute(0, 2, 3, 1)  # (B, L, 6, C)
+        return F.relu(self.bn(h, mask)).permute(0, 3, 1, 2)  # zeros at padded positions
+
+
+class SeqModel2(nn.Module):
+    """Dilated 1D convolutions over the CNN probabilities, the z channel and model 1's output.
+
+    (seed_spec §4 'Seq model 2': conv k5 →512, k3 d2 →256, k3 d4, k3 d2, then a k3 conv →1 (the conv
+    head) and a BiGRU over the 256·6 vector per slice → Linear(2·hidden→6) (the GRU head), summed.)
+    The class axis is the conv's width with kernel width 1, so the weights are shared across the labels
+    as in the original. Contains its own :class:`SeqModel1`, trained jointly with deep supervision.
+    ``forward`` returns ``(out, out0)``: model 2's and model 1's logits.
+    """
+
+    def __init__(self, in_dim: int, n_cnn: int, x_channels: int, mid: int = 512, reduce_dim: int = 128,
+                 hidden: int = 96, layers: int = 2, dropout: float = 0.5, conv: tuple[int, int] = (512, 256)
+                 ) -> None:
+        super().__init__()
+        self.model1 = SeqModel1(in_dim, n_cnn, mid, reduce_dim, hidden, layers, dropout)
+        c1, c2 = conv
+        self.blocks = nn.ModuleList([
+            _ConvBlock(x_channels + 1, c1, 5, 1),
+            _ConvBlock(c1, c2, 3, 2),
+            _ConvBlock(c2, c2, 3, 4),
+            _ConvBlock(c2, c2, 3, 2),
+        ])
+        self.conv_final = nn.Conv2d(c2, 1, (3, 1), padding=(1, 0), bias=False)
+        self.gru = nn.GRU(c2 * N_LABELS, hidden, num_layers=layers, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, N_LABELS)
+
+    def forward(self, fea: torch.Tensor, X: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        out0 = self.model1(fea, mask, lengths)
+        m4 = mask[:, None, :, None].to(X.dtype)
+        h = torch.cat([X, torch.sigmoid(out0)[:, None]], dim=1) * m4  # sigmoid(0)=0.5 masked back to 0
+        for block in self.blocks:
+            h = block(h, mask)
+        conv_out = self.conv_final(h)[:, 0]  # (B, L, 6)
+        seq = h.permute(0, 2, 1, 3).flatten(2)  # (B, L, C2·6)
+        out = conv_out + self.head(_run_gru(self.gru, seq, lengths))
+        return out * mask[..., None], out0
+
+
+def build_seq_model(name: str, in_dim: int, n_cnn: int, x_channels: int, *, reduce_dim: int = 128,
+                    hidden: int = 96, dropout: float = 0.5) -> nn.Module:
+    """``seq1`` -> :class:`SeqModel1`; ``seq2`` -> :class:`SeqModel2`."""
+    if name == "seq1":
+        return SeqModel1(in_dim, n_cnn, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout)
+    if name == "seq2":
+        return SeqModel2(in_dim, n_cnn, x_channels, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout)
+    raise ValueError(f"unknown sequence model {name!r}: expected 'seq1' or 'seq2'")
+
+
+def model_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Run either model on a collated batch; returns the logits of every supervised head, final first."""
+    if isinstance(model, SeqModel2):
+        out, out0 = model(batch["fea"], batch["X"], batch["mask"], batch["lengths"])
+        return [out, out0]
+    return [model(batch["fea"], batch["mask"], batch["lengths"])]
+
+
+def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted BCE ``Σ_c w_c·BCE / Σ_c w_c`` averaged over real slices only (the competition metric per slice)."""
+    if weights is None:
+        weights = torch.as_tensor(WEIGHTS, dtype=logits.dtype, device=logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    per_slice = (bce * weights).sum(-1) / weights.sum()
+    m = mask.to(per_slice.dtype)
+    return (per_slice * m).sum() / m.sum().clamp_min(1.0)

@@ -1,0 +1,346 @@
+"""Sequence models: masking, flip TTA, shapes, level-2 folds, training/resume on fabricated level-1 outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichdlib.config import Params, load_params
+from ichdlib.labels import LABELS, write_long_csv
+from ichdlib.seq import (
+    SeqInputs,
+    StudyDataset,
+    _signature,
+    check_level2_folds,
+    collate,
+    fold_split,
+    get_X,
+    load_inputs,
+    predict_studies,
+    train_fold,
+    train_seq,
+    z_steps,
+)
+from ichdlib.seqmodels import SeqModel2, build_seq_model, masked_weighted_bce, model_logits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fabricated level-1 outputs (the contract's files), shared with test_ensemble.py
+# ----------------------------------------------------------------------------------------------------
+def _studies(rng: np.random.Generator, n: int, prefix: str, n_folds: int) -> pd.DataFrame:
+    rows = []
+    for s in range(n):
+        patient = f"PAT_{prefix}{s // 2}"  # two studies per patient
+        L = int(rng.integers(6, 26))
+        spacing = float(rng.choice([2.5, 5.0]))
+        z0 = float(rng.normal(0, 20))
+        lesion = np.zeros((L, 5))
+        if rng.random() < 0.6:
+            k = int(rng.integers(5))
+            a = int(rng.integers(L))
+            lesion[a: a + int(rng.integers(2, 8)), k] = 1
+            if rng.random() < 0.3:
+                lesion[a: a + 3, (k + 2) % 5] = 1
+        for i in range(L):
+            rows.append({
+                "sop_uid": f"ID_{prefix}{s:03d}{i:03d}", "patient_id": patient, "study_uid": f"ST_{prefix}{s:03d}",
+                "series_uid": f"SE_{prefix}{s:03d}", "z": z0 + i * spacing, "slice_index": i, "n_slices": L,
+                "rows": 64, "cols": 64, "pixel_spacing": 0.5, "spacing_z": spacing, "path": f"x/{prefix}{s}_{i}.dcm",
+                "split": "train" if prefix == "a" else "test",
+                "fold": (s // 2) % n_folds if prefix == "a" else -1,
+                **{c: float(v) for c, v in zip(LABELS, [lesion[i].max(), *lesion[i]], strict=True)},
+            })
+    return pd.DataFrame(rows)
+
+
+def fabricate_level1(P: Params, n_train: int = 16, n_test: int = 6, seed: int = 0, quarantined_test: int = 1) -> dict:
+    """Write a catalog, notebook 02/03 outputs for every backbone, a sample submission and an answer key,
+    with CNN probabilities and features correlated with the labels (and with neighbouring slices)."""
+    rng = np.random.default_rng(seed)
+    n_folds = P.ingest.folds
+    cat = pd.concat([_studies(rng, n_train, "a", n_folds), _studies(rng, n_test, "b", n_folds)], ignore_index=True)
+    cat["row"] = np.arange(len(cat))
+    cat["prev_row"] = cat["row"]
+    cat["next_row"] = cat["row"]
+    truth_test = cat[cat.split == "test"][["sop_uid", *LABELS]].copy()
+    # One test image quarantined: in the sample submission and the answer key, not in the catalog.
+    dropped = truth_test.sop_uid.iloc[:quarantined_test].tolist()
+    cat = cat[~cat.sop_uid.isin(dropped)].reset_index(drop=True)
+    cat.loc[cat.split == "test", list(LABELS)] = np.nan
+    P.work_dir.mkdir(parents=True, exist_ok=True)
+    cat.to_parquet(P.catalog_path, index=False)
+    data = P.data_root
+    data.mkdir(parents=True, exist_ok=True)
+    sample = truth_test.copy()
+    sample[list(LABELS)] = 0.5
+    write_long_csv(sample, data / P.paths.sample_submission)
+    write_long_csv(truth_test, data / P.paths.answer_key)
+    y_all = np.nan_to_num(cat[list(LABELS)].to_numpy(float))
+    # test rows' labels come from the answer key for the simulated CNN outputs
+    te = cat.split == "test"
+    y_all[te.to_numpy()] = truth_test.set_index("sop_uid").loc[cat.sop_uid[te], list(LABELS)].to_numpy()
+    for b, bb in enumerate(P.cnn.backbones):
+        key, D = bb.key, 24 + 8 * b
+        proj = rng.normal(size=(6, D))
+        smooth = y_all.copy()
+        smooth[1:] += 0.5 * y_all[:-1]
+        smooth[:-1] += 0.5 * y_all[1:]
+        logit = 2.0 * (2 * y_all - 1) + rng.normal(0, 1.6, size=y_all.shape) - 1.0
+        prob = 1 / (1 + np.exp(-logit))
+        feat = (smooth @ proj + rng.normal(0, 1.0, size=(len(cat), D))).astype(np.float16)
+        for split, prefix in (("train", "oof"), ("test", "test")):
+            m = (cat.split == split).to_numpy()
+            fdir, cdir = P.work_dir / "features" / key, P.work_dir / "cnn" / key
+            fdir.mkdir(parents=True, exist_ok=True)
+            cdir.mkdir(parents=True, exist_ok=True)
+            np.save(fdir / f"{prefix}_feat.npy", feat[m])
+            pf = pd.DataFrame(prob[m], columns=list(LABELS))
+            pf.insert(0, "sop_uid", cat.sop_uid[m].to_numpy())
+            pf.to_parquet(fdir / f"{prefix}_prob.parquet", index=False)
+            if split == "train":
+                pf.insert(1, "fold", cat.fold[m].to_numpy())
+            pf.to_parquet(cdir / f"{prefix}.parquet", index=False)
+    return {"catalog": cat, "truth_test": truth_test, "quarantined": dropped}
+
+
+def smoke(tmp_path: Path, **over) -> Params:
+    return load_params(REPO / "params" / "smoke.yaml", {"root": str(tmp_path), **over})
+
+
+def two_backbones() -> dict:
+    return {"cnn": {"backbones": [{"name": "lcnet_050", "size": 48}, {"name": "resnet18", "size": 48}]}}
+
+
+@pytest.fixture()
+def fake(tmp_path) -> tuple[Params, dict]:
+    P = smoke(tmp_path, **two_backbones())
+    return P, fabricate_level1(P)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+def test_get_X_mean_cyclic_differences_raw():
+    p = np.random.default_rng(0).random((4, 3, 6)).astype(np.float32)
+    X = get_X(p)
+    assert X.shape == (4, 7, 6)
+    np.testing.assert_allclose(X[:, 0], p.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(X[:, 1], p[:, 0] - p[:, 1])
+    np.testing.assert_allclose(X[:, 3], p[:, 2] - p[:, 0])  # cyclic
+    np.testing.assert_allclose(X[:, 4:], p)
+
+
+def test_z_steps_units_and_sign():
+    z = np.array([0.0, 5.0, 10.0, 20.0])
+    np.testing.assert_allclose(z_steps(z, 5.0), [1, 1, 2, 2])
+    np.testing.assert_allclose(z_steps(z[::-1], 5.0), [-2, -1, -1, -1])
+    assert z_steps(np.array([3.0]), 1.0).tolist() == [0.0]
+
+
+def test_inputs_alignment_and_fold_check(fake):
+    P, info = fake
+    inp = load_inputs(P, "train")
+    assert inp.n_cnn == 2 and inp.dim == 32 and inp.x_channels == 6
+    cat = info["catalog"]
+    assert len(inp.study_rows) == cat[cat.split == "train"].study_uid.nunique()
+    for rows in inp.study_rows:  # each study's rows in z order
+        assert np.all(np.diff(inp.z[rows]) > 0)
+    # a probability file out of catalog order is refused with the file named
+    path = P.work_dir / "features" / "resnet18_48" / "oof_prob.parquet"
+    pd.read_parquet(path).iloc[::-1].to_parquet(path, index=False)
+    with pytest.raises(ValueError, match="oof_prob.parquet.*catalog order"):
+        load_inputs(P, "train")
+
+
+def test_level2_folds_share_no_patient(fake):
+    P, _ = fake
+    inp = load_inputs(P, "train")
+    check_level2_folds(inp)
+    for k in sorted(set(inp.fold)):
+        tr, va = fold_split(inp, k)
+        pt = {inp.patient_id[inp.study_rows[s][0]] for s in tr}
+        pv = {inp.patient_id[inp.study_rows[s][0]] for s in va}
+        assert tr.size and va.size and not (pt & pv)
+        assert set(inp.fold[np.concatenate([inp.study_rows[s] for s in va])]) == {k}
+    inp.fold = inp.fold.copy()
+    inp.fold[inp.study_rows[0][0]] = 1 - inp.fold[inp.study_rows[0][0]]  # one slice moved to another fold
+    with pytest.raises(ValueError, match="leak"):
+        check_level2_folds(inp)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+def _toy_inputs(n_cnn: int, lengths=(5, 9, 13), seed: int = 0, dims=None) -> SeqInputs:
+    rng = np.random.default_rng(seed)
+    N = sum(lengths)
+    dims = dims or [16 + 4 * k for k in range(n_cnn)]
+    study = np.concatenate([[f"s{i}"] * L for i, L in enumerate(lengths)])
+    z = np.concatenate([np.arange(L) * 2.5 for L in lengths])
+    return SeqInputs(sop_uid=np.array([f"ID_{i}" for i in range(N)]), study_uid=study, patient_id=study,
+                     fold=np.zeros(N, int), z=z, feats=[rng.normal(size=(N, d)).astype(np.float16) for d in dims],
+                     probs=rng.random((N, n_cnn, 6)).astype(np.float32),
+                     y=(rng.random((N, 6)) < 0.3).astype(np.float32))
+
+
+@pytest.mark.parametrize("n_cnn", [1, 2, 3])
+@pytest.mark.parametrize("name", ["seq1", "seq2"])
+def test_shapes_for_one_to_three_backbones(name, n_cnn):
+    inp = _toy_inputs(n_cnn)
+    b = collate([inp.item(s) for s in range(3)])
+    assert b["fea"].shape == (3, 13, n_cnn, inp.dim) and b["X"].shape == (3, 2 * n_cnn + 2, 13, 6)
+    model = build_seq_model(name, inp.dim, n_cnn, inp.x_channels, reduce_dim=8, hidden=6)
+    outs = model_logits(model, b)
+    assert len(outs) == (2 if name == "seq2" else 1)
+    for o in outs:
+        assert o.shape == (3, 13, 6)
+        assert torch.all(o[0, 5:] == 0)  # padded positions are zero
+
+
+def _pad_more(b: dict, extra: int, garbage: float = 0.0) -> dict:
+    """The same batch with ``extra`` more padded positions, filled with ``garbage``."""
+    out = dict(b)
+    B, L = b["mask"].shape
+    out["fea"] = torch.cat([b["fea"], torch.full((B, extra, *b["fea"].shape[2:]), garbage)], 1)
+    out["X"] = torch.cat([b["X"], torch.full((B, b["X"].shape[1], extra, 6), garbage)], 2)
+    out["y"] = torch.cat([b["y"], torch.ones(B, extra, 6)], 1)
+    out["mask"] = torch.cat([b["mask"], torch.zeros(B, extra, dtype=torch.bool)], 1)
+    # padding inside the original length too: fill the shorter studies' padding with garbage
+    for j, n in enumerate(b["lengths"].tolist()):
+        out["fea"][j, n:] = garbage
+        out["X"][j, :, n:] = garbage
+    return out
+
+
+@pytest.mark.parametrize("name", ["seq1", "seq2"])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_padding_changes_neither_outputs_nor_loss(name, train_mode):
+    torch.manual_seed(0)
+    inp = _toy_inputs(2)
+    model = build_seq_model(name, inp.dim, 2, inp.x_channels, reduce_dim=8, hidden=6, dropout=0.0)
+    model.train(train_mode)  # in train mode BatchNorm uses batch statistics: they must ignore padding
+    b1 = collate([inp.item(s) for s in range(3)])
+    b2 = _pad_more(b1, 11, garbage=7.0)
+    o1, o2 = model_logits(model, b1), model_logits(model, b2)
+    for j, n in enumerate(b1["lengths"].tolist()):
+        for a, c in zip(o1, o2, strict=True):
+            torch.testing.assert_close(a[j, :n], c[j, :n], rtol=1e-5, atol=1e-5)
+    l1 = sum(masked_weighted_bce(o, b1["y"], b1["mask"]) for o in o1)
+    l2 = sum(masked_weighted_bce(o, b2["y"], b2["mask"]) for o in o2)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    if not train_mode:  # eval: a study alone equals the same study padded in a batch
+        alone = model_logits(model, collate([inp.item(0)]))[0]
+        torch.testing.assert_close(alone[0], o1[0][0, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_batchnorm_ignores_padding_in_running_stats():
+    torch.manual_seed(0)
+    inp = _toy_inputs(1)
+    m1 = SeqModel2(inp.dim, 1, inp.x_channels, reduce_dim=8, hidden=6, dropout=0.0)
+    m2 = SeqModel2(inp.dim, 1, inp.x_channels, reduce_dim=8, hidden=6, dropout=0.0)
+    m2.load_state_dict(m1.state_dict())
+    b = collate([inp.item(s) for s in range(3)])
+    model_logits(m1.train(), b)
+    model_logits(m2.train(), _pad_more(b, 20, garbage=-3.0))
+    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        if "running" in k:
+            torch.testing.assert_close(v1, v2, msg=k)
+
+
+def test_loss_is_the_weighted_log_loss_of_real_slices():
+    from ichdlib.metrics import weighted_log_loss
+
+    rng = np.random.default_rng(1)
+    logits = torch.tensor(rng.normal(size=(2, 7, 6)))
+    y = torch.tensor((rng.random((2, 7, 6)) < 0.4).astype(float))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, :7], mask[1, :3] = True, True
+    got = float(masked_weighted_bce(logits, y, mask))
+    p = torch.sigmoid(logits)[mask].numpy()
+    assert got == pytest.approx(weighted_log_loss(y[mask].numpy(), p), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["seq1", "seq2"])
+def test_flip_tta_averages_probabilities_of_both_directions(name):
+    """TTA = mean of the forward probabilities and the flipped-back probabilities of the reversed study,
+    whose inputs are the same slices in the other order with the z channel recomputed (negative)."""
+    torch.manual_seed(0)
+    inp = _toy_inputs(2, lengths=(9, 4))
+    model = build_seq_model(name, inp.dim, 2, inp.x_channels, reduce_dim=8, hidden=6).eval()
+    p = predict_studies([model], inp, batch=2)
+    fwd, bwd = inp.item(0), inp.item(0, reverse=True)
+    np.testing.assert_array_equal(bwd["rows"], fwd["rows"][::-1])
+    np.testing.assert_array_equal(bwd["fea"], fwd["fea"][::-1])
+    np.testing.assert_array_equal(bwd["X"][:-1], fwd["X"][:-1, ::-1])
+    np.testing.assert_allclose(bwd["X"][-1, :, 0], -fwd["X"][-1, ::-1, 0][np.r_[1:9, 8]])
+    np.testing.assert_allclose(fwd["X"][-1, :, 0], 1.0)
+    with torch.no_grad():
+        pf = torch.sigmoid(model_logits(model, collate([fwd]))[0])[0].numpy()
+        pb = torch.sigmoid(model_logits(model, collate([bwd]))[0])[0].numpy()[::-1]
+    np.testing.assert_allclose(p[fwd["rows"]], (pf + pb) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(pf, pb, atol=1e-4)  # the directions really differ: the average matters
+    # TTA is symmetric: swapping the roles of the two directions gives the same, flipped
+    with torch.no_grad():
+        qf = torch.sigmoid(model_logits(model, collate([bwd]))[0])[0].numpy()
+        qb = torch.sigmoid(model_logits(model, collate([fwd]))[0])[0].numpy()[::-1]
+    np.testing.assert_allclose(((qf + qb) / 2)[::-1], p[fwd["rows"]], rtol=1e-5, atol=1e-6)
+    # several models: the mean of each model's TTA probabilities
+    m2 = build_seq_model(name, inp.dim, 2, inp.x_channels, reduce_dim=8, hidden=6).eval()
+    both = predict_studies([model, m2], inp)
+    np.testing.assert_allclose(both, (p + predict_studies([m2], inp)) / 2, rtol=1e-6)
+
+
+def test_train_augmentations_crop_subsample_reverse():
+    inp = _toy_inputs(1, lengths=(30,))
+    ds = StudyDataset(inp, np.array([0]), train=True, crop=8, subsample_p=1.0, reverse_p=1.0, seed=3)
+    it = ds[0]
+    assert len(it["rows"]) == 8
+    steps = np.diff(it["rows"])
+    assert np.all(steps == -2)  # every other slice, reversed
+    np.testing.assert_allclose(it["X"][-1, :, 0], -2.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+def test_train_seq_writes_outputs_skips_and_resumes(fake):
+    P, info = fake
+    res = train_seq(P, "seq2")
+    cat = info["catalog"]
+    out = P.work_dir / "seq" / "seq2"
+    for k in range(P.ingest.folds):
+        assert (out / f"fold{k}.pt").is_file() and (out / f"fold{k}_last.pt").is_file()
+    assert res.oof.sop_uid.tolist() == cat[cat.split == "train"].sop_uid.tolist()
+    assert res.test.sop_uid.tolist() == cat[cat.split == "test"].sop_uid.tolist()
+    assert list(res.oof.columns) == ["sop_uid", "fold", *LABELS] and list(res.test.columns) == ["sop_uid", *LABELS]
+    v = res.oof[list(LABELS)].to_numpy()
+    assert np.isfinite(v).all() and (v > 0).all() and (v < 1).all()
+    assert set(res.history.fold) == set(range(P.ingest.folds)) and len(res.history) == P.seq.epochs * P.ingest.folds
+    # finished: skipped (files untouched)
+    mtime = (out / "oof.parquet").stat().st_mtime_ns
+    again = train_seq(P, "seq2")
+    assert (out / "oof.parquet").stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(again.oof, res.oof)
+    # interrupted after the last epoch checkpoint: the fold is finished from fold0_last.pt, not retrained
+    (out / "fold0.pt").unlink()
+    (out / "fold0_log.csv").unlink()
+    inp = load_inputs(P, "train")
+    log = train_fold(P, "seq2", inp, 0, out, signature=_signature(P, "seq2", inp))
+    pd.testing.assert_frame_equal(log, res.history[res.history.fold == 0].reset_index(drop=True))
+    # changed settings retrain; force retrains
+    P2 = smoke(Path(P.root), **two_backbones(), seq={"epochs": 1})
+    res2 = train_seq(P2, "seq2")
+    assert len(res2.history) == P.ingest.folds
+
+
+def test_training_is_seeded(fake):
+    P, _ = fake
+    a = train_seq(P, "seq1")
+    b = train_seq(P, "seq1", force=True)
+    pd.testing.assert_frame_equal(a.oof, b.oof)
