@@ -147,12 +147,23 @@ class SeqCfg(_Strict):
     reduce_dim: int = Field(128, ge=1)
     hidden: int = Field(96, ge=1)
     dropout: float = Field(0.5, ge=0, lt=1)
+    #: Backbone keys (``BackboneCfg.key``) whose features feed the models; empty = every ``cnn.backbones``.
+    backbones: list[str] = Field(default_factory=list)
+    #: Training augmentations: keep every other slice (studies > 10 slices), reverse the slice order.
+    subsample_p: float = Field(0.5, ge=0, le=1)
+    reverse_p: float = Field(0.5, ge=0, le=1)
+    #: Which epoch a fold keeps: ``last`` (honest OOF) or ``best`` val loss (the original; biases OOF low).
+    select: Literal["last", "best"] = "last"
 
 
 class EnsembleCfg(_Strict):
     """Blending and submission (notebook 05)."""
 
+    #: ``mean`` of the members, or non-negative weights summing to 1 fitted on OOF weighted log loss
+    #: (the OOF score of ``fit`` is cross-fitted: each fold's weights come from the other folds).
     method: Literal["mean", "fit"] = "mean"
+    #: Stages to blend: ``seq1``, ``seq2``, ``cnn:<key>`` or ``cnn:*`` (every backbone).
+    members: list[str] = Field(default_factory=lambda: ["seq1", "seq2"])
 
 
 class CamCfg(_Strict):
