@@ -1,0 +1,286 @@
+"""The resized HU cache ``WORK/cache_<size>.npy``: int16, ``(n_rows, size, size)``, in catalog ``row`` order.
+
+Built by worker processes that decode and resize slices and write straight into a memory-mapped
+``cache_<size>.npy.partial``; nothing holds more than one slice per worker in memory. A sidecar
+``cache_<size>.progress.json`` records the finished chunks (and the slices that failed to decode), so an
+interrupted build continues where it stopped; the final name appears (atomic rename) only when every
+chunk is done. Rows of slices that are not in the catalog stay zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from ichdlib.dicom import DicomReadError, read_hu_fast
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ichdlib.config import Params
+
+#: Catalog columns a worker needs to decode a slice without parsing its header again.
+DECODE_COLUMNS = ("path", "rows", "cols", "slope", "intercept", "bits_allocated", "bits_stored",
+                  "pixel_representation", "photometric", "transfer_syntax", "pixel_offset", "fixes")
+_INT16 = np.iinfo(np.int16)
+_SAVE_EVERY_S = 1.0
+
+
+def cache_path(work: str | os.PathLike, size: int) -> Path:
+    """``WORK/cache_<size>.npy``."""
+    return Path(work) / f"cache_{int(size)}.npy"
+
+
+def _partial(final: Path) -> Path:
+    return final.with_name(final.name + ".partial")
+
+
+def _sidecar(final: Path) -> Path:
+    return final.with_name(final.stem + ".progress.json")
+
+
+def resize_hu(hu: np.ndarray, size: int) -> np.ndarray:
+    """HU slice -> ``(size, size)`` int16: area interpolation when shrinking, bilinear when enlarging.
+
+    Non-square slices are resized to a square (no padding); values are rounded and clipped to int16.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.shape != (size, size):
+        shrink = hu.shape[0] >= size and hu.shape[1] >= size
+        hu = cv2.resize(hu, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return np.clip(np.rint(hu), _INT16.min, _INT16.max).astype(np.int16)
+
+
+def open_cache(work: str | os.PathLike, size: int) -> np.memmap:
+    """The finished cache as a read-only memmap; ``FileNotFoundError`` saying what to run when missing."""
+    final = cache_path(work, size)
+    if not final.is_file():
+        if _partial(final).exists():
+            raise FileNotFoundError(f"HU cache {final} is incomplete (an interrupted build left "
+                                    f"{_partial(final).name}); rerun `ichd ingest --size {size}` to finish it")
+        raise FileNotFoundError(f"no HU cache at {final}: run `ichd ingest --work {Path(work)} --size {size}` "
+                                f"or ichdlib.cache.ensure_cache(params, {size})")
+    return np.load(final, mmap_mode="r")
+
+
+def ensure_cache(params: Params, size: int, force: bool = False) -> np.memmap:
+    """Open the cache at ``size`` for ``params``' work folder, building it from the catalog when missing."""
+    final = cache_path(params.work_dir, size)
+    if force or not final.is_file() or _sidecar(final).exists():
+        from ichdlib.catalog import ingest
+
+        ingest(params, force=False, size=size, rebuild_cache=force)
+    return open_cache(params.work_dir, size)
+
+
+# -- process pool ---------------------------------------------------------------------------------------
+def resolve_workers(workers: int) -> int:
+    """``0`` -> the CPUs this process may use; otherwise ``workers``."""
+    if workers and workers > 0:
+        return int(workers)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LazyPool:
+    """A process pool created on first use (``workers == 1`` runs tasks in this process)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = resolve_workers(workers)
+        self._ex: Executor | None = None
+
+    def get(self) -> Executor | None:
+        if self.workers <= 1:
+            return None
+        if self._ex is None:
+            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+            ctx = mp.get_context(method)
+            if method == "forkserver":
+                ctx.set_forkserver_preload(["ichdlib.dicom", "ichdlib.cache", "ichdlib.catalog"])
+            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx)
+        return self._ex
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=True, cancel_futures=True)
+            self._ex = None
+
+    def __enter__(self) -> LazyPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_tasks(fn: Callable[[Any], Any], tasks: Iterable[Any], pool: LazyPool | None) -> Iterator[Any]:
+    """``fn(task)`` for each task, in completion order, with a bounded number of tasks in flight."""
+    ex = pool.get() if pool is not None else None
+    if ex is None:
+        for task in tasks:
+            yield fn(task)
+        return
+    it = iter(tasks)
+    pending = {ex.submit(fn, t) for t in _take(it, 4 * pool.workers)}
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in done:
+            try:
+                result = fut.result()
+            except BrokenProcessPool as exc:
+                raise RuntimeError("a worker process died (out of memory or a crash in a decoder); rerun to "
+                                   "resume, with --workers 1 to find the file, and list it in ingest.skip_ids"
+                                   ) from exc
+            pending |= {ex.submit(fn, t) for t in _take(it, 1)}
+            yield result
+
+
+def _take(it: Iterator[Any], n: int) -> list[Any]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+# -- building -------------------------------------------------------------------------------------------
+_WORKER_MM: dict[str, np.memmap] = {}
+
+
+def _fill_chunk(task: tuple) -> tuple[int, dict[int, str]]:
+    """Worker: decode, resize and write one chunk of rows into the partial cache; return its failures."""
+    token, partial, size, chunk_id, rows, records = task
+    mm = _WORKER_MM.get(token)
+    if mm is None:
+        _WORKER_MM.clear()
+        mm = _WORKER_MM[token] = np.load(partial, mmap_mode="r+")
+    failures: dict[int, str] = {}
+    for row, meta in zip(rows, records, strict=True):
+        try:
+            mm[row] = resize_hu(read_hu_fast(meta["path"], meta), size)
+            continue
+        except DicomReadError as exc:
+            failures[int(row)] = f"unreadable: {exc}"
+        except Exception as exc:  # one bad slice never stops the build
+            failures[int(row)] = f"unreadable: {meta['path']}: {type(exc).__name__}: {exc}"
+        mm[row] = 0
+    return chunk_id, failures
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def pending_failures(work: str | os.PathLike, size: int) -> dict[int, str]:
+    """Decode failures of a finished cache not yet applied to the catalog (empty when none)."""
+    final = cache_path(work, size)
+    side = _read_json(_sidecar(final))
+    if final.is_file() and side.get("complete"):
+        return {int(k): v for k, v in side.get("failures", {}).items()}
+    return {}
+
+
+def finish_cache(work: str | os.PathLike, size: int) -> None:
+    """Forget the sidecar once the catalog reflects the cache's failures."""
+    final = cache_path(work, size)
+    if final.is_file():
+        _sidecar(final).unlink(missing_ok=True)
+
+
+def remove_caches(work: str | os.PathLike) -> None:
+    """Delete every cache, partial cache and sidecar in ``work`` (they belong to an older catalog)."""
+    for p in Path(work).glob("cache_*"):
+        if p.is_file() and (p.suffix in {".npy", ".partial", ".json", ".tmp"}):
+            p.unlink()
+
+
+def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows: int, fingerprint: str,
+                pool: LazyPool | None = None, force: bool = False, progress: bool = True,
+                chunk: int = 0) -> dict[int, str]:
+    """Build ``WORK/cache_<size>.npy`` for the catalog's rows (resuming an interrupted build).
+
+    Returns ``{row: reason}`` for slices that failed to decode (their rows are zero); the caller drops
+    them from the catalog and then calls :func:`finish_cache`. A finished cache is not touched unless
+    ``force``; its pending failures (if the caller was interrupted before applying them) are returned.
+    """
+    final = cache_path(work, size)
+    partial, side_path = _partial(final), _sidecar(final)
+    if force:
+        for p in (final, partial, side_path):
+            p.unlink(missing_ok=True)
+    if final.is_file():
+        return pending_failures(work, size)
+    rows = np.sort(cat["row"].to_numpy(dtype=np.int64))
+    side = _read_json(side_path)
+    if not (partial.is_file() and side.get("fingerprint") == fingerprint and side.get("n_rows") == n_rows
+            and side.get("size") == size):
+        n_workers = pool.workers if pool is not None else 1
+        chunk = chunk or int(np.clip(len(rows) // (8 * n_workers), 4, 256))
+        side = {"fingerprint": fingerprint, "n_rows": int(n_rows), "size": int(size), "chunk": chunk,
+                "done": [], "failures": {}, "complete": False}
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.int16, shape=(n_rows, size, size)).flush()
+        _write_json(side_path, side)
+    chunk = int(side["chunk"])
+    done = set(side["done"])
+    by_row = cat.set_index("row")
+    n_chunks = (len(rows) + chunk - 1) // chunk
+    todo = [c for c in range(n_chunks) if c not in done]
+    token = f"{partial}:{uuid.uuid4().hex}"
+
+    def tasks() -> Iterator[tuple]:
+        for c in todo:
+            sel = rows[c * chunk:(c + 1) * chunk]
+            records = by_row.loc[sel, list(DECODE_COLUMNS)].to_dict("records")
+            yield token, str(partial), size, c, sel.tolist(), records
+
+    bar = tqdm(total=len(rows), initial=min(len(done) * chunk, len(rows)), desc=f"cache {size}px",
+               unit="slice", disable=not progress, mininterval=1.0)
+    last = time.monotonic()
+    try:
+        for chunk_id, failures in run_tasks(_fill_chunk, tasks(), pool):
+            side["done"].append(chunk_id)
+            side["failures"].update({str(k): v for k, v in failures.items()})
+            bar.update(len(rows[chunk_id * chunk:(chunk_id + 1) * chunk]))
+            if time.monotonic() - last > _SAVE_EVERY_S:
+                _write_json(side_path, side)
+                last = time.monotonic()
+    finally:
+        bar.close()
+        _WORKER_MM.clear()
+        if partial.exists():
+            _write_json(side_path, side)
+    with open(partial, "rb+") as fh:  # the workers wrote through shared mappings: put them on disk
+        os.fsync(fh.fileno())
+    side["complete"] = True
+    _write_json(side_path, side)
+    os.replace(partial, final)
+    with contextlib.suppress(OSError):  # make the rename durable where the platform allows
+        fd = os.open(final.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return {int(k): v for k, v in side["failures"].items()}

@@ -1,0 +1,456 @@
+"""RSNA-layout folder -> slice catalog, patient folds, quarantine list and the resized HU cache.
+
+``build_catalog`` (and ``ingest(params)``, ``ichd ingest``) writes into ``work/``:
+
+- ``catalog.parquet``: one row per usable slice, ordered by split (train first), study, z (ties by
+  ``sop_uid``); the contract columns of docs/architecture.md plus ``dup_z`` (another slice of the study
+  has the same z; both are kept) and the header fields the cache pass decodes with (``modality``,
+  ``instance_number``, ``slope``, ``intercept``, ``bits_*``, ``pixel_representation``, ``photometric``,
+  ``transfer_syntax``, ``window_center``, ``window_width``, ``fixes``, ``pixel_offset``, ``pixel_nbytes``);
+- ``quarantine.csv``: ``sop_uid, path, split, reason`` for every file or label row left out; the reason
+  starts with a short kind (``unreadable:``, ``not CT:``, ``unlabelled:`` ...);
+- ``ingest_report.json``: counts, label conflicts, fixes applied, duplicate positions, timings;
+- ``ingest_state.json``: a fingerprint of the inputs; a rerun with the same inputs does no work;
+- ``cache_<size>.npy`` (see :mod:`ichdlib.cache`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ichdlib import cache as _cache
+from ichdlib.dicom import read_headers
+from ichdlib.labels import LABELS, read_labels
+
+if TYPE_CHECKING:
+    from ichdlib.config import Params
+
+CATALOG_COLUMNS = ["sop_uid", "patient_id", "study_uid", "series_uid", "z", "slice_index", "n_slices", "rows",
+                   "cols", "pixel_spacing", "spacing_z", "path", "split", "fold", *LABELS, "row", "prev_row",
+                   "next_row", "dup_z"]
+#: Header fields kept after the contract columns (the cache pass decodes with them).
+HEADER_COLUMNS = ["modality", "instance_number", "slope", "intercept", "bits_allocated", "bits_stored",
+                  "pixel_representation", "photometric", "transfer_syntax", "window_center", "window_width",
+                  "fixes", "pixel_offset", "pixel_nbytes"]
+QUARANTINE_COLUMNS = ["sop_uid", "path", "split", "reason"]
+CATALOG, QUARANTINE, REPORT, STATE = "catalog.parquet", "quarantine.csv", "ingest_report.json", "ingest_state.json"
+_VERSION = 1
+_SPLITS = ("train", "test")
+
+
+# -- small I/O helpers ------------------------------------------------------------------------------
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _atomic(path, lambda t: t.write_text(json.dumps(data, indent=1, default=str)))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load_catalog(work: str | os.PathLike) -> pd.DataFrame:
+    """Read ``WORK/catalog.parquet``; ``FileNotFoundError`` saying what to run when missing."""
+    path = Path(work) / CATALOG
+    if not path.is_file():
+        raise FileNotFoundError(f"no catalog at {path}: run `ichd ingest --root DATA --work {Path(work)}` "
+                                "or ichdlib.catalog.ingest(params)")
+    return pd.read_parquet(path)
+
+
+def load_quarantine(work: str | os.PathLike) -> pd.DataFrame:
+    """Read ``WORK/quarantine.csv`` (empty frame with the columns when there is none)."""
+    path = Path(work) / QUARANTINE
+    if not path.is_file():
+        return pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _save(work: Path, cat: pd.DataFrame, quarantine: pd.DataFrame) -> None:
+    _atomic(work / CATALOG, lambda t: cat.to_parquet(t, index=False))
+    _atomic(work / QUARANTINE, lambda t: quarantine.to_csv(t, index=False))
+
+
+# -- scanning -------------------------------------------------------------------------------------------
+def _list_files(folder: Path) -> list[str]:
+    """Every regular file under ``folder`` (sorted); none when it does not exist."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        out += [os.path.join(dirpath, f) for f in sorted(filenames)]
+    return out
+
+
+def _fingerprint(root: Path, files: dict[str, list[str]], csvs: Iterable[Path], **params: Any) -> str:
+    """Hash of the input file names, the label files' size/mtime and the parameters that shape the catalog."""
+    h = hashlib.sha256(f"v{_VERSION}|{root.resolve()}|{json.dumps(params, sort_keys=True)}".encode())
+    for split in _SPLITS:
+        h.update(f"|{split}|{len(files[split])}|".encode())
+        h.update("\n".join(files[split]).encode())
+    for p in csvs:
+        st = p.stat() if p.is_file() else None
+        h.update(f"|{p.name}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
+    return h.hexdigest()
+
+
+def _header_task(paths: list[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Worker: headers of some files as a frame (compact to send back) plus the unreadable ones."""
+    metas, errors = read_headers(paths)
+    frame = pd.DataFrame(metas)
+    if len(frame):
+        frame = frame.drop(columns=["position", "orientation"])
+        frame["fixes"] = frame["fixes"].map(";".join)
+    return frame, errors
+
+
+def _scan_headers(paths: list[str], pool: _cache.LazyPool, progress: bool) -> tuple[pd.DataFrame, list]:
+    n = len(paths)
+    step = int(np.clip(n // (8 * pool.workers), 8, 256))
+    chunks = [paths[i:i + step] for i in range(0, n, step)]
+    frames, errors = [], []
+    with tqdm(total=n, desc="headers", unit="file", disable=not progress, mininterval=1.0) as bar:
+        for frame, errs in _cache.run_tasks(_header_task, chunks, pool):
+            frames.append(frame)
+            errors += errs
+            bar.update(len(frame) + len(errs))
+    frames = [f for f in frames if len(f)]
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), errors
+
+
+# -- ordering, neighbours, folds ----------------------------------------------------------------------
+def order_slices(cat: pd.DataFrame) -> pd.DataFrame:
+    """Sort by split (train first), study, z (missing z last), sop_uid; fill the within-study columns.
+
+    ``slice_index``, ``n_slices``, ``prev_row``/``next_row`` (itself at a study's edge), ``spacing_z``
+    (gap to the next slice; the last slice repeats the previous gap; 0 for a single slice) and ``dup_z``.
+    ``row`` is kept as it is (it points into the cache).
+    """
+    cat = cat.assign(_split=cat["split"].map({s: i for i, s in enumerate(_SPLITS)}))
+    cat = cat.sort_values(["_split", "study_uid", "z", "sop_uid"], na_position="last", kind="mergesort")
+    cat = cat.drop(columns="_split").reset_index(drop=True)
+    n = len(cat)
+    if n == 0:
+        return cat.assign(slice_index=[], n_slices=[], prev_row=[], next_row=[], spacing_z=[], dup_z=[])
+    key = cat["split"] + "\x00" + cat["study_uid"]
+    start = (key != key.shift()).to_numpy()
+    group = np.cumsum(start) - 1
+    first = np.flatnonzero(start)
+    sizes = np.diff(np.append(first, n))
+    pos = np.arange(n)
+    idx = pos - first[group]
+    count = sizes[group]
+    prev_i = np.where(idx == 0, pos, pos - 1)
+    next_i = np.where(idx == count - 1, pos, pos + 1)
+    row = cat["row"].to_numpy()
+    z = cat["z"].to_numpy(dtype=np.float64)
+    gap_next = z[next_i] - z
+    gap_prev = z - z[prev_i]
+    spacing = np.where(idx == count - 1, gap_prev, gap_next)
+    cat["slice_index"] = idx
+    cat["n_slices"] = count
+    cat["prev_row"] = row[prev_i]
+    cat["next_row"] = row[next_i]
+    cat["spacing_z"] = np.nan_to_num(spacing, nan=0.0)
+    cat["dup_z"] = cat.duplicated(["split", "study_uid", "z"], keep=False) & cat["z"].notna()
+    return cat
+
+
+def assign_folds(cat: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
+    """Fold per row: StratifiedGroupKFold over studies grouped by patient, stratified on study-level ``any``.
+
+    Test rows get -1. Raises ``ValueError`` when there are fewer patients than folds.
+    """
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    out = np.full(len(cat), -1, dtype=np.int64)
+    train = cat["split"].to_numpy() == "train"
+    if not train.any():
+        return out
+    t = cat.loc[train]
+    study = t.groupby("study_uid", sort=True).agg(patient=("patient_id", "first"), any=("any", "max"))
+    n_patients = study["patient"].nunique()
+    if n_patients < folds:
+        raise ValueError(f"only {n_patients} patient(s) in the training data: cannot make {folds} folds grouped "
+                         f"by patient (lower ingest.folds / --folds to at most {n_patients})")
+    y = (study["any"].fillna(0) > 0.5).astype(int).to_numpy()
+    fold_of = np.empty(len(study), dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class" on tiny data
+        try:
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+            splits = list(splitter.split(study, y, groups=study["patient"]))
+        except ValueError:  # e.g. one class only
+            splits = list(GroupKFold(n_splits=folds).split(study, y, groups=study["patient"]))
+    for k, (_, val) in enumerate(splits):
+        fold_of[val] = k
+    out[train] = pd.Series(fold_of, index=study.index).loc[t["study_uid"]].to_numpy()
+    return out
+
+
+# -- the catalog --------------------------------------------------------------------------------------
+def _q(sop: Iterable[str], path: Iterable[str], split: Iterable[str] | str, reason: Iterable[str] | str) -> pd.DataFrame:
+    frame = pd.DataFrame({"sop_uid": list(sop), "path": list(path)})
+    frame["split"] = split if isinstance(split, str) else list(split)
+    frame["reason"] = reason if isinstance(reason, str) else list(reason)
+    return frame
+
+
+def _stem(p: str) -> str:
+    name = os.path.basename(p)
+    return name[:-4] if name.lower().endswith(".dcm") else name
+
+
+def _scan(root: Path, files: dict[str, list[str]], train_csv: Path, sample_sub: Path, folds: int, seed: int,
+          skip_ids: set[str], pool: _cache.LazyPool, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Headers + labels -> (catalog, quarantine, report)."""
+    t0 = time.monotonic()
+    quarantine: list[pd.DataFrame] = []
+    split_of = {p: s for s in _SPLITS for p in files[s]}
+    skipped = [p for p in split_of if _stem(p) in skip_ids]
+    if skipped:
+        quarantine.append(_q(map(_stem, skipped), skipped, [split_of[p] for p in skipped],
+                             "skipped on purpose: listed in ingest.skip_ids"))
+    to_read = [p for p in split_of if _stem(p) not in skip_ids]
+    frame, errors = _scan_headers(to_read, pool, progress)
+    t_headers = time.monotonic() - t0
+    if errors:
+        quarantine.append(_q([_stem(p) for p, _ in errors], [p for p, _ in errors], [split_of[p] for p, _ in errors],
+                             [f"unreadable: {e}" for _, e in errors]))
+    left_out = {_stem(p) for p in skipped} | {_stem(p) for p, _ in errors}
+    if frame.empty:
+        raise ValueError(f"{root}: no readable DICOM files in {sorted({Path(p).parent.name for p in split_of})}")
+    frame["split"] = frame["path"].map(split_of)
+
+    def drop(mask: pd.Series, reason: Any) -> None:
+        nonlocal frame
+        if mask.any():
+            bad = frame[mask]
+            quarantine.append(_q(bad["sop_uid"], bad["path"], bad["split"],
+                                 reason(bad) if callable(reason) else reason))
+            left_out.update(bad["sop_uid"])
+            frame = frame[~mask]
+
+    drop(frame["sop_uid"].isin(skip_ids), "skipped on purpose: listed in ingest.skip_ids")
+    drop((frame["modality"] != "CT") & (frame["modality"] != ""), lambda b: "not CT: modality " + b["modality"])
+    frame = frame.assign(_s=frame["split"].map({s: i for i, s in enumerate(_SPLITS)}))
+    frame = frame.sort_values(["_s", "path"], kind="mergesort").drop(columns="_s")
+    first_path = frame.drop_duplicates("sop_uid").set_index("sop_uid")["path"]
+    drop(frame.duplicated("sop_uid"),
+         lambda b: "duplicate SOP UID: same SOPInstanceUID as " + b["sop_uid"].map(first_path))
+
+    # labels: train images need a complete set of six; label rows need an image
+    report: dict[str, Any] = {"label_conflicts": []}
+    n_train = int((frame["split"] == "train").sum())
+    labels = pd.DataFrame(columns=list(LABELS), dtype=float)
+    if n_train or train_csv.is_file():
+        if not train_csv.is_file():
+            raise FileNotFoundError(f"label file {train_csv} not found (needed for {n_train} training images)")
+        labels, problems = read_labels(train_csv)
+        conflicts = problems["reason"].str.startswith("conflicting")
+        report["label_conflicts"] = sorted(problems.loc[conflicts, "sop_uid"])
+        missing = problems[~conflicts].drop_duplicates("sop_uid").set_index("sop_uid")["reason"]
+        drop((frame["split"] == "train") & frame["sop_uid"].isin(missing.index),
+             lambda b: "incomplete labels: " + b["sop_uid"].map(missing))
+        drop((frame["split"] == "train") & ~frame["sop_uid"].isin(labels.index),
+             f"unlabelled: training image without rows in {train_csv.name}")
+        orphans = labels.index.difference(pd.Index(frame.loc[frame["split"] == "train", "sop_uid"]))
+        orphans = orphans.difference(pd.Index(sorted(left_out)))
+        if len(orphans):
+            quarantine.append(_q(orphans, [""] * len(orphans), "train",
+                                 f"label rows without an image: in {train_csv.name}, no file in the training folder"))
+    if sample_sub.is_file():
+        wanted = read_labels(sample_sub)[0].index
+        drop((frame["split"] == "test") & ~frame["sop_uid"].isin(wanted), f"not in sample submission: test image not in {sample_sub.name}")
+        no_image = wanted.difference(pd.Index(frame.loc[frame["split"] == "test", "sop_uid"]))
+        no_image = no_image.difference(pd.Index(sorted(left_out)))
+        if len(no_image):
+            quarantine.append(_q(no_image, [""] * len(no_image), "test",
+                                 f"submission rows without an image: in {sample_sub.name}, no file in the test folder"))
+
+    # assemble and order
+    cat = frame.reset_index(drop=True)
+    cat["study_uid"] = cat["study_uid"].where(cat["study_uid"] != "", "series:" + cat["series_uid"])
+    cat["patient_id"] = cat["patient_id"].where(cat["patient_id"] != "", "study:" + cat["study_uid"])
+    lab = labels.reindex(cat["sop_uid"]).to_numpy(dtype=np.float64)
+    lab[cat["split"].to_numpy() != "train"] = np.nan
+    for j, name in enumerate(LABELS):
+        cat[name] = lab[:, j]
+    cat["row"] = 0
+    cat = order_slices(cat)
+    cat["row"] = np.arange(len(cat), dtype=np.int64)
+    cat = order_slices(cat)  # neighbours now in cache rows
+    cat["fold"] = assign_folds(cat, folds, seed)
+    cat = cat[CATALOG_COLUMNS + HEADER_COLUMNS]
+    q = pd.concat(quarantine, ignore_index=True) if quarantine else pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    fixes = cat["fixes"].str.split(";").explode()
+    report.update({
+        "files": {s: len(files[s]) for s in _SPLITS},
+        "slices": {s: int((cat["split"] == s).sum()) for s in _SPLITS},
+        "studies": int(cat["study_uid"].nunique()),
+        "patients": int(cat.loc[cat["split"] == "train", "patient_id"].nunique()),
+        "fold_slices": {int(k): int(v) for k, v in cat.loc[cat["fold"] >= 0, "fold"].value_counts().sort_index().items()},
+        "quarantined": {str(k): int(v) for k, v in q["reason"].str.split(":").str[0].value_counts().items()},
+        "dup_z_slices": int(cat["dup_z"].sum()),
+        "multi_series_studies": int((cat.groupby("study_uid")["series_uid"].nunique() > 1).sum()),
+        "fixes": {str(k): int(v) for k, v in fixes[fixes != ""].value_counts().items()},
+        "seconds": {"headers": round(t_headers, 2), "catalog": round(time.monotonic() - t0, 2)},
+    })
+    return cat, q, report
+
+
+def _apply_cache_failures(work: Path, cat: pd.DataFrame, failures: dict[int, str]) -> pd.DataFrame:
+    """Drop slices whose pixels failed to decode, quarantine them, recompute neighbours; rewrite files."""
+    bad = cat["row"].isin(list(failures))
+    if not bad.any():
+        return cat
+    gone = cat[bad]
+    q = load_quarantine(work)
+    new = _q(gone["sop_uid"], gone["path"], gone["split"], gone["row"].map(failures))
+    q = pd.concat([q, new], ignore_index=True).drop_duplicates(["sop_uid", "path", "reason"])
+    cat = order_slices(cat[~bad].drop(columns=["slice_index", "n_slices", "prev_row", "next_row", "spacing_z",
+                                               "dup_z"]))
+    cat = cat[CATALOG_COLUMNS + HEADER_COLUMNS]
+    _save(work, cat, q)
+    report = _read_json(work / REPORT)
+    if report:
+        report["slices"] = {s: int((cat["split"] == s).sum()) for s in _SPLITS}
+        report["quarantined"] = {str(k): int(v) for k, v in q["reason"].str.split(":").str[0].value_counts().items()}
+        _write_json(work / REPORT, report)
+    return cat
+
+
+def build_catalog(root: str | os.PathLike, work: str | os.PathLike, *, size: int = 256, workers: int = 0,
+                  folds: int = 5, seed: int = 42, skip_ids: Iterable[str] = (), train_dir: str = "stage_2_train",
+                  test_dir: str = "stage_2_test", train_csv: str = "stage_2_train.csv",
+                  sample_submission: str = "stage_2_sample_submission.csv", force: bool = False,
+                  rebuild_cache: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Scan ``root`` (RSNA layout) into ``work``: catalog, quarantine, report and ``cache_<size>.npy``.
+
+    Idempotent: with the same inputs (file names, label files, folds, seed, skip_ids) the catalog is
+    loaded, not rebuilt, and a finished cache is left alone; an interrupted cache build resumes.
+    ``force`` rebuilds everything; ``rebuild_cache`` only the cache at ``size``.
+    """
+    root, work = Path(root), Path(work)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    files = {"train": _list_files(root / train_dir), "test": _list_files(root / test_dir)}
+    if not files["train"] and not files["test"]:
+        raise FileNotFoundError(f"{root}: no files in {train_dir}/ or {test_dir}/ (expected the RSNA layout)")
+    work.mkdir(parents=True, exist_ok=True)
+    csv_path, sub_path = root / train_csv, root / sample_submission
+    skip = sorted(set(skip_ids))
+    fp = _fingerprint(root, files, (csv_path, sub_path), folds=folds, seed=seed, skip_ids=skip)
+    state = _read_json(work / STATE)
+    with _cache.LazyPool(workers) as pool:
+        if force or state.get("fingerprint") != fp or not (work / CATALOG).is_file():
+            for name in (CATALOG, QUARANTINE, REPORT, STATE):
+                (work / name).unlink(missing_ok=True)
+            _cache.remove_caches(work)
+            cat, q, report = _scan(root, files, csv_path, sub_path, folds, seed, set(skip), pool, progress)
+            _save(work, cat, q)
+            _write_json(work / REPORT, report)
+            state = {"fingerprint": fp, "n_rows": len(cat), "version": _VERSION}
+            _write_json(work / STATE, state)
+        else:
+            cat = load_catalog(work)
+        t0 = time.monotonic()
+        built = not _cache.cache_path(work, size).is_file() or rebuild_cache
+        failures = _cache.build_cache(cat, work, size, n_rows=int(state["n_rows"]), fingerprint=fp, pool=pool,
+                                      force=rebuild_cache, progress=progress)
+    cat = _apply_cache_failures(work, cat, failures)
+    _cache.finish_cache(work, size)
+    if built:
+        report = _read_json(work / REPORT)
+        report.setdefault("seconds", {})[f"cache_{size}"] = round(time.monotonic() - t0, 2)
+        _write_json(work / REPORT, report)
+    return cat
+
+
+def ingest(params: Params, force: bool = False, *, size: int | None = None, rebuild_cache: bool = False,
+           progress: bool = True) -> pd.DataFrame:
+    """:func:`build_catalog` with the paths and ``ingest`` section of ``params`` (fold seed: ``params.seed``).
+
+    When the data folder is empty and ``synth.enabled``, the phantom is generated there first.
+    """
+    root = params.data_root
+    p = params.paths
+    if params.synth.enabled and not (root / p.train_dir).is_dir() and not (root / p.test_dir).is_dir():
+        from ichdlib.synth import generate_phantom
+
+        s = params.synth
+        generate_phantom(root, studies=s.studies, seed=s.seed, size=s.size, quirks=s.quirks, masks=s.masks,
+                         workers=params.ingest.workers)
+    i = params.ingest
+    return build_catalog(root, params.work_dir, size=size or i.size, workers=i.workers, folds=i.folds,
+                         seed=params.seed, skip_ids=i.skip_ids, train_dir=p.train_dir, test_dir=p.test_dir,
+                         train_csv=p.train_csv, sample_submission=p.sample_submission, force=force,
+                         rebuild_cache=rebuild_cache, progress=progress)
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ichd ingest``."""
+    parser.add_argument("--params", help="params YAML (paths and ingest section); flags below override it")
+    parser.add_argument("--root", help="data folder in the RSNA layout (stage_2_train/, stage_2_test/, CSVs)")
+    parser.add_argument("--work", help="output folder for catalog.parquet, quarantine.csv, cache_<size>.npy")
+    parser.add_argument("--size", type=int, help="cache image size in pixels (default 256)")
+    parser.add_argument("--workers", type=int, help="worker processes; 0 = one per CPU core (default)")
+    parser.add_argument("--folds", type=int, help="number of patient folds (default 5)")
+    parser.add_argument("--seed", type=int, help="fold seed (default 42)")
+    parser.add_argument("--skip-ids", default=None, help="comma-separated IDs to leave out, e.g. ID_6431af929")
+    parser.add_argument("--force", action="store_true", help="rebuild catalog and cache even if up to date")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cli(args: argparse.Namespace) -> int:
+    """Run ``ichd ingest``."""
+    skip = [s.strip() for s in args.skip_ids.split(",") if s.strip()] if args.skip_ids else None
+    if args.params:
+        from ichdlib.config import load_params
+
+        over: dict[str, Any] = {"ingest": {k: v for k, v in (("size", args.size), ("workers", args.workers),
+                                                             ("folds", args.folds), ("skip_ids", skip))
+                                           if v is not None}}
+        if args.seed is not None:
+            over["seed"] = args.seed
+        paths = {k: v for k, v in (("data_root", args.root), ("work", args.work)) if v}
+        if paths:
+            over["paths"] = paths
+        params = load_params(args.params, over)
+        work = params.work_dir
+        cat = ingest(params, force=args.force, progress=not args.no_progress)
+    else:
+        if not args.root or not args.work:
+            raise ValueError("give --root and --work (or --params)")
+        work = Path(args.work)
+        cat = build_catalog(args.root, work, size=args.size or 256, workers=args.workers or 0,
+                            folds=args.folds or 5, seed=42 if args.seed is None else args.seed,
+                            skip_ids=skip or (), force=args.force, progress=not args.no_progress)
+    q = load_quarantine(work)
+    kinds = q["reason"].str.split(":").str[0].value_counts() if len(q) else pd.Series(dtype=int)
+    print(f"catalog: {len(cat)} slices ({(cat['split'] == 'train').sum()} train, {(cat['split'] == 'test').sum()} "
+          f"test) in {cat['study_uid'].nunique()} studies -> {work / CATALOG}")
+    print(f"quarantine: {len(q)} entries" + "".join(f"\n  {k}: {v}" for k, v in kinds.items())
+          + f" -> {work / QUARANTINE}")
+    return 0
