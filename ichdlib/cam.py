@@ -1,0 +1,614 @@
+"""Class activation maps for the trained 2D CNNs, brought back to each slice's own geometry.
+
+The maps come from pytorch-grad-cam (``GradCAM``, ``GradCAMPlusPlus``, ``HiResCAM``), one map per class per
+slice, computed in batches over a study with the library's context-manager form so that its hooks are always
+released. The target layer is chosen per backbone family (DenseNet ``features.norm5``, ResNet / SE-ResNeXt
+``layer4``), or else found by a forward-hook probe: the last module with a 4-D output before global pooling.
+
+Geometry: the network sees the validation preprocessing of a cached HU stack (centre crop, resize to the
+model size, windows). :func:`undo_geometry` inverts it, so a map overlays the slice at its own rows x cols
+(zero outside the crop the network never saw).
+
+Notebook 06 uses :class:`CamEngine` (CAMs for catalog slices from a run's fold models),
+:func:`review_table` / :func:`select_cases` (which slices to look at), :func:`gallery_figure`, and
+:func:`pointing_game_run` (CAM peak inside the phantom's lesion masks, written to ``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ichdlib.labels import LABELS
+from ichdlib.windows import WINDOWS
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from ichdlib.config import Params
+
+log = logging.getLogger(__name__)
+
+#: ``cam.method`` -> pytorch-grad-cam class name.
+METHODS: dict[str, str] = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM"}
+#: Target layers by backbone family, tried in order (matched as a dotted-name suffix, so wrapped models work).
+FAMILY_LAYERS: tuple[str, ...] = ("features.norm5", "layer4")
+#: Review groups: confident true positives, worst false positives, worst false negatives.
+GROUPS: tuple[str, ...] = ("tp", "fp", "fn")
+
+
+# --------------------------------------------------------------------------------------------------
+# Target layer and hooks
+# --------------------------------------------------------------------------------------------------
+def cam_class(method: str) -> type:
+    """The pytorch-grad-cam class for ``method`` (``gradcam``, ``gradcam++`` or ``hirescam``)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+    import pytorch_grad_cam
+
+    return getattr(pytorch_grad_cam, METHODS[method])
+
+
+def _input_channels(model: nn.Module) -> int:
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def probe_target_layer(model: nn.Module, size: int = 128) -> tuple[str, nn.Module]:
+    """The last module with a 4-D output before global pooling, found with forward hooks on a dummy input.
+
+    Containers finish after their children, so for ``blocks -> global_pool`` this returns ``blocks`` (the
+    whole feature trunk's output). All probe hooks are removed before returning.
+    """
+    import torch
+
+    events: list[tuple[str, tuple[int, ...]]] = []
+
+    def record(name: str, _m: Any, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            events.append((name, tuple(out.shape)))
+
+    named = dict(model.named_modules())
+    handles = [m.register_forward_hook(partial(record, name)) for name, m in named.items() if name]
+    was_training = model.training
+    try:
+        device = next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, _input_channels(model), size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    # Modules report in completion order; once global pooling has run nothing spatial follows, so the last
+    # spatial output is the trunk's (squeeze-excite pools inside blocks are followed by spatial outputs).
+    spatial = [name for name, shape in events if len(shape) == 4 and shape[-1] * shape[-2] > 1]
+    best = spatial[-1] if spatial else None
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: found no module with a 4-D spatial output; "
+                         "pass target_layer= explicitly")
+    return best, named[best]
+
+
+def find_target_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
+    """The layer whose activations the CAM uses: ``name`` if given, else by family, else by probing."""
+    named = dict(model.named_modules())
+    if name:
+        if name not in named:
+            raise ValueError(f"{type(model).__name__} has no module {name!r} (cam.target_layer)")
+        return name, named[name]
+    for suffix in FAMILY_LAYERS:
+        hits = [n for n in named if n == suffix or n.endswith("." + suffix)]
+        if hits:
+            return hits[-1], named[hits[-1]]
+    return probe_target_layer(model)
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of module hooks registered anywhere in ``model`` (forward, pre-forward and backward)."""
+    attrs = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return sum(len(getattr(m, a, {})) for m in model.modules() for a in attrs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------------
+def center_crop_box(h: int, w: int, crop: float) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the centred crop keeping ``crop`` of each side (validation crop)."""
+    if not 0 < crop <= 1:
+        raise ValueError(f"crop fraction must be in (0, 1], got {crop}")
+    ch, cw = max(1, int(round(h * crop))), max(1, int(round(w * crop)))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def preprocess(
+    stack_hu: np.ndarray | torch.Tensor,
+    size: int,
+    crop: float = 0.8,
+    recipe: str = "seed_3window",
+    single_window: tuple[float, float] = WINDOWS["brain"],
+    learnable: bool = False,
+) -> torch.Tensor:
+    """Validation input of the 2D CNN: ``(B, 3, H, W)`` HU (s-1, s, s+1) -> ``(B, 3, size, size)`` float.
+
+    Centre crop, bilinear resize to the model size, then the recipe's windows (skipped when the model
+    windows its own input with a learnable first layer).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ichdlib.windows import stack_channels_torch
+
+    x = torch.as_tensor(np.asarray(stack_hu) if not isinstance(stack_hu, torch.Tensor) else stack_hu).float()
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a (B, 3, H, W) HU stack (s-1, s, s+1), got shape {tuple(x.shape)}")
+    top, left, ch, cw = center_crop_box(x.shape[-2], x.shape[-1], crop)
+    x = x[..., top:top + ch, left:left + cw]
+    if (ch, cw) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x if learnable else stack_channels_torch(x, recipe, single_window)
+
+
+def undo_geometry(
+    maps: np.ndarray, in_hw: tuple[int, int], crop: float, out_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Maps at the network input ``(B, C, s, s)`` -> ``(B, C, H0, W0)`` in the slice's own geometry.
+
+    ``in_hw`` is the size of the HU stack given to :func:`preprocess` (before its centre crop), ``out_hw``
+    the slice's rows x cols (default ``in_hw``). The map is resized into the crop's footprint and left at
+    zero outside it.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    h, w = in_hw
+    h0, w0 = out_hw or in_hw
+    top, left, ch, cw = center_crop_box(h, w, crop)
+    # the crop box in output pixels (same normalised coordinates as in the input stack)
+    t0, l0 = int(round(top * h0 / h)), int(round(left * w0 / w))
+    ch0, cw0 = max(1, int(round(ch * h0 / h))), max(1, int(round(cw * w0 / w)))
+    ch0, cw0 = min(ch0, h0 - t0), min(cw0, w0 - l0)
+    m = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    lead = m.shape[:-2]
+    m = m.reshape(-1, 1, *m.shape[-2:])
+    inner = F.interpolate(m, size=(ch0, cw0), mode="bilinear", align_corners=False)
+    out = torch.zeros(m.shape[0], 1, h0, w0)
+    out[..., t0:t0 + ch0, l0:l0 + cw0] = inner.clamp_(0.0, 1.0)
+    return out.reshape(*lead, h0, w0).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# CAMs
+# --------------------------------------------------------------------------------------------------
+def _class_indices(classes: Iterable[str | int] | None) -> list[int]:
+    if classes is None:
+        return list(range(len(LABELS)))
+    out = []
+    for c in classes:
+        if isinstance(c, str):
+            if c not in LABELS:
+                raise ValueError(f"unknown class {c!r}; choose from {', '.join(LABELS)}")
+            out.append(LABELS.index(c))
+        elif 0 <= int(c) < len(LABELS):
+            out.append(int(c))
+        else:
+            raise ValueError(f"class index {c} out of range 0..{len(LABELS) - 1}")
+    return out
+
+
+def compute_cams(
+    model: nn.Module,
+    stack_hu: np.ndarray | torch.Tensor,
+    classes: Iterable[str | int] | None = None,
+    method: str = "gradcam",
+    recipe: str = "seed_3window",
+    crop: float = 0.8,
+    size: int | None = None,
+    out_size: tuple[int, int] | None = None,
+    single_window: tuple[float, float] = WINDOWS["brain"],
+    learnable: bool = False,
+    batch: int = 16,
+    target_layer: str | None = None,
+) -> np.ndarray:
+    """One CAM per class per slice: ``(B, 3, H, W)`` HU stack -> ``(B, n_classes, H0, W0)`` float32 in [0, 1].
+
+    ``size`` is the model's input size (default ``H``), ``out_size`` the slice's own rows x cols (default
+    ``(H, W)``); ``classes`` are label names or indices (default all six, in label order). ``batch`` bounds
+    the number of (slice, class) maps per forward/backward pass. Each map is scaled to [0, 1] by
+    pytorch-grad-cam (an all-zero map stays zero). The model's mode and hooks are left as they were.
+    """
+    import torch
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = _class_indices(classes)
+    x = preprocess(stack_hu, size or int(np.shape(stack_hu)[-2]), crop, recipe, single_window, learnable)
+    n, s = x.shape[0], x.shape[-1]
+    in_hw = (int(np.shape(stack_hu)[-2]), int(np.shape(stack_hu)[-1]))
+    out = np.zeros((n, len(cls), s, s), dtype=np.float32)
+    if n == 0:
+        return undo_geometry(out, in_hw, crop, out_size)
+    _, layer = find_target_layer(model, target_layer)
+    per = max(1, batch // len(cls))
+    was_training = model.training
+    done = False
+    try:
+        with torch.enable_grad(), cam_class(method)(model=model, target_layers=[layer]) as cam:
+            for i in range(0, n, per):
+                xb = x[i:i + per]
+                rep = xb.repeat_interleave(len(cls), dim=0).requires_grad_(True)
+                targets = [ClassifierOutputTarget(k) for _ in range(len(xb)) for k in cls]
+                maps = cam(input_tensor=rep, targets=targets)
+                out[i:i + len(xb)] = np.asarray(maps, dtype=np.float32).reshape(len(xb), len(cls), s, s)
+            done = True
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if not done:  # pytorch-grad-cam's __exit__ swallows IndexError (e.g. a model with fewer outputs)
+        raise RuntimeError(f"CAM computation failed for {type(model).__name__} (an IndexError inside "
+                           "pytorch-grad-cam; does the model output one logit per label?)")
+    return undo_geometry(np.nan_to_num(out, nan=0.0), in_hw, crop, out_size)
+
+
+def cam_peak(cam: np.ndarray) -> tuple[int, int]:
+    """``(row, col)`` of a map's maximum."""
+    return tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))  # type: ignore[return-value]
+
+
+def pointing_hits(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerance: int = 0) -> np.ndarray:
+    """Per map: whether its peak falls inside the mask (or within ``tolerance`` pixels of it).
+
+    An all-zero map has no peak and counts as a miss.
+    """
+    if len(cams) != len(masks):
+        raise ValueError(f"pointing game: {len(cams)} maps but {len(masks)} masks")
+    hits = np.zeros(len(cams), dtype=bool)
+    for i, (c, m) in enumerate(zip(cams, masks, strict=True)):
+        c, m = np.asarray(c), np.asarray(m).astype(bool)
+        if c.shape != m.shape:
+            raise ValueError(f"pointing game: map {i} has shape {c.shape} but its mask {m.shape}")
+        if not np.any(c > 0):
+            continue
+        r, k = cam_peak(c)
+        t = int(tolerance)
+        hits[i] = bool(m[max(0, r - t):r + t + 1, max(0, k - t):k + t + 1].any())
+    return hits
+
+
+def pointing_game(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerance: int = 0) -> float:
+    """Fraction of maps whose peak falls inside the lesion mask (NaN when there are no maps)."""
+    hits = pointing_hits(cams, masks, tolerance)
+    return float(hits.mean()) if len(hits) else float("nan")
+
+
+def load_mask(data_root: str | Path, sop_uid: str) -> np.ndarray | None:
+    """The phantom's lesion bitmask for one slice (bit ``k-1`` = ``LABELS[k]``), or None when absent."""
+    path = Path(data_root) / "masks" / f"{sop_uid}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return np.asarray(z["mask"], dtype=np.uint8)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable lesion mask ({exc})") from exc
+
+
+def class_mask(bitmask: np.ndarray, label: str) -> np.ndarray:
+    """Boolean lesion mask of ``label`` from a bitmask (``any`` = every subtype)."""
+    k = LABELS.index(label)
+    return bitmask > 0 if k == 0 else (bitmask & (1 << (k - 1))) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's models over the catalog
+# --------------------------------------------------------------------------------------------------
+class CamEngine:
+    """CAMs for catalog slices from one backbone's fold models of a run.
+
+    Each training slice is explained by the fold model that did not see it (the one behind its OOF
+    prediction); test slices by the first available fold model. Stacks are read from the HU cache at the
+    backbone's size; maps come back at the slice's own rows x cols.
+    """
+
+    def __init__(self, P: Params, key: str | None = None, catalog: pd.DataFrame | None = None,
+                 device: str | None = None) -> None:
+        from ichdlib.cache import ensure_cache
+        from ichdlib.catalog import load_catalog
+
+        self.P = P
+        backbones = {b.key: b for b in P.cnn.backbones}
+        if key is None:
+            key = P.cnn.backbones[0].key
+        if key not in backbones:
+            raise ValueError(f"backbone {key!r} is not in cnn.backbones ({', '.join(backbones)})")
+        self.key, self.backbone = key, backbones[key]
+        self.model_dir = P.work_dir / "cnn" / key
+        self.device = device or P.torch_device()
+        self.catalog = catalog if catalog is not None else load_catalog(P.work_dir)
+        self.cache = ensure_cache(P, self.backbone.size)
+        self._models: dict[int, tuple[Any, dict]] = {}
+        self.folds = sorted(int(p.stem[4:]) for p in self.model_dir.glob("fold*.pt") if p.stem[4:].isdigit())
+        if not self.folds:
+            raise FileNotFoundError(f"{self.model_dir}: no fold<k>.pt checkpoints; run notebook 02 first")
+
+    def model(self, fold: int) -> tuple[Any, dict]:
+        """``(model, meta)`` of a fold (test slices, fold -1, use the first available fold)."""
+        if fold not in self.folds:
+            fold = self.folds[0]
+        if fold not in self._models:
+            from ichdlib.models import load_cnn
+
+            self._models[fold] = load_cnn(self.model_dir / f"fold{fold}.pt", self.device)
+        return self._models[fold]
+
+    def stacks(self, rows: pd.DataFrame) -> np.ndarray:
+        """``(n, 3, S, S)`` int16 HU stacks (s-1, s, s+1) of catalog rows from the cache."""
+        idx = rows[["prev_row", "row", "next_row"]].to_numpy(dtype=np.int64)
+        return np.asarray(self.cache[idx.ravel()]).reshape(len(rows), 3, *self.cache.shape[1:])
+
+    def cams(self, rows: pd.DataFrame, classes: Iterable[str | int] | None = None,
+             out: str = "original") -> list[np.ndarray]:
+        """One ``(n_classes, H, W)`` array per catalog row, in row order.
+
+        ``out="original"``: at the slice's rows x cols (to overlay the DICOM or a lesion mask);
+        ``out="cache"``: at the cache size (to overlay the cached HU).
+        """
+        cfg = self.P.cam
+        cls = list(classes) if classes is not None else list(LABELS)
+        result: list[np.ndarray | None] = [None] * len(rows)
+        rows = rows.reset_index(drop=True)
+        s = self.cache.shape[-1]
+        if out == "original":
+            geo = list(zip(rows["rows"].astype(int), rows["cols"].astype(int), strict=True))
+        else:
+            geo = [(s, s)] * len(rows)
+        groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
+        for i, key in enumerate(zip(rows["fold"].astype(int), geo, strict=True)):
+            groups.setdefault(key, []).append(i)
+        for (fold, hw), pos in groups.items():
+            model, meta = self.model(int(fold))
+            maps = compute_cams(
+                model, self.stacks(rows.iloc[pos]), cls, method=cfg.method,
+                recipe=meta.get("recipe", self.P.windows.recipe),
+                crop=float(meta.get("val_center_crop", self.P.cnn.augment.val_center_crop)),
+                size=int(meta.get("size", self.backbone.size)), out_size=tuple(hw),
+                single_window=tuple(self.P.windows.single_window),
+                learnable=bool(meta.get("learnable_window", self.P.windows.learnable)),
+                batch=cfg.batch, target_layer=cfg.target_layer,
+            )
+            for j, p in enumerate(pos):
+                result[p] = maps[j]
+        return result  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Which slices to review
+# --------------------------------------------------------------------------------------------------
+def _read_probs(path: Path, prefix: str) -> pd.DataFrame:
+    df = pd.read_parquet(path, columns=["sop_uid", *LABELS])
+    return df.rename(columns={c: f"{prefix}{c}" for c in LABELS})
+
+
+def final_oof_paths(P: Params) -> list[Path]:
+    """The sequence models' OOF tables (notebook 04) whose mean is the final prediction."""
+    return [p for m in P.seq.models if (p := P.work_dir / "seq" / m / "oof.parquet").is_file()]
+
+
+def review_table(P: Params, key: str | None = None, catalog: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Training slices with truth ``y_<label>``, 2D CNN OOF ``p2d_<label>`` and final OOF ``p_<label>``.
+
+    The final prediction is the mean of the sequence models' OOF predictions (the ``mean`` blend of
+    notebook 05); without them the 2D CNN's. Rows in catalog order with ``study_uid``, ``slice_index``,
+    ``fold``, ``rows``, ``cols``, ``row``, ``prev_row``, ``next_row``.
+    """
+    if catalog is None:
+        from ichdlib.catalog import load_catalog
+
+        catalog = load_catalog(P.work_dir)
+    key = key or P.cnn.backbones[0].key
+    cnn_path = P.work_dir / "cnn" / key / "oof.parquet"
+    if not cnn_path.is_file():
+        raise FileNotFoundError(f"{cnn_path}: no 2D CNN OOF predictions; run notebook 02 first")
+    cols = ["sop_uid", "study_uid", "slice_index", "n_slices", "fold", "rows", "cols", "row", "prev_row",
+            "next_row", *LABELS]
+    tab = catalog.loc[catalog["split"] == "train", cols].rename(columns={c: f"y_{c}" for c in LABELS})
+    tab = tab.merge(_read_probs(cnn_path, "p2d_"), on="sop_uid", how="left", validate="one_to_one")
+    finals = final_oof_paths(P)
+    if finals:
+        parts = [_read_probs(p, "p_").set_index("sop_uid") for p in finals]
+        mean = sum(parts[1:], parts[0]) / len(parts)
+        tab = tab.merge(mean.reset_index(), on="sop_uid", how="left", validate="one_to_one")
+    else:
+        for c in LABELS:
+            tab[f"p_{c}"] = tab[f"p2d_{c}"]
+    missing = int(tab[[f"p2d_{c}" for c in LABELS]].isna().any(axis=1).sum())
+    if missing:
+        log.warning("%s: %d training slices have no OOF prediction; left out of the review", cnn_path, missing)
+        tab = tab.dropna(subset=[f"p2d_{c}" for c in LABELS])
+    return tab.reset_index(drop=True)
+
+
+def select_cases(table: pd.DataFrame, k: int, prob: str = "p2d_", labels: Sequence[str] = LABELS,
+                 threshold: float = 0.5) -> pd.DataFrame:
+    """Per label, the ``k`` most confident true positives, worst false positives and worst false negatives.
+
+    Judged on the probabilities with column prefix ``prob`` (default the 2D CNN, whose decisions the CAMs
+    explain) at ``threshold``. A group with fewer than ``k`` slices keeps what there is. Returns the
+    table's rows plus ``label``, ``group``, ``prob``, ``truth``.
+    """
+    parts = []
+    for lab in labels:
+        p, y = table[f"{prob}{lab}"], table[f"y_{lab}"]
+        picks = {
+            "tp": p[(y == 1) & (p >= threshold)].nlargest(k),
+            "fp": p[(y == 0) & (p >= threshold)].nlargest(k),
+            "fn": p[(y == 1) & (p < threshold)].nsmallest(k),
+        }
+        for g, sel in picks.items():
+            parts.append(table.loc[sel.index].assign(label=lab, group=g, prob=sel.to_numpy(),
+                                                     truth=y.loc[sel.index].to_numpy()))
+    cols = [*table.columns, "label", "group", "prob", "truth"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+
+
+def study_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per study: ``pred_any`` (max final ``any``), ``true_any`` and ``error`` (weighted log loss), by study."""
+    from ichdlib.metrics import weighted_log_loss
+
+    rows = []
+    for uid, g in table.groupby("study_uid", sort=False):
+        y = g[[f"y_{c}" for c in LABELS]].to_numpy(float)
+        p = g[[f"p_{c}" for c in LABELS]].to_numpy(float)
+        rows.append({"study_uid": uid, "n_slices": len(g), "pred_any": float(p[:, 0].max()),
+                     "true_any": float(y[:, 0].max()), "error": weighted_log_loss(y, p)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Display helpers
+# --------------------------------------------------------------------------------------------------
+def overlay(hu: np.ndarray, cam: np.ndarray | None, window: tuple[float, float] = WINDOWS["brain"],
+            opacity: float = 0.5, cmap: str = "jet", outline: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 image: the windowed slice with the CAM blended in (weighted by the map) and an outline."""
+    from matplotlib import colormaps
+
+    from ichdlib.windows import window as apply_window
+
+    gray = apply_window(hu, *window)[..., None].repeat(3, axis=-1)
+    img = gray
+    if cam is not None and opacity > 0:
+        if cam.shape != hu.shape:
+            raise ValueError(f"CAM shape {cam.shape} does not match the slice {hu.shape}")
+        heat = colormaps[cmap](np.clip(cam, 0, 1))[..., :3].astype(np.float32)
+        a = (float(opacity) * np.clip(cam, 0, 1))[..., None]
+        img = (1 - a) * gray + a * heat
+    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if outline is not None and outline.any():
+        import cv2
+
+        m = outline.astype(np.uint8)
+        edge = m - cv2.erode(m, np.ones((3, 3), np.uint8))
+        out[edge > 0] = (255, 255, 255)
+    return out
+
+
+def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence[np.ndarray],
+                   masks: Sequence[np.ndarray | None] | None = None, window: tuple[float, float] = WINDOWS["brain"],
+                   title: str = "") -> Any:
+    """A grid of review cases: for each, the windowed slice and its CAM overlay (lesion outline if known).
+
+    ``hu[i]`` is the slice image and ``cams[i]`` its map for ``cases.label[i]`` at the same geometry.
+    """
+    import matplotlib.pyplot as plt
+
+    n = len(cases)
+    ncol = 4
+    nrow = max(1, int(np.ceil(n / (ncol // 2))))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.4 * ncol, 2.5 * nrow), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    if n == 0:
+        axes[0, 0].text(0, 0.5, "no cases in these groups", fontsize=10)
+    for i, (_, r) in enumerate(cases.reset_index(drop=True).iterrows()):
+        ax_img, ax_cam = axes.ravel()[2 * i], axes.ravel()[2 * i + 1]
+        mask = None
+        if masks is not None and masks[i] is not None:
+            mask = class_mask(masks[i], r["label"])
+        ax_img.imshow(overlay(hu[i], None, window, outline=mask))
+        ax_cam.imshow(overlay(hu[i], cams[i], window, opacity=0.6, outline=mask))
+        ax_img.set_title(f"{r['group'].upper()} {r['label']} p={r['prob']:.2f}", fontsize=8)
+        ax_cam.set_title(f"{str(r['study_uid'])[-6:]} s{int(r['slice_index'])}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Notebook 06 stage: pointing game on the phantom, merged into metrics.json
+# --------------------------------------------------------------------------------------------------
+def update_metrics(path: str | Path, key: str, value: Any) -> dict:
+    """Set ``metrics[key] = value`` in a JSON file, keeping every other key; atomic write."""
+    path = Path(path)
+    data: dict = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); refusing to overwrite it") from exc
+    data[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, allow_nan=True)
+    os.replace(tmp, path)
+    return data
+
+
+def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, threshold: float = 0.5,
+                      tolerance: int = 0, force: bool = False, max_per_class: int | None = None) -> dict | None:
+    """Pointing game over the true-positive slices of every label (2D CNN OOF at ``threshold``).
+
+    Needs lesion masks (``<data_root>/masks/<sop_uid>.npz``, the phantom); returns None without them.
+    The result goes to ``reports/<run>/metrics.json`` under ``pointing_game`` (other keys kept); an existing
+    result for the same method and backbone is reused unless ``force``.
+    """
+    from tqdm.auto import tqdm
+
+    metrics_path = P.reports_dir / "metrics.json"
+    if not (P.data_root / "masks").is_dir():
+        log.info("%s: no lesion masks; pointing game skipped", P.data_root / "masks")
+        return None
+    if not force and metrics_path.is_file():
+        old = json.loads(metrics_path.read_text()).get("pointing_game")
+        if old and old.get("method") == P.cam.method and old.get("backbone") == engine.key:
+            return old
+    per_class: dict[str, float | None] = {}
+    counts: dict[str, int] = {}
+    missing_masks = 0
+    all_hits = []
+    for lab in tqdm(LABELS, desc="pointing game"):
+        tp = table[(table[f"y_{lab}"] == 1) & (table[f"p2d_{lab}"] >= threshold)]
+        if max_per_class is not None:
+            tp = tp.head(max_per_class)
+        masks, keep = [], []
+        for i, uid in enumerate(tp["sop_uid"]):
+            m = load_mask(P.data_root, uid)
+            if m is None:
+                missing_masks += 1
+                continue
+            masks.append(class_mask(m, lab))
+            keep.append(i)
+        tp = tp.iloc[keep]
+        maps = [c[0] for c in engine.cams(tp, [lab])] if len(tp) else []
+        hits = pointing_hits(maps, masks, tolerance)
+        all_hits.append(hits)
+        counts[lab] = int(len(hits))
+        per_class[lab] = float(hits.mean()) if len(hits) else None
+    cat = np.concatenate(all_hits) if all_hits else np.zeros(0, bool)
+    sub = np.concatenate(all_hits[1:]) if len(all_hits) > 1 else np.zeros(0, bool)
+    result = {
+        "method": P.cam.method, "backbone": engine.key, "threshold": threshold, "tolerance_px": tolerance,
+        "per_class": per_class, "n": counts,
+        "overall": float(cat.mean()) if len(cat) else None,
+        "subtypes": float(sub.mean()) if len(sub) else None,
+        "missing_masks": missing_masks,
+    }
+    if missing_masks:
+        log.warning("pointing game: %d true-positive slices have no mask file under %s", missing_masks,
+                    P.data_root / "masks")
+    update_metrics(metrics_path, "pointing_game", result)
+    return result

@@ -1,0 +1,214 @@
+"""ichdlib.cam: target layers, hooks, CAM shape/geometry, per-class maps, pointing game, case selection."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+from torch import nn  # noqa: E402
+
+from ichdlib import cam  # noqa: E402
+from ichdlib.labels import LABELS  # noqa: E402
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=6)
+
+
+def _blob(h: int, w: int, center: tuple[int, int], radius: float, value: float = 60.0) -> np.ndarray:
+    rr, cc = np.mgrid[:h, :w]
+    img = np.zeros((h, w), np.float32)
+    img[(rr - center[0]) ** 2 + (cc - center[1]) ** 2 <= radius**2] = value
+    return img
+
+
+class Spot(nn.Module):
+    """CAM = (positive) image intensity: a 1x1 conv trunk summing the channels, pooled, positive head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 2, kernel_size=1))
+        with torch.no_grad():
+            self.features[0].weight.fill_(1.0)
+            self.features[0].bias.zero_()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 6)
+        with torch.no_grad():
+            self.fc.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def test_target_layer_by_family_and_probe():
+    assert cam.find_target_layer(_resnet())[0] == "layer4"
+    dense = timm.create_model("densenet121", pretrained=False, num_classes=6)
+    assert cam.find_target_layer(dense)[0] == "features.norm5"
+    lcnet = timm.create_model("lcnet_050", pretrained=False, num_classes=6)
+    name, layer = cam.find_target_layer(lcnet)
+    # the squeeze-excite pools inside the blocks must not stop the probe early
+    assert name == "blocks" and layer is lcnet.blocks
+    assert cam.count_hooks(lcnet) == 0  # probe hooks removed
+    assert cam.find_target_layer(Spot())[0] == "features"
+    with pytest.raises(ValueError, match="no module 'nope'"):
+        cam.find_target_layer(lcnet, "nope")
+
+
+def test_geometry_round_trip():
+    """A peak at the network input lands where the same point of the original slice is."""
+    h0, w0, spot = 200, 160, (60, 110)
+    orig = _blob(h0, w0, spot, radius=6)
+    cached = cv2.resize(orig, (64, 64), interpolation=cv2.INTER_AREA)
+    x = cam.preprocess(np.stack([cached] * 3)[None], size=48, crop=0.8).numpy()
+    assert x.shape == (1, 3, 48, 48)
+    r, c = cam.cam_peak(x[0, 1])
+    # a map peaking there at the input, brought back to the slice's geometry
+    m = np.zeros((1, 1, 48, 48), np.float32)
+    m[0, 0] = np.exp(-((np.arange(48)[:, None] - r) ** 2 + (np.arange(48)[None] - c) ** 2) / 4.0)
+    back = cam.undo_geometry(m, (64, 64), 0.8, (h0, w0))
+    assert back.shape == (1, 1, h0, w0)
+    pr, pc = cam.cam_peak(back[0, 0])
+    assert abs(pr - spot[0]) <= 5 and abs(pc - spot[1]) <= 5, (pr, pc)
+    # nothing outside the crop the network saw
+    top, left, ch, cw = cam.center_crop_box(h0, w0, 0.8)
+    assert back[0, 0, : top - 1].max() == 0 and back[0, 0, :, : left - 1].max() == 0
+    assert back[0, 0, top + 2 : top + ch - 2, left + 2 : left + cw - 2].min() >= 0
+
+
+def test_compute_cams_peak_end_to_end():
+    """Grad-CAM through the probed layer of a model that looks at the bright spot peaks at the spot."""
+    h0, w0, spot = 180, 240, (120, 70)
+    orig = _blob(h0, w0, spot, radius=8)
+    cached = cv2.resize(orig, (64, 64), interpolation=cv2.INTER_AREA)
+    stack = np.stack([cached] * 3)[None].astype(np.int16)
+    maps = cam.compute_cams(Spot(), stack, ["any", "subdural"], size=48, crop=0.8, out_size=(h0, w0))
+    assert maps.shape == (1, 2, h0, w0) and maps.dtype == np.float32
+    assert 0.0 <= maps.min() and maps.max() <= 1.0 and maps.max() > 0.99
+    pr, pc = cam.cam_peak(maps[0, 0])
+    assert abs(pr - spot[0]) <= 6 and abs(pc - spot[1]) <= 6, (pr, pc)
+    assert cam.pointing_game(maps[:, 0], [_blob(h0, w0, spot, 8) > 0]) == 1.0
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam"])
+def test_shapes_classes_differ_and_hooks_released(method):
+    model = _resnet()
+    model.train()
+    rng = np.random.default_rng(0)
+    stack = rng.integers(-50, 150, size=(3, 3, 64, 64)).astype(np.int16)
+    before = cam.count_hooks(model)
+    for _ in range(3):
+        maps = cam.compute_cams(model, stack, None, method=method, size=64, out_size=(90, 70), batch=8)
+        assert cam.count_hooks(model) == before == 0
+    assert maps.shape == (3, 6, 90, 70) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert model.training  # mode restored
+    assert all(p.grad is None for p in model.parameters())  # no gradients left behind
+    # one map per class: the targets differ, so do the maps
+    diffs = [np.abs(maps[:, 0] - maps[:, k]).mean() for k in range(1, 6)]
+    assert min(diffs) > 1e-3, diffs
+    # batching does not change the result
+    again = cam.compute_cams(model, stack, None, method=method, size=64, out_size=(90, 70), batch=1)
+    np.testing.assert_allclose(again, maps, atol=1e-4)
+
+
+def test_bad_inputs_fail_clearly():
+    model = _resnet()
+    with pytest.raises(ValueError, match="unknown class"):
+        cam.compute_cams(model, np.zeros((1, 3, 32, 32)), ["bleed"])
+    with pytest.raises(ValueError, match="out of range"):
+        cam.compute_cams(model, np.zeros((1, 3, 32, 32)), [7])
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        cam.compute_cams(model, np.zeros((1, 3, 32, 32)), method="scorecam")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        cam.compute_cams(model, np.zeros((3, 32, 32)))
+    assert cam.count_hooks(model) == 0
+
+
+def test_pointing_game():
+    c = np.zeros((2, 10, 10), np.float32)
+    c[0, 2, 3] = 1.0
+    c[1, 8, 8] = 1.0
+    m = np.zeros((2, 10, 10), bool)
+    m[:, 2:4, 2:5] = True
+    assert cam.pointing_hits(c, m).tolist() == [True, False]
+    assert cam.pointing_game(c, m) == 0.5
+    m[1, 6, 6] = True
+    assert cam.pointing_game(c, m, tolerance=2) == 1.0
+    assert not cam.pointing_hits(np.zeros((1, 4, 4)), np.ones((1, 4, 4)))[0]  # empty map is a miss
+    assert np.isnan(cam.pointing_game([], []))
+    with pytest.raises(ValueError, match="shape"):
+        cam.pointing_game(c, m[:, :5])
+
+
+def test_class_mask_bits():
+    bm = np.array([[0, 1, 2, 16 | 4]], np.uint8)
+    assert cam.class_mask(bm, "any").tolist() == [[False, True, True, True]]
+    assert cam.class_mask(bm, "epidural").tolist() == [[False, True, False, False]]
+    assert cam.class_mask(bm, "intraparenchymal").tolist() == [[False, False, True, False]]
+    assert cam.class_mask(bm, "subdural").tolist() == [[False, False, False, True]]
+
+
+def _table() -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    n = 60
+    tab = pd.DataFrame({"sop_uid": [f"ID_{i:03d}" for i in range(n)], "study_uid": [f"S{i // 10}" for i in range(n)],
+                        "slice_index": np.arange(n) % 10})
+    for c in LABELS:
+        tab[f"y_{c}"] = (rng.random(n) < 0.4).astype(float)
+        tab[f"p2d_{c}"] = tab[f"y_{c}"] * 0.3 + rng.random(n) * 0.7
+        tab[f"p_{c}"] = tab[f"p2d_{c}"]
+    return tab
+
+
+def test_select_cases():
+    tab = _table()
+    sel = cam.select_cases(tab, 2, threshold=0.5)
+    for lab in LABELS:
+        y, p = tab[f"y_{lab}"], tab[f"p2d_{lab}"]
+        tp = sel[(sel.label == lab) & (sel.group == "tp")]
+        assert list(tp["prob"]) == sorted(p[(y == 1) & (p >= 0.5)], reverse=True)[:2]
+        fp = sel[(sel.label == lab) & (sel.group == "fp")]
+        assert (fp["truth"] == 0).all() and list(fp["prob"]) == sorted(p[(y == 0) & (p >= 0.5)], reverse=True)[:2]
+        fn = sel[(sel.label == lab) & (sel.group == "fn")]
+        assert len(tp) == len(fp) == len(fn) == 2
+        assert (fn["truth"] == 1).all() and list(fn["prob"]) == sorted(p[(y == 1) & (p < 0.5)])[:2]
+    # an empty group stays empty (no rows invented)
+    assert len(cam.select_cases(tab.assign(y_any=1.0), 2, labels=["any"]).query("group == 'fp'")) == 0
+    summ = cam.study_summary(tab)
+    assert list(summ["study_uid"]) == [f"S{i}" for i in range(6)]
+    assert np.allclose(summ["pred_any"], tab.groupby("study_uid")["p_any"].max().to_numpy())
+
+
+def test_update_metrics_merges(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"stages": {"seq1": {"oof": {"wll": 0.1}}}, "prior": {"wll": 0.3}}))
+    cam.update_metrics(path, "pointing_game", {"overall": 0.8})
+    data = json.loads(path.read_text())
+    assert data["stages"]["seq1"]["oof"]["wll"] == 0.1 and data["prior"]["wll"] == 0.3
+    assert data["pointing_game"] == {"overall": 0.8}
+    path.write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        cam.update_metrics(path, "pointing_game", {})
+
+
+def test_overlay_and_gallery():
+    hu = _blob(32, 32, (10, 10), 4, value=60.0)
+    cmap = np.zeros((32, 32), np.float32)
+    plain = cam.overlay(hu, None)
+    assert plain.shape == (32, 32, 3) and plain.dtype == np.uint8
+    cmap[20:25, 20:25] = 1.0
+    over = cam.overlay(hu, cmap, opacity=0.8)
+    assert (over[22, 22] != plain[22, 22]).any() and (over[5, 5] == plain[5, 5]).all()
+    outlined = cam.overlay(hu, None, outline=hu > 0)
+    assert (outlined[6, 10] == 255).all()
+    cases = cam.select_cases(_table(), 1, labels=["any"])
+    n = len(cases)
+    fig = cam.gallery_figure(cases, [hu] * n, [cmap] * n, masks=[(hu > 0).astype(np.uint8)] * n, title="t")
+    assert len(fig.axes) >= 2 * n
