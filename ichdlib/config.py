@@ -171,7 +171,14 @@ class CamCfg(_Strict):
 
     method: Literal["gradcam", "gradcam++", "hirescam"] = "gradcam"
     cases_per_group: int = Field(3, ge=1)
+    #: (slice, class) maps per forward/backward pass.
     batch: int = Field(16, ge=1)
+    #: Module name of the CAM's target layer; default by backbone family (or a forward-hook probe).
+    target_layer: str | None = None
+    #: Probability at which a slice counts as positive when picking TP/FP/FN cases and pointing-game slices.
+    threshold: float = Field(0.5, gt=0, lt=1)
+    #: Pointing game: a peak within this many pixels of the lesion counts as a hit (0 = strictly inside).
+    tolerance_px: int = Field(0, ge=0)
 
 
 class Params(_Strict):
