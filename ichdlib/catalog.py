@@ -292,7 +292,7 @@ def _scan(root: Path, files: dict[str, list[str]], train_csv: Path, sample_sub: 
     cat = frame.reset_index(drop=True)
     cat["study_uid"] = cat["study_uid"].where(cat["study_uid"] != "", "series:" + cat["series_uid"])
     cat["patient_id"] = cat["patient_id"].where(cat["patient_id"] != "", "study:" + cat["study_uid"])
-    lab = labels.reindex(cat["sop_uid"]).to_numpy(dtype=np.float64)
+    lab = labels.reindex(cat["sop_uid"]).to_numpy(dtype=np.float64, copy=True)
     lab[cat["split"].to_numpy() != "train"] = np.nan
     for j, name in enumerate(LABELS):
         cat[name] = lab[:, j]

@@ -14,7 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from ichdlib import dicom
 from ichdlib.dicom import DicomReadError, read_header, read_hu, read_hu_fast
 
-# The writer below stores RSNA-style UIDs (ID_...), which pydicom warns about when writing.
+# Tests that re-save a file read back (``ds.save_as``) meet pydicom's warning about RSNA-style UIDs.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 
@@ -23,7 +23,13 @@ def write_slice(path: Path, stored: np.ndarray, *, sop: str = "ID_0001", study: 
                 intercept: float | None = -1024.0, slope: float | None = 1.0, photometric: str = "MONOCHROME2",
                 window: tuple = (40, 80), syntax: str = ExplicitVRLittleEndian, frames: int = 1) -> Path:
     """Write stored pixel values (their dtype sets BitsAllocated/PixelRepresentation) as a CT slice."""
-    stored = np.ascontiguousarray(stored)
+    with pydicom.config.disable_value_validation():  # RSNA-style UIDs (ID_...) are not valid UIDs
+        return _write_slice(path, np.ascontiguousarray(stored), sop, study, series, patient, z, modality,
+                            bits_stored, intercept, slope, photometric, window, syntax, frames)
+
+
+def _write_slice(path, stored, sop, study, series, patient, z, modality, bits_stored, intercept, slope,
+                 photometric, window, syntax, frames) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop
