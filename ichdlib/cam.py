@@ -127,14 +127,6 @@ def count_hooks(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------------
 # Geometry
 # --------------------------------------------------------------------------------------------------
-def center_crop_box(h: int, w: int, crop: float) -> tuple[int, int, int, int]:
-    """``(top, left, height, width)`` of the centred crop keeping ``crop`` of each side (validation crop)."""
-    if not 0 < crop <= 1:
-        raise ValueError(f"crop fraction must be in (0, 1], got {crop}")
-    ch, cw = max(1, int(round(h * crop))), max(1, int(round(w * crop)))
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
 def preprocess(
     stack_hu: np.ndarray | torch.Tensor,
     size: int,
@@ -145,21 +137,18 @@ def preprocess(
 ) -> torch.Tensor:
     """Validation input of the 2D CNN: ``(B, 3, H, W)`` HU (s-1, s, s+1) -> ``(B, 3, size, size)`` float.
 
-    Centre crop, bilinear resize to the model size, then the recipe's windows (skipped when the model
-    windows its own input with a learnable first layer).
+    :func:`ichdlib.data.eval_view` (centre crop, bilinear resize to the model size), then the recipe's
+    windows (skipped when the model windows its own input with a learnable first layer), as in training.
     """
     import torch
-    import torch.nn.functional as F
 
+    from ichdlib.data import eval_view
     from ichdlib.windows import stack_channels_torch
 
-    x = torch.as_tensor(np.asarray(stack_hu) if not isinstance(stack_hu, torch.Tensor) else stack_hu).float()
+    x = stack_hu if isinstance(stack_hu, torch.Tensor) else torch.from_numpy(np.asarray(stack_hu))
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected a (B, 3, H, W) HU stack (s-1, s, s+1), got shape {tuple(x.shape)}")
-    top, left, ch, cw = center_crop_box(x.shape[-2], x.shape[-1], crop)
-    x = x[..., top:top + ch, left:left + cw]
-    if (ch, cw) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = eval_view(x, size, crop)
     return x if learnable else stack_channels_torch(x, recipe, single_window)
 
 
@@ -174,6 +163,8 @@ def undo_geometry(
     """
     import torch
     import torch.nn.functional as F
+
+    from ichdlib.data import center_crop_box
 
     h, w = in_hw
     h0, w0 = out_hw or in_hw
