@@ -47,6 +47,8 @@ class SynthCfg(_Strict):
     size: int = Field(256, ge=32)
     quirks: bool = True
     masks: bool = True
+    #: Processes for generation (0 = one per CPU core); the output does not depend on it.
+    workers: int = Field(0, ge=0)
 
 
 class IngestCfg(_Strict):
