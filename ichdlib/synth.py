@@ -699,7 +699,10 @@ def render_slice(head: _Head, s: float, k: int, lesions: list[Lesion], min_px: i
     ring = np.flatnonzero(((d3 > -w) & (d3 - T < H.S + w)).ravel())
     d, t = d3.ravel()[ring], T.ravel()[ring]
     val = -1000.0 + (H.scalp + 1000.0) * _soft(d - t - H.S, w)
-    bone = H.table - (H.table - H.diploe) * np.sin(np.pi * np.clip(d / t, 0.0, 1.0)) ** 2
+    # Two tables and the diploe between them; with under ~4 pixels across the skull only their average shows.
+    layered = min(1.0, max(0.0, (H.T0 / ps - 1.5) / 3.0))
+    dip = layered * np.sin(np.pi * np.clip(d / t, 0.0, 1.0)) ** 2 + (1.0 - layered) * 0.5
+    bone = H.table - (H.table - H.diploe) * dip
     val += (bone - val) * _soft(d - t, w)
     img.ravel()[ring] = val
     m_cran = _soft(d3, w)
@@ -1138,7 +1141,9 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
         (out / MASK_DIR).mkdir()
     plans, quirk_log = plan_phantom(studies, seed, size, quirks)
     jobs = [(pl, str(out), masks) for pl in plans]
-    workers = workers or os.cpu_count() or 1
+    if workers == 0:
+        # One process per core, except for tiny phantoms where starting the pool costs more than it saves.
+        workers = 1 if studies * size * size < 40 * 64 * 64 else (os.cpu_count() or 1)
     workers = max(1, min(workers, len(jobs)))
     results: list[dict] = [{}] * len(jobs)
     bar = tqdm(total=len(jobs), desc="synth studies", unit="study", disable=not progress)
