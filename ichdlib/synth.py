@@ -772,7 +772,11 @@ def render_slice(head: _Head, s: float, k: int, lesions: list[Lesion], min_px: i
         cu, cv = _sv(H, 0, 8)
         win = H.window(cu, cv, 18)
         if win is not None:
-            ring = np.abs(np.hypot(H.u[win] - cu, H.v[win] - cv) - 13.0) - 1.2 * f - 0.5
+            # Around the midbrain: thin at the sides, widening into the quadrigeminal cistern behind.
+            du, dv = H.u[win] - cu, H.v[win] - cv
+            rr = np.hypot(du / 14.0, dv / 12.0)
+            back = np.clip(dv / np.maximum(np.hypot(du, dv), 1e-3), 0.0, 1.0)
+            ring = np.abs(rr - 1.0) * 12.0 - (0.4 + 1.6 * back**2) * f - 0.3
             _max_into(cis, win, _soft(ring, ps))
     np.maximum(csf, cis, out=csf)
     sl.cistern = cis
@@ -837,7 +841,7 @@ def render_slice(head: _Head, s: float, k: int, lesions: list[Lesion], min_px: i
         win = H.window(0.0, 0.1 * H.B, 0.75 * H.A)
         if win is not None:
             uu, vv = H.u[win], H.v[win]
-            streak = -1.2 * np.exp(-(((vv - 0.06 * H.B) / 4.5) ** 2)) * (np.abs(uu) < 0.45 * H.A)
+            streak = -0.6 * np.exp(-(((vv - 0.06 * H.B) / 4.5) ** 2) - (uu / (0.25 * H.A)) ** 4)
             for sd in (-1.0, 1.0):
                 cu, cv = sd * 0.5 * H.A * sl.p, 0.1 * H.B
                 ang = np.arctan2(vv - cv, uu - cu)
@@ -906,9 +910,12 @@ def _skull_base(H: _Head, sl: _Slice, img: np.ndarray, base: np.ndarray, m_cran:
         win, dist = H.capsule(_sv(H, 0, -18), _sv(H, 0, -4), 5.0 * f**0.5)
         bone(win, _soft(dist, ps) if win is not None else None, 1000.0)
     for sd in (-1.0, 1.0):
-        f = _bump(s, -0.08, 0.24)
+        f = _bump(s, -0.08, 0.23)
         if f > 0:  # petrous bone: a wedge from the apex near the clivus to the mastoid
-            win, dist = H.capsule(_sv(H, sd * 10, -6), (sd * 0.86 * Ap, 0.27 * H.B), 2.0 * f**0.5, 7.5 * f**0.5)
+            lat = (sd * 0.86 * Ap, 0.27 * H.B)
+            apex = _sv(H, sd * 10, -6)
+            apex = (lat[0] + (apex[0] - lat[0]) * f**0.3, lat[1] + (apex[1] - lat[1]) * f**0.3)
+            win, dist = H.capsule(apex, lat, 2.0 * f**0.5, 7.5 * f**0.5)
             bone(win, _soft(dist, ps) if win is not None else None, H.petrous)
         f = _bump(s, -0.05, 0.2)
         if f > 0:  # mastoid air cells
