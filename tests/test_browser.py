@@ -1,0 +1,266 @@
+"""The slice viewer in a real browser: JupyterLab + headless Debian Chromium driven by Selenium.
+
+A small notebook (the viewer API on fabricated studies, see ``test_viewer.fabricated_studies``) is written
+to a temporary root, opened in JupyterLab on 127.0.0.1 with a random token, run through the UI ("Run All
+Cells"); then the slice slider is moved with the keyboard and the test checks that the displayed image's
+pixels, the marked slice on the probability strip and the caption follow. Skips with the reason when
+Chromium, chromedriver, Selenium or JupyterLab are missing (``.ci/install_browser.sh`` installs the first
+two). Nothing is downloaded at run time; the server is always killed; total runtime is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+TESTS_DIR = Path(__file__).resolve().parent
+#: The whole test (server start, page, kernel, run, interaction) must end within this many seconds.
+BUDGET_S = 85.0
+
+NOTEBOOK_CODE = f"""\
+import sys
+sys.path.insert(0, {str(TESTS_DIR)!r})
+from test_viewer import fabricated_studies
+from ichdlib.viewer import SliceViewer, ViewerState
+
+studies, cams = fabricated_studies(n_studies=2, n=10, size=96)
+viewer = SliceViewer(ViewerState.from_studies(studies, cams), width=288)
+viewer.widget
+"""
+
+# JS run in the page: a summary of the pixels an <img> shows (drawn to a canvas), and where the red
+# slice marker sits on the strip.
+PIXELS_JS = """
+const img = document.querySelector(arguments[0]);
+if (!img || !img.complete || !img.naturalWidth) { return null; }
+const c = document.createElement('canvas');
+c.width = img.naturalWidth; c.height = img.naturalHeight;
+const ctx = c.getContext('2d');
+ctx.drawImage(img, 0, 0);
+const d = ctx.getImageData(0, 0, c.width, c.height).data;
+let h = 0, redX = 0, redN = 0;
+for (let i = 0; i < d.length; i += 4) {
+  h = (h * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) % 2147483647;
+  if (d[i] > 190 && d[i + 1] < 60 && d[i + 2] < 60) { redX += (i / 4) % c.width; redN += 1; }
+}
+return {hash: h, redX: redN ? redX / redN : null, w: c.width, src: img.src};
+"""
+
+
+def _missing() -> str | None:
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not path.exists():
+            return f"{path} not installed (run .ci/install_browser.sh: apt-get install chromium chromium-driver)"
+    for mod in ("selenium", "jupyterlab", "ipywidgets"):
+        try:
+            __import__(mod)
+        except ImportError:
+            return f"python package {mod!r} not installed in this environment"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_notebook(path: Path) -> None:
+    nb = {
+        "cells": [{"cell_type": "code", "execution_count": None, "id": "viewer", "metadata": {},
+                   "outputs": [], "source": NOTEBOOK_CODE}],
+        "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
+                                    "name": "python3"}},
+        "nbformat": 4, "nbformat_minor": 5,
+    }
+    path.write_text(json.dumps(nb))
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self, cap: float | None = None) -> float:
+        left = max(0.5, self.end - time.monotonic())
+        return min(left, cap) if cap else left
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server on a free 127.0.0.1 port with a random token and a temporary root."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path / "root"
+    root.mkdir()
+    _write_notebook(root / "viewer.ipynb")
+    token, port = secrets.token_hex(16), _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"MPLBACKEND", "ICHD_HEADLESS", "PAPERMILL_EXECUTION", "JUPYTER_TOKEN"}}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "jconfig"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "jruntime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"),
+        "IPYTHONDIR": str(tmp_path / "ipython"), "HF_HUB_OFFLINE": "1",
+    })
+    # no "would you like news?" toast, no update check (no network anyway)
+    settings = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    log_path = tmp_path / "jupyterlab.log"
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
+           "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+           f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = Deadline(BUDGET_S)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"JupyterLab exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline.end - 45:
+                pytest.fail(f"JupyterLab did not answer within its share of the time budget:\n"
+                            f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"url": f"{base}/lab/tree/viewer.ipynb?token={token}", "api": f"{base}/api/kernels?token={token}",
+               "tmp": tmp_path, "log": log_path,
+               "deadline": deadline}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=5)
+
+
+@pytest.fixture
+def browser(lab, monkeypatch):
+    """Headless Chromium through /usr/bin/chromedriver (Selenium Manager never consulted)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager, if ever reached, must not download
+    opts = Options()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                "--window-size=1400,1100", f"--user-data-dir={lab['tmp'] / 'chrome-profile'}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(lab["deadline"].left(30))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _kernel_ready(api: str) -> bool:
+    """The server's view: the notebook's kernel is idle and the page holds a connection to it."""
+    try:
+        with urllib.request.urlopen(api, timeout=2) as r:
+            kernels = json.loads(r.read())
+    except (OSError, ValueError):
+        return False
+    return any(k.get("execution_state") == "idle" and k.get("connections", 0) >= 1 for k in kernels)
+
+
+def _status(driver) -> tuple[int, int] | None:
+    from selenium.webdriver.common.by import By
+
+    els = driver.find_elements(By.CSS_SELECTOR, ".ichd-status")
+    m = re.search(r"slice (\d+)/(\d+)", els[0].text) if els else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def test_viewer_in_jupyterlab(lab, browser):
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, deadline = browser, lab["deadline"]
+
+    def wait(cond, what: str, cap: float = 40.0):
+        try:
+            return WebDriverWait(driver, deadline.left(cap), poll_frequency=0.25).until(cond)
+        except WebDriverException as exc:
+            shot = lab["tmp"] / "failure.png"
+            driver.save_screenshot(str(shot))
+            shutil.copy(lab["log"], lab["tmp"] / "jupyterlab-at-failure.log")
+            pytest.fail(f"browser: timed out waiting for {what} ({type(exc).__name__}); screenshot {shot};\n"
+                        f"server log tail:\n{lab['log'].read_text()[-2000:]}")
+
+    driver.get(lab["url"])
+    wait(EC.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")), "the notebook")
+    wait(lambda d: _kernel_ready(lab["api"]) and d.find_elements(
+        By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']"), "a connected, idle kernel")
+    # Run > Run All Cells, through the UI
+    wait(EC.element_to_be_clickable((By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel')][.='Run']")),
+         "the Run menu").click()
+    wait(EC.element_to_be_clickable((By.XPATH, "//li[contains(@class,'lm-Menu-item')]"
+                                               "[.//div[contains(@class,'lm-Menu-itemLabel')][.='Run All Cells']]")),
+         "Run All Cells").click()
+    slider = ".ichd-slice-slider .noUi-handle"
+
+    def slider_or_dialog(d):
+        # JupyterLab may ask which kernel to use (a "Select Kernel" dialog): accept its default
+        for button in d.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-Dialog-button.jp-mod-accept"):
+            if button.is_displayed():
+                button.click()
+        return any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, slider))
+
+    wait(slider_or_dialog, "the viewer's slice slider", cap=60)
+    before = wait(lambda d: d.execute_script(PIXELS_JS, "img.ichd-image"), "the slice image")
+    strip0 = wait(lambda d: d.execute_script(PIXELS_JS, "img.ichd-strip"), "the probability strip")
+    pos0 = wait(lambda d: _status(d), "the caption")
+    assert strip0["redX"] is not None, "no slice marker on the strip"
+
+    # move the slider one step with the keyboard (towards the middle of the study)
+    step = 1 if pos0[0] < pos0[1] else -1
+    handle = driver.find_element(By.CSS_SELECTOR, slider)
+    driver.execute_script("arguments[0].focus();", handle)
+    handle.send_keys(Keys.ARROW_RIGHT if step > 0 else Keys.ARROW_LEFT)
+
+    pos1 = wait(lambda d: (s := _status(d)) and s != pos0 and s, "the caption to follow the slider", cap=20)
+    assert pos1 == (pos0[0] + step, pos0[1])
+    after = wait(lambda d: (p := d.execute_script(PIXELS_JS, "img.ichd-image")) and p["hash"] != before["hash"]
+                 and p, "the slice image to change", cap=20)
+    strip1 = wait(lambda d: (p := d.execute_script(PIXELS_JS, "img.ichd-strip")) and p["redX"] != strip0["redX"]
+                  and p, "the slice marker to move", cap=20)
+    assert after["src"] != before["src"]
+    # the marker moved in the slider's direction by about one slice's width of the strip
+    assert (strip1["redX"] - strip0["redX"]) * step > 0, (strip0["redX"], strip1["redX"])
+    assert deadline.left() > 0.5, "browser test exceeded its time budget"
