@@ -71,16 +71,34 @@ class WindowsCfg(_Strict):
 
 
 class AugmentCfg(_Strict):
-    """Training augmentations (run batched on the device); each can be switched off."""
+    """Training augmentations, run batched on the device; each is a per-image probability (0 = off).
 
+    Geometry is applied to the HU stack before windowing, with air (-1024 HU, black in every window) as fill.
+    """
+
+    #: Reverse the slice direction: swap s-1 and s+1 before windowing.
     slice_swap: float = Field(0.5, ge=0, le=1)
     hflip: float = Field(0.5, ge=0, le=1)
     shift_scale_rotate: float = Field(0.5, ge=0, le=1)
     rotate_deg: float = 30.0
+    #: Shift as a fraction of the image side, scale and aspect as relative changes (the original's 0.1).
+    shift: float = Field(0.1, ge=0, le=0.5)
+    scale: float = Field(0.1, ge=0, lt=1)
+    aspect: float = Field(0.1, ge=0, lt=1)
     erase: float = Field(0.5, ge=0, le=1)
+    #: Erased rectangle: area as a fraction of the image, and aspect ratio range (the original's values).
+    erase_area: tuple[float, float] = (0.02, 0.4)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
     random_crop: float = Field(0.5, ge=0, le=1)
     crop_range: tuple[float, float] = (0.6, 0.99)
     val_center_crop: float = Field(0.8, gt=0, le=1)
+
+    @field_validator("erase_area", "erase_ratio", "crop_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("expected (low, high) with 0 < low <= high")
+        return v
 
 
 class BackboneCfg(_Strict):
@@ -111,13 +129,24 @@ class CnnCfg(_Strict):
     #: Epoch length for the study sampler: ``k`` x number of training studies.
     study_sampler_k: int = Field(4, ge=1)
     max_steps_per_epoch: int | None = None
+    #: ``seed_restarts``: ``lr`` for ``flat_epochs`` epochs, then cosine cycles of ``restart_epochs`` epochs
+    #: down to ``lr * min_lr_ratio`` (the original: 5e-4 -> 1e-5, one LR per epoch);
+    #: ``cosine``: one per-step cosine from ``lr`` to ``lr * min_lr_ratio`` over all epochs.
     schedule: Literal["seed_restarts", "cosine"] = "seed_restarts"
+    flat_epochs: int = Field(11, ge=0)
+    restart_epochs: int = Field(5, ge=1)
+    min_lr_ratio: float = Field(0.02, ge=0, le=1)
+    #: BCE weight per label (label order): the metric's [2,1,1,1,1,1]; the original trained unweighted.
     class_weights: list[float] = Field(default_factory=lambda: [2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     grad_clip: float | None = 5.0
-    weight_decay: float = 0.0
+    #: Adam weight decay (the original's 2e-5).
+    weight_decay: float = Field(2e-5, ge=0)
+    #: bf16 autocast (CUDA only; on the CPU the loop runs in float32).
     amp: bool = True
+    #: channels_last memory format (CUDA only).
     channels_last: bool = True
     compile: bool = False
+    #: DataLoader worker processes (0 = load in the main process).
     num_workers: int = Field(0, ge=0)
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
 
@@ -132,6 +161,7 @@ class CnnCfg(_Strict):
 class FeaturesCfg(_Strict):
     """Pooled features and probabilities with TTA (notebook 03)."""
 
+    #: Views per image: the validation view, then h-flip, slice-order swap, both, then seeded random crops.
     tta: int = Field(4, ge=1)
     batch: int = Field(64, ge=1)
 

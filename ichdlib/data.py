@@ -1,0 +1,446 @@
+"""Feeding the 2D CNN: cached HU stacks, samplers, and windows + augmentation batched on the device.
+
+The host only gathers int16 rows ``(prev_row, row, next_row)`` from the memory-mapped HU cache, a whole
+batch at a time (:class:`SliceDataset`, no per-item pandas work). Everything else runs on the device on
+the whole batch in :class:`DeviceAugment`: the slice-order swap (s-1 <-> s+1), horizontal flip,
+shift/scale/rotate and random crop (one ``affine_grid`` per batch, in HU with air as fill), random erasing,
+then the recipe's windows (or nothing when the model has a learnable window). Validation and inference
+use :func:`eval_view`: a centre crop (0.8) resized back to the model size.
+
+Samplers yield whole batches of dataset positions and are seeded per epoch, so an interrupted run resumes
+with the same batches: :class:`StudyBatchSampler` (the original's: an epoch is ``k`` x the number of
+studies; pick a study, then a slice weighted toward the middle, every slice reachable) and
+:class:`SliceBatchSampler` (plain shuffled or sequential epochs over slices).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ichdlib.labels import LABELS
+from ichdlib.windows import WINDOWS, stack_channels_torch
+
+#: HU used to fill pixels a geometric augmentation or erasing brings in: black in every window.
+AIR_HU = -1024.0
+STACK_COLUMNS = ["prev_row", "row", "next_row"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------
+class SliceDataset(torch.utils.data.Dataset):
+    """Slices as int16 HU stacks ``(3, H, W)`` (s-1, s, s+1) gathered from a cache, plus labels.
+
+    ``rows`` is ``(n, 3)`` cache rows (the catalog's ``prev_row, row, next_row``); ``labels`` ``(n, 6)``
+    or None. ``ds[i]`` gives one item; ``ds.__getitems__(positions)`` (used by the DataLoader) gathers a
+    whole batch with one numpy take into a tensor (in shared memory inside a worker) and returns
+    ``(x int16 (B, 3, H, W), y float32 (B, 6), positions int64 (B,))``.
+    """
+
+    def __init__(self, cache: np.ndarray, rows: np.ndarray, labels: np.ndarray | None = None) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 2 or rows.shape[1] != 3:
+            raise ValueError(f"rows must be (n, 3) cache rows (prev, row, next), got {rows.shape}")
+        if cache.ndim != 3:
+            raise ValueError(f"cache must be (n_rows, H, W), got shape {cache.shape}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(cache)):
+            raise ValueError(f"cache rows out of range: cache has {len(cache)} rows, asked for "
+                             f"{rows.min()}..{rows.max()}; rebuild the cache (ingest) for this catalog")
+        self.cache = cache
+        self.rows = rows
+        self.labels = None if labels is None else np.ascontiguousarray(labels, dtype=np.float32)
+        if self.labels is not None and self.labels.shape != (len(rows), len(LABELS)):
+            raise ValueError(f"labels must be ({len(rows)}, 6), got {self.labels.shape}")
+
+    @classmethod
+    def from_catalog(cls, cat: pd.DataFrame, cache: np.ndarray, labels: bool = True) -> SliceDataset:
+        """Rows of a catalog frame (any subset, in its order); labels from the six label columns."""
+        missing = [c for c in STACK_COLUMNS if c not in cat.columns]
+        if missing:
+            raise ValueError(f"catalog lacks columns {missing}; re-run ingest")
+        y = cat[list(LABELS)].to_numpy(dtype=np.float32) if labels else None
+        return cls(cache, cat[STACK_COLUMNS].to_numpy(dtype=np.int64), y)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.cache.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.asarray(self.cache[self.rows[i]]))
+        y = torch.from_numpy(self.labels[i]) if self.labels is not None else torch.full((len(LABELS),), float("nan"))
+        return x, y
+
+    def __getitems__(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pos = np.asarray(positions, dtype=np.int64)
+        flat = self.rows[pos].reshape(-1)
+        h, w = self.image_shape
+        shape = (len(pos), 3, h, w)
+        if torch.utils.data.get_worker_info() is not None:
+            # allocate in shared memory: the batch then travels to the main process without another copy
+            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 2)
+            x = torch.empty(0, dtype=torch.int16).set_(storage, 0, shape)
+        else:
+            x = torch.empty(shape, dtype=torch.int16)
+        np.take(self.cache, flat, axis=0, out=x.numpy().reshape(-1, h, w))
+        if self.labels is not None:
+            y = torch.from_numpy(self.labels[pos])
+        else:
+            y = torch.full((len(pos), len(LABELS)), float("nan"))
+        return x, y, torch.from_numpy(pos)
+
+    # a memmap must not be pickled into worker processes (that would copy the whole cache): reopen it
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        c = self.cache
+        if isinstance(c, np.memmap) and getattr(c, "filename", None):
+            state["cache"] = ("memmap", c.filename, c.dtype.str, c.shape, int(c.offset))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        c = state["cache"]
+        if isinstance(c, tuple) and c and c[0] == "memmap":
+            _, fn, dt, shape, off = c
+            state["cache"] = np.memmap(fn, dtype=np.dtype(dt), mode="r", shape=tuple(shape), offset=off)
+        self.__dict__.update(state)
+
+
+def _collate_batched(batch: Any) -> Any:
+    """The dataset already returns whole batches."""
+    return batch
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_loader(dataset: SliceDataset, batch_sampler: Any, num_workers: int = 0, pin_memory: bool = False,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over whole-batch positions from ``batch_sampler`` (pinned memory for CUDA copies)."""
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=seed_worker)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=_collate_batched, num_workers=num_workers,
+        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------
+def epoch_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
+    """A numpy generator for one epoch, independent of everything drawn before (resume-safe)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), *map(int, extra)])
+
+
+class SliceBatchSampler:
+    """Batches over ``n`` positions: a seeded permutation per epoch (``shuffle``) or in order."""
+
+    def __init__(self, n: int, batch: int, seed: int = 0, shuffle: bool = True, drop_last: bool | None = None,
+                 max_steps: int | None = None) -> None:
+        self.n, self.batch, self.seed, self.shuffle = int(n), int(batch), int(seed), shuffle
+        # training drops a ragged last batch (BatchNorm) unless it would leave nothing
+        self.drop_last = shuffle if drop_last is None else drop_last
+        self.max_steps = max_steps
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = self.n // self.batch if self.drop_last and self.n >= self.batch else math.ceil(self.n / self.batch)
+        return min(n, self.max_steps) if self.max_steps else n
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_rng(self.seed, self.epoch).permutation(self.n) if self.shuffle else np.arange(self.n)
+        for b in range(len(self)):
+            yield order[b * self.batch:(b + 1) * self.batch].tolist()
+
+
+def middle_weights(n: int) -> np.ndarray:
+    """The original's slice weights in a study of ``n``: ``max(1, min(i, n-1-i) // 4)``, over all ``n``
+    slices (the original passed ``n-1`` and never drew the last slice)."""
+    i = np.arange(n)
+    return np.maximum(1, np.minimum(i, n - 1 - i) // 4).astype(np.float64)
+
+
+class StudyBatchSampler:
+    """The original's study sampler: ``k`` x (number of studies) draws per epoch; each picks a study
+    uniformly, then one of its slices with :func:`middle_weights`.
+
+    ``studies`` gives each dataset position's study; positions of a study are taken in dataset order
+    (the catalog's z order).
+    """
+
+    def __init__(self, studies: Sequence[Any] | np.ndarray, batch: int, k: int = 4, seed: int = 0,
+                 max_steps: int | None = None) -> None:
+        codes, _ = pd.factorize(pd.Series(np.asarray(studies)), sort=False)
+        self.order = np.argsort(codes, kind="stable")  # positions grouped by study, dataset order inside
+        sc = codes[self.order]
+        starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
+        sizes = np.diff(np.r_[starts, len(sc)])
+        self.n_studies = len(starts)
+        cdf = np.empty(len(sc), dtype=np.float64)
+        for s, (a, n) in enumerate(zip(starts, sizes, strict=True)):
+            c = np.cumsum(middle_weights(int(n)))
+            c /= c[-1]
+            c[-1] = 1.0
+            cdf[a:a + n] = s + c  # strictly increasing over the whole array
+        self.cdf = cdf
+        self.batch, self.k, self.seed, self.max_steps = int(batch), int(k), int(seed), max_steps
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = max(1, math.ceil(self.k * self.n_studies / self.batch))
+        return min(n, self.max_steps) if self.max_steps else n
+
+    def draw(self, m: int, rng: np.random.Generator) -> np.ndarray:
+        """``m`` dataset positions (study uniform, slice by middle weight)."""
+        target = rng.integers(0, self.n_studies, size=m) + rng.random(m)
+        idx = np.searchsorted(self.cdf, target, side="right")
+        return self.order[np.minimum(idx, len(self.order) - 1)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pos = self.draw(len(self) * self.batch, epoch_rng(self.seed, self.epoch))
+        for b in range(len(self)):
+            yield pos[b * self.batch:(b + 1) * self.batch].tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Device-side views and augmentation
+# --------------------------------------------------------------------------------------------------
+def center_crop_box(h: int, w: int, crop: float) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the centre crop keeping ``crop`` of each side."""
+    ch, cw = max(1, int(round(h * crop))), max(1, int(round(w * crop)))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def eval_view(hu: torch.Tensor, size: int, crop: float = 0.8) -> torch.Tensor:
+    """Validation geometry of an HU stack ``(B, 3, H, W)``: centre crop, bilinear resize to ``size``."""
+    x = hu.float()
+    top, left, ch, cw = center_crop_box(x.shape[-2], x.shape[-1], crop)
+    x = x[..., top:top + ch, left:left + cw]
+    if (ch, cw) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
+
+
+def swap_slices(hu: torch.Tensor, mask: torch.Tensor | bool = True) -> torch.Tensor:
+    """Reverse the slice direction of ``(B, 3, H, W)`` stacks (s-1 <-> s+1) where ``mask`` is True."""
+    if isinstance(mask, bool):
+        return hu.flip(1) if mask else hu
+    return torch.where(mask.view(-1, 1, 1, 1), hu.flip(1), hu)
+
+
+def affine_resample(hu: torch.Tensor, theta: torch.Tensor, size: int, fill: float = AIR_HU) -> torch.Tensor:
+    """Bilinear resample with ``theta`` (``(B, 2, 3)``, output -> input normalised coords), ``fill`` outside."""
+    grid = F.affine_grid(theta, [hu.shape[0], hu.shape[1], size, size], align_corners=False)
+    return F.grid_sample(hu.float() - fill, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) + fill
+
+
+@dataclass(frozen=True)
+class TtaView:
+    """One deterministic test-time view: flips, slice swap, and a crop (scale, centre in [-1, 1] coords);
+    ``crop is None`` means the validation centre crop."""
+
+    hflip: bool = False
+    swap: bool = False
+    crop: float | None = None
+    center: tuple[float, float] = (0.0, 0.0)
+
+
+def tta_views(n: int, crop_range: tuple[float, float] = (0.6, 0.99), seed: int = 0) -> list[TtaView]:
+    """``n`` views: the validation view, h-flip, slice swap, both; then seeded random crops with random
+    flip/swap (the original's TTA, made deterministic)."""
+    base = [TtaView(), TtaView(hflip=True), TtaView(swap=True), TtaView(hflip=True, swap=True)]
+    views = base[:n]
+    rng = epoch_rng(seed, 0, 7)
+    while len(views) < n:
+        r = float(rng.uniform(*crop_range))
+        c = rng.uniform(-(1 - r), 1 - r, size=2)
+        views.append(TtaView(hflip=bool(rng.random() < 0.5), swap=bool(rng.random() < 0.5), crop=r,
+                             center=(float(c[0]), float(c[1]))))
+    return views
+
+
+class DeviceAugment(nn.Module):
+    """HU stacks ``(B, 3, H, W)`` (int16 or float, on the device) -> model input ``(B, 3, size, size)``.
+
+    In ``train()`` mode, per image with the probabilities of ``augment`` (an ``AugmentCfg``): slice-order
+    swap (before windowing), h-flip, shift/scale/rotate, random crop resized back (all one affine
+    resample), random erasing. In ``eval()`` mode: :func:`eval_view`. Then the recipe's windows, unless
+    ``learnable`` (the model windows its own input; HU are returned). Random numbers come from an own
+    generator on the input's device, set with :meth:`reseed`.
+    """
+
+    def __init__(self, size: int, augment: Any, recipe: str = "seed_3window",
+                 single_window: tuple[float, float] = WINDOWS["brain"], learnable: bool = False) -> None:
+        super().__init__()
+        self.size, self.cfg, self.recipe = int(size), augment, recipe
+        self.single_window, self.learnable = tuple(single_window), bool(learnable)
+        self._seed = 0
+        self._gen: torch.Generator | None = None
+
+    @classmethod
+    def from_params(cls, P: Any, size: int) -> DeviceAugment:
+        """Built from ``P.cnn.augment`` and ``P.windows``."""
+        return cls(size, P.cnn.augment, P.windows.recipe, tuple(P.windows.single_window), P.windows.learnable)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation random stream (done per epoch, so resumed runs repeat it)."""
+        self._seed = int(seed) & 0x7FFFFFFFFFFFFFFF
+        self._gen = None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+            self._gen.manual_seed(self._seed)
+        return self._gen
+
+    def window(self, hu: torch.Tensor) -> torch.Tensor:
+        """The recipe's channels (or the HU themselves with a learnable window)."""
+        return hu.float() if self.learnable else stack_channels_torch(hu, self.recipe, self.single_window)
+
+    def forward(self, hu: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.window(eval_view(hu, self.size, self.cfg.val_center_crop))
+        return self.window(self.augment(hu))
+
+    def augment(self, hu: torch.Tensor) -> torch.Tensor:
+        """The random training geometry of a batch, in HU (before windowing)."""
+        cfg, dev, b = self.cfg, hu.device, hu.shape[0]
+        g = self._generator(dev)
+        u = torch.rand(b, 17, generator=g, device=dev, dtype=torch.float32)
+        x = swap_slices(hu.float(), u[:, 0] < cfg.slice_swap)
+        # sampling map, output -> input coords: input = Flip · SSR · (Crop · out)
+        eye = torch.eye(2, device=dev).expand(b, 2, 2)
+        crop_on = u[:, 1] < cfg.random_crop
+        lo, hi = cfg.crop_range
+        r = torch.where(crop_on, lo + (hi - lo) * u[:, 2], torch.ones_like(u[:, 2]))
+        c = (2 * u[:, 3:5] - 1) * (1 - r)[:, None]
+        ssr_on = (u[:, 5] < cfg.shift_scale_rotate)[:, None, None]
+        ang = math.radians(cfg.rotate_deg) * (2 * u[:, 6] - 1)
+        s = 1 + cfg.scale * (2 * u[:, 7] - 1)
+        q = 1 + cfg.aspect * (2 * u[:, 8] - 1)
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        rot_inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+        scale_inv = torch.diag_embed(torch.stack([1 / (s * q), q / s], -1))
+        m = torch.where(ssr_on, scale_inv @ rot_inv, eye)
+        shift = cfg.shift * 2 * (2 * u[:, 9:11] - 1)
+        t_ssr = torch.where(ssr_on[:, :, 0], -(m @ shift[..., None])[..., 0], torch.zeros_like(shift))
+        flip = torch.where(u[:, 11] < cfg.hflip, -1.0, 1.0)
+        fmat = torch.diag_embed(torch.stack([flip, torch.ones_like(flip)], -1))
+        a = fmat @ m * r[:, None, None]
+        t = (fmat @ (m @ c[..., None] + t_ssr[..., None]))[..., 0]
+        geometry = crop_on | ssr_on[:, 0, 0] | (flip < 0)
+        if bool(geometry.any()) or x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = affine_resample(x, torch.cat([a, t[..., None]], -1), self.size)
+        return self._erase(x, u[:, 12:17])
+
+    def _erase(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        cfg, size, dev = self.cfg, self.size, x.device
+        on = u[:, 0] < cfg.erase
+        a0, a1 = cfg.erase_area
+        area = (a0 + (a1 - a0) * u[:, 1]) * size * size
+        l0, l1 = math.log(cfg.erase_ratio[0]), math.log(cfg.erase_ratio[1])
+        ratio = torch.exp(l0 + (l1 - l0) * u[:, 2])
+        h = torch.sqrt(area * ratio).round().clamp(1, size)
+        w = torch.sqrt(area / ratio).round().clamp(1, size)
+        y0 = ((size - h + 1) * u[:, 3]).floor()
+        x0 = ((size - w + 1) * u[:, 4]).floor()
+        ii = torch.arange(size, device=dev, dtype=torch.float32)
+        rows = (ii[None] >= y0[:, None]) & (ii[None] < (y0 + h)[:, None])
+        cols = (ii[None] >= x0[:, None]) & (ii[None] < (x0 + w)[:, None])
+        mask = (rows[:, :, None] & cols[:, None, :] & on[:, None, None])[:, None]
+        return torch.where(mask, torch.full_like(x, AIR_HU), x)
+
+    def tta(self, hu: torch.Tensor, view: TtaView) -> torch.Tensor:
+        """One deterministic test-time view of a batch (windowed like :meth:`forward`)."""
+        x = swap_slices(hu.float(), view.swap)
+        if view.crop is None:
+            x = eval_view(x, self.size, self.cfg.val_center_crop)
+            if view.hflip:
+                x = x.flip(-1)
+        else:
+            f = -1.0 if view.hflip else 1.0
+            theta = torch.tensor([[f * view.crop, 0.0, f * view.center[0]], [0.0, view.crop, view.center[1]]],
+                                 device=x.device, dtype=torch.float32).expand(x.shape[0], 2, 3)
+            x = affine_resample(x, theta, self.size)
+        return self.window(x)
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: str | torch.device) -> tuple[torch.Tensor, ...]:
+    """Move a loader batch to ``device`` (asynchronous from pinned memory)."""
+    non_blocking = torch.device(device).type == "cuda"
+    return tuple(t.to(device, non_blocking=non_blocking) for t in batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# A toy catalog for tests and benchmarks
+# --------------------------------------------------------------------------------------------------
+def toy_catalog(studies: int = 12, slices: int = 16, size: int = 48, folds: int = 3, test_studies: int = 2,
+                seed: int = 0, positive_rate: float = 0.5) -> tuple[pd.DataFrame, np.ndarray]:
+    """A catalog frame (the ingest contract's columns) and a matching int16 HU cache, without DICOM.
+
+    Each study is a stack of head-like slices (air, skull ring, brain); in every other study (or a
+    ``positive_rate`` share) a run of slices carries a bright blob (hemorrhage-like, 75 HU) whose position
+    encodes the subtype, cycling through the five, so a small network learns it in a few dozen steps.
+    Folds are grouped by study. Rows are in catalog order (split, study, z).
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1) * 2 - 1
+    rr = np.sqrt(xx**2 + (yy * 1.15) ** 2)
+    centres = [(0.0, -0.55), (0.45, 0.0), (0.0, 0.45), (-0.45, 0.0), (0.0, 0.0)]  # one per subtype
+    records, images = [], []
+    for s in range(studies):
+        split = "test" if s >= studies - test_studies else "train"
+        n = int(slices + rng.integers(-2, 3))
+        positive = (s % 2 == 0) if positive_rate == 0.5 else bool(rng.random() < positive_rate)
+        sub = (s // 2) % (len(LABELS) - 1) + 1  # every subtype in every fold once there are enough studies
+        first = int(rng.integers(0, n // 3))
+        lesion = range(first, first + int(rng.integers(n // 3, n // 2 + 1))) if positive else range(0)
+        for i in range(n):
+            scale = 1 - 0.5 * abs(i / max(1, n - 1) - 0.5)
+            img = np.where(rr < 0.85 * scale, 32.0, -1000.0) + rng.normal(0, 6, (size, size))
+            img = np.where((rr >= 0.85 * scale) & (rr < 0.95 * scale), 900.0, img)
+            y = np.zeros(len(LABELS), dtype=np.float64)
+            if i in lesion:
+                cx, cy = centres[sub - 1]
+                blob = ((xx - cx * scale) ** 2 + (yy - cy * scale) ** 2) < (0.3 * scale) ** 2
+                img = np.where(blob & (rr < 0.85 * scale), 75.0, img)
+                y[0] = y[sub] = 1.0
+            images.append(img)
+            records.append({
+                "sop_uid": f"ID_{s:03d}{i:03d}{rng.integers(16**4):04x}", "patient_id": f"ID_p{s:04d}",
+                "study_uid": f"ID_s{s:04d}", "series_uid": f"ID_r{s:04d}", "z": float(5 * i), "slice_index": i,
+                "n_slices": n, "rows": size, "cols": size, "pixel_spacing": 0.5, "spacing_z": 5.0,
+                "path": f"toy/{s}/{i}.dcm", "split": split, "fold": ((s // 2) % folds) if split == "train" else -1,
+                **{c: (float(v) if split == "train" else np.nan) for c, v in zip(LABELS, y, strict=True)},
+            })
+    cat = pd.DataFrame.from_records(records)
+    cat["row"] = np.arange(len(cat))
+    first = cat.groupby("study_uid")["row"].transform("min")
+    last = cat.groupby("study_uid")["row"].transform("max")
+    cat["prev_row"] = np.maximum(cat["row"] - 1, first)
+    cat["next_row"] = np.minimum(cat["row"] + 1, last)
+    cache = np.clip(np.stack(images), -32768, 32767).astype(np.int16)
+    return cat, cache

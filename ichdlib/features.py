@@ -1,0 +1,174 @@
+"""Pooled per-slice features and TTA probabilities from the fold models (notebook 03).
+
+``extract_features(P, backbone_cfg)`` writes ``work/<run>/features/<key>/``:
+
+- ``oof_feat.npy`` / ``test_feat.npy``: float16 ``(n_split_rows, D)`` aligned with
+  ``catalog[catalog.split == split]`` in catalog order;
+- ``oof_prob.parquet`` / ``test_prob.parquet``: ``sop_uid`` + six probabilities, same order;
+- ``meta.json``: backbone, feature size, TTA views, folds.
+
+Training rows come from the fold model that did not see them; test rows are the mean over fold models.
+Each row is the mean over ``features.tta`` deterministic views (validation view, h-flip, slice-order swap,
+both, then seeded random crops), so the arrays are identical on every run. Per-fold parts are kept until
+the split arrays are written, so an interrupted extraction resumes at the next fold. Outputs made with
+other settings or older fold models are recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ichdlib.config import BackboneCfg, Params
+from ichdlib.data import DeviceAugment, SliceDataset, tta_views
+from ichdlib.labels import LABELS
+from ichdlib.models import load_cnn
+from ichdlib.train import (
+    _load_inputs,
+    amp_enabled,
+    atomic_write,
+    cnn_dir,
+    derive_seed,
+    predict,
+    prepare_model,
+    probs_frame,
+    save_parquet,
+)
+
+OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parquet", "meta.json")
+
+
+def features_dir(P: Params, cfg: BackboneCfg) -> Path:
+    """``work/<run>/features/<key>``."""
+    return P.work_dir / "features" / cfg.key
+
+
+def _save_npy(arr: np.ndarray, path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+
+    return atomic_write(path, write)
+
+
+def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, *,
+                     catalog: pd.DataFrame | None = None, cache: np.ndarray | None = None) -> dict[str, Any]:
+    """Features and TTA probabilities of every catalog slice for one backbone; returns a summary with the
+    paths, the feature size, ``oof_wll`` of the TTA probabilities and per-fold timing. Skipped (summary
+    read back) when the outputs exist with the same settings, unless ``force``."""
+    t0 = time.perf_counter()
+    cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
+    out = features_dir(P, backbone_cfg)
+    src = cnn_dir(P, backbone_cfg)
+    train_cat = cat[cat["split"] == "train"]
+    test_cat = cat[cat["split"] == "test"]
+    folds = sorted(int(f) for f in train_cat["fold"].unique())
+    missing = [k for k in folds if not (src / f"fold{k}.pt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{src}: no model for folds {missing} (fold<k>.pt); run notebook 02 "
+                                f"(train_cnn) for backbone {backbone_cfg.key!r} on every fold first")
+    views = tta_views(P.features.tta, tuple(P.cnn.augment.crop_range), derive_seed(P.seed, 3))
+    settings: Any = {"key": backbone_cfg.key, "tta": P.features.tta, "views": [asdict(v) for v in views],
+                "folds": folds, "n_train": len(train_cat), "n_test": len(test_cat),
+                "models": {k: (src / f"fold{k}.pt").stat().st_mtime_ns for k in folds}}
+    meta_path = out / "meta.json"
+    settings = json.loads(json.dumps(settings))
+    stale = False
+    if not force and all((out / n).is_file() for n in OUTPUTS):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("settings") == settings:
+            return {**meta["summary"], "status": "skipped"}
+        stale = True
+        print(f"{out}: made with other settings or older fold models; recomputing")
+    if force or stale:
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        for p in out.glob("part_fold*.npz"):
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    device = P.torch_device()
+    amp = amp_enabled(P, device)
+    cl = torch.device(device).type == "cuda" and P.cnn.channels_last
+    ds_test = SliceDataset.from_catalog(test_cat, cache, labels=False)
+    timing: dict[int, float] = {}
+    for k in folds:
+        part = out / f"part_fold{k}.npz"
+        if part.is_file():
+            continue
+        tk = time.perf_counter()
+        model, meta = load_cnn(src / f"fold{k}.pt", device)
+        model, runner = prepare_model(model, P, device)
+        aug_cfg = P.cnn.augment.model_copy(update={"val_center_crop": meta["val_center_crop"]})
+        aug = DeviceAugment(meta["size"], aug_cfg, meta["recipe"], tuple(meta["single_window"]),
+                            bool(meta["learnable_window"]))
+        va = train_cat[train_cat["fold"] == k]
+        run = dict(batch=P.features.batch, device=device, amp=amp, num_workers=P.cnn.num_workers, pooled=True,
+                   views=views, channels_last=cl)
+        p_va, f_va = predict(runner, aug, SliceDataset.from_catalog(va, cache), desc=f"fold {k} oof", **run)
+        p_te, f_te = predict(runner, aug, ds_test, desc=f"fold {k} test", **run)
+        dim = model.feature_dim
+        f_va = f_va if f_va is not None else np.zeros((0, dim), np.float32)
+        f_te = f_te if f_te is not None else np.zeros((0, dim), np.float32)
+
+        def write(tmp: Path, f_va=f_va, p_va=p_va, f_te=f_te, p_te=p_te) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, f_va=f_va.astype(np.float16), p_va=p_va, f_te=f_te.astype(np.float16), p_te=p_te)
+
+        atomic_write(part, write)
+        timing[k] = round(time.perf_counter() - tk, 2)
+        del model, runner
+
+    # assemble in catalog order
+    parts = {k: np.load(out / f"part_fold{k}.npz") for k in folds}
+    dim = int(parts[folds[0]]["f_va"].shape[1])
+    oof_feat = np.zeros((len(train_cat), dim), dtype=np.float16)
+    oof_prob = np.zeros((len(train_cat), len(LABELS)), dtype=np.float64)
+    fold_of = train_cat["fold"].to_numpy()
+    for k in folds:
+        sel = np.flatnonzero(fold_of == k)
+        if len(sel) != len(parts[k]["f_va"]):
+            raise ValueError(f"{out / f'part_fold{k}.npz'} does not match the catalog; pass force=True")
+        oof_feat[sel] = parts[k]["f_va"]
+        oof_prob[sel] = parts[k]["p_va"]
+    test_feat = np.mean([parts[k]["f_te"].astype(np.float32) for k in folds], axis=0).astype(np.float16)
+    test_prob = np.mean([parts[k]["p_te"] for k in folds], axis=0)
+    _save_npy(oof_feat, out / "oof_feat.npy")
+    _save_npy(test_feat.reshape(len(test_cat), dim), out / "test_feat.npy")
+    save_parquet(probs_frame(train_cat["sop_uid"], oof_prob), out / "oof_prob.parquet")
+    save_parquet(probs_frame(test_cat["sop_uid"], test_prob.reshape(len(test_cat), len(LABELS))),
+                 out / "test_prob.parquet")
+
+    from ichdlib.metrics import prior_baseline, weighted_log_loss
+
+    y = train_cat[list(LABELS)].to_numpy(dtype=np.float64)
+    summary = {
+        "key": backbone_cfg.key, "dir": str(out), "dim": dim, "tta": P.features.tta,
+        "n_train": len(train_cat), "n_test": len(test_cat), "folds": folds,
+        "oof_wll": weighted_log_loss(y, oof_prob), "prior_wll": weighted_log_loss(y, prior_baseline(y, len(y))),
+        "fold_seconds": timing, "seconds": round(time.perf_counter() - t0, 1), "status": "computed",
+    }
+    atomic_write(meta_path, lambda t: t.write_text(json.dumps({"settings": settings, "summary": summary},
+                                                              indent=1, default=str)))
+    for k in folds:
+        (out / f"part_fold{k}.npz").unlink(missing_ok=True)
+    return summary
+
+
+def extract_all(P: Params, force: bool = False) -> list[dict[str, Any]]:
+    """:func:`extract_features` for every backbone in ``P.cnn.backbones``."""
+    return [extract_features(P, cfg, force=force) for cfg in P.cnn.backbones]
+
+
+def load_features(P: Params, cfg: BackboneCfg, split: str = "oof") -> tuple[np.ndarray, pd.DataFrame]:
+    """``(features float16 (n, D), probabilities frame)`` of ``split`` (``oof`` or ``test``)."""
+    d = features_dir(P, cfg)
+    feat = np.load(d / f"{split}_feat.npy", mmap_mode="r")
+    return feat, pd.read_parquet(d / f"{split}_prob.parquet")
