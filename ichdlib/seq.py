@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,8 +274,7 @@ def load_seq_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Modu
     except Exception as exc:
         raise ValueError(f"{path}: cannot load sequence checkpoint ({exc})") from exc
     meta = ckpt["meta"]
-    model = build_seq_model(meta["model"], meta["in_dim"], meta["n_cnn"], meta["x_channels"],
-                            reduce_dim=meta["reduce_dim"], hidden=meta["hidden"], dropout=meta["dropout"])
+    model = build_seq_model(meta["model"], meta["in_dim"], meta["n_cnn"], meta["x_channels"], **meta["arch"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), meta
 
@@ -347,12 +348,12 @@ def train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir
     tr, va = fold_split(inputs, fold)
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation studies; need both")
+    arch = {"mid": cfg.mid, "reduce_dim": cfg.reduce_dim, "hidden": cfg.hidden, "dropout": cfg.dropout,
+            "conv": list(cfg.conv)}
     meta = {"model": model_name, "in_dim": inputs.dim, "n_cnn": inputs.n_cnn, "x_channels": inputs.x_channels,
-            "reduce_dim": cfg.reduce_dim, "hidden": cfg.hidden, "dropout": cfg.dropout, "fold": fold,
-            "backbones": inputs.keys, "signature": signature}
+            "arch": arch, "fold": fold, "backbones": inputs.keys, "signature": signature}
     torch.manual_seed(_epoch_seed(P.seed, fold, -1, model_name))
-    model = build_seq_model(model_name, inputs.dim, inputs.n_cnn, inputs.x_channels,
-                            reduce_dim=cfg.reduce_dim, hidden=cfg.hidden, dropout=cfg.dropout).to(device)
+    model = build_seq_model(model_name, inputs.dim, inputs.n_cnn, inputs.x_channels, **arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
     history: list[dict] = []
@@ -424,6 +425,20 @@ def _frame(inputs: SeqInputs, probs: np.ndarray, with_fold: bool) -> pd.DataFram
     return df
 
 
+@contextmanager
+def cpu_threads(n: int | None, device: str) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (on CPU devices; ``None`` leaves torch's setting), then restore."""
+    if n is None or device != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
     """Train ``seq1`` or ``seq2`` on every catalog fold and write ``work/seq/<model>/{oof,test}.parquet``.
 
@@ -433,6 +448,11 @@ def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown sequence model {model_name!r}: expected one of {MODELS}")
+    with cpu_threads(P.seq.cpu_threads, P.torch_device()):
+        return _train_seq(P, model_name, force)
+
+
+def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
     out_dir = P.work_dir / "seq" / model_name
     out_dir.mkdir(parents=True, exist_ok=True)
     cat = _load_catalog(P)
@@ -463,3 +483,80 @@ def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
     _atomic_parquet(test_df, out_dir / "test.parquet")
     (out_dir / "done.json").write_text(json.dumps({"signature": signature, "folds": folds}, indent=1))
     return SeqResult(model_name, oof_df, test_df, pd.concat(logs, ignore_index=True), out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook helpers
+# ----------------------------------------------------------------------------------------------------
+def inputs_summary(train: SeqInputs, test: SeqInputs) -> pd.DataFrame:
+    """Studies, slices, slices per study, backbones and input widths of both splits."""
+    rows = []
+    for name, inp in (("train", train), ("test", test)):
+        lens = np.array([len(r) for r in inp.study_rows]) if inp.study_rows else np.zeros(1, int)
+        rows.append({"split": name, "studies": len(inp.study_rows), "slices": len(inp.sop_uid),
+                     "slices/study (min-median-max)": f"{lens.min()}-{int(np.median(lens))}-{lens.max()}",
+                     "backbones": ", ".join(inp.keys), "feature width D": inp.dim,
+                     "X channels": inp.x_channels})
+    return pd.DataFrame(rows).set_index("split")
+
+
+def plot_history(histories: dict[str, pd.DataFrame]):
+    """Training loss and validation weighted log loss (flip TTA) per epoch, one line per fold and model."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (name, h) in enumerate(histories.items()):
+        for fold, g in h.groupby("fold"):
+            kw = {"color": f"C{i}", "alpha": 0.8, "lw": 1, "label": name if fold == h.fold.min() else None}
+            axes[0].plot(g.epoch, g.train_loss, **kw)
+            axes[1].plot(g.epoch, g.val_wll, **kw)
+    axes[0].set_title("training loss (both heads for seq2)")
+    axes[1].set_title("validation weighted log loss (flip TTA)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_studies(inputs: SeqInputs, preds: dict[str, pd.DataFrame], n: int = 3, label: str = "any"):
+    """``label`` probability along the slices of the ``n`` training studies with the most positive slices:
+    the truth, the backbones' mean and each model's OOF prediction."""
+    import matplotlib.pyplot as plt
+
+    k = LABELS.index(label)
+    pos = [float(inputs.y[r, k].sum()) for r in inputs.study_rows]
+    chosen = np.argsort(pos)[::-1][:n]
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 3.2), squeeze=False)
+    for ax, s in zip(axes[0], chosen, strict=True):
+        rows = inputs.study_rows[s]
+        x = np.arange(len(rows))
+        ax.fill_between(x, inputs.y[rows, k], step="mid", color="0.85", label="truth")
+        ax.plot(x, inputs.probs[rows, :, k].mean(1), "k--", lw=1, label="2D CNN (mean)")
+        for name, df in preds.items():
+            ax.plot(x, df[label].to_numpy()[rows], lw=1.4, label=name)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("slice (z order)")
+        ax.set_title(f"study {str(inputs.study_uid[rows[0]])[-8:]}", fontsize=9)
+    axes[0, 0].set_ylabel(f"P({label})")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def oof_comparison(P: Params, results: dict[str, SeqResult]) -> pd.DataFrame:
+    """OOF weighted log loss of each 2D backbone (its OOF as fed to this stage) and each sequence model."""
+    from ichdlib.ensemble import load_stage
+
+    cat = _load_catalog(P)
+    y = cat[cat["split"] == "train"].set_index("sop_uid")[list(LABELS)].astype(float)
+    rows = []
+    for key in backbone_keys(P):
+        oof = load_stage(P, f"cnn:{key}").oof
+        rows.append({"stage": f"cnn:{key}", "oof_wll": weighted_log_loss(y.to_numpy(), oof.loc[y.index, list(LABELS)])})
+    for name, r in results.items():
+        oof = r.oof.set_index("sop_uid")
+        rows.append({"stage": name, "oof_wll": weighted_log_loss(y.to_numpy(), oof.loc[y.index, list(LABELS)])})
+    t = pd.DataFrame(rows).set_index("stage")
+    t["vs best 2D"] = t["oof_wll"] / t.loc[[i for i in t.index if i.startswith("cnn:")], "oof_wll"].min()
+    return t

@@ -140,13 +140,15 @@ class SeqModel2(nn.Module):
         return out * mask[..., None], out0
 
 
-def build_seq_model(name: str, in_dim: int, n_cnn: int, x_channels: int, *, reduce_dim: int = 128,
-                    hidden: int = 96, dropout: float = 0.5) -> nn.Module:
-    """``seq1`` -> :class:`SeqModel1`; ``seq2`` -> :class:`SeqModel2`."""
+def build_seq_model(name: str, in_dim: int, n_cnn: int, x_channels: int, *, mid: int = 512,
+                    reduce_dim: int = 128, hidden: int = 96, dropout: float = 0.5,
+                    conv: tuple[int, int] | list[int] = (512, 256)) -> nn.Module:
+    """``seq1`` -> :class:`SeqModel1`; ``seq2`` -> :class:`SeqModel2` (the original's widths by default)."""
     if name == "seq1":
-        return SeqModel1(in_dim, n_cnn, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout)
+        return SeqModel1(in_dim, n_cnn, mid=mid, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout)
     if name == "seq2":
-        return SeqModel2(in_dim, n_cnn, x_channels, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout)
+        return SeqModel2(in_dim, n_cnn, x_channels, mid=mid, reduce_dim=reduce_dim, hidden=hidden,
+                         dropout=dropout, conv=tuple(conv))
     raise ValueError(f"unknown sequence model {name!r}: expected 'seq1' or 'seq2'")
 
 

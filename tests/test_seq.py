@@ -195,7 +195,7 @@ def test_shapes_for_one_to_three_backbones(name, n_cnn):
     inp = _toy_inputs(n_cnn)
     b = collate([inp.item(s) for s in range(3)])
     assert b["fea"].shape == (3, 13, n_cnn, inp.dim) and b["X"].shape == (3, 2 * n_cnn + 2, 13, 6)
-    model = build_seq_model(name, inp.dim, n_cnn, inp.x_channels, reduce_dim=8, hidden=6)
+    model = build_seq_model(name, inp.dim, n_cnn, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(16, 8))
     outs = model_logits(model, b)
     assert len(outs) == (2 if name == "seq2" else 1)
     for o in outs:
@@ -223,7 +223,7 @@ def _pad_more(b: dict, extra: int, garbage: float = 0.0) -> dict:
 def test_padding_changes_neither_outputs_nor_loss(name, train_mode):
     torch.manual_seed(0)
     inp = _toy_inputs(2)
-    model = build_seq_model(name, inp.dim, 2, inp.x_channels, reduce_dim=8, hidden=6, dropout=0.0)
+    model = build_seq_model(name, inp.dim, 2, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(16, 8), dropout=0.0)
     model.train(train_mode)  # in train mode BatchNorm uses batch statistics: they must ignore padding
     b1 = collate([inp.item(s) for s in range(3)])
     b2 = _pad_more(b1, 11, garbage=7.0)
@@ -242,8 +242,8 @@ def test_padding_changes_neither_outputs_nor_loss(name, train_mode):
 def test_masked_batchnorm_ignores_padding_in_running_stats():
     torch.manual_seed(0)
     inp = _toy_inputs(1)
-    m1 = SeqModel2(inp.dim, 1, inp.x_channels, reduce_dim=8, hidden=6, dropout=0.0)
-    m2 = SeqModel2(inp.dim, 1, inp.x_channels, reduce_dim=8, hidden=6, dropout=0.0)
+    m1 = SeqModel2(inp.dim, 1, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(16, 8), dropout=0.0)
+    m2 = SeqModel2(inp.dim, 1, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(16, 8), dropout=0.0)
     m2.load_state_dict(m1.state_dict())
     b = collate([inp.item(s) for s in range(3)])
     model_logits(m1.train(), b)
@@ -272,7 +272,7 @@ def test_flip_tta_averages_probabilities_of_both_directions(name):
     whose inputs are the same slices in the other order with the z channel recomputed (negative)."""
     torch.manual_seed(0)
     inp = _toy_inputs(2, lengths=(9, 4))
-    model = build_seq_model(name, inp.dim, 2, inp.x_channels, reduce_dim=8, hidden=6).eval()
+    model = build_seq_model(name, inp.dim, 2, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(16, 8)).eval()
     p = predict_studies([model], inp, batch=2)
     fwd, bwd = inp.item(0), inp.item(0, reverse=True)
     np.testing.assert_array_equal(bwd["rows"], fwd["rows"][::-1])
@@ -291,7 +291,7 @@ def test_flip_tta_averages_probabilities_of_both_directions(name):
         qb = torch.sigmoid(model_logits(model, collate([fwd]))[0])[0].numpy()[::-1]
     np.testing.assert_allclose(((qf + qb) / 2)[::-1], p[fwd["rows"]], rtol=1e-5, atol=1e-6)
     # several models: the mean of each model's TTA probabilities
-    m2 = build_seq_model(name, inp.dim, 2, inp.x_channels, reduce_dim=8, hidden=6).eval()
+    m2 = build_seq_model(name, inp.dim, 2, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(16, 8)).eval()
     both = predict_studies([model, m2], inp)
     np.testing.assert_allclose(both, (p + predict_studies([m2], inp)) / 2, rtol=1e-6)
 
