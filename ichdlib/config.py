@@ -176,14 +176,21 @@ class SeqCfg(_Strict):
     lr: float = Field(3e-4, gt=0)
     milestones: list[int] = Field(default_factory=lambda: [20, 30])
     gamma: float = 0.1
+    #: Widths: seq1's per-slice reduction D -> ``mid`` -> ``reduce_dim``, the GRUs' ``hidden`` size and
+    #: seq2's conv channels (the original: 512, 128, 96, [512, 256]; smaller ones suit the CPU demo).
+    mid: int = Field(512, ge=1)
     reduce_dim: int = Field(128, ge=1)
     hidden: int = Field(96, ge=1)
+    conv: tuple[int, int] = (512, 256)
     dropout: float = Field(0.5, ge=0, lt=1)
     #: Backbone keys (``BackboneCfg.key``) whose features feed the models; empty = every ``cnn.backbones``.
     backbones: list[str] = Field(default_factory=list)
     #: Training augmentations: keep every other slice (studies > 10 slices), reverse the slice order.
     subsample_p: float = Field(0.5, ge=0, le=1)
     reverse_p: float = Field(0.5, ge=0, le=1)
+    #: CPU threads for this stage's small tensors (None = torch's default). One thread is as fast as two
+    #: here and avoids the 5-10x slowdown of spinning OpenMP threads on a busy, shared CPU.
+    cpu_threads: int | None = Field(1, ge=1)
     #: Which epoch a fold keeps: ``last`` (honest OOF) or ``best`` val loss (the original; biases OOF low).
     select: Literal["last", "best"] = "last"
 
