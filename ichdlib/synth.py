@@ -490,7 +490,7 @@ class _Head:
         ell = self.A * self.B / np.sqrt((self.B * sa) ** 2 + (self.A * ca) ** 2)
         self.R0 = (ell * (1 - self.egg * ca + self.h2 * np.cos(2 * self.alpha + self.ph2)
                           + self.h3 * np.cos(3 * self.alpha + self.ph3))).astype(np.float32)
-        self.R0_mean = float(np.mean(self.A * self.B / np.hypot(self.A, self.B) * math.sqrt(2)))
+        self.R0_mean = (self.A + self.B) / 2  # for the slope of the skull along z
         self.T = (self.T0 * (1 + self.Tv * ca * ca)).astype(np.float32)
         self.ca = ca.astype(np.float32)
         self._cells: np.ndarray | None = None
@@ -1049,15 +1049,24 @@ def render_study(plan: StudyPlan) -> RenderedStudy:
 # ----------------------------------------------------------------------------------------------------
 # Writing one study (runs in a worker process)
 # ----------------------------------------------------------------------------------------------------
+def _worker_init() -> None:
+    """Pool workers: one OpenCV thread each (the processes already use every core)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _write_study(job: tuple[StudyPlan, str, bool]) -> dict[str, Any]:
+    """Render one study and write its DICOMs (and masks); returns its image records (worker entry point)."""
     plan, out_str, with_masks = job
     try:
-        import cv2
+        return _write_study_files(plan, Path(out_str), with_masks)
+    except Exception as exc:
+        raise RuntimeError(f"phantom study #{plan.index} ({plan.study_uid}, seed {plan.seed}) failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
 
-        cv2.setNumThreads(1)
-    except Exception:  # pragma: no cover - cv2 is a dependency, threads are only a tuning knob
-        pass
-    out = Path(out_str)
+
+def _write_study_files(plan: StudyPlan, out: Path, with_masks: bool) -> dict[str, Any]:
     folder = out / (TRAIN_DIR if plan.split == "train" else TEST_DIR)
     study = render_study(plan)
     ps = study.pixel_spacing
@@ -1161,7 +1170,7 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
             bar.update()
     else:
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers) as pool:
+        with ctx.Pool(workers, initializer=_worker_init) as pool:
             for res in pool.imap_unordered(_write_study, jobs):
                 results[res["index"]] = res
                 bar.update()
