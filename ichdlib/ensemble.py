@@ -9,7 +9,6 @@ non-negative weights fitted on OOF weighted log loss (cross-fitted over the fold
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pandas as pd
 from ichdlib.config import Params
 from ichdlib.labels import LABELS, LabelFileError, long_to_wide, read_labels, split_id, write_long_csv
 from ichdlib.metrics import calibration, prior_baseline, score_arrays, score_frames, weighted_log_loss
+from ichdlib.train import atomic_write
 
 L = list(LABELS)
 
@@ -269,10 +269,7 @@ def update_metrics(P: Params, updates: dict[str, Any]) -> dict:
         else:
             data[key] = val
     data = _json_safe(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda t: t.write_text(json.dumps(data, indent=2)))
     return data
 
 

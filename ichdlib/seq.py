@@ -16,7 +16,6 @@ and test predictions, and averages probabilities over both slice directions on v
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from ichdlib.config import Params
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
 from ichdlib.seqmodels import build_seq_model, masked_weighted_bce, model_logits
+from ichdlib.train import atomic_write, derive_seed, save_parquet, save_torch
 
 MODELS = ("seq1", "seq2")
 
@@ -294,18 +294,6 @@ class SeqResult:
     out_dir: Path
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def check_level2_folds(inputs: SeqInputs) -> None:
     """Raise ValueError when a patient or a study has slices in two folds (leakage at level 2)."""
     frame = pd.DataFrame({"patient": inputs.patient_id, "study": inputs.study_uid, "fold": inputs.fold})
@@ -329,7 +317,7 @@ def _signature(P: Params, model_name: str, inputs: SeqInputs) -> dict:
 
 
 def _epoch_seed(seed: int, fold: int, epoch: int, model_name: str) -> int:
-    return int(np.random.SeedSequence([seed, fold, epoch + 1, MODELS.index(model_name)]).generate_state(1)[0])
+    return derive_seed(seed, fold, epoch + 1, MODELS.index(model_name), 0x5E0) % 2**63
 
 
 def train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir: Path, *,
@@ -395,7 +383,7 @@ def train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir
         bar.set_postfix(train=f"{np.mean(losses):.4f}", val=f"{wll:.4f}")
         if cfg.select == "best" and wll < best[0]:
             best = (wll, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        _atomic_torch_save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+        save_torch({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
                             "best_wll": best[0], "best_state": best[1], "meta": meta}, last)
     if not history:
@@ -405,7 +393,7 @@ def train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir
     meta = {**meta, "epoch": chosen["epoch"], "metrics": {"val_wll": chosen["val_wll"]}}
     log = pd.DataFrame(history)
     log.to_csv(log_path, index=False)
-    _atomic_torch_save({"state_dict": state, "meta": meta}, final)
+    save_torch({"state_dict": state, "meta": meta}, final)
     return log
 
 
@@ -421,7 +409,7 @@ def _frame(inputs: SeqInputs, probs: np.ndarray, with_fold: bool) -> pd.DataFram
     if with_fold:
         df["fold"] = inputs.fold
     for k, c in enumerate(LABELS):
-        df[c] = probs[:, k].astype(np.float32)
+        df[c] = probs[:, k].astype(np.float64)
     return df
 
 
@@ -479,9 +467,10 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
     test = (predict_studies(models, te_in, device=device, batch=P.seq.batch) if len(te_in.sop_uid)
             else np.zeros((0, len(LABELS))))
     oof_df, test_df = _frame(tr_in, oof, True), _frame(te_in, test, False)
-    _atomic_parquet(oof_df, out_dir / "oof.parquet")
-    _atomic_parquet(test_df, out_dir / "test.parquet")
-    (out_dir / "done.json").write_text(json.dumps({"signature": signature, "folds": folds}, indent=1))
+    save_parquet(oof_df, out_dir / "oof.parquet")
+    save_parquet(test_df, out_dir / "test.parquet")
+    done = json.dumps({"signature": signature, "folds": folds}, indent=1)
+    atomic_write(out_dir / "done.json", lambda t: t.write_text(done))
     return SeqResult(model_name, oof_df, test_df, pd.concat(logs, ignore_index=True), out_dir)
 
 
