@@ -1162,19 +1162,18 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
         workers = 1 if studies * size * size < 40 * 64 * 64 else (os.cpu_count() or 1)
     workers = max(1, min(workers, len(jobs)))
     results: list[dict] = [{}] * len(jobs)
-    bar = tqdm(total=len(jobs), desc="synth studies", unit="study", disable=not progress)
-    if workers == 1:
-        for job in jobs:
-            res = _write_study(job)
-            results[res["index"]] = res
-            bar.update()
-    else:
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers, initializer=_worker_init) as pool:
-            for res in pool.imap_unordered(_write_study, jobs):
+    with tqdm(total=len(jobs), desc="synth studies", unit="study", disable=not progress) as bar:
+        if workers == 1:
+            for job in jobs:
+                res = _write_study(job)
                 results[res["index"]] = res
                 bar.update()
-    bar.close()
+        else:
+            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers, initializer=_worker_init) as pool:
+                for res in pool.imap_unordered(_write_study, jobs):
+                    results[res["index"]] = res
+                    bar.update()
     manifest = _finish(out, plans, results, quirk_log, config, seed)
     manifest["seconds"] = round(time.perf_counter() - t0, 1)
     return manifest
