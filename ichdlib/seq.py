@@ -320,11 +320,31 @@ def _epoch_seed(seed: int, fold: int, epoch: int, model_name: str) -> int:
     return derive_seed(seed, fold, epoch + 1, MODELS.index(model_name), 0x5E0) % 2**63
 
 
+@contextmanager
+def cpu_threads(n: int | None, device: str) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (on CPU devices; ``None`` leaves torch's setting), then restore."""
+    if n is None or device != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir: Path, *,
                force: bool = False, signature: dict | None = None) -> pd.DataFrame:
     """Train one fold (resuming from ``fold<k>_last.pt``; skipped when ``fold<k>.pt`` is finished and
     current). Writes ``fold<k>.pt`` (``{"state_dict", "meta"}``), ``fold<k>_last.pt`` each epoch and
     ``fold<k>_log.csv``. Returns the per-epoch log."""
+    with cpu_threads(P.seq.cpu_threads, P.torch_device()):
+        return _train_fold(P, model_name, inputs, fold, out_dir, force, signature)
+
+
+def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir: Path, force: bool,
+                signature: dict | None) -> pd.DataFrame:
     cfg, device = P.seq, P.torch_device()
     signature = signature or _signature(P, model_name, inputs)
     final, last, log_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}_last.pt", out_dir / f"fold{fold}_log.csv"
@@ -411,20 +431,6 @@ def _frame(inputs: SeqInputs, probs: np.ndarray, with_fold: bool) -> pd.DataFram
     for k, c in enumerate(LABELS):
         df[c] = probs[:, k].astype(np.float64)
     return df
-
-
-@contextmanager
-def cpu_threads(n: int | None, device: str) -> Iterator[None]:
-    """Run with ``n`` torch CPU threads (on CPU devices; ``None`` leaves torch's setting), then restore."""
-    if n is None or device != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:

@@ -344,3 +344,40 @@ def test_training_is_seeded(fake):
     a = train_seq(P, "seq1")
     b = train_seq(P, "seq1", force=True)
     pd.testing.assert_frame_equal(a.oof, b.oof)
+
+
+def test_interrupted_fold_resumes_to_the_same_result(fake, monkeypatch):
+    """A fold killed after its first epoch resumes from ``fold<k>_last.pt`` and ends exactly where an
+    uninterrupted run ends (same weights, same log)."""
+    import ichdlib.seq as seq
+
+    P0, _ = fake
+    P = smoke(Path(P0.root), **two_backbones(), seq={"epochs": 3})
+    inp = load_inputs(P, "train")
+    sig = _signature(P, "seq2", inp)
+    full_dir, cut_dir = P.work_dir / "full", P.work_dir / "cut"
+    full_dir.mkdir(parents=True)
+    cut_dir.mkdir(parents=True)
+    full = train_fold(P, "seq2", inp, 1, full_dir, signature=sig)
+
+    real, calls = seq.predict_studies, {"n": 0}
+
+    def dies_in_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(seq, "predict_studies", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(P, "seq2", inp, 1, cut_dir, signature=sig)
+    assert not (cut_dir / "fold1.pt").exists()
+    assert torch.load(cut_dir / "fold1_last.pt", weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(seq, "predict_studies", real)
+    resumed = train_fold(P, "seq2", inp, 1, cut_dir, signature=sig)
+    cols = ["fold", "epoch", "lr", "train_loss", "val_wll"]
+    pd.testing.assert_frame_equal(resumed[cols], full[cols])
+    a = torch.load(full_dir / "fold1.pt", weights_only=True)["state_dict"]
+    b = torch.load(cut_dir / "fold1.pt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
