@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -350,6 +348,25 @@ class CamEngine:
         idx = rows[["prev_row", "row", "next_row"]].to_numpy(dtype=np.int64)
         return np.asarray(self.cache[idx.ravel()]).reshape(len(rows), 3, *self.cache.shape[1:])
 
+    def hu(self, rows: pd.DataFrame) -> list[np.ndarray]:
+        """The slices' HU images at their own geometry (rows x cols), read from the DICOM files; for a file
+        that cannot be read now, its cache row resized to that geometry (a warning says which)."""
+        import cv2
+
+        from ichdlib.dicom import read_hu
+
+        out = []
+        for _, r in rows.iterrows():
+            path = Path(r["path"])
+            path = path if path.is_absolute() else self.P.data_root / path
+            try:
+                out.append(read_hu(path)[0])
+            except (ValueError, OSError) as exc:
+                log.warning("%s: showing the cached image instead (%s)", path, exc)
+                out.append(cv2.resize(np.asarray(self.cache[int(r["row"])], np.float32),
+                                      (int(r["cols"]), int(r["rows"])), interpolation=cv2.INTER_LINEAR))
+        return out
+
     def cams(self, rows: pd.DataFrame, classes: Iterable[str | int] | None = None,
              out: str = "original") -> list[np.ndarray]:
         """One ``(n_classes, H, W)`` array per catalog row, in row order.
@@ -376,7 +393,7 @@ class CamEngine:
                 recipe=meta.get("recipe", self.P.windows.recipe),
                 crop=float(meta.get("val_center_crop", self.P.cnn.augment.val_center_crop)),
                 size=int(meta.get("size", self.backbone.size)), out_size=tuple(hw),
-                single_window=tuple(self.P.windows.single_window),
+                single_window=tuple(meta.get("single_window", self.P.windows.single_window)),
                 learnable=bool(meta.get("learnable_window", self.P.windows.learnable)),
                 batch=cfg.batch, target_layer=cfg.target_layer,
             )
@@ -393,17 +410,26 @@ def _read_probs(path: Path, prefix: str) -> pd.DataFrame:
     return df.rename(columns={c: f"{prefix}{c}" for c in LABELS})
 
 
-def final_oof_paths(P: Params) -> list[Path]:
-    """The sequence models' OOF tables (notebook 04) whose mean is the final prediction."""
-    return [p for m in P.seq.models if (p := P.work_dir / "seq" / m / "oof.parquet").is_file()]
+def final_oof(P: Params, catalog: pd.DataFrame) -> pd.DataFrame | None:
+    """The final OOF prediction (wide, by ``sop_uid``): notebook 05's blend of ``ensemble.members``, or
+    None while a member's predictions are missing."""
+    from ichdlib.ensemble import blend, load_stage, read_truth, resolve_members
+
+    try:
+        stages = [load_stage(P, m) for m in resolve_members(P)]
+    except FileNotFoundError as exc:
+        log.warning("final prediction unavailable (%s); showing the 2D CNN's as final", exc)
+        return None
+    y_oof, _ = read_truth(P, catalog)
+    return blend(stages, P.ensemble.method, y_oof).oof[list(LABELS)]
 
 
 def review_table(P: Params, key: str | None = None, catalog: pd.DataFrame | None = None) -> pd.DataFrame:
     """Training slices with truth ``y_<label>``, 2D CNN OOF ``p2d_<label>`` and final OOF ``p_<label>``.
 
-    The final prediction is the mean of the sequence models' OOF predictions (the ``mean`` blend of
-    notebook 05); without them the 2D CNN's. Rows in catalog order with ``study_uid``, ``slice_index``,
-    ``fold``, ``rows``, ``cols``, ``row``, ``prev_row``, ``next_row``.
+    The final prediction is notebook 05's blend of ``ensemble.members`` (the 2D CNN's while the sequence
+    models have not run). Rows in catalog order with ``study_uid``, ``slice_index``, ``fold``, ``rows``,
+    ``cols``, ``path``, ``row``, ``prev_row``, ``next_row``.
     """
     if catalog is None:
         from ichdlib.catalog import load_catalog
@@ -413,22 +439,22 @@ def review_table(P: Params, key: str | None = None, catalog: pd.DataFrame | None
     cnn_path = P.work_dir / "cnn" / key / "oof.parquet"
     if not cnn_path.is_file():
         raise FileNotFoundError(f"{cnn_path}: no 2D CNN OOF predictions; run notebook 02 first")
-    cols = ["sop_uid", "study_uid", "slice_index", "n_slices", "fold", "rows", "cols", "row", "prev_row",
-            "next_row", *LABELS]
+    cols = ["sop_uid", "study_uid", "slice_index", "n_slices", "fold", "rows", "cols", "path", "row",
+            "prev_row", "next_row", *LABELS]
     tab = catalog.loc[catalog["split"] == "train", cols].rename(columns={c: f"y_{c}" for c in LABELS})
     tab = tab.merge(_read_probs(cnn_path, "p2d_"), on="sop_uid", how="left", validate="one_to_one")
-    finals = final_oof_paths(P)
-    if finals:
-        parts = [_read_probs(p, "p_").set_index("sop_uid") for p in finals]
-        mean = sum(parts[1:], parts[0]) / len(parts)
-        tab = tab.merge(mean.reset_index(), on="sop_uid", how="left", validate="one_to_one")
+    final = final_oof(P, catalog)
+    if final is not None:
+        final = final.rename(columns={c: f"p_{c}" for c in LABELS}).rename_axis("sop_uid").reset_index()
+        tab = tab.merge(final, on="sop_uid", how="left", validate="one_to_one")
     else:
         for c in LABELS:
             tab[f"p_{c}"] = tab[f"p2d_{c}"]
-    missing = int(tab[[f"p2d_{c}" for c in LABELS]].isna().any(axis=1).sum())
+    need = [f"p2d_{c}" for c in LABELS] + [f"p_{c}" for c in LABELS]
+    missing = int(tab[need].isna().any(axis=1).sum())
     if missing:
-        log.warning("%s: %d training slices have no OOF prediction; left out of the review", cnn_path, missing)
-        tab = tab.dropna(subset=[f"p2d_{c}" for c in LABELS])
+        log.warning("%d training slices lack an OOF prediction; left out of the review", missing)
+        tab = tab.dropna(subset=need)
     return tab.reset_index(drop=True)
 
 
@@ -528,36 +554,35 @@ def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence
     return fig
 
 
+def gallery(engine: CamEngine, cases: pd.DataFrame, labels: Sequence[str] = LABELS) -> dict[str, Any]:
+    """One :func:`gallery_figure` per label (its TP / FP / FN rows of ``cases``), maps from ``engine``."""
+    figs = {}
+    for lab in labels:
+        sel = cases[cases["label"] == lab].reset_index(drop=True)
+        maps = [m[0] for m in engine.cams(sel, [lab])] if len(sel) else []
+        masks = [load_mask(engine.P.data_root, u) for u in sel["sop_uid"]]
+        figs[lab] = gallery_figure(sel, engine.hu(sel), maps, masks,
+                                   title=f"{lab}: {engine.key}, {engine.P.cam.method}")
+    return figs
+
+
 # --------------------------------------------------------------------------------------------------
 # Notebook 06 stage: pointing game on the phantom, merged into metrics.json
 # --------------------------------------------------------------------------------------------------
-def update_metrics(path: str | Path, key: str, value: Any) -> dict:
-    """Set ``metrics[key] = value`` in a JSON file, keeping every other key; atomic write."""
-    path = Path(path)
-    data: dict = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); refusing to overwrite it") from exc
-    data[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=True)
-    os.replace(tmp, path)
-    return data
-
-
-def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, threshold: float = 0.5,
-                      tolerance: int = 0, force: bool = False, max_per_class: int | None = None) -> dict | None:
-    """Pointing game over the true-positive slices of every label (2D CNN OOF at ``threshold``).
+def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: bool = False,
+                      max_per_class: int | None = None) -> dict | None:
+    """Pointing game over the true-positive slices of every label (2D CNN OOF at ``cam.threshold``): the
+    fraction whose CAM peak falls inside the lesion (within ``cam.tolerance_px``).
 
     Needs lesion masks (``<data_root>/masks/<sop_uid>.npz``, the phantom); returns None without them.
     The result goes to ``reports/<run>/metrics.json`` under ``pointing_game`` (other keys kept); an existing
-    result for the same method and backbone is reused unless ``force``.
+    result for the same settings is reused unless ``force``.
     """
     from tqdm.auto import tqdm
+
+    from ichdlib.ensemble import update_metrics
+
+    threshold, tolerance = P.cam.threshold, P.cam.tolerance_px
 
     metrics_path = P.reports_dir / "metrics.json"
     if not (P.data_root / "masks").is_dir():
@@ -565,7 +590,8 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, thresho
         return None
     if not force and metrics_path.is_file():
         old = json.loads(metrics_path.read_text()).get("pointing_game")
-        if old and old.get("method") == P.cam.method and old.get("backbone") == engine.key:
+        same = {"method": P.cam.method, "backbone": engine.key, "threshold": threshold, "tolerance_px": tolerance}
+        if old and all(old.get(k) == v for k, v in same.items()) and max_per_class is None:
             return old
     per_class: dict[str, float | None] = {}
     counts: dict[str, int] = {}
@@ -601,5 +627,5 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, thresho
     if missing_masks:
         log.warning("pointing game: %d true-positive slices have no mask file under %s", missing_masks,
                     P.data_root / "masks")
-    update_metrics(metrics_path, "pointing_game", result)
+    update_metrics(P, {"pointing_game": result})
     return result

@@ -460,8 +460,8 @@ def show(state: ViewerState, studies: Sequence[str] | None = None, slices: int =
 def run_state(P: Params, engine: CamEngine, table: pd.DataFrame, studies: Sequence[str] | None = None,
               summary: pd.DataFrame | None = None) -> ViewerState:
     """A viewer over a run's training studies: the review table's probabilities (2D, final, truth),
-    HU from the DICOM files at each slice's own geometry (the cache row when a file cannot be read),
-    the phantom's lesion masks when present, and CAMs from ``engine`` (computed on first view)."""
+    HU from the DICOM files at each slice's own geometry (:meth:`CamEngine.hu`), the phantom's lesion
+    masks when present, and CAMs from ``engine`` (computed on first view)."""
     from ichdlib.cam import load_mask, study_summary
 
     if summary is None:
@@ -469,21 +469,10 @@ def run_state(P: Params, engine: CamEngine, table: pd.DataFrame, studies: Sequen
     studies = list(studies) if studies is not None else list(summary["study_uid"])
     summary = summary[summary["study_uid"].isin(studies)]
     by_study = {u: g.sort_values("slice_index") for u, g in table.groupby("study_uid", sort=False)}
-    paths = engine.catalog.set_index("sop_uid")["path"]
-
-    def read(uid: str, r: pd.Series) -> np.ndarray:
-        try:
-            from ichdlib.dicom import read_hu
-
-            hu, _ = read_hu(paths[r["sop_uid"]])
-            return hu
-        except (ImportError, ValueError, OSError, KeyError) as exc:
-            log.warning("study %s slice %s: showing the cached image (%s)", uid, r["sop_uid"], exc)
-            return np.asarray(engine.cache[int(r["row"])], np.float32)
 
     def load(uid: str) -> Study:
         g = by_study[uid]
-        hu = [read(uid, r) for _, r in g.iterrows()]
+        hu = engine.hu(g)
         masks = [load_mask(P.data_root, s) for s in g["sop_uid"]]
         return Study(
             uid=uid, hu=hu, sop_uids=list(g["sop_uid"]),
@@ -493,11 +482,4 @@ def run_state(P: Params, engine: CamEngine, table: pd.DataFrame, studies: Sequen
             masks=masks if any(m is not None for m in masks) else None,
         )
 
-    def cams(study: Study) -> list[np.ndarray]:
-        g = by_study[study.uid]
-        maps = engine.cams(g, out="original")
-        # a slice shown from the cache (unreadable DICOM) needs its map at the cache geometry
-        return [m if m.shape[-2:] == h.shape else engine.cams(g.iloc[[i]], out="cache")[0]
-                for i, (m, h) in enumerate(zip(maps, study.hu, strict=True))]
-
-    return ViewerState(studies, load, cams, summary=summary)
+    return ViewerState(studies, load, lambda study: engine.cams(by_study[study.uid]), summary=summary)

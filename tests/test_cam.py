@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import cv2
 import numpy as np
 import pandas as pd
@@ -16,6 +14,16 @@ from torch import nn  # noqa: E402
 from ichdlib import cam  # noqa: E402
 from ichdlib.data import center_crop_box  # noqa: E402
 from ichdlib.labels import LABELS  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads spin against other processes and
+    a 0.5 s CAM batch takes 25 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _resnet() -> nn.Module:
@@ -191,18 +199,6 @@ def test_select_cases():
     assert np.allclose(summ["pred_any"], tab.groupby("study_uid")["p_any"].max().to_numpy())
 
 
-def test_update_metrics_merges(tmp_path):
-    path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"stages": {"seq1": {"oof": {"wll": 0.1}}}, "prior": {"wll": 0.3}}))
-    cam.update_metrics(path, "pointing_game", {"overall": 0.8})
-    data = json.loads(path.read_text())
-    assert data["stages"]["seq1"]["oof"]["wll"] == 0.1 and data["prior"]["wll"] == 0.3
-    assert data["pointing_game"] == {"overall": 0.8}
-    path.write_text("{broken")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        cam.update_metrics(path, "pointing_game", {})
-
-
 def test_overlay_and_gallery():
     hu = _blob(32, 32, (10, 10), 4, value=60.0)
     cmap = np.zeros((32, 32), np.float32)
@@ -217,3 +213,67 @@ def test_overlay_and_gallery():
     n = len(cases)
     fig = cam.gallery_figure(cases, [hu] * n, [cmap] * n, masks=[(hu > 0).astype(np.uint8)] * n, title="t")
     assert len(fig.axes) >= 2 * n
+
+
+# --------------------------------------------------------------------------------------------------
+# A run: the smoke phantom (tests/conftest.py), fold checkpoints of an untrained CNN, fabricated OOF
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cam_run(ingested, tmp_path_factory):
+    """The ingested smoke phantom with random-weight fold checkpoints and OOF probabilities near the truth."""
+    from ichdlib.catalog import load_catalog
+    from ichdlib.models import build_cnn
+
+    P = ingested.model_copy(deep=True)
+    P.paths.reports = tmp_path_factory.mktemp("cam_reports")
+    cat = load_catalog(P.work_dir)
+    bb = P.cnn.backbones[0]
+    out = P.work_dir / "cnn" / bb.key
+    out.mkdir(parents=True, exist_ok=True)
+    train = cat[cat["split"] == "train"]
+    for k in sorted(train["fold"].unique()):
+        torch.manual_seed(int(k))
+        model = build_cnn(bb.name)
+        meta = {"name": bb.name, "key": bb.key, "size": bb.size, "recipe": "seed_3window", "fold": int(k),
+                "single_window": [40.0, 80.0], "learnable_window": False, "val_center_crop": 0.8}
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, out / f"fold{k}.pt")
+    oof = train[["sop_uid", "fold"]].copy()
+    for c in LABELS:
+        oof[c] = train[c].to_numpy() * 0.8 + 0.1
+    oof.to_parquet(out / "oof.parquet")
+    return P
+
+
+def test_run_review_pointing_game_and_viewer(cam_run, caplog):
+    import json as _json
+
+    from ichdlib.viewer import run_state
+
+    P = cam_run
+    P.reports_dir.mkdir(parents=True, exist_ok=True)
+    (P.reports_dir / "metrics.json").write_text(_json.dumps({"prior": {"oof": {"wll": 0.3}}}))
+    table = cam.review_table(P)  # no sequence models yet: final = the 2D CNN's
+    assert len(table) and np.allclose(table["p_any"], table["p2d_any"])
+    engine = cam.CamEngine(P)
+    rows = table.head(3)
+    maps = engine.cams(rows)
+    for m, (_, r) in zip(maps, rows.iterrows(), strict=True):
+        assert m.shape == (6, r["rows"], r["cols"])
+    hu = engine.hu(rows)
+    assert [h.shape for h in hu] == [m.shape[1:] for m in maps]
+    cases = cam.select_cases(table, 1, labels=["any", "subdural"])
+    figs = cam.gallery(engine, cases, ["any", "subdural"])
+    assert set(figs) == {"any", "subdural"}
+    pg = cam.pointing_game_run(P, engine, table, max_per_class=4)
+    n_pos = {c: min(4, int((table[f"y_{c}"] == 1).sum())) for c in LABELS}
+    assert pg["n"] == n_pos and pg["method"] == P.cam.method and pg["backbone"] == engine.key
+    for c in LABELS:
+        assert (pg["per_class"][c] is None) == (n_pos[c] == 0)
+    data = _json.loads((P.reports_dir / "metrics.json").read_text())
+    assert data["prior"]["oof"]["wll"] == 0.3 and data["pointing_game"]["n"] == n_pos  # merged, not clobbered
+    # the viewer over the run's studies
+    studies = list(dict.fromkeys(cases["study_uid"]))
+    state = run_state(P, engine, table, studies)
+    assert set(state.study_ids) == set(studies)
+    img = state.image()
+    assert img.shape[:2] == state.study_obj().hu[state.index].shape and state.cam_calls == 1
