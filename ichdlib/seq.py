@@ -15,6 +15,7 @@ and test predictions, and averages probabilities over both slice directions on v
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -312,8 +313,10 @@ def fold_split(inputs: SeqInputs, fold: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _signature(P: Params, model_name: str, inputs: SeqInputs) -> dict:
     cfg = P.seq.model_dump(mode="json", exclude={"models"})
+    # the level-1 probabilities identify the inputs cheaply: retrained CNNs give other numbers
+    digest = hashlib.sha256(np.ascontiguousarray(inputs.probs).tobytes()).hexdigest()[:16]
     return {"model": model_name, "seq": cfg, "backbones": inputs.keys, "dims": [f.shape[1] for f in inputs.feats],
-            "seed": P.seed, "n_train": len(inputs.sop_uid)}
+            "seed": P.seed, "n_train": len(inputs.sop_uid), "inputs": digest}
 
 
 def _epoch_seed(seed: int, fold: int, epoch: int, model_name: str) -> int:
@@ -404,15 +407,15 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
         if cfg.select == "best" and wll < best[0]:
             best = (wll, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         save_torch({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                            "best_wll": best[0], "best_state": best[1], "meta": meta}, last)
+                    "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                    "best_wll": best[0], "best_state": best[1], "meta": meta}, last)
     if not history:
         raise ValueError(f"{last}: nothing trained for fold {fold} (epochs={cfg.epochs})")
     state = best[1] if cfg.select == "best" and best[1] is not None else model.state_dict()
     chosen = min(history, key=lambda h: h["val_wll"]) if cfg.select == "best" else history[-1]
     meta = {**meta, "epoch": chosen["epoch"], "metrics": {"val_wll": chosen["val_wll"]}}
     log = pd.DataFrame(history)
-    log.to_csv(log_path, index=False)
+    atomic_write(log_path, lambda t: log.to_csv(t, index=False))
     save_torch({"state_dict": state, "meta": meta}, final)
     return log
 
@@ -454,8 +457,10 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
     te_in = load_inputs(P, "test", cat)
     check_level2_folds(tr_in)
     signature = _signature(P, model_name, tr_in)
+    test_digest = hashlib.sha256(np.ascontiguousarray(te_in.probs).tobytes()).hexdigest()[:16]
+    out_signature = {**signature, "test_inputs": test_digest}
     folds = sorted(set(tr_in.study_fold().tolist()))
-    if not force and _outputs_current(out_dir, signature):
+    if not force and _outputs_current(out_dir, out_signature):
         hist = pd.concat([pd.read_csv(out_dir / f"fold{k}_log.csv") for k in folds], ignore_index=True)
         return SeqResult(model_name, pd.read_parquet(out_dir / "oof.parquet"),
                          pd.read_parquet(out_dir / "test.parquet"), hist, out_dir)
@@ -475,7 +480,7 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
     oof_df, test_df = _frame(tr_in, oof, True), _frame(te_in, test, False)
     save_parquet(oof_df, out_dir / "oof.parquet")
     save_parquet(test_df, out_dir / "test.parquet")
-    done = json.dumps({"signature": signature, "folds": folds}, indent=1)
+    done = json.dumps({"signature": out_signature, "folds": folds}, indent=1)
     atomic_write(out_dir / "done.json", lambda t: t.write_text(done))
     return SeqResult(model_name, oof_df, test_df, pd.concat(logs, ignore_index=True), out_dir)
 
