@@ -48,14 +48,26 @@ class Stage:
     name: str
     oof: pd.DataFrame
     test: pd.DataFrame
+    source: str = ""
 
 
-def load_stage(P: Params, name: str) -> Stage:
-    """Read a stage's OOF and test predictions; a missing file names the notebook that writes it."""
+def stage_files(P: Params, name: str) -> tuple[Path, Path]:
+    """A stage's OOF and test files. For a 2D backbone these are notebook 03's TTA probabilities (what the
+    sequence models read, and the stronger 2D baseline) when they exist, else notebook 02's tables."""
+    if name.startswith("cnn:"):
+        f = P.work_dir / "features" / name[4:]
+        if (f / "oof_prob.parquet").is_file() and (f / "test_prob.parquet").is_file():
+            return f / "oof_prob.parquet", f / "test_prob.parquet"
     d = stage_dir(P, name)
+    return d / "oof.parquet", d / "test.parquet"
+
+
+def load_stage(P: Params, name: str, catalog: pd.DataFrame | None = None) -> Stage:
+    """Read a stage's OOF and test predictions; a missing file names the notebook that writes it. An OOF
+    table without ``fold`` gets it from ``catalog``."""
     frames = []
-    for split in ("oof", "test"):
-        path = d / f"{split}.parquet"
+    paths = stage_files(P, name)
+    for path in paths:
         if not path.is_file():
             nb = "02 (2D CNN)" if name.startswith("cnn:") else "04 (sequence models)"
             raise FileNotFoundError(f"{path}: missing; run notebook {nb} first")
@@ -66,7 +78,11 @@ def load_stage(P: Params, name: str) -> Stage:
         if df["sop_uid"].duplicated().any():
             raise ValueError(f"{path}: duplicate sop_uid, e.g. {df.sop_uid[df.sop_uid.duplicated()].iloc[0]!r}")
         frames.append(df.set_index("sop_uid"))
-    return Stage(name, frames[0], frames[1])
+    oof = frames[0]
+    if "fold" not in oof.columns and catalog is not None:
+        oof["fold"] = catalog.set_index("sop_uid")["fold"].reindex(oof.index).to_numpy()
+    source = str(paths[0].parent.relative_to(P.work_dir)) if paths[0].is_relative_to(P.work_dir) else str(paths[0])
+    return Stage(name, oof, frames[1], source)
 
 
 def resolve_members(P: Params) -> list[str]:
@@ -328,7 +344,7 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     prior = train_prior(P, cat)
     sample_ids = read_sample_ids(P.data_root / P.paths.sample_submission)
     members = resolve_members(P)
-    stages = {n: load_stage(P, n) for n in dict.fromkeys(stage_names(P) + members)}
+    stages = {n: load_stage(P, n, cat) for n in dict.fromkeys(stage_names(P) + members)}
     bl = blend([stages[m] for m in members], P.ensemble.method, y_oof)
     sub_path, filled = write_submission(P, bl.test, prior)
     out: dict[str, dict] = {}
@@ -347,7 +363,8 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     submission = {"path": str(sub_path.relative_to(P.reports_dir)), "images": len(sample_ids),
                   "rows": 6 * len(sample_ids), "filled_with_prior": filled, "method": P.ensemble.method,
                   "members": members, "weights": bl.weights, "fold_weights": bl.fold_weights,
-                  "scored_against": None if y_test is None else P.paths.answer_key}
+                  "scored_against": None if y_test is None else P.paths.answer_key,
+                  "sources": {n: st.source for n, st in stages.items()}}
     metrics = update_metrics(P, {"stages": out, "prior": prior_scores, "submission": submission})
     return EnsembleReport(stage_table(metrics), metrics, sub_path, filled, bl, stages, y_oof, y_test)
 

@@ -159,6 +159,9 @@ def test_run_ensemble_submission_metrics_and_score(fake_run, capsys):
     m = json.loads((P.reports_dir / "metrics.json").read_text())
     assert m["pointing_game"] == {"hit_rate": 0.5}
     assert m["submission"]["filled_with_prior"] == info["quarantined"]
+    # 2D stages are scored on notebook 03's TTA probabilities (what the sequence models read)
+    assert m["submission"]["sources"]["cnn:resnet18_48"] == "features/resnet18_48"
+    assert m["submission"]["sources"]["seq2"] == "seq/seq2"
     assert set(m["stages"]) == {"cnn:lcnet_050_48", "cnn:resnet18_48", "seq1", "seq2", "ensemble"}
     for s in m["stages"].values():
         for split in ("oof", "test"):
