@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import copy
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,31 +14,32 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from ichdlib import predict as pr
+from ichdlib.synth import write_ct_dicom
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
-_TEMPLATE = pydicom.dcmread(CT_SMALL)
+
+
+def head_hu(seed: int = 0, size: int = 64) -> np.ndarray:
+    """A small head-like HU image: air, skull ring, brain with noise."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2) / (size / 2)
+    hu = np.where(r < 0.8, 35.0, -1000.0) + np.where((r >= 0.7) & (r < 0.8), 1165.0, 0.0)
+    return np.rint(hu + np.random.default_rng(seed).normal(0, 8, hu.shape) * (r < 0.7)).astype(np.float32)
 
 
 def ct_file(path: Path, *, study: str = "1.2.826.0.1.1", series: str = "1.2.826.0.1.1.1", sop: str | None = None,
             z: float = 0.0, modality: str = "CT", orientation=AXIAL, image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-            seed: int = 0, syntax=None) -> Path:
-    """pydicom's bundled CT slice with other UIDs, position, orientation, type and (seeded) pixels."""
-    ds = copy.deepcopy(_TEMPLATE)
-    sop = sop or f"{series}.{abs(hash((path.name, z))) % 10**8}"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    ds.Modality = modality
-    ds.ImageOrientationPatient = list(orientation)
-    ds.ImagePositionPatient = [-158.1, -179.0, z]
-    ds.ImageType = list(image_type)
-    raw = _TEMPLATE.pixel_array.astype(np.int32) + np.random.default_rng(seed).integers(-40, 40, (128, 128))
-    ds.PixelData = raw.astype(np.int16).tobytes()
+            seed: int = 0, syntax=None, **meta) -> Path:
+    """One CT slice through the phantom's writer (optionally re-encoded with a compressed transfer syntax)."""
+    path = write_ct_dicom(path, head_hu(seed), sop_uid=sop or f"{series}.{seed}.{int(z * 100)}", study_uid=study,
+                          series_uid=series, z=z, orientation=orientation, modality=modality,
+                          ImageType=list(image_type), **meta)
     if syntax is not None:
+        ds = pydicom.dcmread(path)
         ds.compress(syntax)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+        ds.save_as(path)
     return path
 
 
@@ -152,10 +154,11 @@ def test_load_study_compressed_and_corrupt(tmp_path):
     assert len(a.hu) == len(b.hu) == 4
     for x, y in zip(a.hu, b.hu, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert a.hu[0].dtype == np.float32 and -1100 < a.hu[0].min() < 0 < a.hu[0].max()
+    assert a.hu[0].dtype == np.float32
+    np.testing.assert_allclose(a.hu[2], head_hu(2), atol=1.0)  # the writer may round HU to stored integers
     # a slice whose pixel data is cut short: left out with the reason, neighbours over the rest
     victim = next(p for p in plain if p.name == Path(scan_plain.slices["path"].iloc[1]).name)
-    victim.write_bytes(victim.read_bytes()[:-5000])
+    ct_file(victim, study="5.1", series="5.1.1", sop="5.1.1.1", z=5.0, seed=1, truncate=0.5)
     (scan,), problems = pr.discover(tmp_path / "plain")
     assert problems == [] and scan.n_slices == 4  # the header still reads
     loaded = pr.load_study(scan)
@@ -172,3 +175,132 @@ def test_ct_small_bundled_file(tmp_path):
     loaded = pr.load_study(scan)
     assert loaded.problems == [] and loaded.hu[0].shape == (128, 128)
     assert isinstance(loaded.slices, pd.DataFrame)
+
+
+# --------------------------------------------------------------------------------------------------
+# A trained run (shared with test_bundle.py)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def trained(ingested):
+    """The smoke phantom trained end to end with the stage functions of notebooks 02-05 (each stage skips
+    work whose outputs exist, so a second use in the session is cheap)."""
+    from ichdlib.ensemble import run_ensemble
+    from ichdlib.features import extract_all
+    from ichdlib.seq import train_seq
+    from ichdlib.train import train_all
+
+    P = ingested
+    train_all(P)
+    extract_all(P)
+    for name in P.seq.models:
+        train_seq(P, name)
+    run_ensemble(P)
+    return P
+
+
+def study_folder(P, out: Path, split: str = "test", k: int = 0, keep: int | None = None) -> Path:
+    """A copy of the ``k``-th catalog study of ``split`` (its files only; the first ``keep`` slices) under
+    ``out``."""
+    from ichdlib.catalog import load_catalog
+
+    cat = load_catalog(P.work_dir)
+    cat = cat[cat["split"] == split]
+    study = cat["study_uid"].unique()[k]
+    out.mkdir(parents=True, exist_ok=True)
+    for p in cat.loc[cat["study_uid"] == study, "path"][:keep]:
+        shutil.copy(p, out / Path(p).name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictions
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle_dir(trained, tmp_path_factory) -> Path:
+    from ichdlib.bundle import export
+
+    return export(trained, tmp_path_factory.mktemp("predict_bundle") / "bundle")
+
+
+def test_matches_notebook_05_on_the_test_split(trained, bundle_dir):
+    """Predicting the phantom's test folder (quirky files included) gives notebook 05's submission, and each
+    stage gives what its notebook wrote for the test rows."""
+    from ichdlib.catalog import load_catalog
+    from ichdlib.labels import LABELS, read_labels
+
+    P = trained
+    slices = pr.predict_study(P.data_root / P.paths.test_dir, bundle_dir, device="cpu")
+    cat = load_catalog(P.work_dir)
+    ids = cat.loc[cat["split"] == "test", "sop_uid"].to_numpy(str)
+    got = slices.set_index("sop_uid")
+    assert sorted(got.index) == sorted(ids)  # the same slices as the catalog keeps
+    labels = list(LABELS)
+    sub, _ = read_labels(P.reports_dir / "submission.csv")
+    np.testing.assert_allclose(got.loc[ids, [f"p_{c}" for c in labels]], sub.loc[ids, labels], rtol=0, atol=1e-4)
+    key = P.cnn.backbones[0].key
+    refs = {"p2d_": P.work_dir / "features" / key / "test_prob.parquet",
+            f"cnn:{key}:": P.work_dir / "cnn" / key / "test.parquet",
+            **{f"{m}:": P.work_dir / "seq" / m / "test.parquet" for m in P.seq.models}}
+    for prefix, path in refs.items():
+        ref = pd.read_parquet(path).set_index("sop_uid")
+        np.testing.assert_allclose(got.loc[ids, [f"{prefix}{c}" for c in labels]], ref.loc[ids, labels],
+                                   rtol=0, atol=1e-5, err_msg=prefix)
+    # the study table summarises the slice table
+    studies = slices.attrs["studies"]
+    assert sorted(studies["study_uid"]) == sorted(cat.loc[cat["split"] == "test", "study_uid"].unique())
+    for st in studies.itertuples():
+        g = slices[slices["study_uid"] == st.study_uid]
+        assert st.max_any == pytest.approx(g["p_any"].max()) and st.n_slices == len(g)
+
+
+def test_cli_bad_inputs_never_traceback(trained, bundle_dir, tmp_path, capsys):
+    """A folder with a real CT slice (pydicom's CT_small), a study with a corrupt slice, a text file and a
+    non-CT series: predictions for what is readable, the rest in problems.csv, exit code 0."""
+    from ichdlib.cli import main as ichd
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    shutil.copy(CT_SMALL, d / "ct_small")
+    study = study_folder(trained, d / "phantom", keep=6)
+    victim = sorted(study.iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:-600])
+    (d / "readme.txt").write_text("hello")
+    ct_file(d / "mr" / "x.dcm", study="3.3", series="3.3.1", modality="MR")
+    out = tmp_path / "out"
+    assert ichd(["predict", str(d), "--bundle", str(bundle_dir), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.out + printed.err and "predicted" in printed.out
+    slices, studies = pd.read_csv(out / "slices.csv"), pd.read_csv(out / "studies.csv")
+    problems = pd.read_csv(out / "problems.csv").fillna("")
+    assert len(studies) == 2  # the phantom study and CT_small; the MR-only study has no CT series
+    n_phantom = len(list(study.iterdir()))
+    assert sorted(slices.groupby("study_uid").size()) == [1, n_phantom - 1]
+    assert slices[[c for c in slices.columns if c.startswith("p")]].notna().all().all()
+    text = "\n".join(problems["path"] + " " + problems["message"])
+    assert f"{victim} slice left out" in text and "readme.txt not read: not a DICOM file" in text
+    assert "modality MR, not CT" in text and "single slice" in text
+    doc = json.loads((out / "predictions.json").read_text())
+    assert {s["study_uid"] for s in doc["studies"]} == set(studies["study_uid"])
+    assert len(doc["problems"]) == len(problems) and doc["bundle"]["run"] == trained.run
+
+
+def test_cli_cam_and_empty_folder(bundle_dir, tmp_path, capsys):
+    from ichdlib.cli import main as ichd
+
+    out = tmp_path / "cam_out"
+    # threshold 0: every slice counts as positive for every label, so the CAM path surely runs
+    rc = ichd(["predict", CT_SMALL, "--bundle", str(bundle_dir), "--out", str(out), "--cam", "--threshold", "0"])
+    assert rc == 0
+    pngs = sorted((out / "cam").rglob("*.png"))
+    assert len(pngs) == 6 and pngs[0].name == "slice000_any.png"
+    import cv2
+
+    img = cv2.imread(str(pngs[0]))
+    assert img.shape == (128, 128, 3) and img.std() > 0
+    (tmp_path / "empty").mkdir()
+    assert ichd(["predict", str(tmp_path / "empty"), "--bundle", str(bundle_dir), "--out", str(out)]) == 1
+    assert "no files found" in pd.read_csv(out / "problems.csv")["message"].iloc[0]
+    assert ichd(["predict", str(tmp_path / "nowhere"), "--bundle", str(bundle_dir), "--out", str(out)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert ichd(["predict", str(tmp_path / "empty"), "--bundle", str(tmp_path), "--out", str(out)]) == 2
+    assert "not a model bundle" in capsys.readouterr().err

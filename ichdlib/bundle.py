@@ -1,0 +1,431 @@
+"""Model bundles: everything ``ichd predict`` needs from a finished run, in one folder, loadable without
+executing pickled code.
+
+``ichd export --run PARAMS_OR_WORK_DIR --out BUNDLE`` writes::
+
+    BUNDLE/
+      bundle.json                      the manifest (below)
+      params.yaml                      the run's validated params
+      cnn/<key>/fold<k>.safetensors    2D CNN weights, one file per fold
+      seq/<model>/fold<k>.safetensors  sequence model weights, one file per fold
+
+``bundle.json``: ``format`` (``ichd-bundle``), ``format_version``, ``created`` (UTC, ISO 8601), ``run``,
+``labels`` (the output order), ``windows`` (recipe, single window, learnable, the presets),
+``val_center_crop``, ``tta`` (views), ``backbones`` (per 2D CNN: key, timm name, image size, HU cache size,
+folds, feature dim, checkpoint meta, files), ``seq`` (backbone keys in input order, models with their folds,
+meta and files), ``ensemble`` (method, members, weights), ``params`` (the params as JSON), ``versions``
+(ichdlib, python, torch, timm, numpy, pydicom, safetensors) and ``files`` (sha256 of every weights file,
+checked at load).
+
+:class:`Bundle` is the in-memory form. ``Bundle.from_run(P)`` loads the run's own checkpoints (what the
+notebooks used), ``bundle.save(out)`` writes the folder, ``Bundle.load(out)`` reads it back; prediction
+takes either, so the round trip can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ichdlib.labels import LABELS
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ichdlib.config import Params
+
+FORMAT = "ichd-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+
+
+class BundleError(ValueError):
+    """A bundle or run that cannot be exported or loaded; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    """Checkpoint meta -> plain JSON (tuples as lists, numpy/torch scalars as numbers, paths as text)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalar
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers (recorded in the manifest, compared at load)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("ichdlib", "torch", "timm", "numpy", "pydicom", "safetensors", "opencv-python-headless"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _fold_files(folder: Path) -> dict[int, Path]:
+    """``fold<k>.pt`` files of a stage folder (``fold<k>_last.pt`` resume files are not models)."""
+    out = {}
+    for p in folder.glob("fold*.pt"):
+        k = p.stem[4:]
+        if k.isdigit():
+            out[int(k)] = p
+    return dict(sorted(out.items()))
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BundleError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
+        raise BundleError(f"{path}: not a finished fold checkpoint (expected keys 'state_dict' and 'meta')")
+    return ckpt["state_dict"], dict(ckpt["meta"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the models from meta (the same constructors the stages use)
+# --------------------------------------------------------------------------------------------------
+def _build_cnn(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
+    from ichdlib.models import build_from_meta
+
+    model = build_from_meta(meta)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def _build_seq(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
+    from ichdlib.seqmodels import build_seq_model
+
+    # the same arguments as ichdlib.seq.load_seq_model (checkpoints keep the widths under "arch")
+    arch = meta.get("arch") or {k: meta[k] for k in ("reduce_dim", "hidden", "dropout") if k in meta}
+    model = build_seq_model(meta["model"], meta["in_dim"], meta["n_cnn"], meta["x_channels"], **arch)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# The bundle
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Member:
+    """One trained stage: a 2D backbone or a sequence model, with one model per fold."""
+
+    kind: str  # "cnn" | "seq"
+    key: str  # backbone key (``BackboneCfg.key``) or sequence model name
+    folds: list[int]
+    metas: list[dict[str, Any]]
+    states: list[dict[str, torch.Tensor]]
+    models: list[torch.nn.Module] = field(default_factory=list)
+
+    def build(self, device: str) -> list[torch.nn.Module]:
+        """The fold models in eval mode on ``device`` (built once, moved when the device changes)."""
+        build = _build_cnn if self.kind == "cnn" else _build_seq
+        if not self.models:
+            self.models = [build(m, s, device) for m, s in zip(self.metas, self.states, strict=True)]
+        else:
+            self.models = [m.to(device) for m in self.models]
+        return self.models
+
+
+@dataclass
+class Bundle:
+    """The models, recipe and blend of one run (see the module docstring)."""
+
+    manifest: dict[str, Any]
+    cnn: dict[str, Member]
+    seq: dict[str, Member]
+    source: str = ""
+
+    # -- views on the manifest --------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def seq_backbones(self) -> list[str]:
+        """Backbone keys in the order the sequence models read them."""
+        return list(self.manifest["seq"]["backbones"])
+
+    @property
+    def ensemble(self) -> dict[str, Any]:
+        return self.manifest["ensemble"]
+
+    def backbone(self, key: str) -> dict[str, Any]:
+        """The manifest entry of a backbone."""
+        for b in self.manifest["backbones"]:
+            if b["key"] == key:
+                return b
+        raise KeyError(key)
+
+    def params(self) -> Params:
+        """The run's params (validated again; paths point to where the run was made)."""
+        from ichdlib.config import Params
+
+        return Params.model_validate(self.manifest["params"])
+
+    # -- from a run ---------------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, P: Params) -> Bundle:
+        """Collect a finished run's checkpoints, recipe and blend (nothing is written)."""
+        from ichdlib.seq import backbone_keys
+
+        work = P.work_dir
+        seq_keys = backbone_keys(P)
+        members = list(P.ensemble.members)
+        want_cnn = list(seq_keys)
+        for m in members:
+            if m.startswith("cnn:"):
+                name = m[4:]
+                for k in ([b.key for b in P.cnn.backbones] if name == "*" else [name]):
+                    if k not in want_cnn:
+                        want_cnn.append(k)
+        by_key = {b.key: b for b in P.cnn.backbones}
+        cnn: dict[str, Member] = {}
+        for key in want_cnn:
+            if key not in by_key:
+                raise BundleError(f"backbone {key!r} is not among cnn.backbones ({', '.join(by_key)})")
+            cnn[key] = _collect(work / "cnn" / key, "cnn", key, P.cnn.folds, "run notebook 02 (2D CNN) first")
+        seq: dict[str, Member] = {}
+        seq_models = [m for m in members if not m.startswith("cnn:")]
+        for name in seq_models:
+            seq[name] = _collect(work / "seq" / name, "seq", name, "all", "run notebook 04 (sequence models) first")
+            used = seq[name].metas[0].get("backbones")
+            if used is not None and list(used) != seq_keys:
+                raise BundleError(f"{work / 'seq' / name}: trained on backbones {used}, but the params name "
+                                  f"{seq_keys}; rerun notebook 04")
+        manifest = _manifest(P, cnn, seq, seq_keys)
+        return cls(manifest, cnn, seq, source=str(work))
+
+    # -- saving and loading -------------------------------------------------------------------------
+    def save(self, out: str | os.PathLike, force: bool = False) -> Path:
+        """Write the bundle folder atomically (a temporary folder renamed into place)."""
+        from safetensors.torch import save_file
+
+        from ichdlib.config import Params, dump_params
+
+        out = Path(out)
+        if out.exists():
+            if not force and any(out.iterdir()):
+                raise BundleError(f"{out}: exists and is not empty (choose another --out, or --force)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            manifest = json.loads(json.dumps(self.manifest))
+            files: dict[str, str] = {}
+            for kind, members in (("cnn", self.cnn), ("seq", self.seq)):
+                entries = manifest["backbones"] if kind == "cnn" else manifest["seq"]["models"]
+                for entry in entries:
+                    member = members[entry["key"]]
+                    entry["files"] = {}
+                    for fold, state in zip(member.folds, member.states, strict=True):
+                        rel = f"{kind}/{member.key}/fold{fold}.safetensors"
+                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        # clone: tensors that share storage cannot be written by safetensors
+                        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
+                                  str(tmp / rel), metadata={"format": "pt", "member": member.key, "fold": str(fold)})
+                        entry["files"][str(fold)] = rel
+                        files[rel] = _sha256(tmp / rel)
+            manifest["files"] = files
+            (tmp / "params.yaml").write_text(dump_params(Params.model_validate(manifest["params"])))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.manifest = manifest
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:
+        """Read a bundle folder (weights through safetensors; no pickle) and check its files."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"{path}: not a model bundle (no {MANIFEST}); write one with 'ichd export'")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except ValueError as exc:
+            raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
+        if manifest.get("format") != FORMAT:
+            raise BundleError(f"{mpath}: not an {FORMAT} manifest (format={manifest.get('format')!r})")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise BundleError(f"{mpath}: format version {manifest['format_version']} is newer than this ichdlib "
+                              f"understands ({FORMAT_VERSION}); update ichdlib")
+        if list(manifest.get("labels", [])) != list(LABELS):
+            raise BundleError(f"{mpath}: label order {manifest.get('labels')} differs from {list(LABELS)}")
+
+        def read(entry: dict[str, Any], kind: str, metas: list[dict]) -> Member:
+            what = "backbone" if kind == "cnn" else "sequence model"
+            folds = [int(k) for k in entry["folds"]]
+            states = []
+            for fold in folds:
+                rel = entry["files"][str(fold)]
+                f = path / rel
+                if not f.is_file():
+                    raise BundleError(f"{f}: missing weights file of {what} {entry['key']!r} fold {fold}")
+                if verify and _sha256(f) != manifest["files"].get(rel):
+                    raise BundleError(f"{f}: checksum differs from {MANIFEST} (damaged or replaced file)")
+                try:
+                    states.append(load_file(str(f)))
+                except Exception as exc:
+                    raise BundleError(f"{f}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+            return Member(kind, entry["key"], folds, metas, states)
+
+        cnn = {b["key"]: read(b, "cnn", b["metas"]) for b in manifest["backbones"]}
+        seq = {m["key"]: read(m, "seq", m["metas"]) for m in manifest["seq"]["models"]}
+        return cls(manifest, cnn, seq, source=str(path))
+
+
+def _collect(folder: Path, kind: str, key: str, folds: Any, advice: str) -> Member:
+    files = _fold_files(folder)
+    if folds != "all":
+        missing = [k for k in folds if k not in files]
+        if missing:
+            raise BundleError(f"{folder}: no checkpoint for fold(s) {missing}; {advice}")
+        files = {k: files[k] for k in folds}
+    if not files:
+        raise BundleError(f"{folder}: no fold<k>.pt checkpoints; {advice}")
+    states, metas = [], []
+    for path in files.values():
+        state, meta = _read_checkpoint(path)
+        states.append(state)
+        metas.append(_jsonable(meta))
+    return Member(kind, key, list(files), metas, states)
+
+
+def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_keys: list[str]) -> dict[str, Any]:
+    from ichdlib.windows import WINDOWS
+
+    by_key = {b.key: b for b in P.cnn.backbones}
+    backbones = []
+    for key, m in cnn.items():
+        cfg, meta = by_key[key], m.metas[0]
+        dim = meta.get("feature_dim")
+        if dim is None:  # older checkpoints: build one model to read it
+            dim = m.build("cpu")[0].feature_dim
+            m.models = []
+        size = int(meta.get("size", cfg.size))
+        backbones.append({"key": key, "name": meta.get("name", cfg.name), "size": size,
+                          "cache_size": int(meta.get("config", {}).get("cache_size", size)),
+                          "folds": m.folds, "feature_dim": int(dim), "metas": m.metas})
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "run": P.run,
+        "labels": list(LABELS),
+        "windows": {"recipe": P.windows.recipe, "single_window": list(P.windows.single_window),
+                    "learnable": P.windows.learnable, "presets": {k: list(v) for k, v in WINDOWS.items()}},
+        "val_center_crop": float(P.cnn.augment.val_center_crop),
+        "tta": int(P.features.tta),
+        "backbones": backbones,
+        "seq": {"backbones": seq_keys,
+                "models": [{"key": k, "folds": m.folds, "metas": m.metas} for k, m in seq.items()]},
+        "ensemble": ensemble_spec(P),
+        "params": json.loads(json.dumps(P.model_dump(mode="json"))),
+        "versions": library_versions(),
+    }
+
+
+def ensemble_spec(P: Params) -> dict[str, Any]:
+    """Blend method, members and weights: equal for ``mean``; for ``fit`` the weights notebook 05 fitted
+    (``reports/<run>/metrics.json``, ``submission.weights``)."""
+    from ichdlib.ensemble import resolve_members
+
+    members = resolve_members(P)
+    if P.ensemble.method == "mean":
+        weights = {m: 1.0 / len(members) for m in members}
+    else:
+        path = P.reports_dir / "metrics.json"
+        sub = json.loads(path.read_text()).get("submission", {}) if path.is_file() else {}
+        weights = sub.get("weights") or {}
+        if sorted(weights) != sorted(members) or sub.get("method") != P.ensemble.method:
+            raise BundleError(f"{path}: no fitted ensemble weights for members {members}; run notebook 05 "
+                              "(ensemble) first")
+        weights = {m: float(weights[m]) for m in members}
+    return {"method": P.ensemble.method, "members": members, "weights": weights}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def resolve_run(spec: str | os.PathLike) -> Params:
+    """``--run``: a params YAML, or a run's work folder / reports folder holding ``params.yaml``."""
+    from ichdlib.config import load_params
+
+    p = Path(spec)
+    if p.is_file():
+        return load_params(p)
+    if p.is_dir():
+        for name in ("params.yaml", "params_used.yaml"):
+            if (p / name).is_file():
+                return load_params(p / name)
+        raise BundleError(f"{p}: no params.yaml in this folder; pass the params file the run was made with "
+                          "(e.g. --run params/demo.yaml)")
+    guess = Path("params") / f"{spec}.yaml"
+    if guess.is_file():
+        return load_params(guess)
+    raise BundleError(f"--run {spec}: neither a params file, a run folder nor a run name with params/{spec}.yaml")
+
+
+def export(run: str | os.PathLike | Params, out: str | os.PathLike, force: bool = False) -> Path:
+    """Write the bundle of a finished run (a Params object, a params file or a run folder) to ``out``."""
+    from ichdlib.config import Params
+
+    P = run if isinstance(run, Params) else resolve_run(run)
+    return Bundle.from_run(P).save(out, force=force)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ichd export``."""
+    parser.add_argument("--run", required=True,
+                        help="the run: its params YAML (e.g. params/demo.yaml) or its work folder with params.yaml")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``ichd export``."""
+    out = export(args.run, args.out, force=args.force)
+    manifest = json.loads((out / MANIFEST).read_text())
+    n_files = len(manifest["files"])
+    size = sum((out / f).stat().st_size for f in manifest["files"]) / 1e6
+    print(f"bundle written: {out} ({n_files} weight files, {size:.1f} MB; backbones "
+          f"{', '.join(b['key'] for b in manifest['backbones'])}; sequence models "
+          f"{', '.join(m['key'] for m in manifest['seq']['models']) or 'none'})")
+    return 0
