@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------------
 # Fabricated level-1 outputs (the contract's files), shared with test_ensemble.py
 # ----------------------------------------------------------------------------------------------------
-def _studies(rng: np.random.Generator, n: int, prefix: str, n_folds: int) -> pd.DataFrame:
+def _studies(rng: np.random.Generator, n: int, prefix: str, n_folds: int, lengths=(6, 26)) -> pd.DataFrame:
     rows = []
     for s in range(n):
         patient = f"PAT_{prefix}{s // 2}"  # two studies per patient
-        L = int(rng.integers(6, 26))
+        L = int(rng.integers(*lengths))
         spacing = float(rng.choice([2.5, 5.0]))
         z0 = float(rng.normal(0, 20))
         lesion = np.zeros((L, 5))
@@ -59,12 +59,14 @@ def _studies(rng: np.random.Generator, n: int, prefix: str, n_folds: int) -> pd.
     return pd.DataFrame(rows)
 
 
-def fabricate_level1(P: Params, n_train: int = 16, n_test: int = 6, seed: int = 0, quarantined_test: int = 1) -> dict:
+def fabricate_level1(P: Params, n_train: int = 16, n_test: int = 6, seed: int = 0, quarantined_test: int = 1,
+                     lengths: tuple[int, int] = (6, 26), dims: tuple[int, ...] | None = None) -> dict:
     """Write a catalog, notebook 02/03 outputs for every backbone, a sample submission and an answer key,
     with CNN probabilities and features correlated with the labels (and with neighbouring slices)."""
     rng = np.random.default_rng(seed)
     n_folds = P.ingest.folds
-    cat = pd.concat([_studies(rng, n_train, "a", n_folds), _studies(rng, n_test, "b", n_folds)], ignore_index=True)
+    cat = pd.concat([_studies(rng, n_train, "a", n_folds, lengths), _studies(rng, n_test, "b", n_folds, lengths)],
+                    ignore_index=True)
     cat["row"] = np.arange(len(cat))
     cat["prev_row"] = cat["row"]
     cat["next_row"] = cat["row"]
@@ -86,7 +88,7 @@ def fabricate_level1(P: Params, n_train: int = 16, n_test: int = 6, seed: int = 
     te = cat.split == "test"
     y_all[te.to_numpy()] = truth_test.set_index("sop_uid").loc[cat.sop_uid[te], list(LABELS)].to_numpy()
     for b, bb in enumerate(P.cnn.backbones):
-        key, D = bb.key, 24 + 8 * b
+        key, D = bb.key, (dims[b] if dims else 24 + 8 * b)
         proj = rng.normal(size=(6, D))
         smooth = y_all.copy()
         smooth[1:] += 0.5 * y_all[:-1]
