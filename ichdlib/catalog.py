@@ -303,9 +303,16 @@ def _scan(root: Path, files: dict[str, list[str]], train_csv: Path, sample_sub: 
     cat["fold"] = assign_folds(cat, folds, seed)
     cat = cat[CATALOG_COLUMNS + HEADER_COLUMNS]
     q = pd.concat(quarantine, ignore_index=True) if quarantine else pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    report["files"] = {s: len(files[s]) for s in _SPLITS}
+    report.update(_counts(cat, q))
+    report["seconds"] = {"headers": round(t_headers, 2), "catalog": round(time.monotonic() - t0, 2)}
+    return cat, q, report
+
+
+def _counts(cat: pd.DataFrame, q: pd.DataFrame) -> dict[str, Any]:
+    """The report's numbers about a catalog and its quarantine."""
     fixes = cat["fixes"].str.split(";").explode()
-    report.update({
-        "files": {s: len(files[s]) for s in _SPLITS},
+    return {
         "slices": {s: int((cat["split"] == s).sum()) for s in _SPLITS},
         "studies": int(cat["study_uid"].nunique()),
         "patients": int(cat.loc[cat["split"] == "train", "patient_id"].nunique()),
@@ -314,9 +321,7 @@ def _scan(root: Path, files: dict[str, list[str]], train_csv: Path, sample_sub: 
         "dup_z_slices": int(cat["dup_z"].sum()),
         "multi_series_studies": int((cat.groupby("study_uid")["series_uid"].nunique() > 1).sum()),
         "fixes": {str(k): int(v) for k, v in fixes[fixes != ""].value_counts().items()},
-        "seconds": {"headers": round(t_headers, 2), "catalog": round(time.monotonic() - t0, 2)},
-    })
-    return cat, q, report
+    }
 
 
 def _apply_cache_failures(work: Path, cat: pd.DataFrame, failures: dict[int, str]) -> pd.DataFrame:
@@ -333,10 +338,7 @@ def _apply_cache_failures(work: Path, cat: pd.DataFrame, failures: dict[int, str
     cat = cat[CATALOG_COLUMNS + HEADER_COLUMNS]
     _save(work, cat, q)
     report = _read_json(work / REPORT)
-    if report:
-        report["slices"] = {s: int((cat["split"] == s).sum()) for s in _SPLITS}
-        report["quarantined"] = {str(k): int(v) for k, v in q["reason"].str.split(":").str[0].value_counts().items()}
-        _write_json(work / REPORT, report)
+    _write_json(work / REPORT, report | _counts(cat, q))
     return cat
 
 
@@ -391,16 +393,15 @@ def ingest(params: Params, force: bool = False, *, size: int | None = None, rebu
            progress: bool = True) -> pd.DataFrame:
     """:func:`build_catalog` with the paths and ``ingest`` section of ``params`` (fold seed: ``params.seed``).
 
-    When the data folder is empty and ``synth.enabled``, the phantom is generated there first.
+    With ``synth.enabled`` the phantom is generated first when the data folder holds no data
+    (:func:`ichdlib.synth.ensure_phantom`; real data is never touched).
     """
     root = params.data_root
     p = params.paths
-    if params.synth.enabled and not (root / p.train_dir).is_dir() and not (root / p.test_dir).is_dir():
-        from ichdlib.synth import generate_phantom
+    if params.synth.enabled:
+        from ichdlib.synth import ensure_phantom
 
-        s = params.synth
-        generate_phantom(root, studies=s.studies, seed=s.seed, size=s.size, quirks=s.quirks, masks=s.masks,
-                         workers=params.ingest.workers)
+        ensure_phantom(params, progress=progress)
     i = params.ingest
     return build_catalog(root, params.work_dir, size=size or i.size, workers=i.workers, folds=i.folds,
                          seed=params.seed, skip_ids=i.skip_ids, train_dir=p.train_dir, test_dir=p.test_dir,

@@ -345,3 +345,45 @@ def test_corrupt_file_never_stops_the_run_in_workers(tmp_path):
     with pytest.raises(ValueError, match="no readable DICOM files"):
         catalog.build_catalog(tmp_path, tmp_path / "w", workers=1, progress=False)
     assert os.listdir(tmp_path / "w") == []
+
+
+def test_phantom_quirks_are_handled(ingested):
+    """The shared smoke phantom (ichdlib.synth, quirks on): every injected quirk ends up where it belongs."""
+    import json
+
+    P = ingested
+    cat, q = catalog.load_catalog(P.work_dir), catalog.load_quarantine(P.work_dir)
+    quirks = json.loads((P.data_root / "phantom_manifest.json").read_text())["quirks"]
+    checked = ("corrupt", "intercept_wrap", "duplicate_slice", "missing_slice", "odd_size", "multi_window",
+               "monochrome1", "duplicate_label_rows")
+    assert all(quirks[k] for k in checked), {k: len(quirks[k]) for k in checked}
+    mm = cache.open_cache(P.work_dir, P.ingest.size)
+    by_sop = cat.set_index("sop_uid")
+    for item in quirks["corrupt"]:
+        assert q.loc[q["sop_uid"] == item["sop_uid"], "reason"].str.startswith("unreadable:").all()
+        assert item["sop_uid"] not in by_sop.index
+    wrapped = [i["sop_uid"] for i in quirks["intercept_wrap"] if i["sop_uid"] in by_sop.index]
+    assert wrapped and all("intercept_wrap_12bit" in by_sop.loc[s, "fixes"] for s in wrapped)
+    hu = mm[by_sop.loc[wrapped, "row"].to_numpy()]
+    assert hu.max() < 3000 and (hu < -900).mean() > 0.1  # air is air again (unfixed it would read ~3097 HU)
+    for item in quirks["duplicate_slice"]:
+        dup = by_sop.loc[item["sop_uids"]]
+        assert dup["dup_z"].all() and dup["z"].nunique() == 1
+    for item in quirks["missing_slice"]:
+        a, b = by_sop.loc[item["between"][0]], by_sop.loc[item["between"][1]]
+        study = cat[cat["study_uid"] == item["study_uid"]]
+        assert a["next_row"] == b["row"] and a["spacing_z"] > 1.5 * study["spacing_z"].median()
+    for item in quirks["odd_size"]:
+        study = cat[cat["study_uid"] == item["study_uid"]]
+        assert (study["rows"] == item["rows"]).all() and (study["cols"] == item["cols"]).all()
+    for item in quirks["multi_window"]:
+        assert "window_first_value" in by_sop.loc[item["sop_uid"], "fixes"]
+    for item in quirks["monochrome1"]:
+        assert "monochrome1" in by_sop.loc[item["sop_uid"], "fixes"].split(";")
+        slab = mm[by_sop.loc[item["sop_uid"], "row"]]
+        assert slab.max() < 3100 and (slab < -900).mean() > 0.1
+    for item in quirks["duplicate_label_rows"]:
+        if item["sop_uid"] in by_sop.index:
+            assert by_sop.loc[item["sop_uid"], list(LABELS)].notna().all()
+    files = {str(p) for d in ("stage_2_train", "stage_2_test") for p in (P.data_root / d).iterdir()}
+    assert files == set(cat["path"]) | (set(q["path"]) - {""})
