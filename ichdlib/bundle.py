@@ -227,6 +227,48 @@ class Bundle:
         manifest = _manifest(P, cnn, seq, seq_keys)
         return cls(manifest, cnn, seq, source=str(work))
 
+    @classmethod
+    def untrained(cls, P: Params, folds: int | None = None) -> Bundle:
+        """Randomly initialised models with the architectures, sizes and folds of ``P`` (every backbone,
+        every sequence model, an equal-weight blend): for timing and smoke checks, never for predictions."""
+        import torch
+
+        from ichdlib.models import build_cnn
+        from ichdlib.seq import backbone_keys
+        from ichdlib.seqmodels import build_seq_model
+
+        n_folds = folds or (len(P.cnn.folds) if P.cnn.folds != "all" else P.ingest.folds)
+        torch.manual_seed(P.seed)
+        cnn: dict[str, Member] = {}
+        for cfg in P.cnn.backbones:
+            metas, states = [], []
+            for k in range(n_folds):
+                model = build_cnn(cfg.name, learnable_window=P.windows.recipe if P.windows.learnable else None,
+                                  recipe=P.windows.recipe, single_window=tuple(P.windows.single_window))
+                states.append(model.state_dict())
+                metas.append({"name": cfg.name, "key": cfg.key, "size": cfg.size, "num_classes": len(LABELS),
+                              "recipe": P.windows.recipe, "single_window": list(P.windows.single_window),
+                              "learnable_window": P.windows.learnable,
+                              "val_center_crop": P.cnn.augment.val_center_crop, "feature_dim": model.feature_dim,
+                              "fold": k, "config": {"cache_size": cfg.size}, "untrained": True})
+            cnn[cfg.key] = Member("cnn", cfg.key, list(range(n_folds)), metas, states)
+        keys = backbone_keys(P)
+        dims = [cnn[k].metas[0]["feature_dim"] for k in keys]
+        arch = {"mid": P.seq.mid, "reduce_dim": P.seq.reduce_dim, "hidden": P.seq.hidden,
+                "dropout": P.seq.dropout, "conv": list(P.seq.conv)}
+        seq: dict[str, Member] = {}
+        for name in P.seq.models:
+            meta = {"model": name, "in_dim": max(dims), "n_cnn": len(keys), "x_channels": 2 * len(keys) + 2,
+                    "arch": arch, "backbones": keys, "untrained": True}
+            states = [build_seq_model(name, meta["in_dim"], meta["n_cnn"], meta["x_channels"], **arch).state_dict()
+                      for _ in range(n_folds)]
+            seq[name] = Member("seq", name, list(range(n_folds)), [dict(meta, fold=k) for k in range(n_folds)], states)
+        members = list(P.seq.models) or [f"cnn:{k}" for k in cnn]
+        ensemble = {"method": "mean", "members": members, "weights": {m: 1.0 / len(members) for m in members},
+                    "sources": {m: "features" if m.startswith("cnn:") else "seq" for m in members}}
+        manifest = _manifest(P, cnn, seq, keys, ensemble)
+        return cls(manifest, cnn, seq, source="untrained")
+
     # -- saving and loading -------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, force: bool = False) -> Path:
         """Write the bundle folder atomically (a temporary folder renamed into place)."""
@@ -328,7 +370,8 @@ def _collect(folder: Path, kind: str, key: str, folds: Any, advice: str) -> Memb
     return Member(kind, key, list(files), metas, states)
 
 
-def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_keys: list[str]) -> dict[str, Any]:
+def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_keys: list[str],
+              ensemble: dict[str, Any] | None = None) -> dict[str, Any]:
     from ichdlib.windows import WINDOWS
 
     by_key = {b.key: b for b in P.cnn.backbones}
@@ -356,7 +399,7 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
         "backbones": backbones,
         "seq": {"backbones": seq_keys,
                 "models": [{"key": k, "folds": m.folds, "metas": m.metas} for k, m in seq.items()]},
-        "ensemble": ensemble_spec(P),
+        "ensemble": ensemble or ensemble_spec(P),
         "params": json.loads(json.dumps(P.model_dump(mode="json"))),
         "versions": library_versions(),
     }
@@ -365,9 +408,13 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
 def ensemble_spec(P: Params) -> dict[str, Any]:
     """Blend method, members and weights: equal for ``mean``; for ``fit`` the weights notebook 05 fitted
     (``reports/<run>/metrics.json``, ``submission.weights``)."""
-    from ichdlib.ensemble import resolve_members
+    from ichdlib.ensemble import resolve_members, stage_files
 
     members = resolve_members(P)
+    # which table notebook 05 blended for each 2D member: notebook 03's TTA probabilities ("features") or
+    # notebook 02's validation-view probabilities ("cnn")
+    sources = {m: ("seq" if not m.startswith("cnn:") else stage_files(P, m)[1].parent.parent.name)
+               for m in members}
     if P.ensemble.method == "mean":
         weights = {m: 1.0 / len(members) for m in members}
     else:
@@ -378,7 +425,7 @@ def ensemble_spec(P: Params) -> dict[str, Any]:
             raise BundleError(f"{path}: no fitted ensemble weights for members {members}; run notebook 05 "
                               "(ensemble) first")
         weights = {m: float(weights[m]) for m in members}
-    return {"method": P.ensemble.method, "members": members, "weights": weights}
+    return {"method": P.ensemble.method, "members": members, "weights": weights, "sources": sources}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -378,8 +378,9 @@ def study_cache(loaded: LoadedStudy, size: int) -> tuple[np.ndarray, np.ndarray]
 
 @dataclass
 class CnnOutput:
-    """One backbone's outputs for one study: the 2D stage's probabilities (validation view, mean over
-    folds; ``work/cnn/<key>/test.parquet``) and notebook 03's TTA probabilities and pooled features."""
+    """One backbone's outputs for one study (means over folds): the 2D stage as notebook 05 blended it
+    (``prob``: notebook 03's TTA table, or notebook 02's validation view when the run blended that), and
+    notebook 03's TTA probabilities and pooled features."""
 
     prob: np.ndarray
     tta_prob: np.ndarray
@@ -407,21 +408,23 @@ class Predictor:
         self.views = _tta_views(self.P)
 
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
-        """Run every fold model of backbone ``key`` on a study's cache rows, as notebooks 02 and 03 do for
-        test slices (:func:`ichdlib.train.predict`)."""
+        """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
+        blend used its table, notebook 02) does for test slices (:func:`ichdlib.train.predict`)."""
         from ichdlib.data import SliceDataset
         from ichdlib.train import predict as cnn_predict
 
         ds = SliceDataset(cache, rows)
         kw = {"batch": self.batch, "device": self.device, "amp": self.amp, "channels_last": self.channels_last}
+        val_view = self.bundle.ensemble.get("sources", {}).get(f"cnn:{key}") == "cnn"
         probs, tta_probs, feats = [], [], []
         for runner, aug in zip(self.cnn[key], self.aug[key], strict=True):
-            p, _ = cnn_predict(runner, aug, ds, **kw)
             tp, f = cnn_predict(runner, aug, ds, pooled=True, views=self.views, **kw)
-            probs.append(p)
             tta_probs.append(tp)
             feats.append(f)
-        return CnnOutput(np.mean(probs, axis=0), np.mean(tta_probs, axis=0), _feature_mean(feats))
+            if val_view:
+                probs.append(cnn_predict(runner, aug, ds, **kw)[0])
+        tta = np.mean(tta_probs, axis=0)
+        return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, _feature_mean(feats))
 
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
@@ -542,7 +545,7 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
     t_load_models = time.perf_counter() - t0
     scans, problems = discover(dicom_dir, progress=progress)
     frames, cams = [], []
-    t_read = t_model = 0.0
+    t_read, t_model = time.perf_counter() - t0 - t_load_models, 0.0
     for scan in tqdm(scans, desc="studies", unit="study", disable=not progress):
         t1 = time.perf_counter()
         loaded = load_study(scan)

@@ -102,3 +102,26 @@ def test_export_cli(trained, tmp_path, capsys):  # noqa: F811
     untrained = trained.model_copy(update={"run": "never_trained"})
     with pytest.raises(BundleError, match="run notebook 02"):
         Bundle.from_run(untrained)
+
+
+def test_fitted_weights_come_from_notebook_05(trained):  # noqa: F811
+    from ichdlib.bundle import ensemble_spec
+
+    spec = ensemble_spec(trained)
+    assert spec["method"] == "mean" and spec["sources"] == {m: "seq" for m in trained.seq.models}
+    fit = trained.model_copy(update={"ensemble": trained.ensemble.model_copy(update={"method": "fit"})})
+    with pytest.raises(BundleError, match="run notebook 05"):  # metrics.json holds the 'mean' blend
+        ensemble_spec(fit)
+
+
+def test_untrained_bundle_for_timing(smoke_params, tmp_path):
+    """Random weights with the params' architectures (what benchmarks/predict.py times) save, load and run."""
+    from pydicom.data import get_testdata_file
+
+    b = Bundle.untrained(smoke_params, folds=2)
+    assert [m["key"] for m in b.manifest["seq"]["models"]] == list(smoke_params.seq.models)
+    assert b.manifest["ensemble"]["sources"] == {m: "seq" for m in smoke_params.seq.models}
+    out = b.save(tmp_path / "u")
+    pred = predict_dir(get_testdata_file("CT_small.dcm"), Bundle.load(out), device="cpu")
+    assert len(pred.slices) == 1 and pred.slices["p_any"].between(0, 1).all()
+    assert set(pred.seconds) >= {"read", "model", "total"}

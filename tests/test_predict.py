@@ -237,9 +237,11 @@ def test_matches_notebook_05_on_the_test_split(trained, bundle_dir):
     labels = list(LABELS)
     sub, _ = read_labels(P.reports_dir / "submission.csv")
     np.testing.assert_allclose(got.loc[ids, [f"p_{c}" for c in labels]], sub.loc[ids, labels], rtol=0, atol=1e-4)
+    from ichdlib.ensemble import stage_files
+
     key = P.cnn.backbones[0].key
     refs = {"p2d_": P.work_dir / "features" / key / "test_prob.parquet",
-            f"cnn:{key}:": P.work_dir / "cnn" / key / "test.parquet",
+            f"cnn:{key}:": stage_files(P, f"cnn:{key}")[1],
             **{f"{m}:": P.work_dir / "seq" / m / "test.parquet" for m in P.seq.models}}
     for prefix, path in refs.items():
         ref = pd.read_parquet(path).set_index("sop_uid")
@@ -304,3 +306,33 @@ def test_cli_cam_and_empty_folder(bundle_dir, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert ichd(["predict", str(tmp_path / "empty"), "--bundle", str(tmp_path), "--out", str(out)]) == 2
     assert "not a model bundle" in capsys.readouterr().err
+
+
+def test_blend_of_a_2d_member_from_notebook_02(trained, bundle_dir, tmp_path, monkeypatch):
+    """A run that blends a 2D stage from notebook 02's table: the bundle says so and predict follows (the
+    validation-view pass runs only then)."""
+    import ichdlib.train
+    from ichdlib.bundle import Bundle
+    from ichdlib.labels import LABELS
+
+    calls = []
+    real = ichdlib.train.predict
+    monkeypatch.setattr(ichdlib.train, "predict", lambda *a, **k: calls.append(k.get("views")) or real(*a, **k))
+    P = trained
+    key = P.cnn.backbones[0].key
+    folder = study_folder(P, tmp_path / "s", k=1)
+    b = Bundle.load(bundle_dir)
+    pr.predict_study(folder, b, device="cpu")
+    assert len(calls) == 2 and all(v is not None for v in calls)  # two folds, TTA only
+    b.manifest["ensemble"] = {"method": "fit", "members": [f"cnn:{key}", "seq2"],
+                              "weights": {f"cnn:{key}": 0.25, "seq2": 0.75},
+                              "sources": {f"cnn:{key}": "cnn", "seq2": "seq"}}
+    calls.clear()
+    got = pr.predict_study(folder, b, device="cpu").set_index("sop_uid")
+    assert len(calls) == 4 and sum(v is None for v in calls) == 2  # plus the validation view per fold
+    ref = pd.read_parquet(P.work_dir / "cnn" / key / "test.parquet").set_index("sop_uid").loc[got.index]
+    labels = list(LABELS)
+    cnn = got[[f"cnn:{key}:{c}" for c in labels]].to_numpy()
+    np.testing.assert_allclose(cnn, ref[labels], rtol=0, atol=1e-6)
+    blend = 0.25 * cnn + 0.75 * got[[f"seq2:{c}" for c in labels]].to_numpy()
+    np.testing.assert_allclose(got[[f"p_{c}" for c in labels]].to_numpy(), blend, rtol=0, atol=1e-12)
