@@ -21,6 +21,7 @@ severity, message) and the readable slices are still predicted.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -267,12 +268,16 @@ def _clean_series(group: pd.DataFrame, study_uid: str, series_uid: str) -> tuple
     if table.empty:
         return order_slices(table), problems
     z = pd.to_numeric(table["z"], errors="coerce")
-    if z.isna().any():
+    inst = pd.to_numeric(table["instance_number"], errors="coerce").where(lambda v: v >= 0)
+    if z.isna().all() and inst.notna().all():
         problems.append(problem(
-            f"{int(z.isna().sum())} slice(s) without ImagePositionPatient/SliceLocation; ordered by InstanceNumber",
-            study_uid=study_uid, series_uid=series_uid, severity=WARNING))
-        if z.isna().all():
-            table["z"] = pd.to_numeric(table["instance_number"], errors="coerce").astype(float)
+            "no ImagePositionPatient/SliceLocation in this series: slices ordered by InstanceNumber, z spacing "
+            "assumed uniform", study_uid=study_uid, series_uid=series_uid, severity=WARNING))
+        table["z"] = inst.astype(float)
+    elif z.isna().any():
+        for _, row in table[z.isna()].iterrows():
+            drop(row, "no ImagePositionPatient/SliceLocation: its place in the study is unknown")
+        table = table[z.notna()]
     table = order_slices(table)
     if table["dup_z"].any():
         dz = table.loc[table["dup_z"], "z"]
@@ -646,6 +651,19 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _plain(obj: Any) -> Any:
+    """JSON-ready: numpy scalars as Python numbers/bools, NaN as null."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, threshold: float = 0.5) -> dict[str, Path]:
     """``slices.csv``, ``studies.csv``, ``problems.csv`` and ``predictions.json`` under ``out``."""
     import json
@@ -678,7 +696,7 @@ def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, 
         doc["bundle"] = {"source": str(bundle.source), "run": m.get("run"), "created": m.get("created"),
                          "format_version": m.get("format_version")}
     paths["predictions"] = out / "predictions.json"
-    _atomic_text(paths["predictions"], json.dumps(doc, indent=1, allow_nan=False, default=float))
+    _atomic_text(paths["predictions"], json.dumps(_plain(doc), indent=1, allow_nan=False))
     return paths
 
 

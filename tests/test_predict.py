@@ -133,6 +133,23 @@ def test_single_slice_and_duplicates(tmp_path):
     assert "duplicate SOPInstanceUID 7.2.1.1" in text and "share 1 z position" in text
 
 
+def test_slices_without_position(tmp_path):
+    d = tmp_path / "some"
+    series_files(d, 3, study="8.1", series="8.1.1")
+    lost = ct_file(d / "lost", study="8.1", series="8.1.1", sop="8.1.1.9", ImagePositionPatient=None)
+    (scan,), problems = pr.discover(d)
+    assert scan.n_slices == 3 and problems[0]["path"] == str(lost)
+    assert "no ImagePositionPatient/SliceLocation" in problems[0]["message"]
+    # no positions at all: InstanceNumber gives the order
+    d = tmp_path / "none"
+    for k, inst in enumerate([3, 1, 2]):
+        ct_file(d / f"x{k}", study="8.2", series="8.2.1", sop=f"8.2.1.{inst}", ImagePositionPatient=None,
+                InstanceNumber=inst)
+    (scan,), problems = pr.discover(d)
+    assert list(scan.slices["sop_uid"]) == ["8.2.1.1", "8.2.1.2", "8.2.1.3"]
+    assert [p["severity"] for p in problems] == [pr.WARNING] and "InstanceNumber" in problems[0]["message"]
+
+
 def test_index_ranges():
     assert pr.index_ranges([]) == ""
     assert pr.index_ranges([4]) == "4"
@@ -283,6 +300,7 @@ def test_cli_bad_inputs_never_traceback(trained, bundle_dir, tmp_path, capsys):
     assert "modality MR, not CT" in text and "single slice" in text
     doc = json.loads((out / "predictions.json").read_text())
     assert {s["study_uid"] for s in doc["studies"]} == set(studies["study_uid"])
+    assert all(isinstance(s["positive"], bool) and isinstance(s["n_slices"], int) for s in doc["studies"])
     assert len(doc["problems"]) == len(problems) and doc["bundle"]["run"] == trained.run
 
 
