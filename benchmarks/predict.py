@@ -36,7 +36,7 @@ def make_studies(out: Path, n: int, slices: int, size: int, seed: int = 0) -> li
     from ichdlib.synth import generate_phantom
 
     raw = out / "phantom"
-    generate_phantom(raw, studies=max(2, n), seed=seed, size=size, progress=False)
+    generate_phantom(raw, studies=max(2, 2 * n), seed=seed, size=size, progress=False)
     rows = []
     for split in ("stage_2_train", "stage_2_test"):
         from ichdlib.dicom import read_header
@@ -45,10 +45,10 @@ def make_studies(out: Path, n: int, slices: int, size: int, seed: int = 0) -> li
             m = read_header(p)
             rows.append({"path": p, "study": m["study_uid"], "z": m["z"]})
     table = pd.DataFrame(rows).sort_values(["study", "z"])
+    # the longest studies first, so that most reach ``slices`` (phantom studies have 24-40 slices)
+    groups = sorted((g for _, g in table.groupby("study", sort=True)), key=len, reverse=True)
     folders = []
-    for k, (_, g) in enumerate(table.groupby("study", sort=True)):
-        if k >= n:
-            break
+    for k, g in enumerate(groups[:n]):
         folder = out / f"study{k}"
         folder.mkdir()
         for p in g["path"].iloc[:slices]:
