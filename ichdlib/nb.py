@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ichdlib.config import Params, load_params
+from ichdlib.config import Params, dump_params, load_params
 
 
 def interactive() -> bool:
@@ -56,6 +56,10 @@ def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = Non
     seed_everything(P.seed)
     P.work_dir.mkdir(parents=True, exist_ok=True)
     (P.reports_dir / "figures").mkdir(parents=True, exist_ok=True)
+    # The validated params travel with the run, so `ichd export --run work/<run>` can find them.
+    tmp = P.work_dir / "params.yaml.tmp"
+    tmp.write_text(dump_params(P))
+    tmp.replace(P.work_dir / "params.yaml")
     import matplotlib
 
     if not interactive() and "inline" not in matplotlib.get_backend().lower():
