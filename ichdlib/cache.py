@@ -1,8 +1,8 @@
 """The resized HU cache ``WORK/cache_<size>.npy``: int16, ``(n_rows, size, size)``, in catalog ``row`` order.
 
-Built by worker processes that decode and resize slices and write straight into a memory-mapped
-``cache_<size>.npy.partial``; nothing holds more than one slice per worker in memory. A sidecar
-``cache_<size>.progress.json`` records the finished chunks (and the slices that failed to decode), so an
+Built by worker processes that decode and resize slices and write their rows straight into
+``cache_<size>.npy.partial`` at the row's offset; nothing holds more than one slice per worker in memory.
+A sidecar ``cache_<size>.progress.json`` records the finished chunks (and the slices that failed to decode), so an
 interrupted build continues where it stopped; the final name appears (atomic rename) only when every
 chunk is done. Rows of slices that are not in the catalog stay zero.
 """
@@ -14,7 +14,6 @@ import json
 import multiprocessing as mp
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -25,7 +24,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from ichdlib.dicom import DicomReadError, read_hu_fast
+from ichdlib.dicom import DicomReadError, fix_stored, read_hu, read_stored, rescale
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,16 +51,35 @@ def _sidecar(final: Path) -> Path:
     return final.with_name(final.stem + ".progress.json")
 
 
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape == (size, size):
+        return img
+    shrink = img.shape[0] >= size and img.shape[1] >= size
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _to_int16(hu: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(hu), _INT16.min, _INT16.max).astype(np.int16)
+
+
 def resize_hu(hu: np.ndarray, size: int) -> np.ndarray:
     """HU slice -> ``(size, size)`` int16: area interpolation when shrinking, bilinear when enlarging.
 
     Non-square slices are resized to a square (no padding); values are rounded and clipped to int16.
     """
-    hu = np.asarray(hu, dtype=np.float32)
-    if hu.shape != (size, size):
-        shrink = hu.shape[0] >= size and hu.shape[1] >= size
-        hu = cv2.resize(hu, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return np.clip(np.rint(hu), _INT16.min, _INT16.max).astype(np.int16)
+    return _to_int16(_resize(np.asarray(hu, dtype=np.float32), size))
+
+
+def decode_resized(path: str | os.PathLike, meta: dict[str, Any], size: int) -> np.ndarray:
+    """One cache row: ``resize_hu(read_hu(path)[0], size)``, computed faster when the file allows.
+
+    For native files the stored values are read raw, resized, then rescaled (the rescale is affine, so
+    it commutes with the interpolation: the same numbers up to float rounding, at most 1 HU apart).
+    """
+    stored = read_stored(path, meta)
+    if stored is None:
+        return resize_hu(read_hu(path)[0], size)
+    return _to_int16(rescale(_resize(fix_stored(stored, meta).astype(np.float32), size), meta))
 
 
 def open_cache(work: str | os.PathLike, size: int) -> np.memmap:
@@ -160,26 +178,46 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
 
 
 # -- building -------------------------------------------------------------------------------------------
-_WORKER_MM: dict[str, np.memmap] = {}
+class _RowWriter:
+    """Writes whole rows into an existing ``.npy`` file (plain writes: a memmap would page-fault per page)."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            self.offset = fh.tell()
+        self.shape = tuple(shape[1:])
+        self.row_bytes = int(np.prod(self.shape)) * dtype.itemsize
+        self.fh = open(path, "r+b", buffering=0)  # closed by __exit__
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        if values.shape != self.shape:
+            raise ValueError(f"cache row of shape {values.shape}, expected {self.shape}")
+        self.fh.seek(self.offset + int(row) * self.row_bytes)
+        self.fh.write(np.ascontiguousarray(values, dtype="<i2").data)
+
+    def __enter__(self) -> _RowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
 
 
 def _fill_chunk(task: tuple) -> tuple[int, dict[int, str]]:
     """Worker: decode, resize and write one chunk of rows into the partial cache; return its failures."""
-    token, partial, size, chunk_id, rows, records = task
-    mm = _WORKER_MM.get(token)
-    if mm is None:
-        _WORKER_MM.clear()
-        mm = _WORKER_MM[token] = np.load(partial, mmap_mode="r+")
+    partial, size, chunk_id, rows, records = task
     failures: dict[int, str] = {}
-    for row, meta in zip(rows, records, strict=True):
-        try:
-            mm[row] = resize_hu(read_hu_fast(meta["path"], meta), size)
-            continue
-        except DicomReadError as exc:
-            failures[int(row)] = f"unreadable: {exc}"
-        except Exception as exc:  # one bad slice never stops the build
-            failures[int(row)] = f"unreadable: {meta['path']}: {type(exc).__name__}: {exc}"
-        mm[row] = 0
+    with _RowWriter(partial) as writer:
+        for row, meta in zip(rows, records, strict=True):
+            try:
+                writer.write(row, decode_resized(meta["path"], meta, size))
+                continue
+            except DicomReadError as exc:
+                failures[int(row)] = f"unreadable: {exc}"
+            except Exception as exc:  # one bad slice never stops the build
+                failures[int(row)] = f"unreadable: {meta['path']}: {type(exc).__name__}: {exc}"
+            writer.write(row, np.zeros((size, size), np.int16))
     return chunk_id, failures
 
 
@@ -250,13 +288,12 @@ def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows
     by_row = cat.set_index("row")
     n_chunks = (len(rows) + chunk - 1) // chunk
     todo = [c for c in range(n_chunks) if c not in done]
-    token = f"{partial}:{uuid.uuid4().hex}"
 
     def tasks() -> Iterator[tuple]:
         for c in todo:
             sel = rows[c * chunk:(c + 1) * chunk]
             records = by_row.loc[sel, list(DECODE_COLUMNS)].to_dict("records")
-            yield token, str(partial), size, c, sel.tolist(), records
+            yield str(partial), size, c, sel.tolist(), records
 
     bar = tqdm(total=len(rows), initial=min(len(done) * chunk, len(rows)), desc=f"cache {size}px",
                unit="slice", disable=not progress, mininterval=1.0)
@@ -271,10 +308,9 @@ def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows
                 last = time.monotonic()
     finally:
         bar.close()
-        _WORKER_MM.clear()
         if partial.exists():
             _write_json(side_path, side)
-    with open(partial, "rb+") as fh:  # the workers wrote through shared mappings: put them on disk
+    with open(partial, "rb+") as fh:  # the workers' writes sit in the page cache: put them on disk
         os.fsync(fh.fileno())
     side["complete"] = True
     _write_json(side_path, side)

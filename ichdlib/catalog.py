@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Iterable
@@ -117,11 +119,10 @@ def _fingerprint(root: Path, files: dict[str, list[str]], csvs: Iterable[Path], 
 def _header_task(paths: list[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Worker: headers of some files as a frame (compact to send back) plus the unreadable ones."""
     metas, errors = read_headers(paths)
-    frame = pd.DataFrame(metas)
-    if len(frame):
-        frame = frame.drop(columns=["position", "orientation"])
-        frame["fixes"] = frame["fixes"].map(";".join)
-    return frame, errors
+    for m in metas:
+        del m["position"], m["orientation"]
+        m["fixes"] = ";".join(m["fixes"])
+    return pd.DataFrame(metas), errors
 
 
 def _scan_headers(paths: list[str], pool: _cache.LazyPool, progress: bool) -> tuple[pd.DataFrame, list]:
@@ -225,6 +226,8 @@ def _scan(root: Path, files: dict[str, list[str]], train_csv: Path, sample_sub: 
           skip_ids: set[str], pool: _cache.LazyPool, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Headers + labels -> (catalog, quarantine, report)."""
     t0 = time.monotonic()
+    # scikit-learn takes a second or two to import: do it while the workers read headers
+    threading.Thread(target=importlib.import_module, args=("sklearn.model_selection",), daemon=True).start()
     quarantine: list[pd.DataFrame] = []
     split_of = {p: s for s in _SPLITS for p in files[s]}
     skipped = [p for p in split_of if _stem(p) in skip_ids]

@@ -28,9 +28,12 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom import config as _pydicom_config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.values import convert_value
 
 #: Elements larger than this are not read by ``read_header`` (pixel data, big private blobs).
 _DEFER_BYTES = 2048
@@ -119,10 +122,39 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n else None
 
 
+#: The header elements ``_meta`` reads, by keyword, with their tag and dictionary VR.
+_KEYWORDS = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+             "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation", "PixelSpacing", "Rows", "Columns",
+             "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation", "RescaleSlope",
+             "RescaleIntercept", "WindowCenter", "WindowWidth", "NumberOfFrames", "SamplesPerPixel",
+             "InstanceNumber", "ImageType")
+_TAGS = tuple((k, tag_for_keyword(k), dictionary_VR(k)) for k in _KEYWORDS)
+
+
+def _values(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Values of the elements in :data:`_KEYWORDS` that are present (``None`` for empty ones).
+
+    Raw elements are converted with ``pydicom.values.convert_value`` directly, which is several times
+    faster than attribute access (no DataElement is built and stored back); this is most of the header pass.
+    """
+    out: dict[str, Any] = {}
+    for key, tag, vr in _TAGS:
+        elem = ds.get_item(tag, keep_deferred=True)
+        if elem is None:
+            continue
+        if isinstance(elem, RawDataElement) and elem.value is not None:
+            value = convert_value(elem.VR if elem.VR not in (None, "UN") else vr, elem)
+        else:
+            value = ds[tag].value
+        out[key] = None if value == "" else value
+    return out
+
+
 def _meta(ds: pydicom.Dataset, path: Path) -> dict[str, Any]:
     """The flat metadata dict (see the module docstring and docs/architecture.md)."""
     fixes: list[str] = []
-    get = ds.get
+    v = _values(ds)
+    get = v.get
     sop = str(get("SOPInstanceUID", "") or "").strip()
     if not sop:
         sop = path.stem
@@ -138,7 +170,7 @@ def _meta(ds: pydicom.Dataset, path: Path) -> dict[str, Any]:
     bits_stored = _int(get("BitsStored"), bits_alloc)
     pixrep = _int(get("PixelRepresentation"), 0)
     photometric = str(get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
-    has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds
+    has_rescale = get("RescaleSlope") is not None or get("RescaleIntercept") is not None
     slope = _float(get("RescaleSlope"), 1.0)
     intercept = _float(get("RescaleIntercept"), 0.0)
     if not has_rescale:
@@ -205,24 +237,37 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         return _meta(_open(path), path)
 
 
-def to_hu(raw: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-    """Stored pixel values -> float32 HU using ``meta`` (rescale and the fixes named in ``meta['fixes']``)."""
+def _fixes(meta: dict[str, Any]) -> list[str] | tuple[str, ...]:
     fixes = meta.get("fixes") or ()
-    if isinstance(fixes, str):
-        fixes = fixes.split(";")
+    return fixes.split(";") if isinstance(fixes, str) else fixes
+
+
+def fix_stored(raw: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Stored values with the pixel-level fixes of ``meta['fixes']`` (12-bit wrap, MONOCHROME1 inversion)."""
+    fixes = _fixes(meta)
     if "intercept_wrap_12bit" in fixes:
         raw = raw.astype(np.int32) + 1000
         raw[raw >= 4096] -= 4096
     if "monochrome1_inverted" in fixes:
         bits = int(meta.get("bits_stored") or 16)
-        raw = (-1 - raw.astype(np.int32)) if int(meta.get("pixel_representation") or 0) else ((1 << bits) - 1) - raw.astype(np.int32)
-    hu = raw.astype(np.float32)
+        top = -1 if int(meta.get("pixel_representation") or 0) else (1 << bits) - 1
+        raw = top - raw.astype(np.int32)
+    return raw
+
+
+def rescale(values: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """``values * slope + intercept`` in place on a float32 array (the modality LUT); returns it."""
     slope, intercept = float(meta.get("slope", 1.0)), float(meta.get("intercept", 0.0))
     if slope != 1.0:
-        hu *= np.float32(slope)
+        values *= np.float32(slope)
     if intercept != 0.0:
-        hu += np.float32(intercept)
-    return hu
+        values += np.float32(intercept)
+    return values
+
+
+def to_hu(raw: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Stored pixel values -> float32 HU using ``meta`` (rescale and the fixes named in ``meta['fixes']``)."""
+    return rescale(fix_stored(raw, meta).astype(np.float32), meta)
 
 
 def _check_image(path: Path, meta: dict[str, Any]) -> None:
@@ -295,22 +340,31 @@ def _native_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:
     return raw
 
 
+def read_stored(path: str | os.PathLike, meta: dict[str, Any]) -> np.ndarray | None:
+    """Stored values of a native little-endian slice read with one ``np.fromfile`` at the header's offset.
+
+    ``None`` when ``meta`` (from :func:`read_header`) records no such offset (compressed, big-endian, ...).
+    Raises :class:`DicomReadError` for a missing or truncated file.
+    """
+    if int(meta.get("pixel_offset", -1)) < 0:
+        return None
+    path = Path(path)
+    try:
+        return _native_pixels(path, meta)
+    except FileNotFoundError as exc:
+        raise DicomReadError(path, "no such file") from exc
+    except OSError as exc:
+        raise DicomReadError(path, f"cannot read pixel data ({exc})") from exc
+
+
 def read_hu_fast(path: str | os.PathLike, meta: dict[str, Any]) -> np.ndarray:
     """HU of a file whose header ``meta`` (from :func:`read_header`) is known: one raw read when possible.
 
     Native little-endian files are read with ``np.fromfile`` at the recorded offset; anything else goes
     through :func:`read_hu`. Same numbers as ``read_hu(path)[0]``.
     """
-    path = Path(path)
-    if int(meta.get("pixel_offset", -1)) < 0:
-        return read_hu(path)[0]
-    try:
-        raw = _native_pixels(path, meta)
-    except FileNotFoundError as exc:
-        raise DicomReadError(path, "no such file") from exc
-    except OSError as exc:
-        raise DicomReadError(path, f"cannot read pixel data ({exc})") from exc
-    return to_hu(raw, meta)
+    raw = read_stored(path, meta)
+    return read_hu(path)[0] if raw is None else to_hu(raw, meta)
 
 
 def read_headers(paths: list[str]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:

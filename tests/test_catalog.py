@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from test_dicom import hu_image, write_slice
+from test_dicom import hu_image, variant_files, write_slice
 
 from ichdlib import cache, catalog
 from ichdlib.cli import main
@@ -222,12 +222,28 @@ def test_cache_matches_read_hu_and_resize(data):
     for i in [0, 7, odd, len(cat) - 1]:
         r = cat.iloc[i]
         hu, _ = read_hu(r["path"])
-        want = np.rint(cv2.resize(hu, (SIZE, SIZE), interpolation=cv2.INTER_AREA)).astype(np.int16)
-        np.testing.assert_array_equal(mm[r["row"]], want)
+        want = np.rint(cv2.resize(hu, (SIZE, SIZE), interpolation=cv2.INTER_AREA))
+        np.testing.assert_allclose(mm[r["row"]], want, atol=1)  # float rounding at .5 ties
+        assert np.mean(mm[r["row"]] == want) > 0.99
     assert cat.iloc[odd][["rows", "cols"]].tolist() == [44, 36]
     dropped = sorted(set(range(mm.shape[0])) - set(cat["row"]))
     assert len(dropped) == 1 and not mm[dropped[0]].any()
     assert -1100 < mm[cat["row"].to_numpy()].min() and mm.max() == 1200  # air and the skull ring
+
+
+def test_decode_resized_matches_read_hu_then_resize(tmp_path):
+    from ichdlib.dicom import read_header
+
+    wrap = np.mod(hu_image((50, 50), seed=4), 4096).astype(np.uint16)
+    files = [*variant_files(tmp_path), write_slice(tmp_path / "wrap.dcm", wrap, bits_stored=12, intercept=0.0)]
+    for path in files:
+        meta = read_header(path)
+        for size in (24, 64):
+            got = cache.decode_resized(path, meta, size)
+            want = cache.resize_hu(read_hu(path)[0], size)
+            assert got.dtype == np.int16 and got.shape == (size, size)
+            np.testing.assert_allclose(got, want, atol=1, err_msg=f"{path.name} {size}")
+            assert np.mean(got == want) > 0.98
 
 
 def test_resize_hu_enlarges_and_clips():
@@ -265,7 +281,7 @@ def test_interrupted_cache_build_resumes(data, tmp_path, monkeypatch):
     def flaky(task):
         if len(calls) == 2:
             raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the build
-        calls.append(task[3])
+        calls.append(task[2])
         return real(task)
 
     monkeypatch.setattr(cache, "_fill_chunk", flaky)
@@ -278,7 +294,7 @@ def test_interrupted_cache_build_resumes(data, tmp_path, monkeypatch):
         cache.open_cache(work2, SIZE)
     # rerun: the two finished chunks are not decoded again
     done, calls[:] = list(calls), []
-    monkeypatch.setattr(cache, "_fill_chunk", lambda task: (calls.append(task[3]), real(task))[1])
+    monkeypatch.setattr(cache, "_fill_chunk", lambda task: (calls.append(task[2]), real(task))[1])
     cat2 = ingest(root, work2)
     assert calls and not set(calls) & set(done)
     pd.testing.assert_frame_equal(cat2.drop(columns="path"), cat.drop(columns="path"))

@@ -128,7 +128,7 @@ def test_multi_valued_window(tmp_path):
     assert (single["window_center"], single["window_width"]) == (35.0, 90.0) and single["fixes"] == []
 
 
-def _variants(tmp_path: Path) -> list[Path]:
+def variant_files(tmp_path: Path) -> list[Path]:
     hu = hu_image((40, 52), seed=1)
     return [
         write_slice(tmp_path / "s16.dcm", (hu + 1024).astype(np.int16)),
@@ -145,7 +145,7 @@ def _variants(tmp_path: Path) -> list[Path]:
 
 
 def test_fast_path_matches_pydicom(tmp_path):
-    for path in _variants(tmp_path):
+    for path in variant_files(tmp_path):
         meta = read_header(path)
         assert meta["pixel_offset"] > 0, path.name
         ref, _ = read_hu(path)
