@@ -325,6 +325,25 @@ def test_another_size_from_the_same_catalog(data, tmp_path):
     assert cache.open_cache(work2, 16).shape == (cache.open_cache(work, SIZE).shape[0], 16, 16)
 
 
+def test_ingest_and_ensure_cache_from_params(data, tmp_path):
+    from ichdlib.config import load_params
+
+    _, root, work, cat, _ = data
+    work2 = tmp_path / "w"
+    shutil.copytree(work, work2)
+    P = load_params(None, {"root": str(tmp_path), "seed": 0, "synth": {"enabled": False},
+                           "paths": {"data_root": str(root), "work": str(work2)},
+                           "ingest": {"size": SIZE, "workers": 1, "folds": 3, "skip_ids": ["ID_skipme"]}})
+    before = _mtimes(work2)
+    pd.testing.assert_frame_equal(catalog.ingest(P, progress=False), cat)  # same inputs: loaded, not rebuilt
+    assert _mtimes(work2) == before
+    mm = cache.ensure_cache(P, 16)  # another size from the same catalog
+    assert mm.shape == (len(cat) + 1, 16, 16) and (work2 / "catalog.parquet").stat().st_mtime_ns == before["catalog.parquet"]
+    r = cat.iloc[3]
+    np.testing.assert_allclose(mm[r["row"]], cache.resize_hu(read_hu(r["path"])[0], 16), atol=1)
+    assert cache.ensure_cache(P, 16).filename == mm.filename
+
+
 def test_missing_cache_and_catalog_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="ichd ingest"):
         cache.open_cache(tmp_path, 64)
