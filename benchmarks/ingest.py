@@ -111,7 +111,8 @@ def _pooled(fn, jobs: list, workers: int) -> float:
     return time.perf_counter() - t0
 
 
-def run(studies: int, size: int, cache_size: int, workers: int, seed: int, repeats: int, keep: str | None) -> dict:
+def run(studies: int, size: int, cache_size: int, workers: int, seed: int, repeats: int, keep: str | None,
+        verbose: bool = False) -> dict:
     from ichdlib.catalog import build_catalog
     from ichdlib.synth import generate_phantom
 
@@ -144,6 +145,9 @@ def run(studies: int, size: int, cache_size: int, workers: int, seed: int, repea
             t0 = time.perf_counter()
             build_catalog(data, work, size=cache_size, workers=workers, folds=2, seed=0, progress=False)
             t = time.perf_counter() - t0
+            if verbose:
+                print(f"  run: original {n / best['original']:.0f}/s, bare {n / best['bare']:.0f}/s, ingest {n / t:.0f}/s "
+                      f"{json.loads((work / 'ingest_report.json').read_text())['seconds']}")
             if t < best.get("ingest", np.inf):
                 best["ingest"] = t
                 phases = json.loads((work / "ingest_report.json").read_text())["seconds"]
@@ -171,8 +175,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per approach")
     ap.add_argument("--keep", default=None, help="folder to keep the phantom in (reused when present)")
     ap.add_argument("--json", default=None, help="also write the result as JSON here")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every run")
     args = ap.parse_args()
-    res = run(args.studies, args.size, args.cache_size, args.workers, args.seed, args.repeats, args.keep)
+    res = run(args.studies, args.size, args.cache_size, args.workers, args.seed, args.repeats, args.keep,
+              args.verbose)
     r = res["slices_per_s"]
     print(f"{res['slices']} slices at {res['input_px']} px, cache {res['cache_px']} px, {res['workers']} workers, "
           f"best of {res['repeats']}")

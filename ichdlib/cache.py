@@ -13,6 +13,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
@@ -115,6 +116,11 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _worker_init() -> None:
+    """One OpenCV thread per worker process: the pool already uses every core (no oversubscription)."""
+    cv2.setNumThreads(1)
+
+
 class LazyPool:
     """A process pool created on first use (``workers == 1`` runs tasks in this process)."""
 
@@ -130,7 +136,7 @@ class LazyPool:
             ctx = mp.get_context(method)
             if method == "forkserver":
                 ctx.set_forkserver_preload(["ichdlib.dicom", "ichdlib.cache", "ichdlib.catalog"])
-            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx)
+            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
         return self._ex
 
     def close(self) -> None:
@@ -206,10 +212,12 @@ class _RowWriter:
 
 def _fill_chunk(task: tuple) -> tuple[int, dict[int, str]]:
     """Worker: decode, resize and write one chunk of rows into the partial cache; return its failures."""
-    partial, size, chunk_id, rows, records = task
+    partial, size, chunk_id, rows, columns = task
+    keys = list(columns)
     failures: dict[int, str] = {}
     with _RowWriter(partial) as writer:
-        for row, meta in zip(rows, records, strict=True):
+        for row, values in zip(rows, zip(*columns.values(), strict=True), strict=True):
+            meta = dict(zip(keys, values, strict=True))
             try:
                 writer.write(row, decode_resized(meta["path"], meta, size))
                 continue
@@ -258,13 +266,14 @@ def remove_caches(work: str | os.PathLike) -> None:
 
 
 def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows: int, fingerprint: str,
-                pool: LazyPool | None = None, force: bool = False, progress: bool = True,
-                chunk: int = 0) -> dict[int, str]:
+                pool: LazyPool | None = None, force: bool = False, progress: bool = True, chunk: int = 0,
+                before_publish: Callable[[dict[int, str]], None] | None = None) -> dict[int, str]:
     """Build ``WORK/cache_<size>.npy`` for the catalog's rows (resuming an interrupted build).
 
-    Returns ``{row: reason}`` for slices that failed to decode (their rows are zero); the caller drops
-    them from the catalog and then calls :func:`finish_cache`. A finished cache is not touched unless
-    ``force``; its pending failures (if the caller was interrupted before applying them) are returned.
+    Returns ``{row: reason}`` for slices that failed to decode (their rows are zero). The caller drops
+    them from the catalog in ``before_publish(failures)`` (called before the final rename, and again for a
+    finished cache whose failures may not have been applied: it must be idempotent), then calls
+    :func:`finish_cache`. A finished cache is not rebuilt unless ``force``.
     """
     final = cache_path(work, size)
     partial, side_path = _partial(final), _sidecar(final)
@@ -272,8 +281,12 @@ def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows
         for p in (final, partial, side_path):
             p.unlink(missing_ok=True)
     if final.is_file():
-        return pending_failures(work, size)
-    rows = np.sort(cat["row"].to_numpy(dtype=np.int64))
+        failures = pending_failures(work, size)
+        if failures and before_publish is not None:
+            before_publish(failures)
+        return failures
+    order = np.argsort(cat["row"].to_numpy(), kind="stable")
+    rows = cat["row"].to_numpy(dtype=np.int64)[order]
     side = _read_json(side_path)
     if not (partial.is_file() and side.get("fingerprint") == fingerprint and side.get("n_rows") == n_rows
             and side.get("size") == size):
@@ -285,15 +298,14 @@ def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows
         _write_json(side_path, side)
     chunk = int(side["chunk"])
     done = set(side["done"])
-    by_row = cat.set_index("row")
+    columns = {c: cat[c].to_numpy()[order] for c in DECODE_COLUMNS}
     n_chunks = (len(rows) + chunk - 1) // chunk
     todo = [c for c in range(n_chunks) if c not in done]
 
     def tasks() -> Iterator[tuple]:
         for c in todo:
-            sel = rows[c * chunk:(c + 1) * chunk]
-            records = by_row.loc[sel, list(DECODE_COLUMNS)].to_dict("records")
-            yield str(partial), size, c, sel.tolist(), records
+            sel = slice(c * chunk, (c + 1) * chunk)
+            yield str(partial), size, c, rows[sel].tolist(), {k: v[sel].tolist() for k, v in columns.items()}
 
     bar = tqdm(total=len(rows), initial=min(len(done) * chunk, len(rows)), desc=f"cache {size}px",
                unit="slice", disable=not progress, mininterval=1.0)
@@ -310,8 +322,16 @@ def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows
         bar.close()
         if partial.exists():
             _write_json(side_path, side)
-    with open(partial, "rb+") as fh:  # the workers' writes sit in the page cache: put them on disk
-        os.fsync(fh.fileno())
+    failures = {int(k): v for k, v in side["failures"].items()}
+    # The workers' writes sit in the page cache: put them on disk (in the background, while the caller
+    # drops the failed slices from the catalog), then publish the cache under its final name.
+    syncer = threading.Thread(target=_fsync, args=(partial,))
+    syncer.start()
+    try:
+        if before_publish is not None:
+            before_publish(failures)
+    finally:
+        syncer.join()
     side["complete"] = True
     _write_json(side_path, side)
     os.replace(partial, final)
@@ -319,4 +339,9 @@ def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows
         fd = os.open(final.parent, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    return {int(k): v for k, v in side["failures"].items()}
+    return failures
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())

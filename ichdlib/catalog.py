@@ -381,9 +381,14 @@ def build_catalog(root: str | os.PathLike, work: str | os.PathLike, *, size: int
             cat = load_catalog(work)
         t0 = time.monotonic()
         built = not _cache.cache_path(work, size).is_file() or rebuild_cache
-        failures = _cache.build_cache(cat, work, size, n_rows=int(state["n_rows"]), fingerprint=fp, pool=pool,
-                                      force=rebuild_cache, progress=progress)
-    cat = _apply_cache_failures(work, cat, failures)
+        current = {"cat": cat}
+
+        def drop_failed(failures: dict[int, str]) -> None:
+            current["cat"] = _apply_cache_failures(work, current["cat"], failures)
+
+        _cache.build_cache(cat, work, size, n_rows=int(state["n_rows"]), fingerprint=fp, pool=pool,
+                           force=rebuild_cache, progress=progress, before_publish=drop_failed)
+    cat = current["cat"]
     _cache.finish_cache(work, size)
     if built:
         report = _read_json(work / REPORT)

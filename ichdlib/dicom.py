@@ -68,14 +68,16 @@ def _quiet() -> Iterator[None]:
 
 def _open(path: Path) -> pydicom.Dataset:
     """Parse a file's elements, deferring large values; raise DicomReadError for non-DICOM input."""
-    if not path.is_file():
-        raise DicomReadError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise DicomReadError(path, "empty file (0 bytes)")
     try:
         return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except InvalidDicomError:
-        pass  # no 'DICM' preamble: try once more without it (raw datasets exist), but insist on content
+        if path.stat().st_size == 0:
+            raise DicomReadError(path, "empty file (0 bytes)") from None
+        # no 'DICM' preamble: try once more without it (raw datasets exist), but insist on content
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DicomReadError(path, "no such file") from None
+    except OSError as exc:
+        raise DicomReadError(path, f"cannot read file ({exc})") from exc
     except Exception as exc:  # pydicom raises many types on malformed headers
         raise DicomReadError(path, f"malformed or truncated header ({type(exc).__name__}: {exc})") from exc
     try:
@@ -232,9 +234,12 @@ def _meta(ds: pydicom.Dataset, path: Path) -> dict[str, Any]:
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """Header metadata of one file without reading its pixels; raises :class:`DicomReadError`."""
-    path = Path(path)
     with _quiet():
-        return _meta(_open(path), path)
+        return _read_header(Path(path))
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    return _meta(_open(path), path)
 
 
 def _fixes(meta: dict[str, Any]) -> list[str] | tuple[str, ...]:
@@ -370,11 +375,12 @@ def read_hu_fast(path: str | os.PathLike, meta: dict[str, Any]) -> np.ndarray:
 def read_headers(paths: list[str]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Headers of many files (one task of a process pool): ``(metas, [(path, error), ...])``."""
     metas, errors = [], []
-    for p in paths:
-        try:
-            metas.append(read_header(p))
-        except DicomReadError as exc:
-            errors.append((p, str(exc)))
-        except Exception as exc:  # one bad file never stops a scan
-            errors.append((p, f"{p}: unexpected error ({type(exc).__name__}: {exc})"))
+    with _quiet():
+        for p in paths:
+            try:
+                metas.append(_read_header(Path(p)))
+            except DicomReadError as exc:
+                errors.append((p, str(exc)))
+            except Exception as exc:  # one bad file never stops a scan
+                errors.append((p, f"{p}: unexpected error ({type(exc).__name__}: {exc})"))
     return metas, errors

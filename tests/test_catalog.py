@@ -302,6 +302,29 @@ def test_interrupted_cache_build_resumes(data, tmp_path, monkeypatch):
     assert sorted(p.name for p in work2.glob("cache_*")) == [f"cache_{SIZE}.npy"]
 
 
+def test_interrupted_while_dropping_failed_slices(data, tmp_path, monkeypatch):
+    """Killed after every chunk is done but before the catalog drops the undecodable slice: a rerun
+    finishes without decoding anything again and quarantines the slice once."""
+    plan, root, work, cat, q = data
+    real = catalog._apply_cache_failures
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(catalog, "_apply_cache_failures", die)
+    work2 = tmp_path / "w"
+    with pytest.raises(KeyboardInterrupt):
+        ingest(root, work2)
+    assert not cache.cache_path(work2, SIZE).exists()
+    monkeypatch.setattr(catalog, "_apply_cache_failures", real)
+    monkeypatch.setattr(cache, "_fill_chunk", lambda task: pytest.fail("nothing left to decode"))
+    cat2 = ingest(root, work2)
+    pd.testing.assert_frame_equal(cat2.drop(columns="path"), cat.drop(columns="path"))
+    q2 = catalog.load_quarantine(work2)
+    assert (q2["sop_uid"] == plan["cut"][0]).sum() == 1 and len(q2) == len(q)
+    assert sorted(p.name for p in work2.glob("cache_*")) == [f"cache_{SIZE}.npy"]
+
+
 def test_force_and_changed_inputs_rebuild(data, tmp_path):
     _, root, work, cat, _ = data
     work2 = tmp_path / "w"
