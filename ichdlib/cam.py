@@ -569,63 +569,68 @@ def gallery(engine: CamEngine, cases: pd.DataFrame, labels: Sequence[str] = LABE
 # --------------------------------------------------------------------------------------------------
 # Notebook 06 stage: pointing game on the phantom, merged into metrics.json
 # --------------------------------------------------------------------------------------------------
+def _rates(values: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-label means, counts, and pooled means over all labels and over the five subtypes."""
+    def mean(v: np.ndarray) -> float | None:
+        return float(np.mean(v)) if len(v) else None
+
+    subtypes = [values[c] for c in LABELS[1:] if c in values]
+    return {"per_class": {c: mean(v) for c, v in values.items()}, "n": {c: int(len(v)) for c, v in values.items()},
+            "overall": mean(np.concatenate(list(values.values()))) if values else None,
+            "subtypes": mean(np.concatenate(subtypes)) if subtypes else None}
+
+
 def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: bool = False,
                       max_per_class: int | None = None) -> dict | None:
-    """Pointing game over the true-positive slices of every label (2D CNN OOF at ``cam.threshold``): the
-    fraction whose CAM peak falls inside the lesion (within ``cam.tolerance_px``).
+    """Pointing game: the fraction of slices whose CAM peak (for the slice's label) falls inside that
+    label's lesion (within ``cam.tolerance_px``; ``any``: inside any lesion).
 
-    Needs lesion masks (``<data_root>/masks/<sop_uid>.npz``, the phantom); returns None without them.
-    The result goes to ``reports/<run>/metrics.json`` under ``pointing_game`` (other keys kept); an existing
-    result for the same settings is reused unless ``force``.
+    Headline (``per_class``, ``overall``, ``subtypes``): the true-positive slices, 2D CNN OOF probability
+    >= ``cam.threshold``. Also reported: ``positives`` (every slice with the lesion, whatever the model
+    said) and ``chance`` (the mean share of the image the lesion covers: what a randomly placed peak
+    would hit). Needs lesion masks (``<data_root>/masks/<sop_uid>.npz``, the phantom); returns None
+    without them. The result goes to ``reports/<run>/metrics.json`` under ``pointing_game`` (other keys
+    kept); an existing result for the same settings is reused unless ``force``.
     """
     from tqdm.auto import tqdm
 
     from ichdlib.ensemble import update_metrics
 
     threshold, tolerance = P.cam.threshold, P.cam.tolerance_px
-
     metrics_path = P.reports_dir / "metrics.json"
     if not (P.data_root / "masks").is_dir():
         log.info("%s: no lesion masks; pointing game skipped", P.data_root / "masks")
         return None
-    if not force and metrics_path.is_file():
+    settings = {"method": P.cam.method, "backbone": engine.key, "target_layer": P.cam.target_layer,
+                "threshold": threshold, "tolerance_px": tolerance}
+    if not force and max_per_class is None and metrics_path.is_file():
         old = json.loads(metrics_path.read_text()).get("pointing_game")
-        same = {"method": P.cam.method, "backbone": engine.key, "threshold": threshold, "tolerance_px": tolerance}
-        if old and all(old.get(k) == v for k, v in same.items()) and max_per_class is None:
+        if old and "positives" in old and all(old.get(k) == v for k, v in settings.items()):
             return old
-    per_class: dict[str, float | None] = {}
-    counts: dict[str, int] = {}
-    missing_masks = 0
-    all_hits = []
+    hits: dict[str, np.ndarray] = {}
+    tp: dict[str, np.ndarray] = {}
+    chance: dict[str, np.ndarray] = {}
+    missing = 0
     for lab in tqdm(LABELS, desc="pointing game"):
-        tp = table[(table[f"y_{lab}"] == 1) & (table[f"p2d_{lab}"] >= threshold)]
+        pos = table[table[f"y_{lab}"] == 1]
         if max_per_class is not None:
-            tp = tp.head(max_per_class)
+            pos = pos.head(max_per_class)
         masks, keep = [], []
-        for i, uid in enumerate(tp["sop_uid"]):
+        for i, uid in enumerate(pos["sop_uid"]):
             m = load_mask(P.data_root, uid)
             if m is None:
-                missing_masks += 1
+                missing += 1
                 continue
             masks.append(class_mask(m, lab))
             keep.append(i)
-        tp = tp.iloc[keep]
-        maps = [c[0] for c in engine.cams(tp, [lab])] if len(tp) else []
-        hits = pointing_hits(maps, masks, tolerance)
-        all_hits.append(hits)
-        counts[lab] = int(len(hits))
-        per_class[lab] = float(hits.mean()) if len(hits) else None
-    cat = np.concatenate(all_hits) if all_hits else np.zeros(0, bool)
-    sub = np.concatenate(all_hits[1:]) if len(all_hits) > 1 else np.zeros(0, bool)
-    result = {
-        "method": P.cam.method, "backbone": engine.key, "threshold": threshold, "tolerance_px": tolerance,
-        "per_class": per_class, "n": counts,
-        "overall": float(cat.mean()) if len(cat) else None,
-        "subtypes": float(sub.mean()) if len(sub) else None,
-        "missing_masks": missing_masks,
-    }
-    if missing_masks:
-        log.warning("pointing game: %d true-positive slices have no mask file under %s", missing_masks,
-                    P.data_root / "masks")
+        pos = pos.iloc[keep]
+        maps = [c[0] for c in engine.cams(pos, [lab])] if len(pos) else []
+        hits[lab] = pointing_hits(maps, masks, tolerance)
+        tp[lab] = (pos[f"p2d_{lab}"] >= threshold).to_numpy()
+        chance[lab] = np.array([m.mean() for m in masks], dtype=float)
+    if missing:
+        log.warning("pointing game: %d positive slices have no mask file under %s", missing, P.data_root / "masks")
+    result = {**settings, **_rates({c: hits[c][tp[c]] for c in LABELS}),
+              "positives": _rates(hits), "chance": _rates(chance), "missing_masks": missing}
     update_metrics(P, {"pointing_game": result})
     return result

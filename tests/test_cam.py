@@ -266,9 +266,11 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     assert set(figs) == {"any", "subdural"}
     pg = cam.pointing_game_run(P, engine, table, max_per_class=4)
     n_pos = {c: min(4, int((table[f"y_{c}"] == 1).sum())) for c in LABELS}
-    assert pg["n"] == n_pos and pg["method"] == P.cam.method and pg["backbone"] == engine.key
+    assert pg["positives"]["n"] == n_pos and pg["method"] == P.cam.method and pg["backbone"] == engine.key
+    assert pg["n"] == n_pos  # the fabricated OOF puts every positive above the threshold
     for c in LABELS:
         assert (pg["per_class"][c] is None) == (n_pos[c] == 0)
+        assert n_pos[c] == 0 or 0 < pg["chance"]["per_class"][c] < 0.5  # lesions cover part of the image
     data = _json.loads((P.reports_dir / "metrics.json").read_text())
     assert data["prior"]["oof"]["wll"] == 0.3 and data["pointing_game"]["n"] == n_pos  # merged, not clobbered
     # the viewer over the run's studies
