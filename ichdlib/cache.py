@@ -2,14 +2,15 @@
 
 Built by worker processes that decode and resize slices and write their rows straight into
 ``cache_<size>.npy.partial`` at the row's offset; nothing holds more than one slice per worker in memory.
-A sidecar ``cache_<size>.progress.json`` records the finished chunks (and the slices that failed to decode), so an
-interrupted build continues where it stopped; the final name appears (atomic rename) only when every
-chunk is done. Rows of slices that are not in the catalog stay zero.
+A sidecar ``cache_<size>.progress.json`` records the finished chunks (and the slices that failed to
+decode), so an interrupted build continues where it stopped; the final name appears (atomic rename, after
+an fsync) only when every chunk is done. Rows of slices that are not in the catalog stay zero.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -33,8 +34,20 @@ if TYPE_CHECKING:
     from ichdlib.config import Params
 
 #: Catalog columns a worker needs to decode a slice without parsing its header again.
-DECODE_COLUMNS = ("path", "rows", "cols", "slope", "intercept", "bits_allocated", "bits_stored",
-                  "pixel_representation", "photometric", "transfer_syntax", "pixel_offset", "fixes")
+DECODE_COLUMNS = (
+    "path",
+    "rows",
+    "cols",
+    "slope",
+    "intercept",
+    "bits_allocated",
+    "bits_stored",
+    "pixel_representation",
+    "photometric",
+    "transfer_syntax",
+    "pixel_offset",
+    "fixes",
+)
 _INT16 = np.iinfo(np.int16)
 _SAVE_EVERY_S = 1.0
 
@@ -88,10 +101,14 @@ def open_cache(work: str | os.PathLike, size: int) -> np.memmap:
     final = cache_path(work, size)
     if not final.is_file():
         if _partial(final).exists():
-            raise FileNotFoundError(f"HU cache {final} is incomplete (an interrupted build left "
-                                    f"{_partial(final).name}); rerun `ichd ingest --size {size}` to finish it")
-        raise FileNotFoundError(f"no HU cache at {final}: run `ichd ingest --work {Path(work)} --size {size}` "
-                                f"or ichdlib.cache.ensure_cache(params, {size})")
+            raise FileNotFoundError(
+                f"HU cache {final} is incomplete (an interrupted build left "
+                f"{_partial(final).name}); rerun `ichd ingest --size {size}` to finish it"
+            )
+        raise FileNotFoundError(
+            f"no HU cache at {final}: run `ichd ingest --work {Path(work)} --size {size}` "
+            f"or ichdlib.cache.ensure_cache(params, {size})"
+        )
     return np.load(final, mmap_mode="r")
 
 
@@ -159,28 +176,19 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Iterable[Any], pool: LazyPool | N
             yield fn(task)
         return
     it = iter(tasks)
-    pending = {ex.submit(fn, t) for t in _take(it, 4 * pool.workers)}
+    pending = {ex.submit(fn, t) for t in itertools.islice(it, 4 * pool.workers)}
     while pending:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for fut in done:
             try:
                 result = fut.result()
             except BrokenProcessPool as exc:
-                raise RuntimeError("a worker process died (out of memory or a crash in a decoder); rerun to "
-                                   "resume, with --workers 1 to find the file, and list it in ingest.skip_ids"
-                                   ) from exc
-            pending |= {ex.submit(fn, t) for t in _take(it, 1)}
+                raise RuntimeError(
+                    "a worker process died (out of memory or a crash in a decoder); rerun to "
+                    "resume, with --workers 1 to find the file, and list it in ingest.skip_ids"
+                ) from exc
+            pending |= {ex.submit(fn, t) for t in itertools.islice(it, 1)}
             yield result
-
-
-def _take(it: Iterator[Any], n: int) -> list[Any]:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
 
 
 # -- building -------------------------------------------------------------------------------------------
@@ -190,7 +198,11 @@ class _RowWriter:
     def __init__(self, path: str) -> None:
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read(fh)
             self.offset = fh.tell()
         self.shape = tuple(shape[1:])
@@ -265,9 +277,19 @@ def remove_caches(work: str | os.PathLike) -> None:
             p.unlink()
 
 
-def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows: int, fingerprint: str,
-                pool: LazyPool | None = None, force: bool = False, progress: bool = True, chunk: int = 0,
-                before_publish: Callable[[dict[int, str]], None] | None = None) -> dict[int, str]:
+def build_cache(
+    cat: pd.DataFrame,
+    work: str | os.PathLike,
+    size: int,
+    *,
+    n_rows: int,
+    fingerprint: str,
+    pool: LazyPool | None = None,
+    force: bool = False,
+    progress: bool = True,
+    chunk: int = 0,
+    before_publish: Callable[[dict[int, str]], None] | None = None,
+) -> dict[int, str]:
     """Build ``WORK/cache_<size>.npy`` for the catalog's rows (resuming an interrupted build).
 
     Returns ``{row: reason}`` for slices that failed to decode (their rows are zero). The caller drops
@@ -288,12 +310,23 @@ def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows
     order = np.argsort(cat["row"].to_numpy(), kind="stable")
     rows = cat["row"].to_numpy(dtype=np.int64)[order]
     side = _read_json(side_path)
-    if not (partial.is_file() and side.get("fingerprint") == fingerprint and side.get("n_rows") == n_rows
-            and side.get("size") == size):
+    if not (
+        partial.is_file()
+        and side.get("fingerprint") == fingerprint
+        and side.get("n_rows") == n_rows
+        and side.get("size") == size
+    ):
         n_workers = pool.workers if pool is not None else 1
         chunk = chunk or int(np.clip(len(rows) // (8 * n_workers), 4, 256))
-        side = {"fingerprint": fingerprint, "n_rows": int(n_rows), "size": int(size), "chunk": chunk,
-                "done": [], "failures": {}, "complete": False}
+        side = {
+            "fingerprint": fingerprint,
+            "n_rows": int(n_rows),
+            "size": int(size),
+            "chunk": chunk,
+            "done": [],
+            "failures": {},
+            "complete": False,
+        }
         np.lib.format.open_memmap(partial, mode="w+", dtype=np.int16, shape=(n_rows, size, size)).flush()
         _write_json(side_path, side)
     chunk = int(side["chunk"])
@@ -307,14 +340,20 @@ def build_cache(cat: pd.DataFrame, work: str | os.PathLike, size: int, *, n_rows
             sel = slice(c * chunk, (c + 1) * chunk)
             yield str(partial), size, c, rows[sel].tolist(), {k: v[sel].tolist() for k, v in columns.items()}
 
-    bar = tqdm(total=len(rows), initial=min(len(done) * chunk, len(rows)), desc=f"cache {size}px",
-               unit="slice", disable=not progress, mininterval=1.0)
+    bar = tqdm(
+        total=len(rows),
+        initial=min(len(done) * chunk, len(rows)),
+        desc=f"cache {size}px",
+        unit="slice",
+        disable=not progress,
+        mininterval=1.0,
+    )
     last = time.monotonic()
     try:
         for chunk_id, failures in run_tasks(_fill_chunk, tasks(), pool):
             side["done"].append(chunk_id)
             side["failures"].update({str(k): v for k, v in failures.items()})
-            bar.update(len(rows[chunk_id * chunk:(chunk_id + 1) * chunk]))
+            bar.update(len(rows[chunk_id * chunk : (chunk_id + 1) * chunk]))
             if time.monotonic() - last > _SAVE_EVERY_S:
                 _write_json(side_path, side)
                 last = time.monotonic()

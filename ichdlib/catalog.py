@@ -39,15 +39,51 @@ from ichdlib.labels import LABELS, read_labels
 if TYPE_CHECKING:
     from ichdlib.config import Params
 
-CATALOG_COLUMNS = ["sop_uid", "patient_id", "study_uid", "series_uid", "z", "slice_index", "n_slices", "rows",
-                   "cols", "pixel_spacing", "spacing_z", "path", "split", "fold", *LABELS, "row", "prev_row",
-                   "next_row", "dup_z"]
+CATALOG_COLUMNS = [
+    "sop_uid",
+    "patient_id",
+    "study_uid",
+    "series_uid",
+    "z",
+    "slice_index",
+    "n_slices",
+    "rows",
+    "cols",
+    "pixel_spacing",
+    "spacing_z",
+    "path",
+    "split",
+    "fold",
+    *LABELS,
+    "row",
+    "prev_row",
+    "next_row",
+    "dup_z",
+]
 #: Header fields kept after the contract columns (the cache pass decodes with them).
-HEADER_COLUMNS = ["modality", "instance_number", "slope", "intercept", "bits_allocated", "bits_stored",
-                  "pixel_representation", "photometric", "transfer_syntax", "window_center", "window_width",
-                  "fixes", "pixel_offset", "pixel_nbytes"]
+HEADER_COLUMNS = [
+    "modality",
+    "instance_number",
+    "slope",
+    "intercept",
+    "bits_allocated",
+    "bits_stored",
+    "pixel_representation",
+    "photometric",
+    "transfer_syntax",
+    "window_center",
+    "window_width",
+    "fixes",
+    "pixel_offset",
+    "pixel_nbytes",
+]
 QUARANTINE_COLUMNS = ["sop_uid", "path", "split", "reason"]
-CATALOG, QUARANTINE, REPORT, STATE = "catalog.parquet", "quarantine.csv", "ingest_report.json", "ingest_state.json"
+CATALOG, QUARANTINE, REPORT, STATE = (
+    "catalog.parquet",
+    "quarantine.csv",
+    "ingest_report.json",
+    "ingest_state.json",
+)
 _VERSION = 1
 _SPLITS = ("train", "test")
 
@@ -74,8 +110,10 @@ def load_catalog(work: str | os.PathLike) -> pd.DataFrame:
     """Read ``WORK/catalog.parquet``; ``FileNotFoundError`` saying what to run when missing."""
     path = Path(work) / CATALOG
     if not path.is_file():
-        raise FileNotFoundError(f"no catalog at {path}: run `ichd ingest --root DATA --work {Path(work)}` "
-                                "or ichdlib.catalog.ingest(params)")
+        raise FileNotFoundError(
+            f"no catalog at {path}: run `ichd ingest --root DATA --work {Path(work)}` "
+            "or ichdlib.catalog.ingest(params)"
+        )
     return pd.read_parquet(path)
 
 
@@ -128,7 +166,7 @@ def _header_task(paths: list[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]
 def _scan_headers(paths: list[str], pool: _cache.LazyPool, progress: bool) -> tuple[pd.DataFrame, list]:
     n = len(paths)
     step = int(np.clip(n // (8 * pool.workers), 8, 256))
-    chunks = [paths[i:i + step] for i in range(0, n, step)]
+    chunks = [paths[i : i + step] for i in range(0, n, step)]
     frames, errors = [], []
     with tqdm(total=n, desc="headers", unit="file", disable=not progress, mininterval=1.0) as bar:
         for frame, errs in _cache.run_tasks(_header_task, chunks, pool):
@@ -192,8 +230,10 @@ def assign_folds(cat: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     study = t.groupby("study_uid", sort=True).agg(patient=("patient_id", "first"), any=("any", "max"))
     n_patients = study["patient"].nunique()
     if n_patients < folds:
-        raise ValueError(f"only {n_patients} patient(s) in the training data: cannot make {folds} folds grouped "
-                         f"by patient (lower ingest.folds / --folds to at most {n_patients})")
+        raise ValueError(
+            f"only {n_patients} patient(s) in the training data: cannot make {folds} folds grouped "
+            f"by patient (lower ingest.folds / --folds to at most {n_patients})"
+        )
     y = (study["any"].fillna(0) > 0.5).astype(int).to_numpy()
     fold_of = np.empty(len(study), dtype=np.int64)
     with warnings.catch_warnings():
@@ -210,7 +250,9 @@ def assign_folds(cat: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
 
 
 # -- the catalog --------------------------------------------------------------------------------------
-def _q(sop: Iterable[str], path: Iterable[str], split: Iterable[str] | str, reason: Iterable[str] | str) -> pd.DataFrame:
+def _q(
+    sop: Iterable[str], path: Iterable[str], split: Iterable[str] | str, reason: Iterable[str] | str
+) -> pd.DataFrame:
     frame = pd.DataFrame({"sop_uid": list(sop), "path": list(path)})
     frame["split"] = split if isinstance(split, str) else list(split)
     frame["reason"] = reason if isinstance(reason, str) else list(reason)
@@ -222,8 +264,17 @@ def _stem(p: str) -> str:
     return name[:-4] if name.lower().endswith(".dcm") else name
 
 
-def _scan(root: Path, files: dict[str, list[str]], train_csv: Path, sample_sub: Path, folds: int, seed: int,
-          skip_ids: set[str], pool: _cache.LazyPool, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def _scan(
+    root: Path,
+    files: dict[str, list[str]],
+    train_csv: Path,
+    sample_sub: Path,
+    folds: int,
+    seed: int,
+    skip_ids: set[str],
+    pool: _cache.LazyPool,
+    progress: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Headers + labels -> (catalog, quarantine, report)."""
     t0 = time.monotonic()
     # scikit-learn takes a second or two to import: do it while the workers read headers
@@ -232,35 +283,54 @@ def _scan(root: Path, files: dict[str, list[str]], train_csv: Path, sample_sub: 
     split_of = {p: s for s in _SPLITS for p in files[s]}
     skipped = [p for p in split_of if _stem(p) in skip_ids]
     if skipped:
-        quarantine.append(_q(map(_stem, skipped), skipped, [split_of[p] for p in skipped],
-                             "skipped on purpose: listed in ingest.skip_ids"))
+        quarantine.append(
+            _q(
+                map(_stem, skipped),
+                skipped,
+                [split_of[p] for p in skipped],
+                "skipped on purpose: listed in ingest.skip_ids",
+            )
+        )
     to_read = [p for p in split_of if _stem(p) not in skip_ids]
     frame, errors = _scan_headers(to_read, pool, progress)
     t_headers = time.monotonic() - t0
     if errors:
-        quarantine.append(_q([_stem(p) for p, _ in errors], [p for p, _ in errors], [split_of[p] for p, _ in errors],
-                             [f"unreadable: {e}" for _, e in errors]))
+        quarantine.append(
+            _q(
+                [_stem(p) for p, _ in errors],
+                [p for p, _ in errors],
+                [split_of[p] for p, _ in errors],
+                [f"unreadable: {e}" for _, e in errors],
+            )
+        )
     left_out = {_stem(p) for p in skipped} | {_stem(p) for p, _ in errors}
     if frame.empty:
-        raise ValueError(f"{root}: no readable DICOM files in {sorted({Path(p).parent.name for p in split_of})}")
+        raise ValueError(
+            f"{root}: no readable DICOM files in {sorted({Path(p).parent.name for p in split_of})}"
+        )
     frame["split"] = frame["path"].map(split_of)
 
     def drop(mask: pd.Series, reason: Any) -> None:
         nonlocal frame
         if mask.any():
             bad = frame[mask]
-            quarantine.append(_q(bad["sop_uid"], bad["path"], bad["split"],
-                                 reason(bad) if callable(reason) else reason))
+            quarantine.append(
+                _q(bad["sop_uid"], bad["path"], bad["split"], reason(bad) if callable(reason) else reason)
+            )
             left_out.update(bad["sop_uid"])
             frame = frame[~mask]
 
     drop(frame["sop_uid"].isin(skip_ids), "skipped on purpose: listed in ingest.skip_ids")
-    drop((frame["modality"] != "CT") & (frame["modality"] != ""), lambda b: "not CT: modality " + b["modality"])
+    drop(
+        (frame["modality"] != "CT") & (frame["modality"] != ""), lambda b: "not CT: modality " + b["modality"]
+    )
     frame = frame.assign(_s=frame["split"].map({s: i for i, s in enumerate(_SPLITS)}))
     frame = frame.sort_values(["_s", "path"], kind="mergesort").drop(columns="_s")
     first_path = frame.drop_duplicates("sop_uid").set_index("sop_uid")["path"]
-    drop(frame.duplicated("sop_uid"),
-         lambda b: "duplicate SOP UID: same SOPInstanceUID as " + b["sop_uid"].map(first_path))
+    drop(
+        frame.duplicated("sop_uid"),
+        lambda b: "duplicate SOP UID: same SOPInstanceUID as " + b["sop_uid"].map(first_path),
+    )
 
     # labels: train images need a complete set of six; label rows need an image
     report: dict[str, Any] = {"label_conflicts": []}
@@ -268,28 +338,49 @@ def _scan(root: Path, files: dict[str, list[str]], train_csv: Path, sample_sub: 
     labels = pd.DataFrame(columns=list(LABELS), dtype=float)
     if n_train or train_csv.is_file():
         if not train_csv.is_file():
-            raise FileNotFoundError(f"label file {train_csv} not found (needed for {n_train} training images)")
+            raise FileNotFoundError(
+                f"label file {train_csv} not found (needed for {n_train} training images)"
+            )
         labels, problems = read_labels(train_csv)
         conflicts = problems["reason"].str.startswith("conflicting")
         report["label_conflicts"] = sorted(problems.loc[conflicts, "sop_uid"])
         missing = problems[~conflicts].drop_duplicates("sop_uid").set_index("sop_uid")["reason"]
-        drop((frame["split"] == "train") & frame["sop_uid"].isin(missing.index),
-             lambda b: "incomplete labels: " + b["sop_uid"].map(missing))
-        drop((frame["split"] == "train") & ~frame["sop_uid"].isin(labels.index),
-             f"unlabelled: training image without rows in {train_csv.name}")
+        drop(
+            (frame["split"] == "train") & frame["sop_uid"].isin(missing.index),
+            lambda b: "incomplete labels: " + b["sop_uid"].map(missing),
+        )
+        drop(
+            (frame["split"] == "train") & ~frame["sop_uid"].isin(labels.index),
+            f"unlabelled: training image without rows in {train_csv.name}",
+        )
         orphans = labels.index.difference(pd.Index(frame.loc[frame["split"] == "train", "sop_uid"]))
         orphans = orphans.difference(pd.Index(sorted(left_out)))
         if len(orphans):
-            quarantine.append(_q(orphans, [""] * len(orphans), "train",
-                                 f"label rows without an image: in {train_csv.name}, no file in the training folder"))
+            quarantine.append(
+                _q(
+                    orphans,
+                    [""] * len(orphans),
+                    "train",
+                    f"label rows without an image: in {train_csv.name}, no file in the training folder",
+                )
+            )
     if sample_sub.is_file():
         wanted = read_labels(sample_sub)[0].index
-        drop((frame["split"] == "test") & ~frame["sop_uid"].isin(wanted), f"not in sample submission: test image not in {sample_sub.name}")
+        drop(
+            (frame["split"] == "test") & ~frame["sop_uid"].isin(wanted),
+            f"not in sample submission: test image not in {sample_sub.name}",
+        )
         no_image = wanted.difference(pd.Index(frame.loc[frame["split"] == "test", "sop_uid"]))
         no_image = no_image.difference(pd.Index(sorted(left_out)))
         if len(no_image):
-            quarantine.append(_q(no_image, [""] * len(no_image), "test",
-                                 f"submission rows without an image: in {sample_sub.name}, no file in the test folder"))
+            quarantine.append(
+                _q(
+                    no_image,
+                    [""] * len(no_image),
+                    "test",
+                    f"submission rows without an image: in {sample_sub.name}, no file in the test folder",
+                )
+            )
 
     # assemble and order
     cat = frame.reset_index(drop=True)
@@ -319,7 +410,9 @@ def _counts(cat: pd.DataFrame, q: pd.DataFrame) -> dict[str, Any]:
         "slices": {s: int((cat["split"] == s).sum()) for s in _SPLITS},
         "studies": int(cat["study_uid"].nunique()),
         "patients": int(cat.loc[cat["split"] == "train", "patient_id"].nunique()),
-        "fold_slices": {int(k): int(v) for k, v in cat.loc[cat["fold"] >= 0, "fold"].value_counts().sort_index().items()},
+        "fold_slices": {
+            int(k): int(v) for k, v in cat.loc[cat["fold"] >= 0, "fold"].value_counts().sort_index().items()
+        },
         "quarantined": {str(k): int(v) for k, v in q["reason"].str.split(":").str[0].value_counts().items()},
         "dup_z_slices": int(cat["dup_z"].sum()),
         "multi_series_studies": int((cat.groupby("study_uid")["series_uid"].nunique() > 1).sum()),
@@ -336,8 +429,9 @@ def _apply_cache_failures(work: Path, cat: pd.DataFrame, failures: dict[int, str
     q = load_quarantine(work)
     new = _q(gone["sop_uid"], gone["path"], gone["split"], gone["row"].map(failures))
     q = pd.concat([q, new], ignore_index=True).drop_duplicates(["sop_uid", "path", "reason"])
-    cat = order_slices(cat[~bad].drop(columns=["slice_index", "n_slices", "prev_row", "next_row", "spacing_z",
-                                               "dup_z"]))
+    cat = order_slices(
+        cat[~bad].drop(columns=["slice_index", "n_slices", "prev_row", "next_row", "spacing_z", "dup_z"])
+    )
     cat = cat[CATALOG_COLUMNS + HEADER_COLUMNS]
     _save(work, cat, q)
     report = _read_json(work / REPORT)
@@ -345,11 +439,23 @@ def _apply_cache_failures(work: Path, cat: pd.DataFrame, failures: dict[int, str
     return cat
 
 
-def build_catalog(root: str | os.PathLike, work: str | os.PathLike, *, size: int = 256, workers: int = 0,
-                  folds: int = 5, seed: int = 42, skip_ids: Iterable[str] = (), train_dir: str = "stage_2_train",
-                  test_dir: str = "stage_2_test", train_csv: str = "stage_2_train.csv",
-                  sample_submission: str = "stage_2_sample_submission.csv", force: bool = False,
-                  rebuild_cache: bool = False, progress: bool = True) -> pd.DataFrame:
+def build_catalog(
+    root: str | os.PathLike,
+    work: str | os.PathLike,
+    *,
+    size: int = 256,
+    workers: int = 0,
+    folds: int = 5,
+    seed: int = 42,
+    skip_ids: Iterable[str] = (),
+    train_dir: str = "stage_2_train",
+    test_dir: str = "stage_2_test",
+    train_csv: str = "stage_2_train.csv",
+    sample_submission: str = "stage_2_sample_submission.csv",
+    force: bool = False,
+    rebuild_cache: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Scan ``root`` (RSNA layout) into ``work``: catalog, quarantine, report and ``cache_<size>.npy``.
 
     Idempotent: with the same inputs (file names, label files, folds, seed, skip_ids) the catalog is
@@ -386,8 +492,17 @@ def build_catalog(root: str | os.PathLike, work: str | os.PathLike, *, size: int
         def drop_failed(failures: dict[int, str]) -> None:
             current["cat"] = _apply_cache_failures(work, current["cat"], failures)
 
-        _cache.build_cache(cat, work, size, n_rows=int(state["n_rows"]), fingerprint=fp, pool=pool,
-                           force=rebuild_cache, progress=progress, before_publish=drop_failed)
+        _cache.build_cache(
+            cat,
+            work,
+            size,
+            n_rows=int(state["n_rows"]),
+            fingerprint=fp,
+            pool=pool,
+            force=rebuild_cache,
+            progress=progress,
+            before_publish=drop_failed,
+        )
     cat = current["cat"]
     _cache.finish_cache(work, size)
     if built:
@@ -397,8 +512,14 @@ def build_catalog(root: str | os.PathLike, work: str | os.PathLike, *, size: int
     return cat
 
 
-def ingest(params: Params, force: bool = False, *, size: int | None = None, rebuild_cache: bool = False,
-           progress: bool = True) -> pd.DataFrame:
+def ingest(
+    params: Params,
+    force: bool = False,
+    *,
+    size: int | None = None,
+    rebuild_cache: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
     """:func:`build_catalog` with the paths and ``ingest`` section of ``params`` (fold seed: ``params.seed``).
 
     With ``synth.enabled`` the phantom is generated first when the data folder holds no data
@@ -411,10 +532,22 @@ def ingest(params: Params, force: bool = False, *, size: int | None = None, rebu
 
         ensure_phantom(params, progress=progress)
     i = params.ingest
-    return build_catalog(root, params.work_dir, size=size or i.size, workers=i.workers, folds=i.folds,
-                         seed=params.seed, skip_ids=i.skip_ids, train_dir=p.train_dir, test_dir=p.test_dir,
-                         train_csv=p.train_csv, sample_submission=p.sample_submission, force=force,
-                         rebuild_cache=rebuild_cache, progress=progress)
+    return build_catalog(
+        root,
+        params.work_dir,
+        size=size or i.size,
+        workers=i.workers,
+        folds=i.folds,
+        seed=params.seed,
+        skip_ids=i.skip_ids,
+        train_dir=p.train_dir,
+        test_dir=p.test_dir,
+        train_csv=p.train_csv,
+        sample_submission=p.sample_submission,
+        force=force,
+        rebuild_cache=rebuild_cache,
+        progress=progress,
+    )
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -427,7 +560,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="worker processes; 0 = one per CPU core (default)")
     parser.add_argument("--folds", type=int, help="number of patient folds (default 5)")
     parser.add_argument("--seed", type=int, help="fold seed (default 42)")
-    parser.add_argument("--skip-ids", default=None, help="comma-separated IDs to leave out, e.g. ID_6431af929")
+    parser.add_argument(
+        "--skip-ids", default=None, help="comma-separated IDs to leave out, e.g. ID_6431af929"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild catalog and cache even if up to date")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -438,9 +573,18 @@ def cli(args: argparse.Namespace) -> int:
     if args.params:
         from ichdlib.config import load_params
 
-        over: dict[str, Any] = {"ingest": {k: v for k, v in (("size", args.size), ("workers", args.workers),
-                                                             ("folds", args.folds), ("skip_ids", skip))
-                                           if v is not None}}
+        over: dict[str, Any] = {
+            "ingest": {
+                k: v
+                for k, v in (
+                    ("size", args.size),
+                    ("workers", args.workers),
+                    ("folds", args.folds),
+                    ("skip_ids", skip),
+                )
+                if v is not None
+            }
+        }
         if args.seed is not None:
             over["seed"] = args.seed
         paths = {k: v for k, v in (("data_root", args.root), ("work", args.work)) if v}
@@ -453,13 +597,25 @@ def cli(args: argparse.Namespace) -> int:
         if not args.root or not args.work:
             raise ValueError("give --root and --work (or --params)")
         work = Path(args.work)
-        cat = build_catalog(args.root, work, size=args.size or 256, workers=args.workers or 0,
-                            folds=args.folds or 5, seed=42 if args.seed is None else args.seed,
-                            skip_ids=skip or (), force=args.force, progress=not args.no_progress)
+        cat = build_catalog(
+            args.root,
+            work,
+            size=args.size or 256,
+            workers=args.workers or 0,
+            folds=args.folds or 5,
+            seed=42 if args.seed is None else args.seed,
+            skip_ids=skip or (),
+            force=args.force,
+            progress=not args.no_progress,
+        )
     q = load_quarantine(work)
     kinds = q["reason"].str.split(":").str[0].value_counts() if len(q) else pd.Series(dtype=int)
-    print(f"catalog: {len(cat)} slices ({(cat['split'] == 'train').sum()} train, {(cat['split'] == 'test').sum()} "
-          f"test) in {cat['study_uid'].nunique()} studies -> {work / CATALOG}")
-    print(f"quarantine: {len(q)} entries" + "".join(f"\n  {k}: {v}" for k, v in kinds.items())
-          + f" -> {work / QUARANTINE}")
+    n_train, n_test = int((cat["split"] == "train").sum()), int((cat["split"] == "test").sum())
+    print(
+        f"catalog: {len(cat)} slices ({n_train} train, {n_test} test) in {cat['study_uid'].nunique()} studies"
+    )
+    print(f"  -> {work / CATALOG}")
+    print(f"quarantine: {len(q)} entries -> {work / QUARANTINE}")
+    for kind, count in kinds.items():
+        print(f"  {kind}: {count}")
     return 0

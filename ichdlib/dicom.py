@@ -125,11 +125,31 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
 
 
 #: The header elements ``_meta`` reads, by keyword, with their tag and dictionary VR.
-_KEYWORDS = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-             "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation", "PixelSpacing", "Rows", "Columns",
-             "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation", "RescaleSlope",
-             "RescaleIntercept", "WindowCenter", "WindowWidth", "NumberOfFrames", "SamplesPerPixel",
-             "InstanceNumber", "ImageType")
+_KEYWORDS = (
+    "SOPInstanceUID",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceLocation",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "PhotometricInterpretation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "WindowCenter",
+    "WindowWidth",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "InstanceNumber",
+    "ImageType",
+)
 _TAGS = tuple((k, tag_for_keyword(k), dictionary_VR(k)) for k in _KEYWORDS)
 
 
@@ -196,8 +216,15 @@ def _meta(ds: pydicom.Dataset, path: Path) -> dict[str, Any]:
         nbytes = int(getattr(elem, "length", 0) or 0)
         tell = getattr(elem, "value_tell", None)
         expected = rows * cols * (bits_alloc // 8)
-        if (ts in _NATIVE_LE and tell is not None and not getattr(elem, "is_undefined_length", False)
-                and bits_alloc in (8, 16) and spp == 1 and frames == 1 and 0 < expected <= nbytes):
+        if (
+            ts in _NATIVE_LE
+            and tell is not None
+            and not getattr(elem, "is_undefined_length", False)
+            and bits_alloc in (8, 16)
+            and spp == 1
+            and frames == 1
+            and 0 < expected <= nbytes
+        ):
             offset = int(tell)
     return {
         "sop_uid": sop,
@@ -277,12 +304,19 @@ def to_hu(raw: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
 
 def _check_image(path: Path, meta: dict[str, Any]) -> None:
     if not meta["has_pixels"]:
-        raise DicomReadError(path, "no pixel data (element 7FE0,0010 missing; not an image or truncated file)")
+        raise DicomReadError(
+            path, "no pixel data (element 7FE0,0010 missing; not an image or truncated file)"
+        )
     if meta["frames"] > 1:
-        raise DicomReadError(path, f"multi-frame image ({meta['frames']} frames); one 2D slice per file expected")
+        raise DicomReadError(
+            path, f"multi-frame image ({meta['frames']} frames); one 2D slice per file expected"
+        )
     if meta["samples_per_pixel"] != 1:
-        raise DicomReadError(path, f"not grayscale (SamplesPerPixel={meta['samples_per_pixel']}, "
-                                   f"{meta['photometric']}); a 2D CT slice expected")
+        raise DicomReadError(
+            path,
+            f"not grayscale (SamplesPerPixel={meta['samples_per_pixel']}, "
+            f"{meta['photometric']}); a 2D CT slice expected",
+        )
     if meta["rows"] <= 0 or meta["cols"] <= 0:
         raise DicomReadError(path, f"invalid image size Rows={meta['rows']} Columns={meta['cols']}")
 
@@ -296,11 +330,15 @@ def _decode_error(path: Path, ts: UID, exc: Exception) -> DicomReadError:
 
             available = get_decoder(ts).is_available
         except NotImplementedError:
-            return DicomReadError(path, f"unsupported transfer syntax {ts.name} ({ts}): pydicom has no decoder")
+            return DicomReadError(
+                path, f"unsupported transfer syntax {ts.name} ({ts}): pydicom has no decoder"
+            )
         except Exception:  # other pydicom versions: fall back to the generic message
             available = True
         if not available:
-            return DicomReadError(path, f"unsupported transfer syntax {ts.name} ({ts}) in this environment: {_JPEG_HINT}")
+            return DicomReadError(
+                path, f"unsupported transfer syntax {ts.name} ({ts}) in this environment: {_JPEG_HINT}"
+            )
         return DicomReadError(path, f"cannot decode {ts.name} pixel data ({msg})")
     if "less than expected" in msg or "truncat" in msg.lower():
         return DicomReadError(path, f"truncated pixel data ({msg})")
@@ -319,7 +357,9 @@ def read_hu(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         _check_image(path, meta)
         ts = UID(meta["transfer_syntax"])
         if not ts.is_transfer_syntax:
-            raise DicomReadError(path, f"unsupported transfer syntax {ts} (not a known DICOM transfer syntax)")
+            raise DicomReadError(
+                path, f"unsupported transfer syntax {ts} (not a known DICOM transfer syntax)"
+            )
         try:
             raw = ds.pixel_array
         except Exception as exc:  # decoders raise many types
@@ -337,7 +377,9 @@ def _native_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:
     count = rows * cols
     raw = np.fromfile(path, dtype=dtype, count=count, offset=int(meta["pixel_offset"]))
     if raw.size != count:
-        raise DicomReadError(path, f"truncated pixel data ({raw.size * dtype.itemsize} of {count * dtype.itemsize} bytes)")
+        raise DicomReadError(
+            path, f"truncated pixel data ({raw.size * dtype.itemsize} of {count * dtype.itemsize} bytes)"
+        )
     raw = raw.reshape(rows, cols)
     if stored < alloc:  # pydicom keeps only the stored bits (sign-extended for signed data)
         shift = alloc - stored

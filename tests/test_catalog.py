@@ -34,11 +34,21 @@ def make_rsna(root: Path, seed: int = 0) -> dict:
     def new_id() -> str:
         return "ID_" + rng.bytes(5).hex()
 
-    def slice_file(folder: Path, study: str, patient: str, z: float, shape=(40, 40), **kw) -> tuple[str, Path]:
+    def slice_file(
+        folder: Path, study: str, patient: str, z: float, shape=(40, 40), **kw
+    ) -> tuple[str, Path]:
         sop = kw.pop("sop", None) or new_id()
         hu = hu_image(shape, seed=int(rng.integers(1 << 30)))
-        path = write_slice(folder / f"{new_id()}.dcm", (hu + 1024).astype(np.int16), sop=sop, study=study,
-                           series=study + "_se", patient=patient, z=z, **kw)
+        path = write_slice(
+            folder / f"{new_id()}.dcm",
+            (hu + 1024).astype(np.int16),
+            sop=sop,
+            study=study,
+            series=study + "_se",
+            patient=patient,
+            z=z,
+            **kw,
+        )
         return sop, path
 
     # 8 training studies of 6 patients (P0, P1 have two studies each), 5 slices each, files in random order
@@ -95,12 +105,20 @@ def make_rsna(root: Path, seed: int = 0) -> dict:
     pd.DataFrame(labels, columns=["ID", "Label"]).to_csv(root / "stage_2_train.csv", index=False)
     sub = [row for sop in test_sops for row in _label_rows(sop, {})]
     pd.DataFrame([(i, 0.5) for i, _ in sub], columns=["ID", "Label"]).to_csv(
-        root / "stage_2_sample_submission.csv", index=False)
+        root / "stage_2_sample_submission.csv", index=False
+    )
     return plan
 
 
 def ingest(root: Path, work: Path, workers: int = 1, **kw) -> pd.DataFrame:
-    opts = {"size": SIZE, "workers": workers, "folds": 3, "seed": 0, "skip_ids": ["ID_skipme"], "progress": False}
+    opts = {
+        "size": SIZE,
+        "workers": workers,
+        "folds": 3,
+        "seed": 0,
+        "skip_ids": ["ID_skipme"],
+        "progress": False,
+    }
     return catalog.build_catalog(root, work, **(opts | kw))
 
 
@@ -172,7 +190,9 @@ def test_labels_with_duplicate_and_conflicting_rows(data):
     assert lab.loc[plan["label_dup"], list(LABELS)].tolist() == [0.0] * 6
     assert lab.loc[plan["label_conflict"], "subdural"] == 1.0  # the conflict keeps the maximum
     for sop in plan["positive"]:
-        assert lab.loc[sop, "any"] == 1.0 and lab.loc[sop, "subdural"] == 1.0 and lab.loc[sop, "epidural"] == 0.0
+        assert (
+            lab.loc[sop, "any"] == 1.0 and lab.loc[sop, "subdural"] == 1.0 and lab.loc[sop, "epidural"] == 0.0
+        )
     report = catalog._read_json(work / catalog.REPORT)
     assert report["label_conflicts"] == [plan["label_conflict"]]
     assert plan["label_conflict"] not in set(q["sop_uid"])
@@ -193,11 +213,17 @@ def test_quarantine_names_every_file_left_out(data):
     assert by_path.loc[str(plan["skipped"]), "reason"].startswith("skipped on purpose")
     assert by_path.loc[str(plan["test_extra"]), "reason"].startswith("not in sample submission")
     ghost = q[q["sop_uid"] == "ID_ghost"]
-    assert ghost["reason"].str.startswith("label rows without an image").all() and ghost["path"].tolist() == [""]
-    assert len(q) == 8 and q["sop_uid"].is_unique  # ID_corrupt listed once, not also as "label rows without..."
+    assert ghost["reason"].str.startswith("label rows without an image").all() and ghost["path"].tolist() == [
+        ""
+    ]
+    assert (
+        len(q) == 8 and q["sop_uid"].is_unique
+    )  # ID_corrupt listed once, not also as "label rows without..."
     left_out = set(q["path"]) - {""}
     assert not left_out & set(cat["path"])
-    files = {str(p) for p in (root / "stage_2_train").iterdir()} | {str(p) for p in (root / "stage_2_test").iterdir()}
+    files = {str(p) for p in (root / "stage_2_train").iterdir()} | {
+        str(p) for p in (root / "stage_2_test").iterdir()
+    }
     assert files == set(cat["path"]) | left_out  # nothing dropped silently
 
 
@@ -209,7 +235,9 @@ def test_undecodable_slice_dropped_and_neighbours_skip_it(data):
     assert study["slice_index"].tolist() == [0, 1, 2, 3]
     rows = study["row"].tolist()
     assert rows[2] - rows[1] == 2  # the cache row of the dropped slice is skipped ...
-    assert study["next_row"].iloc[1] == rows[2] and study["prev_row"].iloc[2] == rows[1]  # ... by the neighbours
+    assert (
+        study["next_row"].iloc[1] == rows[2] and study["prev_row"].iloc[2] == rows[1]
+    )  # ... by the neighbours
     assert study["spacing_z"].tolist() == [5.0, 10.0, 5.0, 5.0]
 
 
@@ -235,7 +263,10 @@ def test_decode_resized_matches_read_hu_then_resize(tmp_path):
     from ichdlib.dicom import read_header
 
     wrap = np.mod(hu_image((50, 50), seed=4), 4096).astype(np.uint16)
-    files = [*variant_files(tmp_path), write_slice(tmp_path / "wrap.dcm", wrap, bits_stored=12, intercept=0.0)]
+    files = [
+        *variant_files(tmp_path),
+        write_slice(tmp_path / "wrap.dcm", wrap, bits_stored=12, intercept=0.0),
+    ]
     for path in files:
         meta = read_header(path)
         for size in (24, 64):
@@ -354,14 +385,24 @@ def test_ingest_and_ensure_cache_from_params(data, tmp_path):
     _, root, work, cat, _ = data
     work2 = tmp_path / "w"
     shutil.copytree(work, work2)
-    P = load_params(None, {"root": str(tmp_path), "seed": 0, "synth": {"enabled": False},
-                           "paths": {"data_root": str(root), "work": str(work2)},
-                           "ingest": {"size": SIZE, "workers": 1, "folds": 3, "skip_ids": ["ID_skipme"]}})
+    P = load_params(
+        None,
+        {
+            "root": str(tmp_path),
+            "seed": 0,
+            "synth": {"enabled": False},
+            "paths": {"data_root": str(root), "work": str(work2)},
+            "ingest": {"size": SIZE, "workers": 1, "folds": 3, "skip_ids": ["ID_skipme"]},
+        },
+    )
     before = _mtimes(work2)
     pd.testing.assert_frame_equal(catalog.ingest(P, progress=False), cat)  # same inputs: loaded, not rebuilt
     assert _mtimes(work2) == before
     mm = cache.ensure_cache(P, 16)  # another size from the same catalog
-    assert mm.shape == (len(cat) + 1, 16, 16) and (work2 / "catalog.parquet").stat().st_mtime_ns == before["catalog.parquet"]
+    assert (
+        mm.shape == (len(cat) + 1, 16, 16)
+        and (work2 / "catalog.parquet").stat().st_mtime_ns == before["catalog.parquet"]
+    )
     r = cat.iloc[3]
     np.testing.assert_allclose(mm[r["row"]], cache.resize_hu(read_hu(r["path"])[0], 16), atol=1)
     assert cache.ensure_cache(P, 16).filename == mm.filename
@@ -384,8 +425,26 @@ def test_too_few_patients_for_folds(data, tmp_path):
 
 def test_cli(data, tmp_path, capsys):
     _, root, _, cat, _ = data
-    rc = main(["ingest", "--root", str(root), "--work", str(tmp_path / "w"), "--size", "16", "--workers", "1",
-               "--folds", "3", "--seed", "0", "--skip-ids", "ID_skipme", "--no-progress"])
+    rc = main(
+        [
+            "ingest",
+            "--root",
+            str(root),
+            "--work",
+            str(tmp_path / "w"),
+            "--size",
+            "16",
+            "--workers",
+            "1",
+            "--folds",
+            "3",
+            "--seed",
+            "0",
+            "--skip-ids",
+            "ID_skipme",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and f"catalog: {len(cat)} slices" in out and "unreadable: 2" in out
     assert (tmp_path / "w" / "cache_16.npy").is_file()
@@ -412,8 +471,16 @@ def test_phantom_quirks_are_handled(ingested):
     P = ingested
     cat, q = catalog.load_catalog(P.work_dir), catalog.load_quarantine(P.work_dir)
     quirks = json.loads((P.data_root / "phantom_manifest.json").read_text())["quirks"]
-    checked = ("corrupt", "intercept_wrap", "duplicate_slice", "missing_slice", "odd_size", "multi_window",
-               "monochrome1", "duplicate_label_rows")
+    checked = (
+        "corrupt",
+        "intercept_wrap",
+        "duplicate_slice",
+        "missing_slice",
+        "odd_size",
+        "multi_window",
+        "monochrome1",
+        "duplicate_label_rows",
+    )
     assert all(quirks[k] for k in checked), {k: len(quirks[k]) for k in checked}
     mm = cache.open_cache(P.work_dir, P.ingest.size)
     by_sop = cat.set_index("sop_uid")

@@ -18,18 +18,62 @@ from ichdlib.dicom import DicomReadError, read_header, read_hu, read_hu_fast
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 
-def write_slice(path: Path, stored: np.ndarray, *, sop: str = "ID_0001", study: str = "ID_st", series: str = "ID_se",
-                patient: str = "ID_pt", z: float = 0.0, modality: str = "CT", bits_stored: int | None = None,
-                intercept: float | None = -1024.0, slope: float | None = 1.0, photometric: str = "MONOCHROME2",
-                window: tuple = (40, 80), syntax: str = ExplicitVRLittleEndian, frames: int = 1) -> Path:
+def write_slice(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    sop: str = "ID_0001",
+    study: str = "ID_st",
+    series: str = "ID_se",
+    patient: str = "ID_pt",
+    z: float = 0.0,
+    modality: str = "CT",
+    bits_stored: int | None = None,
+    intercept: float | None = -1024.0,
+    slope: float | None = 1.0,
+    photometric: str = "MONOCHROME2",
+    window: tuple = (40, 80),
+    syntax: str = ExplicitVRLittleEndian,
+    frames: int = 1,
+) -> Path:
     """Write stored pixel values (their dtype sets BitsAllocated/PixelRepresentation) as a CT slice."""
     with pydicom.config.disable_value_validation():  # RSNA-style UIDs (ID_...) are not valid UIDs
-        return _write_slice(path, np.ascontiguousarray(stored), sop, study, series, patient, z, modality,
-                            bits_stored, intercept, slope, photometric, window, syntax, frames)
+        return _write_slice(
+            path,
+            np.ascontiguousarray(stored),
+            sop,
+            study,
+            series,
+            patient,
+            z,
+            modality,
+            bits_stored,
+            intercept,
+            slope,
+            photometric,
+            window,
+            syntax,
+            frames,
+        )
 
 
-def _write_slice(path, stored, sop, study, series, patient, z, modality, bits_stored, intercept, slope,
-                 photometric, window, syntax, frames) -> Path:
+def _write_slice(
+    path,
+    stored,
+    sop,
+    study,
+    series,
+    patient,
+    z,
+    modality,
+    bits_stored,
+    intercept,
+    slope,
+    photometric,
+    window,
+    syntax,
+    frames,
+) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop
@@ -111,8 +155,9 @@ def test_monochrome1(tmp_path):
     np.testing.assert_array_equal(hu1, ref)
     assert "monochrome1" in meta1["fixes"]
     # Without a rescale the values are display values: inverted so that bright means dense.
-    path = write_slice(tmp_path / "m1raw.dcm", stored, photometric="MONOCHROME1", bits_stored=12,
-                       intercept=None, slope=None)
+    path = write_slice(
+        tmp_path / "m1raw.dcm", stored, photometric="MONOCHROME1", bits_stored=12, intercept=None, slope=None
+    )
     inv, meta = read_hu(path)
     assert {"monochrome1_inverted", "default_rescale"} <= set(meta["fixes"])
     np.testing.assert_array_equal(inv, 4095.0 - stored)
@@ -136,10 +181,18 @@ def variant_files(tmp_path: Path) -> list[Path]:
         write_slice(tmp_path / "slope.dcm", ((hu + 1024) / 2).astype(np.uint16), slope=2.0),
         # 12 stored bits with junk in the high bits: pydicom masks (unsigned) / sign-extends (signed)
         write_slice(tmp_path / "u12hi.dcm", (hu + 1024).astype(np.uint16) | 0xF000, bits_stored=12),
-        write_slice(tmp_path / "s12.dcm", np.clip(hu, -2048, 2047).astype(np.int16) ^ 0x7000, bits_stored=12,
-                    intercept=0.0),
-        write_slice(tmp_path / "u8.dcm", np.clip(hu / 10 + 100, 0, 255).astype(np.uint8), intercept=-1000.0,
-                    slope=10.0),
+        write_slice(
+            tmp_path / "s12.dcm",
+            np.clip(hu, -2048, 2047).astype(np.int16) ^ 0x7000,
+            bits_stored=12,
+            intercept=0.0,
+        ),
+        write_slice(
+            tmp_path / "u8.dcm",
+            np.clip(hu / 10 + 100, 0, 255).astype(np.uint8),
+            intercept=-1000.0,
+            slope=10.0,
+        ),
         write_slice(tmp_path / "tiny.dcm", np.full((3, 5), 1064, np.int16)),  # pixel data not deferred
     ]
 
@@ -184,7 +237,9 @@ def test_missing_decoder_gives_install_hint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(fail))
     monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: NoDecoder())
-    with pytest.raises(DicomReadError, match=r"j2k\.dcm: unsupported transfer syntax JPEG 2000.*pip install ichdlib\[jpeg\]"):
+    with pytest.raises(
+        DicomReadError, match=r"j2k\.dcm: unsupported transfer syntax JPEG 2000.*pip install ichdlib\[jpeg\]"
+    ):
         read_hu(tmp_path / "j2k.dcm")
 
 
@@ -236,8 +291,15 @@ def test_unreadable_files_name_file_and_reason(tmp_path):
 def test_missing_tags_tolerated(tmp_path):
     path = write_slice(tmp_path / "ID_fromname.dcm", (hu_image() + 1024).astype(np.int16))
     ds = pydicom.dcmread(path)
-    for tag in ("SOPInstanceUID", "ImagePositionPatient", "PixelSpacing", "WindowCenter", "WindowWidth",
-                "PatientID", "RescaleSlope"):
+    for tag in (
+        "SOPInstanceUID",
+        "ImagePositionPatient",
+        "PixelSpacing",
+        "WindowCenter",
+        "WindowWidth",
+        "PatientID",
+        "RescaleSlope",
+    ):
         delattr(ds, tag)
     ds.SliceLocation = 12.5
     ds.save_as(path)
@@ -253,5 +315,9 @@ def test_read_headers_collects_errors(tmp_path):
     (tmp_path / "b.dcm").write_text("nope")
     metas, errors = dicom.read_headers([str(good), str(tmp_path / "b.dcm")])
     assert [m["path"] for m in metas] == [str(good)]
-    assert errors == [(str(tmp_path / "b.dcm"), f"{tmp_path / 'b.dcm'}: not a DICOM file (no 'DICM' marker and "
-                                                "no DICOM image elements)")]
+    assert errors == [
+        (
+            str(tmp_path / "b.dcm"),
+            f"{tmp_path / 'b.dcm'}: not a DICOM file (no 'DICM' marker and no DICOM image elements)",
+        )
+    ]
