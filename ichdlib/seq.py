@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ichdlib.config import Params
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
-from ichdlib.seqmodels import build_seq_model, masked_weighted_bce, model_logits
+from ichdlib.seqmodels import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
 from ichdlib.train import atomic_write, derive_seed, save_parquet, save_torch
 
 MODELS = ("seq1", "seq2")
@@ -364,7 +364,10 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
     meta = {"model": model_name, "in_dim": inputs.dim, "n_cnn": inputs.n_cnn, "x_channels": inputs.x_channels,
             "arch": arch, "fold": fold, "backbones": inputs.keys, "signature": signature}
     torch.manual_seed(_epoch_seed(P.seed, fold, -1, model_name))
-    model = build_seq_model(model_name, inputs.dim, inputs.n_cnn, inputs.x_channels, **arch).to(device)
+    model = build_seq_model(model_name, inputs.dim, inputs.n_cnn, inputs.x_channels, **arch)
+    tr_rows = np.concatenate([inputs.study_rows[s] for s in tr])
+    init_output_bias(model, inputs.y[tr_rows].mean(axis=0))
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
     history: list[dict] = []

@@ -152,6 +152,19 @@ def build_seq_model(name: str, in_dim: int, n_cnn: int, x_channels: int, *, mid:
     raise ValueError(f"unknown sequence model {name!r}: expected 'seq1' or 'seq2'")
 
 
+def init_output_bias(model: nn.Module, prior: torch.Tensor | list[float]) -> None:
+    """Start every output head at the labels' prior log-odds (the GRU heads' linear layers carry the bias;
+    the skip/conv heads add none), so training starts from the prior-only prediction."""
+    p = torch.as_tensor(prior, dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
+    logit = torch.log(p / (1 - p))
+    m1 = model.model1 if isinstance(model, SeqModel2) else model
+    heads = [m1] + ([model] if isinstance(model, SeqModel2) else [])
+    with torch.no_grad():
+        m1.skip.bias.zero_()
+        for m in heads:
+            m.head.bias.copy_(logit)
+
+
 def model_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Run either model on a collated batch; returns the logits of every supervised head, final first."""
     if isinstance(model, SeqModel2):

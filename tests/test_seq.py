@@ -383,3 +383,14 @@ def test_interrupted_fold_resumes_to_the_same_result(fake, monkeypatch):
     b = torch.load(cut_dir / "fold1.pt", weights_only=True)["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_output_heads_start_at_the_prior():
+    from ichdlib.seqmodels import init_output_bias
+
+    prior = [0.15, 0.01, 0.05, 0.04, 0.04, 0.07]
+    m = build_seq_model("seq2", 16, 1, 4, mid=16, reduce_dim=8, hidden=6, conv=(16, 8))
+    init_output_bias(m, prior)
+    for head in (m.head, m.model1.head):
+        torch.testing.assert_close(torch.sigmoid(head.bias), torch.tensor(prior))
+    assert torch.all(m.model1.skip.bias == 0)
