@@ -66,22 +66,18 @@ def _input_channels(model: nn.Module) -> int:
     return 3
 
 
-def probe_target_layer(model: nn.Module, size: int = 128) -> tuple[str, nn.Module]:
-    """The last module with a 4-D output before global pooling, found with forward hooks on a dummy input.
-
-    Containers finish after their children, so for ``blocks -> global_pool`` this returns ``blocks`` (the
-    whole feature trunk's output). All probe hooks are removed before returning.
-    """
+def spatial_outputs(model: nn.Module, size: int = 128) -> list[tuple[str, tuple[int, int]]]:
+    """``(module name, (h, w))`` of every module with a 4-D output, in completion order, for one dummy
+    ``size`` x ``size`` input (forward hooks, all removed before returning; the model's mode is kept)."""
     import torch
 
-    events: list[tuple[str, tuple[int, ...]]] = []
+    events: list[tuple[str, tuple[int, int]]] = []
 
     def record(name: str, _m: Any, _inp: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            events.append((name, tuple(out.shape)))
+        if isinstance(out, torch.Tensor) and out.ndim == 4:
+            events.append((name, (int(out.shape[-2]), int(out.shape[-1]))))
 
-    named = dict(model.named_modules())
-    handles = [m.register_forward_hook(partial(record, name)) for name, m in named.items() if name]
+    handles = [m.register_forward_hook(partial(record, name)) for name, m in model.named_modules() if name]
     was_training = model.training
     try:
         device = next(model.parameters()).device
@@ -92,28 +88,65 @@ def probe_target_layer(model: nn.Module, size: int = 128) -> tuple[str, nn.Modul
         for h in handles:
             h.remove()
         model.train(was_training)
-    # Modules report in completion order; once global pooling has run nothing spatial follows, so the last
-    # spatial output is the trunk's (squeeze-excite pools inside blocks are followed by spatial outputs).
-    spatial = [name for name, shape in events if len(shape) == 4 and shape[-1] * shape[-2] > 1]
-    best = spatial[-1] if spatial else None
-    if best is None:
+    return events
+
+
+def probe_target_layer(model: nn.Module, size: int = 128) -> tuple[str, nn.Module]:
+    """The last module with a 4-D spatial output before global pooling, found with forward hooks.
+
+    Modules report in completion order; once global pooling has run nothing spatial follows, so the last
+    spatial output is the trunk's (squeeze-excite pools inside blocks are followed by spatial outputs again).
+    Containers finish after their children, so for ``blocks -> global_pool`` this returns ``blocks``.
+    """
+    spatial = [name for name, (h, w) in spatial_outputs(model, size) if h * w > 1]
+    if not spatial:
         raise ValueError(f"{type(model).__name__}: found no module with a 4-D spatial output; "
                          "pass target_layer= explicitly")
-    return best, named[best]
+    return spatial[-1], model.get_submodule(spatial[-1])
 
 
-def find_target_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
-    """The layer whose activations the CAM uses: ``name`` if given, else by family, else by probing."""
+def _feature_stages(model: nn.Module) -> list[str]:
+    """Full names of a timm backbone's feature stages (``feature_info``), shallow to deep; [] if none."""
+    for prefix, m in model.named_modules():
+        info = getattr(m, "feature_info", None)
+        if isinstance(info, list) and info and isinstance(info[0], dict) and "module" in info[0]:
+            return [f"{prefix}.{f['module']}" if prefix else f["module"] for f in info]
+    return []
+
+
+def find_target_layer(model: nn.Module, name: str | None = None, size: int | None = None,
+                      min_map: int = 0) -> tuple[str, nn.Module]:
+    """The layer whose activations the CAM uses.
+
+    ``name`` if given; else by backbone family (DenseNet ``features.norm5``, ResNet / SE-ResNeXt ``layer4``),
+    else the last spatial module before global pooling (:func:`probe_target_layer`). With ``min_map`` and
+    the input ``size``: when that layer's map is coarser than ``min_map`` x ``min_map`` at this input size
+    (e.g. ``layer4`` gives 3 x 3 at 96 px), the deepest earlier timm feature stage (``feature_info``) whose
+    map is at least that fine is used instead (``layer3``, 6 x 6): a peak on a 3 x 3 grid cannot point at a
+    lesion covering 1% of the slice.
+    """
     named = dict(model.named_modules())
     if name:
         if name not in named:
             raise ValueError(f"{type(model).__name__} has no module {name!r} (cam.target_layer)")
         return name, named[name]
+    chosen: str | None = None
     for suffix in FAMILY_LAYERS:
         hits = [n for n in named if n == suffix or n.endswith("." + suffix)]
         if hits:
-            return hits[-1], named[hits[-1]]
-    return probe_target_layer(model)
+            chosen = hits[-1]
+            break
+    if chosen is None:
+        chosen = probe_target_layer(model, size or 128)[0]
+    if min_map and size:
+        shapes = dict(spatial_outputs(model, size))
+        if chosen in shapes and min(shapes[chosen]) < min_map:
+            finer = [n for n in _feature_stages(model) if n in shapes and n != chosen and min(shapes[n]) >= min_map]
+            if finer:
+                chosen = finer[-1]
+            else:
+                log.info("CAM layer %s gives a %s map; no earlier timm stage is finer", chosen, shapes[chosen])
+    return chosen, named[chosen]
 
 
 def count_hooks(model: nn.Module) -> int:
@@ -212,6 +245,7 @@ def compute_cams(
     learnable: bool = False,
     batch: int = 16,
     target_layer: str | None = None,
+    min_map: int = 0,
 ) -> np.ndarray:
     """One CAM per class per slice: ``(B, 3, H, W)`` HU stack -> ``(B, n_classes, H0, W0)`` float32 in [0, 1].
 
@@ -219,6 +253,7 @@ def compute_cams(
     ``(H, W)``); ``classes`` are label names or indices (default all six, in label order). ``batch`` bounds
     the number of (slice, class) maps per forward/backward pass. Each map is scaled to [0, 1] by
     pytorch-grad-cam (an all-zero map stays zero). The model's mode and hooks are left as they were.
+    ``target_layer`` / ``min_map``: see :func:`find_target_layer`.
     """
     import torch
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -230,7 +265,7 @@ def compute_cams(
     out = np.zeros((n, len(cls), s, s), dtype=np.float32)
     if n == 0:
         return undo_geometry(out, in_hw, crop, out_size)
-    _, layer = find_target_layer(model, target_layer)
+    _, layer = find_target_layer(model, target_layer, s, min_map)
     per = max(1, batch // len(cls))
     was_training = model.training
     done = False
@@ -343,6 +378,12 @@ class CamEngine:
             self._models[fold] = load_cnn(self.model_dir / f"fold{fold}.pt", self.device)
         return self._models[fold]
 
+    def target_layer(self) -> str:
+        """Name of the layer the maps come from (``cam.target_layer``, or chosen as in :func:`compute_cams`)."""
+        model, meta = self.model(self.folds[0])
+        size = int(meta.get("size", self.backbone.size))
+        return find_target_layer(model, self.P.cam.target_layer, size, self.P.cam.min_map)[0]
+
     def stacks(self, rows: pd.DataFrame) -> np.ndarray:
         """``(n, 3, S, S)`` int16 HU stacks (s-1, s, s+1) of catalog rows from the cache."""
         idx = rows[["prev_row", "row", "next_row"]].to_numpy(dtype=np.int64)
@@ -395,7 +436,7 @@ class CamEngine:
                 size=int(meta.get("size", self.backbone.size)), out_size=tuple(hw),
                 single_window=tuple(meta.get("single_window", self.P.windows.single_window)),
                 learnable=bool(meta.get("learnable_window", self.P.windows.learnable)),
-                batch=cfg.batch, target_layer=cfg.target_layer,
+                batch=cfg.batch, target_layer=cfg.target_layer, min_map=cfg.min_map,
             )
             for j, p in enumerate(pos):
                 result[p] = maps[j]

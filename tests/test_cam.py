@@ -70,6 +70,24 @@ def test_target_layer_by_family_and_probe():
         cam.find_target_layer(lcnet, "nope")
 
 
+def test_coarse_family_layer_steps_back_to_a_finer_stage():
+    from ichdlib.models import build_cnn
+
+    res = _resnet()
+    assert cam.find_target_layer(res, size=256, min_map=6)[0] == "layer4"  # 8 x 8: kept
+    assert cam.find_target_layer(res, size=96, min_map=6)[0] == "layer3"  # 3 x 3 -> 6 x 6
+    assert cam.find_target_layer(res, size=96, min_map=0)[0] == "layer4"
+    # bottleneck blocks: the 1x1 conv at the start of layer4 is finer but inside layer4: not taken
+    wrapped = build_cnn("resnet50")
+    assert cam.find_target_layer(wrapped, size=96, min_map=6)[0] == "backbone.layer3"
+    assert cam.count_hooks(wrapped) == 0
+    # the stepped-back layer gives a finer map: more distinct values than a 3 x 3 grid can make
+    stack = np.random.default_rng(2).integers(-50, 150, size=(1, 3, 96, 96)).astype(np.int16)
+    coarse = cam.compute_cams(res, stack, ["any"], size=96, crop=1.0, min_map=0)
+    fine = cam.compute_cams(res, stack, ["any"], size=96, crop=1.0, min_map=6)
+    assert not np.allclose(coarse, fine)
+
+
 def test_geometry_round_trip():
     """A peak at the network input lands where the same point of the original slice is."""
     h0, w0, spot = 200, 160, (60, 110)
@@ -255,6 +273,7 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     table = cam.review_table(P)  # no sequence models yet: final = the 2D CNN's
     assert len(table) and np.allclose(table["p_any"], table["p2d_any"])
     engine = cam.CamEngine(P)
+    assert engine.target_layer() == "backbone.blocks.2"  # lcnet at 48 px: the 2 x 2 trunk steps back to 6 x 6
     rows = table.head(3)
     maps = engine.cams(rows)
     for m, (_, r) in zip(maps, rows.iterrows(), strict=True):
