@@ -642,7 +642,7 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
     if not (P.data_root / "masks").is_dir():
         log.info("%s: no lesion masks; pointing game skipped", P.data_root / "masks")
         return None
-    settings = {"method": P.cam.method, "backbone": engine.key, "target_layer": P.cam.target_layer,
+    settings = {"method": P.cam.method, "backbone": engine.key, "target_layer": engine.target_layer(),
                 "threshold": threshold, "tolerance_px": tolerance}
     if not force and max_per_class is None and metrics_path.is_file():
         old = json.loads(metrics_path.read_text()).get("pointing_game")

@@ -286,6 +286,7 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     pg = cam.pointing_game_run(P, engine, table, max_per_class=4)
     n_pos = {c: min(4, int((table[f"y_{c}"] == 1).sum())) for c in LABELS}
     assert pg["positives"]["n"] == n_pos and pg["method"] == P.cam.method and pg["backbone"] == engine.key
+    assert pg["target_layer"] == "backbone.blocks.2"
     assert pg["n"] == n_pos  # the fabricated OOF puts every positive above the threshold
     for c in LABELS:
         assert (pg["per_class"][c] is None) == (n_pos[c] == 0)
