@@ -37,11 +37,11 @@ NOTEBOOK_CODE = f"""\
 import sys
 sys.path.insert(0, {str(TESTS_DIR)!r})
 from test_viewer import fabricated_studies
-from ichdlib.viewer import SliceViewer, ViewerState
+from ichdlib.viewer import SliceViewer, ViewerState, show
 
 studies, cams = fabricated_studies(n_studies=2, n=10, size=96)
-viewer = SliceViewer(ViewerState.from_studies(studies, cams), width=288)
-viewer.widget
+viewer = show(ViewerState.from_studies(studies, cams))  # a live kernel: the widgets, not a static figure
+assert isinstance(viewer, SliceViewer), type(viewer)
 """
 
 # JS run in the page: a summary of the pixels an <img> shows (drawn to a canvas), and where the red
@@ -264,3 +264,9 @@ def test_viewer_in_jupyterlab(lab, browser):
     # the marker moved in the slider's direction by about one slice's width of the strip
     assert (strip1["redX"] - strip0["redX"]) * step > 0, (strip0["redX"], strip1["redX"])
     assert deadline.left() > 0.5, "browser test exceeded its time budget"
+
+
+def test_missing_browser_gives_a_clear_skip_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    reason = _missing()
+    assert reason and "no-chromium not installed" in reason and "install_browser.sh" in reason
