@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, str] = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM"}
 #: Target layers by backbone family, tried in order (matched as a dotted-name suffix, so wrapped models work).
 FAMILY_LAYERS: tuple[str, ...] = ("features.norm5", "layer4")
+#: Lesion outline colour in overlays.
+OUTLINE_RGB: tuple[int, int, int] = (255, 0, 255)
 #: Review groups: confident true positives, worst false positives, worst false negatives.
 GROUPS: tuple[str, ...] = ("tp", "fp", "fn")
 
@@ -540,7 +542,8 @@ def study_summary(table: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 def overlay(hu: np.ndarray, cam: np.ndarray | None, window: tuple[float, float] = WINDOWS["brain"],
             opacity: float = 0.5, cmap: str = "jet", outline: np.ndarray | None = None) -> np.ndarray:
-    """RGB uint8 image: the windowed slice with the CAM blended in (weighted by the map) and an outline."""
+    """RGB uint8 image: the windowed slice with the CAM blended in (weighted by the map) and the ``outline``
+    mask's border in magenta (a colour neither the grey image nor the jet map uses)."""
     from matplotlib import colormaps
 
     from ichdlib.windows import window as apply_window
@@ -559,36 +562,49 @@ def overlay(hu: np.ndarray, cam: np.ndarray | None, window: tuple[float, float] 
 
         m = outline.astype(np.uint8)
         edge = m - cv2.erode(m, np.ones((3, 3), np.uint8))
-        out[edge > 0] = (255, 255, 255)
+        out[edge > 0] = OUTLINE_RGB
     return out
+
+
+def head_box(hu: np.ndarray, margin: int = 4, threshold: float = -500.0) -> tuple[slice, slice]:
+    """Row and column slices around the non-air part of a slice (the whole image when it is all air)."""
+    rows, cols = np.nonzero(np.asarray(hu) > threshold)
+    if not len(rows):
+        return slice(None), slice(None)
+    h, w = np.shape(hu)
+    return (slice(max(0, rows.min() - margin), min(h, rows.max() + margin + 1)),
+            slice(max(0, cols.min() - margin), min(w, cols.max() + margin + 1)))
 
 
 def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence[np.ndarray],
                    masks: Sequence[np.ndarray | None] | None = None, window: tuple[float, float] = WINDOWS["brain"],
                    title: str = "") -> Any:
-    """A grid of review cases: for each, the windowed slice and its CAM overlay (lesion outline if known).
+    """Review cases as a grid, one row per group (TP, FP, FN): for each case the windowed slice and its CAM
+    overlay with the lesion outline where known, both cropped to the head.
 
-    ``hu[i]`` is the slice image and ``cams[i]`` its map for ``cases.label[i]`` at the same geometry.
+    ``hu[i]``, ``cams[i]`` (the map of ``cases.label[i]``) and ``masks[i]`` (bitmask or None) belong to the
+    ``i``-th row of ``cases`` and share its geometry.
     """
     import matplotlib.pyplot as plt
 
-    n = len(cases)
-    ncol = 4
-    nrow = max(1, int(np.ceil(n / (ncol // 2))))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.4 * ncol, 2.5 * nrow), squeeze=False)
+    cases = cases.reset_index(drop=True)
+    k = max([1, *cases.groupby("group").size().tolist()])
+    fig, axes = plt.subplots(len(GROUPS), 2 * k, figsize=(2.1 * 2 * k, 2.3 * len(GROUPS)), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    if n == 0:
-        axes[0, 0].text(0, 0.5, "no cases in these groups", fontsize=10)
-    for i, (_, r) in enumerate(cases.reset_index(drop=True).iterrows()):
-        ax_img, ax_cam = axes.ravel()[2 * i], axes.ravel()[2 * i + 1]
-        mask = None
-        if masks is not None and masks[i] is not None:
-            mask = class_mask(masks[i], r["label"])
-        ax_img.imshow(overlay(hu[i], None, window, outline=mask))
-        ax_cam.imshow(overlay(hu[i], cams[i], window, opacity=0.6, outline=mask))
-        ax_img.set_title(f"{r['group'].upper()} {r['label']} p={r['prob']:.2f}", fontsize=8)
-        ax_cam.set_title(f"{str(r['study_uid'])[-6:]} s{int(r['slice_index'])}", fontsize=8)
+    for gi, group in enumerate(GROUPS):
+        sel = cases.index[cases["group"] == group]
+        if not len(sel):
+            axes[gi, 0].text(0.0, 0.5, f"{group.upper()}: none", fontsize=9, transform=axes[gi, 0].transAxes)
+        for j, i in enumerate(sel):
+            r = cases.loc[i]
+            box = head_box(hu[i])
+            mask = class_mask(masks[i], r["label"]) if masks is not None and masks[i] is not None else None
+            ax_img, ax_cam = axes[gi, 2 * j], axes[gi, 2 * j + 1]
+            ax_img.imshow(overlay(hu[i], None, window)[box])
+            ax_cam.imshow(overlay(hu[i], cams[i], window, opacity=0.6, outline=mask)[box])
+            ax_img.set_title(f"{group.upper()} p={r['prob']:.2f}", fontsize=8)
+            ax_cam.set_title(f"{str(r['study_uid'])[-6:]} s{int(r['slice_index'])}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -226,11 +226,17 @@ def test_overlay_and_gallery():
     over = cam.overlay(hu, cmap, opacity=0.8)
     assert (over[22, 22] != plain[22, 22]).any() and (over[5, 5] == plain[5, 5]).all()
     outlined = cam.overlay(hu, None, outline=hu > 0)
-    assert (outlined[6, 10] == 255).all()
-    cases = cam.select_cases(_table(), 1, labels=["any"])
+    assert tuple(outlined[6, 10]) == cam.OUTLINE_RGB and tuple(outlined[10, 10]) != cam.OUTLINE_RGB
+    cases = cam.select_cases(_table(), 2, labels=["any"])
     n = len(cases)
     fig = cam.gallery_figure(cases, [hu] * n, [cmap] * n, masks=[(hu > 0).astype(np.uint8)] * n, title="t")
-    assert len(fig.axes) >= 2 * n
+    assert len(fig.axes) == 3 * 2 * 2 and sum(bool(ax.images) for ax in fig.axes) == 2 * n
+    empty = cam.gallery_figure(cases.iloc[:0], [], [], title="none")
+    assert not any(ax.images for ax in empty.axes)
+    head = np.full((20, 30), -1000.0)
+    head[5:9, 10:20] = 40.0
+    rows, cols = cam.head_box(head, margin=1)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (4, 10, 9, 21)
 
 
 # --------------------------------------------------------------------------------------------------
