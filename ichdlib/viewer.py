@@ -113,6 +113,7 @@ class ViewerState:
         self._studies: OrderedDict[str, Study] = OrderedDict()
         self._cams: OrderedDict[str, list[np.ndarray]] = OrderedDict()
         self._strips: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {}
+        self._boxes: dict[str, tuple[slice, slice] | None] = {}
         if summary is None:
             summary = pd.DataFrame([summarize(self.study_obj(u)) for u in studies])
         self.summary = summary.set_index("study_uid").reindex(list(studies))
@@ -220,8 +221,18 @@ class ViewerState:
         self.opacity = float(np.clip(opacity, 0.0, 1.0))
 
     # -- rendering -----------------------------------------------------------------------------------
+    def _box(self) -> tuple[slice, slice]:
+        """The part of the current slice shown: around the head, one box per study so slices line up."""
+        from ichdlib.cam import head_box
+
+        study = self.study_obj()
+        if self.uid not in self._boxes:
+            shapes = {np.shape(h) for h in study.hu}
+            self._boxes[self.uid] = head_box(np.max(np.stack(study.hu), axis=0)) if len(shapes) == 1 else None
+        return self._boxes[self.uid] or head_box(study.hu[self.index])
+
     def image(self) -> np.ndarray:
-        """The current slice as RGB uint8: window, CAM of the class, lesion outline when known."""
+        """The current slice as RGB uint8, cropped to the head: window, CAM of the class, lesion outline."""
         from ichdlib.cam import class_mask, overlay
 
         study = self.study_obj()
@@ -229,8 +240,8 @@ class ViewerState:
         cam = maps[self.index][LABELS.index(self.label)].astype(np.float32) / 255.0 if maps else None
         mask = study.masks[self.index] if study.masks is not None else None
         outline = class_mask(mask, self.label) if mask is not None else None
-        return overlay(np.asarray(study.hu[self.index], np.float32), cam, self.window, self.opacity,
-                       outline=outline)
+        img = overlay(np.asarray(study.hu[self.index], np.float32), cam, self.window, self.opacity, outline=outline)
+        return img[self._box()]
 
     def image_png(self) -> bytes:
         return _png(self.image())

@@ -22,8 +22,8 @@ def fabricated_studies(n_studies: int = 3, n: int = 8, size: int = 48, seed: int
         hu, maps = [], []
         truth = np.zeros((n, len(LABELS)))
         for i in range(n):
-            img = np.where(d < size * 0.42, 30.0, -1000.0)
-            img[(d >= size * 0.38) & (d < size * 0.42)] = 1200.0
+            img = np.where(d < size * 0.34, 30.0, -1000.0)
+            img[(d >= size * 0.30) & (d < size * 0.34)] = 1200.0
             r0, c0 = size * 0.3 + i * size * 0.4 / n, size * 0.5
             lesion = np.hypot(rr - r0, cc - c0) < size * 0.08
             if 2 <= i < n - 2:
@@ -51,9 +51,12 @@ def test_state_controls_change_what_is_shown(state):
     # sorted by predicted any (the fabricated final any peaks rise with the study number)
     assert st.study_ids == ["1.2.3.2", "1.2.3.1", "1.2.3.0"] and st.uid == "1.2.3.2"
     img0, strip0, cap0 = st.image(), st.strip(), st.caption()
-    assert img0.shape == (48, 48, 3) and img0.dtype == np.uint8 and strip0.ndim == 3
+    # cropped to the head (the fabricated skull spans 2 * 0.34 * 48 px, plus a margin), the same box on every slice
+    assert 33 <= img0.shape[0] == img0.shape[1] <= 42 and img0.shape[2] == 3 and img0.dtype == np.uint8
+    assert strip0.ndim == 3
     st.set_slice(st.index + 1 if st.index < 7 else st.index - 1)
     img1, strip1 = st.image(), st.strip()
+    assert img1.shape == img0.shape
     assert not np.array_equal(img0, img1) and not np.array_equal(strip0, strip1)
     assert st.caption() != cap0 and f"slice {st.index + 1}/8" in st.caption()
     st.set_slice(99)
