@@ -304,4 +304,5 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     state = run_state(P, engine, table, studies)
     assert set(state.study_ids) == set(studies)
     img = state.image()
-    assert img.shape[:2] == state.study_obj().hu[state.index].shape and state.cam_calls == 1
+    h, w = state.study_obj().hu[state.index].shape
+    assert h // 2 < img.shape[0] <= h and w // 2 < img.shape[1] <= w and state.cam_calls == 1
