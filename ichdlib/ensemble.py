@@ -405,7 +405,7 @@ def plot_stages(table: pd.DataFrame):
     ax.set_xticks(x, t.index, rotation=20)
     ax.set_ylabel("weighted log loss (lower is better)")
     ax.set_title("Stage by stage")
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
     fig.tight_layout()
     return fig
 
