@@ -148,6 +148,9 @@ class CnnCfg(_Strict):
     compile: bool = False
     #: DataLoader worker processes (0 = load in the main process).
     num_workers: int = Field(0, ge=0)
+    #: torch CPU threads while training / extracting on the CPU (None = torch's default). On a small shared
+    #: CPU one thread avoids the many-fold slowdown of OpenMP threads competing with other processes.
+    cpu_threads: int | None = Field(None, ge=1)
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
 
     @field_validator("class_weights")

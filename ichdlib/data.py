@@ -130,11 +130,13 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: SliceDataset, batch_sampler: Any, num_workers: int = 0, pin_memory: bool = False,
-                seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader over whole-batch positions from ``batch_sampler`` (pinned memory for CUDA copies)."""
+                seed: int = 0, persistent: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over whole-batch positions from ``batch_sampler`` (pinned memory for CUDA copies;
+    ``persistent`` keeps the workers between epochs; the batch order always comes from the sampler in
+    the main process)."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=seed_worker)
+        kwargs.update(prefetch_factor=4, persistent_workers=persistent, worker_init_fn=seed_worker)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=_collate_batched, num_workers=num_workers,
         pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **kwargs)
@@ -444,3 +446,31 @@ def toy_catalog(studies: int = 12, slices: int = 16, size: int = 48, folds: int 
     cat["next_row"] = np.minimum(cat["row"] + 1, last)
     cache = np.clip(np.stack(images), -32768, 32767).astype(np.int16)
     return cat, cache
+
+
+def plot_augmentations(cache: np.ndarray, rows: np.ndarray, augment: DeviceAugment, views: int = 4,
+                       seed: int = 0) -> Any:
+    """A figure: for a few slices, the validation view and ``views`` random training views (RGB of the
+    three windowed channels)."""
+    import matplotlib.pyplot as plt
+
+    ds = SliceDataset(cache, rows)
+    x, _, _ = ds.__getitems__(list(range(len(rows))))
+    was = augment.training
+    fig, axes = plt.subplots(len(rows), views + 1, figsize=(2.1 * (views + 1), 2.1 * len(rows)), squeeze=False)
+    shown = [augment.eval()(x)]
+    augment.train()
+    augment.reseed(seed)
+    shown += [augment(x) for _ in range(views)]
+    augment.train(was)
+    for i in range(len(rows)):
+        for j, batch in enumerate(shown):
+            img = batch[i]
+            if augment.learnable:  # HU: show the recipe's windows for the picture
+                img = stack_channels_torch(img[None], augment.recipe, augment.single_window)[0]
+            axes[i, j].imshow(img.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title("validation view" if j == 0 else f"training view {j}", fontsize=9)
+    fig.tight_layout()
+    return fig

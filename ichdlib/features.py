@@ -35,6 +35,7 @@ from ichdlib.train import (
     amp_enabled,
     atomic_write,
     cnn_dir,
+    cpu_threads,
     derive_seed,
     predict,
     prepare_model,
@@ -76,8 +77,8 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
                                 f"(train_cnn) for backbone {backbone_cfg.key!r} on every fold first")
     views = tta_views(P.features.tta, tuple(P.cnn.augment.crop_range), derive_seed(P.seed, 3))
     settings: Any = {"key": backbone_cfg.key, "tta": P.features.tta, "views": [asdict(v) for v in views],
-                "folds": folds, "n_train": len(train_cat), "n_test": len(test_cat),
-                "models": {k: (src / f"fold{k}.pt").stat().st_mtime_ns for k in folds}}
+                     "folds": folds, "n_train": len(train_cat), "n_test": len(test_cat),
+                     "models": {k: (src / f"fold{k}.pt").stat().st_mtime_ns for k in folds}}
     meta_path = out / "meta.json"
     settings = json.loads(json.dumps(settings))
     stale = False
@@ -94,40 +95,17 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
-    device = P.torch_device()
-    amp = amp_enabled(P, device)
-    cl = torch.device(device).type == "cuda" and P.cnn.channels_last
     ds_test = SliceDataset.from_catalog(test_cat, cache, labels=False)
     timing: dict[int, float] = {}
-    for k in folds:
-        part = out / f"part_fold{k}.npz"
-        if part.is_file():
-            continue
-        tk = time.perf_counter()
-        model, meta = load_cnn(src / f"fold{k}.pt", device)
-        model, runner = prepare_model(model, P, device)
-        aug_cfg = P.cnn.augment.model_copy(update={"val_center_crop": meta["val_center_crop"]})
-        aug = DeviceAugment(meta["size"], aug_cfg, meta["recipe"], tuple(meta["single_window"]),
-                            bool(meta["learnable_window"]))
-        va = train_cat[train_cat["fold"] == k]
-        run = dict(batch=P.features.batch, device=device, amp=amp, num_workers=P.cnn.num_workers, pooled=True,
-                   views=views, channels_last=cl)
-        p_va, f_va = predict(runner, aug, SliceDataset.from_catalog(va, cache), desc=f"fold {k} oof", **run)
-        p_te, f_te = predict(runner, aug, ds_test, desc=f"fold {k} test", **run)
-        dim = model.feature_dim
-        f_va = f_va if f_va is not None else np.zeros((0, dim), np.float32)
-        f_te = f_te if f_te is not None else np.zeros((0, dim), np.float32)
-
-        def write(tmp: Path, f_va=f_va, p_va=p_va, f_te=f_te, p_te=p_te) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, f_va=f_va.astype(np.float16), p_va=p_va, f_te=f_te.astype(np.float16), p_te=p_te)
-
-        atomic_write(part, write)
-        timing[k] = round(time.perf_counter() - tk, 2)
-        del model, runner
+    with cpu_threads(P):
+        for k in folds:
+            timing.update(_fold_part(P, k, out, src, train_cat, ds_test, cache, views))
 
     # assemble in catalog order
-    parts = {k: np.load(out / f"part_fold{k}.npz") for k in folds}
+    parts = {}
+    for k in folds:
+        with np.load(out / f"part_fold{k}.npz") as z:
+            parts[k] = {name: z[name] for name in z.files}
     dim = int(parts[folds[0]]["f_va"].shape[1])
     oof_feat = np.zeros((len(train_cat), dim), dtype=np.float16)
     oof_prob = np.zeros((len(train_cat), len(LABELS)), dtype=np.float64)
@@ -172,3 +150,66 @@ def load_features(P: Params, cfg: BackboneCfg, split: str = "oof") -> tuple[np.n
     d = features_dir(P, cfg)
     feat = np.load(d / f"{split}_feat.npy", mmap_mode="r")
     return feat, pd.read_parquet(d / f"{split}_prob.parquet")
+
+
+def plot_feature_map(feat: np.ndarray, y_any: np.ndarray, title: str = "") -> Any:
+    """The OOF features in the plane of their first two principal components, coloured by ``any``."""
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    xy = PCA(n_components=2, random_state=0).fit_transform(np.asarray(feat, dtype=np.float32))
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    neg = y_any < 0.5
+    ax.scatter(xy[neg, 0], xy[neg, 1], s=4, alpha=0.4, label="no hemorrhage")
+    ax.scatter(xy[~neg, 0], xy[~neg, 1], s=6, alpha=0.7, label="any hemorrhage")
+    ax.set(xlabel="PC 1", ylabel="PC 2", title=title or "pooled CNN features (PCA)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_study_trace(cat: pd.DataFrame, prob: pd.DataFrame, study_uid: str, label: str = "any") -> Any:
+    """Predicted probability of ``label`` along z for one study of the training split, beside the truth."""
+    import matplotlib.pyplot as plt
+
+    train = cat[cat["split"] == "train"].reset_index(drop=True)
+    sel = (train["study_uid"] == study_uid).to_numpy()
+    if not sel.any():
+        raise ValueError(f"study {study_uid!r} is not in the training split")
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.step(train.loc[sel, "slice_index"], train.loc[sel, label], where="mid", label="truth")
+    ax.plot(train.loc[sel, "slice_index"], prob.loc[sel, label], marker=".", label="CNN (OOF, TTA)")
+    ax.set(xlabel="slice index (z order)", ylabel=f"p({label})", ylim=(-0.05, 1.05), title=f"study {study_uid}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _fold_part(P: Params, k: int, out: Path, src: Path, train_cat: pd.DataFrame, ds_test: SliceDataset,
+               cache: np.ndarray, views: list) -> dict[int, float]:
+    """Fold ``k``'s model over its validation rows and the test rows -> ``part_fold<k>.npz``; returns
+    ``{k: seconds}`` (empty when the part exists)."""
+    part = out / f"part_fold{k}.npz"
+    if part.is_file():
+        return {}
+    t0 = time.perf_counter()
+    device = P.torch_device()
+    model, meta = load_cnn(src / f"fold{k}.pt", device)
+    model, runner = prepare_model(model, P, device)
+    aug_cfg = P.cnn.augment.model_copy(update={"val_center_crop": meta["val_center_crop"]})
+    aug = DeviceAugment(meta["size"], aug_cfg, meta["recipe"], tuple(meta["single_window"]),
+                        bool(meta["learnable_window"]))
+    run = dict(batch=P.features.batch, device=device, amp=amp_enabled(P, device), num_workers=P.cnn.num_workers,
+               pooled=True, views=views, channels_last=torch.device(device).type == "cuda" and P.cnn.channels_last)
+    va = SliceDataset.from_catalog(train_cat[train_cat["fold"] == k], cache)
+    p_va, f_va = predict(runner, aug, va, desc=f"fold {k} oof", **run)
+    p_te, f_te = predict(runner, aug, ds_test, desc=f"fold {k} test", **run)
+    empty = np.zeros((0, model.feature_dim), np.float16)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, f_va=empty if f_va is None else f_va.astype(np.float16), p_va=p_va,
+                     f_te=empty if f_te is None else f_te.astype(np.float16), p_te=p_te)
+
+    atomic_write(part, write)
+    return {k: round(time.perf_counter() - t0, 2)}

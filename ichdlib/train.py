@@ -20,11 +20,12 @@ Same code on CPU and GPU; on CUDA with bf16 autocast, channels_last and optional
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,21 @@ def init_bias(model: CnnNet, y: np.ndarray) -> None:
     freq = np.clip(np.nanmean(y, axis=0), 1e-4, 1 - 1e-4)
     with torch.no_grad():
         head.bias.copy_(torch.from_numpy(np.log(freq / (1 - freq))).to(head.bias))
+
+
+@contextlib.contextmanager
+def cpu_threads(P: Params) -> Iterator[None]:
+    """Use ``P.cnn.cpu_threads`` torch threads inside the block when running on the CPU."""
+    n = P.cnn.cpu_threads
+    if n is None or torch.device(P.torch_device()).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def amp_enabled(P: Params, device: str) -> bool:
@@ -300,7 +316,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     else:
         sampler = SliceBatchSampler(len(ds_tr), cfg.batch, sampler_seed, shuffle=True,
                                     max_steps=P.cnn.max_steps_per_epoch)
-    loader = make_loader(ds_tr, sampler, P.cnn.num_workers, pin_memory=cuda, seed=sampler_seed)
+    loader = make_loader(ds_tr, sampler, P.cnn.num_workers, pin_memory=cuda, seed=sampler_seed, persistent=True)
 
     meta: dict[str, Any] = {
         "name": cfg.name, "key": cfg.key, "size": cfg.size, "num_classes": len(LABELS), "labels": list(LABELS),
@@ -321,7 +337,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.key} fold {fold}", initial=start, total=cfg.epochs,
                mininterval=1)
     for epoch in bar:
-        row = _train_epoch(P, cfg, fold, epoch, model, runner, opt, aug, loader, sampler, weights, device, amp)
+        row = run_epoch(P, cfg, fold, epoch, model, runner, opt, aug, loader, sampler, weights, device, amp)
         t0 = time.perf_counter()
         p_va, _ = predict(runner, aug, ds_va, cfg.batch * 2, device, amp, P.cnn.num_workers,
                           channels_last=cuda and P.cnn.channels_last)
@@ -363,7 +379,7 @@ def _recipe_windows(P: Params) -> list[tuple[float, float]]:
     return recipe_windows(P.windows.recipe, tuple(P.windows.single_window))
 
 
-def _train_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet, runner: torch.nn.Module,
+def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet, runner: torch.nn.Module,
                  opt: torch.optim.Optimizer, aug: DeviceAugment, loader: Any, sampler: Any,
                  weights: torch.Tensor, device: str, amp: bool) -> dict[str, Any]:
     """One training epoch; every random stream is seeded from (seed, fold, epoch) so a resume repeats it."""
@@ -490,8 +506,9 @@ def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str |
     t0 = time.perf_counter()
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
     summary: dict[str, Any] = {"key": backbone_cfg.key, "dir": str(cnn_dir(P, backbone_cfg)), "folds": {}}
-    for k in fold_numbers(P, cat, folds):
-        summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force)
+    with cpu_threads(P):
+        for k in fold_numbers(P, cat, folds):
+            summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force)
     summary.update(assemble_predictions(P, backbone_cfg, cat))
     if summary.get("oof"):
         oof = pd.read_parquet(summary["oof"])
@@ -514,3 +531,43 @@ def read_logs(P: Params, cfg: BackboneCfg) -> pd.DataFrame:
     out = cnn_dir(P, cfg)
     frames = [pd.read_csv(p).assign(fold=int(p.name[4:].split("_")[0])) for p in sorted(out.glob("fold*_log.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*LOG_COLUMNS, "fold"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures for notebook 02
+# --------------------------------------------------------------------------------------------------
+def plot_schedule(P: Params, cfg: BackboneCfg, steps_per_epoch: int = 20) -> Any:
+    """The learning rate over training (per step) for ``cfg``'s epochs and ``P.cnn.schedule``."""
+    import matplotlib.pyplot as plt
+
+    x = np.arange(cfg.epochs * steps_per_epoch) / steps_per_epoch
+    lr = [lr_at(P.cnn, cfg.lr, cfg.epochs, int(e), int(round((e % 1) * steps_per_epoch)), steps_per_epoch)
+          for e in x]
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.plot(x, lr)
+    ax.set(xlabel="epoch", ylabel="learning rate", title=f"{cfg.key}: {P.cnn.schedule} schedule")
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(logs: pd.DataFrame, prior_wll: float | None = None, title: str = "") -> Any:
+    """Per-fold training loss and validation weighted log loss / mean AUC by epoch."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for fold, g in logs.groupby("fold"):
+        axes[0].plot(g["epoch"], g["train_loss"], marker=".", label=f"fold {fold}")
+        axes[1].plot(g["epoch"], g["val_wll"], marker=".", label=f"fold {fold}")
+        axes[2].plot(g["epoch"], g["auc_mean"], marker=".", label=f"fold {fold}")
+    if prior_wll is not None:
+        axes[1].axhline(prior_wll, color="grey", ls="--", label="prior baseline")
+        # early epochs of a from-scratch model can spike (BatchNorm statistics): keep the useful range
+        axes[1].set_ylim(0, max(2.5 * prior_wll, float(logs["val_wll"].min()) * 1.2))
+    axes[0].set(xlabel="epoch", ylabel="weighted BCE", title="training loss")
+    axes[1].set(xlabel="epoch", ylabel="weighted log loss", title="validation (competition metric)")
+    axes[2].set(xlabel="epoch", ylabel="mean AUC", title="validation AUC (mean over labels)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

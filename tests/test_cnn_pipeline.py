@@ -160,14 +160,14 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(repo, tmp
     B = _params(repo, tmp_path / "b", **dict(kw))
     T.train_cnn(A, A.cnn.backbones[0], folds=[0], catalog=cat, cache=cache)
 
-    real = T._train_epoch
+    real = T.run_epoch
 
     def interrupted(*args, **kwargs):
         if args[3] == 2:  # the epoch argument: stop during the third epoch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(T, "_train_epoch", interrupted)
+    monkeypatch.setattr(T, "run_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         T.train_cnn(B, B.cnn.backbones[0], folds=[0], catalog=cat, cache=cache)
     d = B.work_dir / "cnn" / "test_efficientnet_32"
@@ -179,7 +179,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(repo, tmp
         epochs_run.append(args[3])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(T, "_train_epoch", counted)
+    monkeypatch.setattr(T, "run_epoch", counted)
     res = T.train_cnn(B, B.cnn.backbones[0], folds=[0], catalog=cat, cache=cache)
     assert res["folds"][0]["status"] == "resumed" and epochs_run == [2]  # only the missing epoch
     assert not res["complete"]  # fold 1 not trained: no oof.parquet yet

@@ -1,0 +1,190 @@
+"""Training throughput of the 2D CNN: the real loop beside the model alone and the original's regime.
+
+Three numbers, images/s at the same model, size and batch:
+
+1. ``loop``: the real training loop of :mod:`ichdlib.train` (:func:`ichdlib.train.run_epoch`): int16 HU
+   rows gathered from a memory-mapped cache by DataLoader workers, pinned copies to the device, windows and
+   the original's augmentations batched on the device, bf16 autocast + channels_last on CUDA (optionally
+   ``--compile``), loss, backward, clipping, Adam;
+2. ``model``: the same model step (same precision and memory format) on random tensors already on the
+   device, i.e. the ceiling for the loop;
+3. ``original``: the model step in the original's regime: float32, TF32 off, contiguous (NCHW) memory.
+
+It builds its own random int16 cache (no DICOM needed). Defaults: on a GPU densenet121 at 256 px, batch
+256, 12 workers; on the CPU lcnet_050 at 96 px, batch 32, no workers (about a minute).
+
+    .venv/bin/python benchmarks/train_throughput.py                      # defaults for the machine
+    .venv/bin/python benchmarks/train_throughput.py --model densenet121 --size 256 --batch 256 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ichdlib.config import load_params
+from ichdlib.data import DeviceAugment, SliceBatchSampler, SliceDataset, StudyBatchSampler, make_loader
+from ichdlib.models import build_cnn
+from ichdlib.train import prepare_model, run_epoch, weighted_bce
+
+
+def random_cache(folder: Path, rows: int, size: int, seed: int = 0) -> tuple[np.memmap, np.ndarray, np.ndarray]:
+    """A random int16 HU cache ``(rows, size, size)`` as a memmap, the ``(rows, 3)`` neighbour table
+    (studies of 32 slices) and a study id per row."""
+    path = folder / f"cache_{size}.npy"
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int16, shape=(rows, size, size))
+    rng = np.random.default_rng(seed)
+    for a in range(0, rows, 256):
+        b = min(rows, a + 256)
+        mm[a:b] = rng.integers(-1024, 2000, size=(b - a, size, size), dtype=np.int16)
+    mm.flush()
+    del mm
+    study = np.arange(rows) // 32
+    row = np.arange(rows)
+    first, last = study * 32, np.minimum(study * 32 + 31, rows - 1)
+    table = np.stack([np.maximum(row - 1, first), row, np.minimum(row + 1, last)], 1)
+    return np.load(path, mmap_mode="r"), table, study
+
+
+def _params(args: argparse.Namespace, original: bool = False):
+    device = "cuda" if args.device == "cuda" else "cpu"
+    cnn = {
+        "backbones": [{"name": args.model, "size": args.size, "batch": args.batch, "epochs": 2, "lr": 5e-4}],
+        "amp": not original, "channels_last": not original, "compile": bool(args.compile and not original),
+        "num_workers": args.workers, "max_steps_per_epoch": args.steps, "sampler": "study",
+    }
+    return load_params(None, {"device": device, "seed": 0, "cnn": cnn})
+
+
+def _tf32(on: bool) -> None:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+        torch.backends.cudnn.benchmark = True
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_only(args: argparse.Namespace, original: bool) -> float:
+    """Images/s of the train step on random device tensors (ours, or the original's regime)."""
+    P = _params(args, original)
+    device = P.torch_device()
+    _tf32(not original)
+    model, runner = prepare_model(build_cnn(args.model), P, device)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+    w = torch.tensor(P.cnn.class_weights, device=device)
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device)
+    if device == "cuda" and P.cnn.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(args.batch, 6, device=device) < 0.2).float()
+    amp = P.cnn.amp and device == "cuda"
+
+    def step() -> None:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+            logits = runner(x)
+        loss = weighted_bce(logits, y, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    return args.steps * args.batch / (time.perf_counter() - t0)
+
+
+def loop(args: argparse.Namespace, cache: np.ndarray, table: np.ndarray, study: np.ndarray) -> float:
+    """Images/s of :func:`ichdlib.train.run_epoch` over the cache (the second of two epochs: the first
+    warms up workers, cuDNN and compilation)."""
+    P = _params(args)
+    device = P.torch_device()
+    _tf32(True)
+    cfg = P.cnn.backbones[0]
+    model, runner = prepare_model(build_cnn(args.model), P, device)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+    labels = (np.random.default_rng(1).random((len(table), 6)) < 0.2).astype(np.float32)
+    ds = SliceDataset(cache, table, labels)
+    if args.sampler == "study":
+        sampler = StudyBatchSampler(study, args.batch, k=4, seed=0, max_steps=args.steps)
+    else:
+        sampler = SliceBatchSampler(len(ds), args.batch, seed=0, max_steps=args.steps)
+    loader = make_loader(ds, sampler, args.workers, pin_memory=device == "cuda", persistent=True)
+    aug = DeviceAugment.from_params(P, args.size).to(device)
+    w = torch.tensor(P.cnn.class_weights, device=device)
+    amp = P.cnn.amp and device == "cuda"
+    run_epoch(P, cfg, 0, 0, model, runner, opt, aug, loader, sampler, w, device, amp)  # warm-up
+    _sync(device)
+    row = run_epoch(P, cfg, 0, 1, model, runner, opt, aug, loader, sampler, w, device, amp)
+    _sync(device)
+    return float(row["images_per_s"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
+    ap.add_argument("--model", default="densenet121" if cuda else "lcnet_050")
+    ap.add_argument("--size", type=int, default=256 if cuda else 96)
+    ap.add_argument("--batch", type=int, default=256 if cuda else 32)
+    ap.add_argument("--steps", type=int, default=30 if cuda else 15, help="measured steps (one epoch)")
+    ap.add_argument("--warmup", type=int, default=5 if cuda else 2)
+    ap.add_argument("--rows", type=int, default=0, help="cache rows (default: enough for 2 epochs, >= 2048)")
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1) if cuda else 0)
+    ap.add_argument("--sampler", default="study", choices=["study", "slice"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    rows = args.rows or max(2048, args.batch * args.steps)
+    with tempfile.TemporaryDirectory(prefix="ichd_bench_") as tmp:
+        t0 = time.perf_counter()
+        cache, table, study = random_cache(Path(tmp), rows, args.size)
+        print(f"random int16 cache {cache.shape} built in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "model": args.model, "size": args.size, "batch": args.batch, "workers": args.workers,
+               "compile": args.compile, "threads": torch.get_num_threads()}
+        res["loop"] = loop(args, cache, table, study)
+        res["model_only"] = model_only(args, original=False)
+        res["original"] = model_only(args, original=True)
+    res["loop_vs_model"] = res["loop"] / res["model_only"]
+    res["loop_vs_original"] = res["loop"] / res["original"]
+    print(f"{res['device']}: {args.model} {args.size}px batch {args.batch}, {args.workers} workers"
+          f"{', compiled' if args.compile else ''}")
+    print(f"  training loop (cache -> loader -> device aug -> model -> Adam): {res['loop']:8.1f} img/s")
+    print(f"  model alone on random device tensors, same regime:          {res['model_only']:8.1f} img/s")
+    print(f"  original regime (fp32, no TF32, NCHW), model alone:          {res['original']:8.1f} img/s")
+    print(f"  loop / model alone = {res['loop_vs_model']:.2f}x; loop / original regime = "
+          f"{res['loop_vs_original']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
