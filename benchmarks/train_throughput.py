@@ -36,7 +36,8 @@ from ichdlib.models import build_cnn
 from ichdlib.train import prepare_model, run_epoch, weighted_bce
 
 
-def random_cache(folder: Path, rows: int, size: int, seed: int = 0) -> tuple[np.memmap, np.ndarray, np.ndarray]:
+def random_cache(folder: Path, rows: int, size: int,
+                 seed: int = 0) -> tuple[np.memmap, np.ndarray, np.ndarray]:
     """A random int16 HU cache ``(rows, size, size)`` as a memmap, the ``(rows, 3)`` neighbour table
     (studies of 32 slices) and a study id per row."""
     path = folder / f"cache_{size}.npy"

@@ -80,7 +80,8 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.asarray(self.cache[self.rows[i]]))
-        y = torch.from_numpy(self.labels[i]) if self.labels is not None else torch.full((len(LABELS),), float("nan"))
+        nan = torch.full((len(LABELS),), float("nan"))
+        y = torch.from_numpy(self.labels[i]) if self.labels is not None else nan
         return x, y
 
     def __getitems__(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,7 +166,8 @@ class SliceBatchSampler:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = self.n // self.batch if self.drop_last and self.n >= self.batch else math.ceil(self.n / self.batch)
+        full = self.drop_last and self.n >= self.batch
+        n = self.n // self.batch if full else math.ceil(self.n / self.batch)
         return min(n, self.max_steps) if self.max_steps else n
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -253,7 +255,8 @@ def swap_slices(hu: torch.Tensor, mask: torch.Tensor | bool = True) -> torch.Ten
 
 
 def affine_resample(hu: torch.Tensor, theta: torch.Tensor, size: int, fill: float = AIR_HU) -> torch.Tensor:
-    """Bilinear resample with ``theta`` (``(B, 2, 3)``, output -> input normalised coords), ``fill`` outside."""
+    """Bilinear resample with ``theta`` (``(B, 2, 3)``, output -> input normalised coords); ``fill``
+    outside the input."""
     grid = F.affine_grid(theta, [hu.shape[0], hu.shape[1], size, size], align_corners=False)
     return F.grid_sample(hu.float() - fill, grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False) + fill
@@ -433,9 +436,11 @@ def toy_catalog(studies: int = 12, slices: int = 16, size: int = 48, folds: int 
             images.append(img)
             records.append({
                 "sop_uid": f"ID_{s:03d}{i:03d}{rng.integers(16**4):04x}", "patient_id": f"ID_p{s:04d}",
-                "study_uid": f"ID_s{s:04d}", "series_uid": f"ID_r{s:04d}", "z": float(5 * i), "slice_index": i,
+                "study_uid": f"ID_s{s:04d}", "series_uid": f"ID_r{s:04d}", "z": float(5 * i),
+                "slice_index": i,
                 "n_slices": n, "rows": size, "cols": size, "pixel_spacing": 0.5, "spacing_z": 5.0,
-                "path": f"toy/{s}/{i}.dcm", "split": split, "fold": ((s // 2) % folds) if split == "train" else -1,
+                "path": f"toy/{s}/{i}.dcm", "split": split,
+                "fold": ((s // 2) % folds) if split == "train" else -1,
                 **{c: (float(v) if split == "train" else np.nan) for c, v in zip(LABELS, y, strict=True)},
             })
     cat = pd.DataFrame.from_records(records)
@@ -457,7 +462,8 @@ def plot_augmentations(cache: np.ndarray, rows: np.ndarray, augment: DeviceAugme
     ds = SliceDataset(cache, rows)
     x, _, _ = ds.__getitems__(list(range(len(rows))))
     was = augment.training
-    fig, axes = plt.subplots(len(rows), views + 1, figsize=(2.1 * (views + 1), 2.1 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), views + 1, figsize=(2.1 * (views + 1), 2.1 * len(rows)),
+                             squeeze=False)
     shown = [augment.eval()(x)]
     augment.train()
     augment.reseed(seed)

@@ -130,7 +130,8 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
     summary = {
         "key": backbone_cfg.key, "dir": str(out), "dim": dim, "tta": P.features.tta,
         "n_train": len(train_cat), "n_test": len(test_cat), "folds": folds,
-        "oof_wll": weighted_log_loss(y, oof_prob), "prior_wll": weighted_log_loss(y, prior_baseline(y, len(y))),
+        "oof_wll": weighted_log_loss(y, oof_prob),
+        "prior_wll": weighted_log_loss(y, prior_baseline(y, len(y))),
         "fold_seconds": timing, "seconds": round(time.perf_counter() - t0, 1), "status": "computed",
     }
     atomic_write(meta_path, lambda t: t.write_text(json.dumps({"settings": settings, "summary": summary},
@@ -179,7 +180,8 @@ def plot_study_trace(cat: pd.DataFrame, prob: pd.DataFrame, study_uid: str, labe
     fig, ax = plt.subplots(figsize=(6, 2.6))
     ax.step(train.loc[sel, "slice_index"], train.loc[sel, label], where="mid", label="truth")
     ax.plot(train.loc[sel, "slice_index"], prob.loc[sel, label], marker=".", label="CNN (OOF, TTA)")
-    ax.set(xlabel="slice index (z order)", ylabel=f"p({label})", ylim=(-0.05, 1.05), title=f"study {study_uid}")
+    ax.set(xlabel="slice index (z order)", ylabel=f"p({label})", ylim=(-0.05, 1.05),
+           title=f"study {study_uid}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -199,8 +201,9 @@ def _fold_part(P: Params, k: int, out: Path, src: Path, train_cat: pd.DataFrame,
     aug_cfg = P.cnn.augment.model_copy(update={"val_center_crop": meta["val_center_crop"]})
     aug = DeviceAugment(meta["size"], aug_cfg, meta["recipe"], tuple(meta["single_window"]),
                         bool(meta["learnable_window"]))
-    run = dict(batch=P.features.batch, device=device, amp=amp_enabled(P, device), num_workers=P.cnn.num_workers,
-               pooled=True, views=views, channels_last=torch.device(device).type == "cuda" and P.cnn.channels_last)
+    cl = torch.device(device).type == "cuda" and P.cnn.channels_last
+    run = dict(batch=P.features.batch, device=device, amp=amp_enabled(P, device),
+               num_workers=P.cnn.num_workers, pooled=True, views=views, channels_last=cl)
     va = SliceDataset.from_catalog(train_cat[train_cat["fold"] == k], cache)
     p_va, f_va = predict(runner, aug, va, desc=f"fold {k} oof", **run)
     p_te, f_te = predict(runner, aug, ds_test, desc=f"fold {k} test", **run)

@@ -103,7 +103,8 @@ def _hub_weights(name: str, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # hub / cache errors come in many types
-        raise WeightsError(f"could not load ImageNet weights ({type(exc).__name__}: {exc}). {advice}") from exc
+        raise WeightsError(f"could not load ImageNet weights ({type(exc).__name__}: {exc}). "
+                           f"{advice}") from exc
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -151,7 +152,8 @@ def _file_weights(name: str, path: str | Path, **kwargs: Any) -> nn.Module:
         fresh = timm.create_model(name, pretrained=False, **kwargs)
         torch.manual_seed(0)
         try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}, **kwargs)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd},
+                                      **kwargs)
         except RuntimeError as exc:
             raise WeightsError(f"{path}: weights do not fit {name!r} ({exc})") from exc
     classifier = str(fresh.pretrained_cfg.get("classifier") or "")

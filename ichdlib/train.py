@@ -221,10 +221,12 @@ def run_config(P: Params, cfg: BackboneCfg, size_of_cache: int, n_train: int) ->
         "name": cfg.name, "size": cfg.size, "batch": cfg.batch, "epochs": cfg.epochs, "lr": cfg.lr,
         "pretrained": str(cfg.pretrained), "seed": P.seed, "recipe": P.windows.recipe,
         "single_window": list(P.windows.single_window), "learnable": P.windows.learnable,
-        "sampler": c.sampler, "study_sampler_k": c.study_sampler_k, "max_steps_per_epoch": c.max_steps_per_epoch,
+        "sampler": c.sampler, "study_sampler_k": c.study_sampler_k,
+        "max_steps_per_epoch": c.max_steps_per_epoch,
         "schedule": c.schedule, "flat_epochs": c.flat_epochs, "restart_epochs": c.restart_epochs,
         "min_lr_ratio": c.min_lr_ratio, "class_weights": list(c.class_weights), "grad_clip": c.grad_clip,
-        "weight_decay": c.weight_decay, "augment": json.dumps(c.augment.model_dump(mode="json"), sort_keys=True),
+        "weight_decay": c.weight_decay,
+        "augment": json.dumps(c.augment.model_dump(mode="json"), sort_keys=True),
         "cache_size": size_of_cache, "n_train": n_train,
     }
 
@@ -250,6 +252,12 @@ class _Fold:
         return [self.best, self.last, self.log, self.val, self.test]
 
 
+def _fold_finished(files: _Fold) -> bool:
+    if not all(f.is_file() for f in files.all()):
+        return False
+    return bool((_read_last(files.last) or {}).get("meta", {}).get("finished"))
+
+
 def _read_last(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -270,8 +278,9 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     tr, va = train_cat[train_cat["fold"] != fold], train_cat[train_cat["fold"] == fold]
     te = cat[cat["split"] == "test"]
     if len(va) == 0 or len(tr) == 0:
-        raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation slices; the catalog's folds "
-                         f"are {sorted(train_cat['fold'].unique().tolist())}")
+        folds = sorted(train_cat["fold"].unique().tolist())
+        raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation slices; the catalog's "
+                         f"folds are {folds}")
     config = run_config(P, cfg, int(cache.shape[-1]), len(tr))
     if force:
         for f in files.all():
@@ -283,10 +292,10 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
             raise ValueError(
                 f"{files.last} was trained with other settings ({'; '.join(diff)}). Pass force=True "
                 f"(notebook: overrides={{'force': ['02']}}) to retrain, or give the backbone a new `tag`.")
-        if state["meta"].get("finished") and all(f.is_file() for f in files.all()):
+        if _fold_finished(files):
             m = state["meta"]
-            return {"fold": fold, "status": "skipped", "best_epoch": m["best_epoch"], "best_wll": m["best_wll"],
-                    "epochs_run": m["epoch"] + 1}
+            return {"fold": fold, "status": "skipped", "best_epoch": m["best_epoch"],
+                    "best_wll": m["best_wll"], "epochs_run": m["epoch"] + 1}
 
     device = P.torch_device()
     cuda = torch.device(device).type == "cuda"
@@ -296,7 +305,8 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(derive_seed(P.seed, fold, 10**6))
-    model = build_cnn(cfg.name, pretrained=cfg.pretrained,
+    # a resumed fold loads its own weights below: no need to fetch pretrained ones again
+    model = build_cnn(cfg.name, pretrained=cfg.pretrained if state is None else False,
                       learnable_window=P.windows.recipe if P.windows.learnable else None,
                       recipe=P.windows.recipe, single_window=tuple(P.windows.single_window))
     if state is None:
@@ -316,13 +326,16 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     else:
         sampler = SliceBatchSampler(len(ds_tr), cfg.batch, sampler_seed, shuffle=True,
                                     max_steps=P.cnn.max_steps_per_epoch)
-    loader = make_loader(ds_tr, sampler, P.cnn.num_workers, pin_memory=cuda, seed=sampler_seed, persistent=True)
+    loader = make_loader(ds_tr, sampler, P.cnn.num_workers, pin_memory=cuda, seed=sampler_seed,
+                         persistent=True)
 
     meta: dict[str, Any] = {
-        "name": cfg.name, "key": cfg.key, "size": cfg.size, "num_classes": len(LABELS), "labels": list(LABELS),
+        "name": cfg.name, "key": cfg.key, "size": cfg.size, "num_classes": len(LABELS),
+        "labels": list(LABELS),
         "recipe": P.windows.recipe, "single_window": list(P.windows.single_window),
         "learnable_window": bool(P.windows.learnable),
-        "windows": [list(w) for w in _recipe_windows(P)], "val_center_crop": float(P.cnn.augment.val_center_crop),
+        "windows": [list(w) for w in _recipe_windows(P)],
+        "val_center_crop": float(P.cnn.augment.val_center_crop),
         "feature_dim": model.feature_dim, "fold": fold, "epochs": cfg.epochs, "config": config,
         "epoch": -1, "best_epoch": -1, "best_wll": None, "metrics": {}, "history": [], "finished": False,
     }
@@ -351,8 +364,10 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
             meta["best_epoch"], meta["best_wll"] = epoch, float(row["val_wll"])
             save_torch({"state_dict": model.state_dict(), "meta": dict(meta, history=[])}, files.best)
             save_parquet(probs_frame(va["sop_uid"], p_va), files.val)
-        atomic_write(files.log, lambda t: pd.DataFrame(meta["history"], columns=LOG_COLUMNS).to_csv(t, index=False))
-        save_torch({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta}, files.last)
+        history = pd.DataFrame(meta["history"], columns=LOG_COLUMNS)
+        atomic_write(files.log, lambda t, h=history: h.to_csv(t, index=False))
+        save_torch({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta},
+                   files.last)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_wll=f"{row['val_wll']:.4f}",
                         img_s=f"{row['images_per_s']:.0f}")
 
@@ -360,8 +375,9 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     best = torch.load(files.best, map_location="cpu", weights_only=True)
     model.load_state_dict(best["state_dict"])
     if len(te):
-        p_te, _ = predict(runner, aug, SliceDataset.from_catalog(te, cache, labels=False), cfg.batch * 2, device,
-                          amp, P.cnn.num_workers, channels_last=cuda and P.cnn.channels_last)
+        ds_te = SliceDataset.from_catalog(te, cache, labels=False)
+        p_te, _ = predict(runner, aug, ds_te, cfg.batch * 2, device, amp, P.cnn.num_workers,
+                          channels_last=cuda and P.cnn.channels_last)
     else:
         p_te = np.zeros((0, len(LABELS)), dtype=np.float32)
     save_parquet(probs_frame(te["sop_uid"], p_te), files.test)
@@ -420,7 +436,8 @@ def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet,
         raise FloatingPointError(f"fold {fold} epoch {epoch}: training loss became {train_loss}; lower the "
                                  f"learning rate (lr={cfg.lr}) or enable grad_clip")
     secs = time.perf_counter() - t0
-    return {"epoch": epoch, "lr": lr, "train_loss": train_loss, "images_per_s": round(n_img / max(secs, 1e-9), 2),
+    return {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+            "images_per_s": round(n_img / max(secs, 1e-9), 2),
             "seconds": secs}
 
 
@@ -460,8 +477,7 @@ def assemble_predictions(P: Params, cfg: BackboneCfg, cat: pd.DataFrame) -> dict
     out = cnn_dir(P, cfg)
     train_cat = cat[cat["split"] == "train"]
     all_folds = sorted(int(f) for f in train_cat["fold"].unique())
-    done = [k for k in all_folds if (out / f"fold{k}_val.parquet").is_file() and (out / f"fold{k}_test.parquet").is_file()
-            and (_read_last(out / f"fold{k}_last.pt") or {}).get("meta", {}).get("finished")]
+    done = [k for k in all_folds if _fold_finished(_Fold(out, k))]
     result: dict[str, Any] = {"complete": done == all_folds, "folds_done": done}
     if not done:
         return result
@@ -529,7 +545,8 @@ def train_all(P: Params, force: bool = False) -> list[dict[str, Any]]:
 def read_logs(P: Params, cfg: BackboneCfg) -> pd.DataFrame:
     """Every fold's per-epoch log of a backbone, with a ``fold`` column (empty if none yet)."""
     out = cnn_dir(P, cfg)
-    frames = [pd.read_csv(p).assign(fold=int(p.name[4:].split("_")[0])) for p in sorted(out.glob("fold*_log.csv"))]
+    frames = [pd.read_csv(p).assign(fold=int(p.name[4:].split("_")[0]))
+              for p in sorted(out.glob("fold*_log.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*LOG_COLUMNS, "fold"])
 
 

@@ -217,7 +217,8 @@ def test_build_cnn_logits_pooled_features_and_learnable_window():
     assert lw.learnable_window and lw(_hu(2, 32).float()).shape == (2, 6)
 
 
-@pytest.mark.parametrize("name,dim", [("densenet121", 1024), ("densenet169", 1664), ("seresnext101_32x4d", 2048)])
+@pytest.mark.parametrize("name,dim",
+                         [("densenet121", 1024), ("densenet169", 1664), ("seresnext101_32x4d", 2048)])
 def test_original_backbones_expose_their_feature_sizes(name, dim):
     from ichdlib.models import build_cnn
 

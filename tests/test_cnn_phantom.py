@@ -78,7 +78,8 @@ def test_gpu_training_loop_keeps_up_with_the_model_alone():
 
 
 def test_benchmark_script_runs_on_the_cpu(tmp_path):
-    res = _benchmark().main(["--device", "cpu", "--model", "test_efficientnet", "--size", "32", "--batch", "8",
+    res = _benchmark().main(["--device", "cpu", "--model", "test_efficientnet", "--size", "32",
+                             "--batch", "8",
                              "--steps", "3", "--warmup", "1", "--rows", "64", "--threads", "1",
                              "--json", str(tmp_path / "r.json")])
     assert (tmp_path / "r.json").is_file()

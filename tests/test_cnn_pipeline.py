@@ -113,8 +113,8 @@ def test_rerun_skips_finished_folds_and_refuses_changed_settings(trained, toy, r
     again = train_cnn(P, P.cnn.backbones[0], catalog=cat, cache=cache)
     assert {f["status"] for f in again["folds"].values()} == {"skipped"}
     assert again["oof_wll"] == pytest.approx(s["oof_wll"])
-    other = load_params(repo / REPO_PARAMS, {**P.model_dump(mode="json"), "root": str(P.root),
-                                             "cnn": {**P.cnn.model_dump(mode="json"), "class_weights": [1] * 6}})
+    cnn = {**P.cnn.model_dump(mode="json"), "class_weights": [1] * 6}
+    other = load_params(repo / REPO_PARAMS, {**P.model_dump(mode="json"), "root": str(P.root), "cnn": cnn})
     with pytest.raises(ValueError, match="class_weights.*force=True"):
         train_cnn(other, other.cnn.backbones[0], catalog=cat, cache=cache)
 
