@@ -217,9 +217,10 @@ class CamCfg(_Strict):
     batch: int = Field(16, ge=1)
     #: Module name of the CAM's target layer; default by backbone family (or a forward-hook probe).
     target_layer: str | None = None
-    #: Coarsest CAM grid accepted: when the family layer's map is smaller (e.g. ResNet ``layer4`` at 96 px is
-    #: 3 x 3), the last earlier stage with at least this size is used instead. 0 = always the family layer.
-    min_map: int = Field(6, ge=0)
+    #: Coarsest CAM grid accepted: when the family layer's map is smaller, the deepest earlier stage with at
+    #: least this size is used instead (0 = always the family layer). 8 keeps the family layer at 256 px and
+    #: up (DenseNet/ResNet: 8 x 8) and steps ResNet ``layer4`` at 96 px (3 x 3) back to ``layer2`` (12 x 12).
+    min_map: int = Field(8, ge=0)
     #: Probability at which a slice counts as positive when picking TP/FP/FN cases and pointing-game slices.
     threshold: float = Field(0.5, gt=0, lt=1)
     #: Pointing game: a peak within this many pixels of the lesion counts as a hit (0 = strictly inside).
