@@ -279,7 +279,7 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     table = cam.review_table(P)  # no sequence models yet: final = the 2D CNN's
     assert len(table) and np.allclose(table["p_any"], table["p2d_any"])
     engine = cam.CamEngine(P)
-    assert engine.target_layer() == "backbone.blocks.2"  # lcnet at 48 px: the 2 x 2 trunk steps back to 6 x 6
+    assert engine.target_layer() == "backbone.blocks.1"  # lcnet at 48 px: the 2 x 2 trunk steps back to 12 x 12
     rows = table.head(3)
     maps = engine.cams(rows)
     for m, (_, r) in zip(maps, rows.iterrows(), strict=True):
@@ -292,7 +292,7 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     pg = cam.pointing_game_run(P, engine, table, max_per_class=4)
     n_pos = {c: min(4, int((table[f"y_{c}"] == 1).sum())) for c in LABELS}
     assert pg["positives"]["n"] == n_pos and pg["method"] == P.cam.method and pg["backbone"] == engine.key
-    assert pg["target_layer"] == "backbone.blocks.2"
+    assert pg["target_layer"] == "backbone.blocks.1"
     assert pg["n"] == n_pos  # the fabricated OOF puts every positive above the threshold
     for c in LABELS:
         assert (pg["per_class"][c] is None) == (n_pos[c] == 0)
