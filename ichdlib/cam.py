@@ -417,6 +417,8 @@ class CamEngine:
         ``out="original"``: at the slice's rows x cols (to overlay the DICOM or a lesion mask);
         ``out="cache"``: at the cache size (to overlay the cached HU).
         """
+        from ichdlib.train import cpu_threads
+
         cfg = self.P.cam
         cls = list(classes) if classes is not None else list(LABELS)
         result: list[np.ndarray | None] = [None] * len(rows)
@@ -431,15 +433,16 @@ class CamEngine:
             groups.setdefault(key, []).append(i)
         for (fold, hw), pos in groups.items():
             model, meta = self.model(int(fold))
-            maps = compute_cams(
-                model, self.stacks(rows.iloc[pos]), cls, method=cfg.method,
-                recipe=meta.get("recipe", self.P.windows.recipe),
-                crop=float(meta.get("val_center_crop", self.P.cnn.augment.val_center_crop)),
-                size=int(meta.get("size", self.backbone.size)), out_size=tuple(hw),
-                single_window=tuple(meta.get("single_window", self.P.windows.single_window)),
-                learnable=bool(meta.get("learnable_window", self.P.windows.learnable)),
-                batch=cfg.batch, target_layer=cfg.target_layer, min_map=cfg.min_map,
-            )
+            with cpu_threads(self.P):  # cnn.cpu_threads on the CPU, as in training
+                maps = compute_cams(
+                    model, self.stacks(rows.iloc[pos]), cls, method=cfg.method,
+                    recipe=meta.get("recipe", self.P.windows.recipe),
+                    crop=float(meta.get("val_center_crop", self.P.cnn.augment.val_center_crop)),
+                    size=int(meta.get("size", self.backbone.size)), out_size=tuple(hw),
+                    single_window=tuple(meta.get("single_window", self.P.windows.single_window)),
+                    learnable=bool(meta.get("learnable_window", self.P.windows.learnable)),
+                    batch=cfg.batch, target_layer=cfg.target_layer, min_map=cfg.min_map,
+                )
             for j, p in enumerate(pos):
                 result[p] = maps[j]
         return result  # type: ignore[return-value]
