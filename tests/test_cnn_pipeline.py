@@ -191,3 +191,17 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(repo, tmp
     la, lb = pd.read_csv(da / "fold0_log.csv"), pd.read_csv(d / "fold0_log.csv")
     pd.testing.assert_frame_equal(la.drop(columns=["images_per_s", "seconds"]),
                                   lb.drop(columns=["images_per_s", "seconds"]))
+
+
+def test_dataloader_workers_give_the_same_training(repo, tmp_path):
+    from ichdlib.train import train_cnn
+
+    cat, cache = toy_catalog(studies=8, slices=8, size=32, folds=2, test_studies=1, seed=4)
+    weights = []
+    for w in (0, 2):
+        P = _params(repo, tmp_path / f"w{w}", backbone={"size": 32, "batch": 8, "epochs": 2}, num_workers=w,
+                    max_steps_per_epoch=3, sampler="study")
+        train_cnn(P, P.cnn.backbones[0], folds=[0], catalog=cat, cache=cache)
+        last = P.work_dir / "cnn" / "test_efficientnet_32" / "fold0_last.pt"
+        weights.append(torch.load(last, weights_only=True)["state_dict"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
