@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from ichdlib.config import BackboneCfg, Params
-from ichdlib.data import DeviceAugment, SliceDataset, tta_views
+from ichdlib.data import DeviceAugment, SliceDataset, TtaView, tta_views
 from ichdlib.labels import LABELS
 from ichdlib.models import load_cnn
 from ichdlib.train import (
@@ -49,6 +49,11 @@ OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parqu
 def features_dir(P: Params, cfg: BackboneCfg) -> Path:
     """``work/<run>/features/<key>``."""
     return P.work_dir / "features" / cfg.key
+
+
+def feature_views(P: Params) -> list[TtaView]:
+    """The ``features.tta`` deterministic views every feature extraction (and prediction) uses."""
+    return tta_views(P.features.tta, tuple(P.cnn.augment.crop_range), derive_seed(P.seed, 3))
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> Path:
@@ -75,7 +80,7 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
     if missing:
         raise FileNotFoundError(f"{src}: no model for folds {missing} (fold<k>.pt); run notebook 02 "
                                 f"(train_cnn) for backbone {backbone_cfg.key!r} on every fold first")
-    views = tta_views(P.features.tta, tuple(P.cnn.augment.crop_range), derive_seed(P.seed, 3))
+    views = feature_views(P)
     settings: Any = {"key": backbone_cfg.key, "tta": P.features.tta, "views": [asdict(v) for v in views],
                      "folds": folds, "n_train": len(train_cat), "n_test": len(test_cat),
                      "models": {k: (src / f"fold{k}.pt").stat().st_mtime_ns for k in folds}}
