@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, str] = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM"}
 #: Target layers by backbone family, tried in order (matched as a dotted-name suffix, so wrapped models work).
 FAMILY_LAYERS: tuple[str, ...] = ("features.norm5", "layer4")
+#: The usual pointing-game tolerance (Zhang et al. 2016): 15 px at 224 px, as a fraction of the image side.
+STANDARD_TOLERANCE: float = 15 / 224
 #: Lesion outline colour in overlays.
 OUTLINE_RGB: tuple[int, int, int] = (255, 0, 255)
 #: Review groups: confident true positives, worst false positives, worst false negatives.
@@ -294,27 +296,37 @@ def cam_peak(cam: np.ndarray) -> tuple[int, int]:
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))  # type: ignore[return-value]
 
 
-def pointing_hits(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerance: int = 0) -> np.ndarray:
-    """Per map: whether its peak falls inside the mask (or within ``tolerance`` pixels of it).
+def peak_distances(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Per map: Euclidean distance in pixels from its peak to the nearest mask pixel (0 inside the mask;
+    ``inf`` for an all-zero map, which has no peak, or an empty mask)."""
+    import cv2
 
-    An all-zero map has no peak and counts as a miss.
-    """
     if len(cams) != len(masks):
         raise ValueError(f"pointing game: {len(cams)} maps but {len(masks)} masks")
-    hits = np.zeros(len(cams), dtype=bool)
+    out = np.full(len(cams), np.inf)
     for i, (c, m) in enumerate(zip(cams, masks, strict=True)):
         c, m = np.asarray(c), np.asarray(m).astype(bool)
         if c.shape != m.shape:
             raise ValueError(f"pointing game: map {i} has shape {c.shape} but its mask {m.shape}")
-        if not np.any(c > 0):
+        if not np.any(c > 0) or not m.any():
             continue
         r, k = cam_peak(c)
-        t = int(tolerance)
-        hits[i] = bool(m[max(0, r - t):r + t + 1, max(0, k - t):k + t + 1].any())
-    return hits
+        if m[r, k]:
+            out[i] = 0.0
+        else:
+            out[i] = float(cv2.distanceTransform((~m).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[r, k])
+    return out
 
 
-def pointing_game(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerance: int = 0) -> float:
+def pointing_hits(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerance: float = 0) -> np.ndarray:
+    """Per map: whether its peak falls inside the mask, or within ``tolerance`` pixels of it (Euclidean).
+
+    An all-zero map has no peak and counts as a miss.
+    """
+    return peak_distances(cams, masks) <= tolerance
+
+
+def pointing_game(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerance: float = 0) -> float:
     """Fraction of maps whose peak falls inside the lesion mask (NaN when there are no maps)."""
     hits = pointing_hits(cams, masks, tolerance)
     return float(hits.mean()) if len(hits) else float("nan")
@@ -646,9 +658,10 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
     label's lesion (within ``cam.tolerance_px``; ``any``: inside any lesion).
 
     Headline (``per_class``, ``overall``, ``subtypes``): the true-positive slices, 2D CNN OOF probability
-    >= ``cam.threshold``. Also reported: ``positives`` (every slice with the lesion, whatever the model
-    said) and ``chance`` (the mean share of the image the lesion covers: what a randomly placed peak
-    would hit). Needs lesion masks (``<data_root>/masks/<sop_uid>.npz``, the phantom); returns None
+    >= ``cam.threshold``. Also reported: ``standard_tolerance`` (the same slices with the usual pointing-game
+    tolerance of 15 px at 224 px, scaled to the slice), ``positives`` (every slice with the lesion, whatever
+    the model said; strict) and ``chance`` (the mean share of the image the lesion covers: what a randomly
+    placed peak would hit). Needs lesion masks (``<data_root>/masks/<sop_uid>.npz``, the phantom); returns None
     without them. The result goes to ``reports/<run>/metrics.json`` under ``pointing_game`` (other keys
     kept); an existing result for the same settings is reused unless ``force``.
     """
@@ -668,6 +681,7 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
         if old and "positives" in old and all(old.get(k) == v for k, v in settings.items()):
             return old
     hits: dict[str, np.ndarray] = {}
+    hits_std: dict[str, np.ndarray] = {}
     tp: dict[str, np.ndarray] = {}
     chance: dict[str, np.ndarray] = {}
     missing = 0
@@ -685,12 +699,15 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
             keep.append(i)
         pos = pos.iloc[keep]
         maps = [c[0] for c in engine.cams(pos, [lab])] if len(pos) else []
-        hits[lab] = pointing_hits(maps, masks, tolerance)
+        dist = peak_distances(maps, masks)
+        hits[lab] = dist <= tolerance
+        hits_std[lab] = dist <= np.array([STANDARD_TOLERANCE * max(m.shape) for m in masks])
         tp[lab] = (pos[f"p2d_{lab}"] >= threshold).to_numpy()
         chance[lab] = np.array([m.mean() for m in masks], dtype=float)
     if missing:
         log.warning("pointing game: %d positive slices have no mask file under %s", missing, P.data_root / "masks")
     result = {**settings, **_rates({c: hits[c][tp[c]] for c in LABELS}),
+              "standard_tolerance": _rates({c: hits_std[c][tp[c]] for c in LABELS}),
               "positives": _rates(hits), "chance": _rates(chance), "missing_masks": missing}
     update_metrics(P, {"pointing_game": result})
     return result

@@ -170,8 +170,9 @@ def test_pointing_game():
     m[:, 2:4, 2:5] = True
     assert cam.pointing_hits(c, m).tolist() == [True, False]
     assert cam.pointing_game(c, m) == 0.5
-    m[1, 6, 6] = True
-    assert cam.pointing_game(c, m, tolerance=2) == 1.0
+    m[1, 6, 6] = True  # 2 * sqrt(2) = 2.83 px from the second peak
+    assert cam.pointing_game(c, m, tolerance=2) == 0.5 and cam.pointing_game(c, m, tolerance=2.9) == 1.0
+    np.testing.assert_allclose(cam.peak_distances(c, m), [0.0, np.sqrt(8)], rtol=1e-3)
     assert not cam.pointing_hits(np.zeros((1, 4, 4)), np.ones((1, 4, 4)))[0]  # empty map is a miss
     assert np.isnan(cam.pointing_game([], []))
     with pytest.raises(ValueError, match="shape"):
@@ -297,6 +298,7 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     for c in LABELS:
         assert (pg["per_class"][c] is None) == (n_pos[c] == 0)
         assert n_pos[c] == 0 or 0 < pg["chance"]["per_class"][c] < 0.5  # lesions cover part of the image
+        assert n_pos[c] == 0 or pg["standard_tolerance"]["per_class"][c] >= pg["per_class"][c]
     data = _json.loads((P.reports_dir / "metrics.json").read_text())
     assert data["prior"]["oof"]["wll"] == 0.3 and data["pointing_game"]["n"] == n_pos  # merged, not clobbered
     # the viewer over the run's studies
