@@ -311,6 +311,14 @@ def fold_split(inputs: SeqInputs, fold: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(sf != fold), np.flatnonzero(sf == fold)
 
 
+def seq_arch(P: Params) -> dict[str, Any]:
+    """The keyword arguments of :func:`ichdlib.seqmodels.build_seq_model` from ``P.seq`` (stored as
+    ``meta["arch"]`` in every checkpoint)."""
+    s = P.seq
+    return {"mid": s.mid, "reduce_dim": s.reduce_dim, "hidden": s.hidden, "dropout": s.dropout,
+            "conv": list(s.conv), "slice_input": s.slice_input}
+
+
 def _signature(P: Params, model_name: str, inputs: SeqInputs) -> dict:
     cfg = P.seq.model_dump(mode="json", exclude={"models"})
     # the level-1 probabilities identify the inputs cheaply: retrained CNNs give other numbers
@@ -359,8 +367,7 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
     tr, va = fold_split(inputs, fold)
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation studies; need both")
-    arch = {"mid": cfg.mid, "reduce_dim": cfg.reduce_dim, "hidden": cfg.hidden, "dropout": cfg.dropout,
-            "conv": list(cfg.conv)}
+    arch = seq_arch(P)
     meta = {"model": model_name, "in_dim": inputs.dim, "n_cnn": inputs.n_cnn, "x_channels": inputs.x_channels,
             "arch": arch, "fold": fold, "backbones": inputs.keys, "signature": signature}
     torch.manual_seed(_epoch_seed(P.seed, fold, -1, model_name))

@@ -64,8 +64,12 @@ class SeqModel1(nn.Module):
     """
 
     def __init__(self, in_dim: int, n_cnn: int, mid: int = 512, reduce_dim: int = 128, hidden: int = 96,
-                 layers: int = 2, dropout: float = 0.5) -> None:
+                 layers: int = 2, dropout: float = 0.5, slice_input: str = "pooled") -> None:
         super().__init__()
+        if slice_input not in ("pooled", "logits"):
+            raise ValueError(f"slice_input {slice_input!r}: expected 'pooled' or 'logits'")
+        self.slice_input = slice_input
+        in_dim = N_LABELS if slice_input == "logits" else in_dim
         self.in_dim, self.n_cnn = in_dim, n_cnn
         self.drop = nn.Dropout(dropout)
         self.fc1 = nn.Linear(in_dim, mid, bias=False)
@@ -77,9 +81,21 @@ class SeqModel1(nn.Module):
         self.gru = nn.GRU(width, hidden, num_layers=layers, batch_first=True, bidirectional=True)
         self.head = nn.Linear(2 * hidden, N_LABELS)
 
-    def forward(self, fea: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``fea (B, L, F, D)`` -> logits ``(B, L, 6)`` (zero at padded positions)."""
-        h = self.drop(fea)
+    def slice_vectors(self, fea: torch.Tensor, X: torch.Tensor | None) -> torch.Tensor:
+        """The per-slice input ``(B, L, F, D)``: the pooled features, or (``slice_input='logits'``) each
+        backbone's logits, taken from the raw-probability channels of ``X``."""
+        if self.slice_input == "pooled":
+            return fea
+        if X is None:
+            raise ValueError("slice_input='logits' needs the probability channels X")
+        n = self.n_cnn
+        raw = X[:, 1 + n: 1 + 2 * n].permute(0, 2, 1, 3).clamp(1e-4, 1 - 1e-4)  # (B, L, n, 6)
+        return torch.logit(raw)
+
+    def forward(self, fea: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+                X: torch.Tensor | None = None) -> torch.Tensor:
+        """``fea (B, L, F, D)`` (or ``X`` for logits input) -> logits ``(B, L, 6)``, zero at padded positions."""
+        h = self.drop(self.slice_vectors(fea, X))
         h = self.drop(F.relu(self.bn1(self.fc1(h), mask)))
         h = self.drop(F.relu(self.bn2(self.fc2(h), mask)))
         h = h.flatten(2)  # (B, L, reduce·F)
@@ -112,10 +128,10 @@ class SeqModel2(nn.Module):
     """
 
     def __init__(self, in_dim: int, n_cnn: int, x_channels: int, mid: int = 512, reduce_dim: int = 128,
-                 hidden: int = 96, layers: int = 2, dropout: float = 0.5, conv: tuple[int, int] = (512, 256)
-                 ) -> None:
+                 hidden: int = 96, layers: int = 2, dropout: float = 0.5, conv: tuple[int, int] = (512, 256),
+                 slice_input: str = "pooled") -> None:
         super().__init__()
-        self.model1 = SeqModel1(in_dim, n_cnn, mid, reduce_dim, hidden, layers, dropout)
+        self.model1 = SeqModel1(in_dim, n_cnn, mid, reduce_dim, hidden, layers, dropout, slice_input)
         c1, c2 = conv
         self.blocks = nn.ModuleList([
             _ConvBlock(x_channels + 1, c1, 5, 1),
@@ -129,7 +145,7 @@ class SeqModel2(nn.Module):
 
     def forward(self, fea: torch.Tensor, X: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        out0 = self.model1(fea, mask, lengths)
+        out0 = self.model1(fea, mask, lengths, X)
         m4 = mask[:, None, :, None].to(X.dtype)
         h = torch.cat([X, torch.sigmoid(out0)[:, None]], dim=1) * m4  # sigmoid(0)=0.5 masked back to 0
         for block in self.blocks:
@@ -142,13 +158,14 @@ class SeqModel2(nn.Module):
 
 def build_seq_model(name: str, in_dim: int, n_cnn: int, x_channels: int, *, mid: int = 512,
                     reduce_dim: int = 128, hidden: int = 96, dropout: float = 0.5,
-                    conv: tuple[int, int] | list[int] = (512, 256)) -> nn.Module:
+                    conv: tuple[int, int] | list[int] = (512, 256), slice_input: str = "pooled") -> nn.Module:
     """``seq1`` -> :class:`SeqModel1`; ``seq2`` -> :class:`SeqModel2` (the original's widths by default)."""
     if name == "seq1":
-        return SeqModel1(in_dim, n_cnn, mid=mid, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout)
+        return SeqModel1(in_dim, n_cnn, mid=mid, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout,
+                         slice_input=slice_input)
     if name == "seq2":
         return SeqModel2(in_dim, n_cnn, x_channels, mid=mid, reduce_dim=reduce_dim, hidden=hidden,
-                         dropout=dropout, conv=tuple(conv))
+                         dropout=dropout, conv=tuple(conv), slice_input=slice_input)
     raise ValueError(f"unknown sequence model {name!r}: expected 'seq1' or 'seq2'")
 
 
@@ -170,7 +187,7 @@ def model_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch
     if isinstance(model, SeqModel2):
         out, out0 = model(batch["fea"], batch["X"], batch["mask"], batch["lengths"])
         return [out, out0]
-    return [model(batch["fea"], batch["mask"], batch["lengths"])]
+    return [model(batch["fea"], batch["mask"], batch["lengths"], batch["X"])]
 
 
 def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,

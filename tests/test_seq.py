@@ -220,12 +220,14 @@ def _pad_more(b: dict, extra: int, garbage: float = 0.0) -> dict:
     return out
 
 
+@pytest.mark.parametrize("slice_input", ["pooled", "logits"])
 @pytest.mark.parametrize("name", ["seq1", "seq2"])
 @pytest.mark.parametrize("train_mode", [False, True])
-def test_padding_changes_neither_outputs_nor_loss(name, train_mode):
+def test_padding_changes_neither_outputs_nor_loss(name, train_mode, slice_input):
     torch.manual_seed(0)
     inp = _toy_inputs(2)
-    model = build_seq_model(name, inp.dim, 2, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(16, 8), dropout=0.0)
+    model = build_seq_model(name, inp.dim, 2, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(16, 8),
+                            dropout=0.0, slice_input=slice_input)
     model.train(train_mode)  # in train mode BatchNorm uses batch statistics: they must ignore padding
     b1 = collate([inp.item(s) for s in range(3)])
     b2 = _pad_more(b1, 11, garbage=7.0)
@@ -394,3 +396,20 @@ def test_output_heads_start_at_the_prior():
     for head in (m.head, m.model1.head):
         torch.testing.assert_close(torch.sigmoid(head.bias), torch.tensor(prior))
     assert torch.all(m.model1.skip.bias == 0)
+
+
+def test_logits_slice_input_reads_the_backbones_logits():
+    """With ``slice_input='logits'`` seq1 ignores the pooled features and reads each backbone's logits
+    from the raw-probability channels of X."""
+    torch.manual_seed(0)
+    inp = _toy_inputs(2)
+    m = build_seq_model("seq1", inp.dim, 2, inp.x_channels, mid=16, reduce_dim=8, hidden=6, slice_input="logits")
+    assert m.fc1.in_features == 6
+    b = collate([inp.item(s) for s in range(3)])
+    vec = m.slice_vectors(b["fea"], b["X"])
+    n = int(b["lengths"][0])
+    torch.testing.assert_close(torch.sigmoid(vec[0, :n]), torch.from_numpy(inp.probs[inp.study_rows[0]]))
+    m.eval()
+    out = model_logits(m, b)[0]
+    b2 = dict(b, fea=torch.randn_like(b["fea"]))  # the pooled features do not matter
+    torch.testing.assert_close(model_logits(m, b2)[0], out)
