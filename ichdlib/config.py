@@ -186,6 +186,10 @@ class SeqCfg(_Strict):
     hidden: int = Field(96, ge=1)
     conv: tuple[int, int] = (512, 256)
     dropout: float = Field(0.5, ge=0, lt=1)
+    #: Seq model 1's per-slice input: the backbones' ``pooled`` features (the original), or their ``logits``
+    #: (6 per backbone). Pooled features of CNNs trained from scratch are not comparable between fold models
+    #: (each fold learns its own feature space), so level 2 cannot transfer them; logits can.
+    slice_input: Literal["pooled", "logits"] = "pooled"
     #: Backbone keys (``BackboneCfg.key``) whose features feed the models; empty = every ``cnn.backbones``.
     backbones: list[str] = Field(default_factory=list)
     #: Training augmentations: keep every other slice (studies > 10 slices), reverse the slice order.
