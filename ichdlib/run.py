@@ -153,6 +153,15 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     return results
 
 
+def _get(d: Any, *keys: str) -> Any:
+    """``d[k1][k2]...`` where any level may be missing or null (metrics.json has nulls without truth)."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
 def _fmt(v: Any) -> str:
     return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
@@ -164,27 +173,26 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
     lines = [f"# Run `{P.run}`", ""]
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
-        stages = m.get("stages", {})
-        prior = m.get("prior", {})
         lines += ["## Weighted log loss by stage (lower is better)", "",
                   "| stage | OOF wLL | test wLL | OOF AUC any | test AUC any |", "|---|---|---|---|---|"]
+        prior = m.get("prior") or {}
         if prior:
-            lines.append(f"| prior (label frequency) | {_fmt(prior.get('oof', {}).get('wll'))} | "
-                         f"{_fmt(prior.get('test', {}).get('wll'))} | | |")
-        for name, s in stages.items():
-            oof, test = s.get("oof") or {}, s.get("test") or {}
-            lines.append(f"| {name} | {_fmt(oof.get('wll'))} | {_fmt(test.get('wll'))} | "
-                         f"{_fmt((oof.get('auc') or {}).get('any'))} | {_fmt((test.get('auc') or {}).get('any'))} |")
-        pg = m.get("pointing_game")
-        if pg:
-            lines += ["", "## Grad-CAM pointing game (CAM peak inside the lesion, true-positive slices)", "",
-                      "| subtype | hit rate | slices |", "|---|---|---|"]
-            per = pg.get("per_subtype", pg)
-            for k, v in per.items():
-                if isinstance(v, dict):
-                    lines.append(f"| {k} | {_fmt(v.get('hit_rate'))} | {_fmt(v.get('n'))} |")
-            if "overall" in pg:
-                lines.append(f"| overall | {_fmt(pg['overall'].get('hit_rate'))} | {_fmt(pg['overall'].get('n'))} |")
+            lines.append(f"| prior (label frequency) | {_fmt(_get(prior, 'oof', 'wll'))} | "
+                         f"{_fmt(_get(prior, 'test', 'wll'))} | | |")
+        for name, s in (m.get("stages") or {}).items():
+            lines.append(f"| {name} | {_fmt(_get(s, 'oof', 'wll'))} | {_fmt(_get(s, 'test', 'wll'))} | "
+                         f"{_fmt(_get(s, 'oof', 'auc', 'any'))} | {_fmt(_get(s, 'test', 'auc', 'any'))} |")
+        pg = m.get("pointing_game") or {}
+        if pg.get("per_class"):
+            std = pg.get("standard_tolerance") or {}
+            lines += ["", "## Grad-CAM pointing game (true-positive slices whose CAM peak falls in the lesion)", "",
+                      f"{pg.get('method', '')} on `{pg.get('target_layer', '')}`; chance (lesion area share): "
+                      f"{_fmt(_get(pg, 'chance', 'overall'))}", "",
+                      "| label | strict hit rate | within 15 px @ 224 | slices |", "|---|---|---|---|"]
+            for k, v in pg["per_class"].items():
+                lines.append(f"| {k} | {_fmt(v)} | {_fmt(_get(std, 'per_class', k))} | {_fmt(_get(pg, 'n', k))} |")
+            lines.append(f"| **all** | {_fmt(pg.get('overall'))} | {_fmt(std.get('overall'))} | "
+                         f"{sum(v for v in (pg.get('n') or {}).values() if isinstance(v, int))} |")
     figs = sorted((rep / "figures").glob("*.png")) if (rep / "figures").is_dir() else []
     if figs:
         lines += ["", "## Key figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in figs[:12]]

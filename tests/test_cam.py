@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -251,6 +253,13 @@ def cam_run(ingested, tmp_path_factory):
 
     P = ingested.model_copy(deep=True)
     P.paths.reports = tmp_path_factory.mktemp("cam_reports")
+    # A work folder of its own (catalog and cache copied), so the fake checkpoints below never mix with
+    # the shared smoke run that other test modules train.
+    work = tmp_path_factory.mktemp("cam_work")
+    for f in ingested.work_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, work / f.name)
+    P.paths.work = work
     cat = load_catalog(P.work_dir)
     bb = P.cnn.backbones[0]
     out = P.work_dir / "cnn" / bb.key

@@ -12,9 +12,13 @@ from ichdlib.run import list_notebooks, run_pipeline
 
 
 @pytest.mark.slow
-def test_all_notebooks_run_headless_with_smoke_params(repo, ingested):
-    P = ingested
-    results = run_pipeline(repo / "params" / "smoke.yaml", overrides={"root": str(P.root)}, html=False)
+def test_all_notebooks_run_headless_with_smoke_params(repo, tmp_path):
+    """A fresh root: notebook 01 generates the phantom and ingests it, 02-06 train and review."""
+    from ichdlib.config import load_params
+
+    over = {"root": str(tmp_path)}
+    P = load_params(repo / "params" / "smoke.yaml", over)
+    results = run_pipeline(repo / "params" / "smoke.yaml", overrides=over, html=False)
     expected = [p.name for p in list_notebooks()]
     assert [r.notebook for r in results] == expected
     assert all(r.status == "ran" for r in results), results
@@ -33,5 +37,5 @@ def test_all_notebooks_run_headless_with_smoke_params(repo, ingested):
     summary = (rep / "summary.md").read_text()
     assert "Executed notebooks" in summary
     # a second run skips every stage: nothing recomputed
-    again = run_pipeline(repo / "params" / "smoke.yaml", overrides={"root": str(P.root)}, html=False)
+    again = run_pipeline(repo / "params" / "smoke.yaml", overrides=over, html=False)
     assert all(r.status == "skipped" for r in again)

@@ -86,7 +86,12 @@ def test_summary_table_from_metrics(tmp_path):
     (P.reports_dir / "metrics.json").write_text(json.dumps({
         "prior": {"oof": {"wll": 0.3}, "test": {"wll": 0.31}},
         "stages": {"cnn:resnet18_96": {"oof": {"wll": 0.12, "auc": {"any": 0.9}}, "test": {"wll": 0.13}},
-                   "ensemble": {"oof": {"wll": 0.1}, "test": {"wll": 0.11}}}}))
+                   "ensemble": {"oof": {"wll": 0.1}, "test": None}},
+        "pointing_game": {"method": "gradcam", "per_class": {"any": 0.75, "epidural": None},
+                          "n": {"any": 4, "epidural": 0}, "overall": 0.75,
+                          "standard_tolerance": {"per_class": {"any": 1.0}, "overall": 1.0}}}))
     text = write_summary(P).read_text()
     assert "| cnn:resnet18_96 | 0.1200 | 0.1300 | 0.9000 |" in text
     assert "| prior (label frequency) | 0.3000 | 0.3100 |" in text
+    assert "| ensemble | 0.1000 |  |" in text  # no truth for the test split: blank, no crash
+    assert "| any | 0.7500 | 1.0000 | 4 |" in text and "| **all** | 0.7500 | 1.0000 | 4 |" in text
