@@ -18,16 +18,6 @@ from ichdlib.data import center_crop_box  # noqa: E402
 from ichdlib.labels import LABELS  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads spin against other processes and
-    a 0.5 s CAM batch takes 25 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _resnet() -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model("resnet18", pretrained=False, num_classes=6)

@@ -29,14 +29,6 @@ from ichdlib.windows import stack_channels_torch
 OFF = dict(slice_swap=0.0, hflip=0.0, shift_scale_rotate=0.0, erase=0.0, random_crop=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread start-up dominates and a shared CPU makes it much worse
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -- samplers --------------------------------------------------------------------------------------
 def test_middle_weights_reach_every_slice_and_favour_the_middle():

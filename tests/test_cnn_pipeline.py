@@ -15,13 +15,6 @@ REPO_PARAMS = "params/smoke.yaml"
 LIGHT = dict(slice_swap=0.5, hflip=0.5, shift_scale_rotate=0.0, erase=0.0, random_crop=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _params(repo, root, **cnn):
     backbone = {"name": "test_efficientnet", "size": 48, "batch": 32, "epochs": 8, "lr": 0.003}
