@@ -102,15 +102,12 @@ def _fold_files(folder: Path) -> dict[int, Path]:
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    import torch
+    from ichdlib.models import read_checkpoint
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BundleError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
-        raise BundleError(f"{path}: not a finished fold checkpoint (expected keys 'state_dict' and 'meta')")
-    return ckpt["state_dict"], dict(ckpt["meta"])
+        return read_checkpoint(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise BundleError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------------

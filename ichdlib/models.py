@@ -213,8 +213,9 @@ def build_from_meta(meta: dict[str, Any]) -> CnnNet:
     )
 
 
-def load_cnn(path: str | Path, device: str | torch.device = "cpu") -> tuple[CnnNet, dict[str, Any]]:
-    """A trained fold model ``work/cnn/<key>/fold<k>.pt`` -> ``(model in eval mode on device, meta)``."""
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``{"state_dict", "meta"}`` checkpoint (2D or sequence fold) -> ``(state_dict, meta)``, loaded with
+    ``weights_only=True``; a missing or foreign file raises an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -223,10 +224,15 @@ def load_cnn(path: str | Path, device: str | torch.device = "cpu") -> tuple[CnnN
     except Exception as exc:
         raise ValueError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
-        raise ValueError(f"{path}: not a 2D CNN checkpoint (expected keys 'state_dict' and 'meta')")
-    meta = dict(ckpt["meta"])
+        raise ValueError(f"{path}: not a finished fold checkpoint (expected keys 'state_dict' and 'meta')")
+    return ckpt["state_dict"], dict(ckpt["meta"])
+
+
+def load_cnn(path: str | Path, device: str | torch.device = "cpu") -> tuple[CnnNet, dict[str, Any]]:
+    """A trained fold model ``work/cnn/<key>/fold<k>.pt`` -> ``(model in eval mode on device, meta)``."""
+    state, meta = read_checkpoint(path)
     model = build_from_meta(meta)
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 
