@@ -20,6 +20,8 @@ from typing import Any
 from ichdlib.config import Params, dump_params, load_params, parse_overrides
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+#: Figure name prefixes listed in summary.md (everything else stays one click away in figures/).
+KEY_FIGURES = ("01_composite", "02_curves", "04_learning", "05_", "cam_any", "cam_viewer")
 
 
 @dataclass
@@ -194,8 +196,10 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
             lines.append(f"| **all** | {_fmt(pg.get('overall'))} | {_fmt(std.get('overall'))} | "
                          f"{sum(v for v in (pg.get('n') or {}).values() if isinstance(v, int))} |")
     figs = sorted((rep / "figures").glob("*.png")) if (rep / "figures").is_dir() else []
+    key = [f for f in figs if f.stem.startswith(KEY_FIGURES)]
     if figs:
-        lines += ["", "## Key figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in figs[:12]]
+        lines += ["", "## Key figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in key or figs]
+        lines += ["", f"All {len(figs)} figures are in [figures/](figures/)."]
     nbs = sorted(rep.glob("[0-9][0-9]_*.ipynb"))
     if nbs:
         lines += ["", "## Executed notebooks", ""]
