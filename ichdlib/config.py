@@ -190,6 +190,14 @@ class SeqCfg(_Strict):
     #: (6 per backbone). Pooled features of CNNs trained from scratch are not comparable between fold models
     #: (each fold learns its own feature space), so level 2 cannot transfer them; logits can.
     slice_input: Literal["pooled", "logits"] = "pooled"
+    #: Residual heads: every head adds a correction to the logit of the backbones' mean probability and
+    #: starts at zero (training starts from the 2D prediction instead of the prior). The original: False.
+    residual: bool = False
+    #: ``fold``: each 2D fold model's probabilities are standardised (per backbone and class, in logit space)
+    #: with the statistics of its own OOF outputs and mapped onto the pooled statistics before they feed the
+    #: sequence models (test rows per fold model, before the fold mean); fold models trained from scratch
+    #: are calibrated differently. ``none``: the raw probabilities (the original).
+    input_norm: Literal["none", "fold"] = "none"
     #: Backbone keys (``BackboneCfg.key``) whose features feed the models; empty = every ``cnn.backbones``.
     backbones: list[str] = Field(default_factory=list)
     #: Training augmentations: keep every other slice (studies > 10 slices), reverse the slice order.

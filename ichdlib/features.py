@@ -5,6 +5,8 @@
 - ``oof_feat.npy`` / ``test_feat.npy``: float16 ``(n_split_rows, D)`` aligned with
   ``catalog[catalog.split == split]`` in catalog order;
 - ``oof_prob.parquet`` / ``test_prob.parquet``: ``sop_uid`` + six probabilities, same order;
+- ``test_prob_folds.npy``: float64 ``(n_folds, n_test_rows, 6)``, each fold model's test probabilities
+  (``test_prob`` is their mean), for the sequence stage's per-fold input normalisation;
 - ``meta.json``: backbone, feature size, TTA views, folds.
 
 Training rows come from the fold model that did not see them; test rows are the mean over fold models.
@@ -43,7 +45,8 @@ from ichdlib.train import (
     save_parquet,
 )
 
-OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parquet", "meta.json")
+OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parquet", "test_prob_folds.npy",
+           "meta.json")
 
 
 def features_dir(P: Params, cfg: BackboneCfg) -> Path:
@@ -122,9 +125,11 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
         oof_feat[sel] = parts[k]["f_va"]
         oof_prob[sel] = parts[k]["p_va"]
     test_feat = np.mean([parts[k]["f_te"].astype(np.float32) for k in folds], axis=0).astype(np.float16)
-    test_prob = np.mean([parts[k]["p_te"] for k in folds], axis=0)
+    test_folds = np.stack([parts[k]["p_te"].reshape(len(test_cat), len(LABELS)) for k in folds])
+    test_prob = test_folds.mean(axis=0)
     _save_npy(oof_feat, out / "oof_feat.npy")
     _save_npy(test_feat.reshape(len(test_cat), dim), out / "test_feat.npy")
+    _save_npy(test_folds, out / "test_prob_folds.npy")
     save_parquet(probs_frame(train_cat["sop_uid"], oof_prob), out / "oof_prob.parquet")
     save_parquet(probs_frame(test_cat["sop_uid"], test_prob.reshape(len(test_cat), len(LABELS))),
                  out / "test_prob.parquet")

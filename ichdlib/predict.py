@@ -390,6 +390,7 @@ class CnnOutput:
     prob: np.ndarray
     tta_prob: np.ndarray
     feat: np.ndarray
+    tta_folds: np.ndarray | None = None  # (n_folds, N, 6) each fold model's TTA probabilities
 
 
 class Predictor:
@@ -429,12 +430,12 @@ class Predictor:
             if val_view:
                 probs.append(cnn_predict(runner, aug, ds, **kw)[0])
         tta = np.mean(tta_probs, axis=0)
-        return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, _feature_mean(feats))
+        return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, _feature_mean(feats), np.stack(tta_probs))
 
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
         from ichdlib.labels import LABELS
-        from ichdlib.seq import SeqInputs, predict_studies
+        from ichdlib.seq import SeqInputs, normalize_test, predict_studies
 
         sl = loaded.slices
         n = len(sl)
@@ -445,11 +446,15 @@ class Predictor:
         stage: dict[str, np.ndarray] = {f"cnn:{k}": o.prob for k, o in outs.items()}
         if self.seq:
             keys = self.bundle.seq_backbones
+            probs = np.stack([outs[k].tta_prob for k in keys], axis=1).astype(np.float32)
+            norm = next(iter(self.bundle.seq.values())).metas[0].get("input_norm")
+            if norm:  # seq.input_norm 'fold': each fold model normalised as notebook 04 does for test rows
+                probs = normalize_test(np.stack([outs[k].tta_folds for k in keys], axis=2), norm,
+                                       list(self.bundle.cnn[keys[0]].folds))
             inputs = SeqInputs(
                 sop_uid=sl["sop_uid"].to_numpy(str), study_uid=np.full(n, loaded.scan.study_uid),
                 patient_id=np.full(n, loaded.scan.patient_id), fold=np.full(n, -1),
-                z=sl["z"].to_numpy(np.float64), feats=[outs[k].feat for k in keys],
-                probs=np.stack([outs[k].tta_prob for k in keys], axis=1).astype(np.float32))
+                z=sl["z"].to_numpy(np.float64), feats=[outs[k].feat for k in keys], probs=probs)
             for name, models in self.seq.items():
                 stage[name] = predict_studies(models, inputs, device=self.device, batch=self.P.seq.batch)
         weights = self.bundle.ensemble["weights"]

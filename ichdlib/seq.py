@@ -58,6 +58,46 @@ def z_steps(z: np.ndarray, scale: float) -> np.ndarray:
     return (np.append(d, d[-1]) / scale).astype(np.float32)
 
 
+SD_FLOOR = 0.1  # logit units
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def fold_norm_stats(probs: np.ndarray, fold: np.ndarray) -> dict[str, Any]:
+    """Per-fold input normalisation statistics from OOF probabilities ``(N, n, 6)`` and each row's fold:
+    the mean and standard deviation of every backbone's logits over each fold model's own OOF rows, and
+    over all rows (the reference). JSON-ready (stored in the sequence checkpoints' meta). Spreads are floored
+    at ``SD_FLOOR``: a class a fold model predicts as a constant is shifted, not blown up (dividing by a
+    near-zero spread would turn float rounding between runs into large differences)."""
+    lg = _logit(probs)
+
+    def sd(x: np.ndarray) -> list:
+        return np.maximum(x.std(0), SD_FLOOR).tolist()
+
+    folds = {int(k): {"mu": lg[fold == k].mean(0).tolist(), "sd": sd(lg[fold == k])} for k in np.unique(fold)}
+    return {"ref_mu": lg.mean(0).tolist(), "ref_sd": sd(lg), "folds": folds}
+
+
+def apply_fold_norm(probs: np.ndarray, stats: dict[str, Any], fold: int) -> np.ndarray:
+    """Fold model ``fold``'s probabilities ``(N, n, 6)`` with their logits standardised by that fold's OOF
+    statistics and mapped back onto the reference (pooled) statistics, so every fold model's outputs have
+    the same per-class location and spread."""
+    f = stats["folds"].get(fold, stats["folds"].get(str(fold)))
+    if f is None:
+        raise ValueError(f"no input normalisation statistics for fold {fold} (have {list(stats['folds'])})")
+    z = (_logit(probs) - np.asarray(f["mu"])) / np.asarray(f["sd"])
+    return (1 / (1 + np.exp(-(np.asarray(stats["ref_mu"]) + np.asarray(stats["ref_sd"]) * z)))).astype(np.float32)
+
+
+def normalize_test(fold_probs: np.ndarray, stats: dict[str, Any], folds: list[int]) -> np.ndarray:
+    """Test probabilities from each fold model ``(n_folds, N, n, 6)`` (in the order of ``folds``): each
+    normalised with its fold's statistics, then averaged over the folds."""
+    return np.mean([apply_fold_norm(p, stats, k) for p, k in zip(fold_probs, folds, strict=True)], axis=0)
+
+
 @dataclass
 class SeqInputs:
     """One split's level-2 inputs, rows in catalog order, with the slices of each study in z order."""
@@ -71,6 +111,7 @@ class SeqInputs:
     probs: np.ndarray  # (N, n, 6) float32
     y: np.ndarray | None = None  # (N, 6) or None for test
     keys: list[str] = field(default_factory=list)
+    norm: dict[str, Any] | None = None  # fold_norm_stats of the OOF inputs when seq.input_norm == "fold"
     study_rows: list[np.ndarray] = field(init=False)
     study_scale: np.ndarray = field(init=False)
 
@@ -149,7 +190,39 @@ def backbone_keys(P: Params) -> list[str]:
 
 
 def load_inputs(P: Params, split: str, catalog: pd.DataFrame | None = None) -> SeqInputs:
-    """Read notebook 03's arrays for ``split`` ('train' uses the OOF arrays) and check their alignment."""
+    """Read notebook 03's arrays for ``split`` ('train' uses the OOF arrays) and check their alignment.
+    With ``seq.input_norm: fold`` the probabilities are normalised per fold model (:func:`apply_fold_norm`
+    with the statistics of the OOF probabilities; test rows per fold model before the fold mean)."""
+    inputs = _load_inputs(P, split, catalog)
+    if P.seq.input_norm == "none":
+        return inputs
+    train = inputs if split == "train" else _load_inputs(P, "train", catalog)
+    stats = fold_norm_stats(train.probs, train.fold)
+    if split == "train":
+        out = np.empty_like(inputs.probs)
+        for k in np.unique(inputs.fold):
+            out[inputs.fold == k] = apply_fold_norm(inputs.probs[inputs.fold == k], stats, int(k))
+    else:
+        per_fold = []
+        for key in inputs.keys:
+            path = P.work_dir / "features" / key / "test_prob_folds.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; rerun notebook 03 (features) for backbone {key!r}")
+            arr = np.load(path)
+            if arr.shape[1:] != (len(inputs.sop_uid), len(LABELS)):
+                raise ValueError(f"{path}: shape {arr.shape}, expected (folds, {len(inputs.sop_uid)}, 6); "
+                                 "rerun notebook 03")
+            per_fold.append(arr)
+        folds = sorted(int(k) for k in stats["folds"])
+        if len(per_fold) and per_fold[0].shape[0] != len(folds):
+            raise ValueError(f"{P.work_dir / 'features'}: {per_fold[0].shape[0]} fold models' test outputs, "
+                             f"but the OOF rows come from folds {folds}; rerun notebook 03")
+        out = normalize_test(np.stack(per_fold, axis=2), stats, folds) if per_fold else inputs.probs
+    inputs.probs, inputs.norm = out.astype(np.float32), stats
+    return inputs
+
+
+def _load_inputs(P: Params, split: str, catalog: pd.DataFrame | None = None) -> SeqInputs:
     cat = _load_catalog(P) if catalog is None else catalog
     rows = cat[cat["split"] == split].reset_index(drop=True)
     prefix = "oof" if split == "train" else "test"
@@ -316,7 +389,7 @@ def seq_arch(P: Params) -> dict[str, Any]:
     ``meta["arch"]`` in every checkpoint)."""
     s = P.seq
     return {"mid": s.mid, "reduce_dim": s.reduce_dim, "hidden": s.hidden, "dropout": s.dropout,
-            "conv": list(s.conv), "slice_input": s.slice_input}
+            "conv": list(s.conv), "slice_input": s.slice_input, "residual": s.residual}
 
 
 def _signature(P: Params, model_name: str, inputs: SeqInputs) -> dict:
@@ -369,7 +442,8 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
         raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation studies; need both")
     arch = seq_arch(P)
     meta = {"model": model_name, "in_dim": inputs.dim, "n_cnn": inputs.n_cnn, "x_channels": inputs.x_channels,
-            "arch": arch, "fold": fold, "backbones": inputs.keys, "signature": signature}
+            "arch": arch, "fold": fold, "backbones": inputs.keys, "signature": signature,
+            "input_norm": inputs.norm}
     torch.manual_seed(_epoch_seed(P.seed, fold, -1, model_name))
     model = build_seq_model(model_name, inputs.dim, inputs.n_cnn, inputs.x_channels, **arch)
     tr_rows = np.concatenate([inputs.study_rows[s] for s in tr])

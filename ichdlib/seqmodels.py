@@ -64,11 +64,11 @@ class SeqModel1(nn.Module):
     """
 
     def __init__(self, in_dim: int, n_cnn: int, mid: int = 512, reduce_dim: int = 128, hidden: int = 96,
-                 layers: int = 2, dropout: float = 0.5, slice_input: str = "pooled") -> None:
+                 layers: int = 2, dropout: float = 0.5, slice_input: str = "pooled", residual: bool = False) -> None:
         super().__init__()
         if slice_input not in ("pooled", "logits"):
             raise ValueError(f"slice_input {slice_input!r}: expected 'pooled' or 'logits'")
-        self.slice_input = slice_input
+        self.slice_input, self.residual = slice_input, residual
         in_dim = N_LABELS if slice_input == "logits" else in_dim
         self.in_dim, self.n_cnn = in_dim, n_cnn
         self.drop = nn.Dropout(dropout)
@@ -100,7 +100,17 @@ class SeqModel1(nn.Module):
         h = self.drop(F.relu(self.bn2(self.fc2(h), mask)))
         h = h.flatten(2)  # (B, L, reduce·F)
         out = self.skip(h) + self.head(_run_gru(self.gru, h, lengths))
+        if self.residual:
+            out = out + input_logits(X)
         return out * mask[..., None]
+
+
+def input_logits(X: torch.Tensor | None) -> torch.Tensor:
+    """The logit of the backbones' mean probability (channel 0 of ``X``), ``(B, L, 6)``: what a residual
+    head adds its correction to."""
+    if X is None:
+        raise ValueError("residual=True needs the probability channels X")
+    return torch.logit(X[:, 0].clamp(1e-4, 1 - 1e-4))
 
 
 class _ConvBlock(nn.Module):
@@ -129,9 +139,10 @@ class SeqModel2(nn.Module):
 
     def __init__(self, in_dim: int, n_cnn: int, x_channels: int, mid: int = 512, reduce_dim: int = 128,
                  hidden: int = 96, layers: int = 2, dropout: float = 0.5, conv: tuple[int, int] = (512, 256),
-                 slice_input: str = "pooled") -> None:
+                 slice_input: str = "pooled", residual: bool = False) -> None:
         super().__init__()
-        self.model1 = SeqModel1(in_dim, n_cnn, mid, reduce_dim, hidden, layers, dropout, slice_input)
+        self.residual = residual
+        self.model1 = SeqModel1(in_dim, n_cnn, mid, reduce_dim, hidden, layers, dropout, slice_input, residual)
         c1, c2 = conv
         self.blocks = nn.ModuleList([
             _ConvBlock(x_channels + 1, c1, 5, 1),
@@ -153,25 +164,31 @@ class SeqModel2(nn.Module):
         conv_out = self.conv_final(h)[:, 0]  # (B, L, 6)
         seq = h.permute(0, 2, 1, 3).flatten(2)  # (B, L, C2·6)
         out = conv_out + self.head(_run_gru(self.gru, seq, lengths))
+        if self.residual:
+            out = out + input_logits(X)
         return out * mask[..., None], out0
 
 
 def build_seq_model(name: str, in_dim: int, n_cnn: int, x_channels: int, *, mid: int = 512,
                     reduce_dim: int = 128, hidden: int = 96, dropout: float = 0.5,
-                    conv: tuple[int, int] | list[int] = (512, 256), slice_input: str = "pooled") -> nn.Module:
-    """``seq1`` -> :class:`SeqModel1`; ``seq2`` -> :class:`SeqModel2` (the original's widths by default)."""
+                    conv: tuple[int, int] | list[int] = (512, 256), slice_input: str = "pooled",
+                    residual: bool = False) -> nn.Module:
+    """``seq1`` -> :class:`SeqModel1`; ``seq2`` -> :class:`SeqModel2` (the original's widths by default).
+    ``residual``: every head adds its output to the logit of the backbones' mean probability."""
     if name == "seq1":
         return SeqModel1(in_dim, n_cnn, mid=mid, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout,
-                         slice_input=slice_input)
+                         slice_input=slice_input, residual=residual)
     if name == "seq2":
         return SeqModel2(in_dim, n_cnn, x_channels, mid=mid, reduce_dim=reduce_dim, hidden=hidden,
-                         dropout=dropout, conv=tuple(conv), slice_input=slice_input)
+                         dropout=dropout, conv=tuple(conv), slice_input=slice_input, residual=residual)
     raise ValueError(f"unknown sequence model {name!r}: expected 'seq1' or 'seq2'")
 
 
 def init_output_bias(model: nn.Module, prior: torch.Tensor | list[float]) -> None:
     """Start every output head at the labels' prior log-odds (the GRU heads' linear layers carry the bias;
-    the skip/conv heads add none), so training starts from the prior-only prediction."""
+    the skip/conv heads add none), so training starts from the prior-only prediction. Residual models
+    start from their input instead: the output layers are zeroed, so the first prediction is the
+    backbones' mean probability."""
     p = torch.as_tensor(prior, dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
     logit = torch.log(p / (1 - p))
     m1 = model.model1 if isinstance(model, SeqModel2) else model
@@ -180,6 +197,13 @@ def init_output_bias(model: nn.Module, prior: torch.Tensor | list[float]) -> Non
         m1.skip.bias.zero_()
         for m in heads:
             m.head.bias.copy_(logit)
+        if m1.residual:
+            outputs = [m1.skip, *(m.head for m in heads)]
+            outputs += [model.conv_final] if isinstance(model, SeqModel2) else []
+            for layer in outputs:
+                layer.weight.zero_()
+                if layer.bias is not None:
+                    layer.bias.zero_()
 
 
 def model_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +16,20 @@ from ichdlib.seq import (
     SeqInputs,
     StudyDataset,
     _signature,
+    apply_fold_norm,
     check_level2_folds,
     collate,
+    fold_norm_stats,
     fold_split,
     get_X,
     load_inputs,
+    normalize_test,
     predict_studies,
     train_fold,
     train_seq,
     z_steps,
 )
-from ichdlib.seqmodels import SeqModel2, build_seq_model, masked_weighted_bce, model_logits
+from ichdlib.seqmodels import SeqModel2, build_seq_model, init_output_bias, masked_weighted_bce, model_logits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,6 +109,8 @@ def fabricate_level1(P: Params, n_train: int = 16, n_test: int = 6, seed: int = 
             pf = pd.DataFrame(prob[m], columns=list(LABELS))
             pf.insert(0, "sop_uid", cat.sop_uid[m].to_numpy())
             pf.to_parquet(fdir / f"{prefix}_prob.parquet", index=False)
+            if split == "test":  # each fold model's test outputs (their mean is test_prob)
+                np.save(fdir / "test_prob_folds.npy", np.stack([prob[m]] * n_folds))
             if split == "train":
                 pf.insert(1, "fold", cat.fold[m].to_numpy())
             pf.to_parquet(cdir / f"{prefix}.parquet", index=False)
@@ -413,3 +419,80 @@ def test_logits_slice_input_reads_the_backbones_logits():
     out = model_logits(m, b)[0]
     b2 = dict(b, fea=torch.randn_like(b["fea"]))  # the pooled features do not matter
     torch.testing.assert_close(model_logits(m, b2)[0], out)
+
+
+@pytest.mark.parametrize("name", ["seq1", "seq2"])
+def test_residual_heads_start_at_the_backbones_mean(name):
+    """``residual=True``: after init_output_bias every head outputs the logit of the backbones' mean
+    probability (channel 0 of X), and training moves it away from there."""
+    torch.manual_seed(0)
+    inp = _toy_inputs(2)
+    m = build_seq_model(name, inp.dim, 2, inp.x_channels, mid=16, reduce_dim=8, hidden=6, conv=(8, 8),
+                        slice_input="logits", residual=True)
+    init_output_bias(m, [0.1] * 6)
+    m.eval()
+    b = collate([inp.item(s) for s in range(3)])
+    want = torch.logit(b["X"][:, 0].clamp(1e-4, 1 - 1e-4)) * b["mask"][..., None]
+    for out in model_logits(m, b):
+        torch.testing.assert_close(out, want)
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    masked_weighted_bce(model_logits(m, b)[0], torch.ones_like(b["y"]), b["mask"]).backward()
+    opt.step()
+    m.eval()
+    assert not torch.allclose(model_logits(m, b)[0], want)
+
+
+def test_fold_norm_aligns_fold_models_and_maps_test_rows_per_fold():
+    """Fold models with different logit scales come out with the same per-class mean and spread (the pooled
+    ones); a test row from fold model k gets fold k's transform, the same as its OOF rows."""
+    rng = np.random.default_rng(0)
+    fold = np.repeat([0, 1, 2], 200)
+    scale, shift = np.array([3.0, 1.0, 2.0])[fold], np.array([-1.0, 0.5, 0.0])[fold]
+    logit = rng.normal(size=(600, 2, 6)) * scale[:, None, None] + shift[:, None, None] - 2
+    probs = 1 / (1 + np.exp(-logit))
+    stats = fold_norm_stats(probs, fold)
+    out = np.empty_like(probs, dtype=np.float32)
+    for k in range(3):
+        out[fold == k] = apply_fold_norm(probs[fold == k], stats, k)
+    lo = np.log(out / (1 - out))
+    for k in range(3):
+        np.testing.assert_allclose(lo[fold == k].mean(0), stats["ref_mu"], atol=1e-3)
+        np.testing.assert_allclose(lo[fold == k].std(0), stats["ref_sd"], rtol=1e-3)
+    assert stats["folds"][0]["sd"][0][0] > 2 * stats["folds"][1]["sd"][0][0]
+    # JSON round trip (bundle meta): string fold keys work the same
+    js = json.loads(json.dumps(stats))
+    np.testing.assert_allclose(apply_fold_norm(probs[:5], js, 0), out[:5], rtol=1e-5)
+    # test rows: fold k's model output gets fold k's transform, then the fold mean
+    te = probs[[0, 200, 400]]  # one row from each fold model, as if all three predicted the same slice
+    fold_probs = np.stack([np.repeat(te[k: k + 1], 4, axis=0) for k in range(3)])  # (3, 4, 2, 6)
+    got = normalize_test(fold_probs, stats, [0, 1, 2])
+    np.testing.assert_allclose(got[0], np.mean([out[0], out[200], out[400]], axis=0), rtol=1e-5)
+
+
+def test_load_inputs_with_fold_norm(fake):
+    """``seq.input_norm: fold`` normalises OOF rows with their fold's stats and test rows per fold model
+    from notebook 03's ``test_prob_folds.npy``; the file missing is an error naming it."""
+    P, _ = fake
+    P.seq.input_norm = "none"
+    raw_tr = load_inputs(P, "train")
+    P.seq.input_norm = "fold"
+    folds = sorted(set(raw_tr.fold.tolist()))
+    d0 = P.work_dir / "features" / raw_tr.keys[0]
+    (d0 / "test_prob_folds.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="test_prob_folds.npy"):
+        load_inputs(P, "test")
+    for key in raw_tr.keys:
+        d = P.work_dir / "features" / key
+        te = pd.read_parquet(d / "test_prob.parquet")[list(LABELS)].to_numpy()
+        np.save(d / "test_prob_folds.npy", np.stack([te] * len(folds)))
+    tr, te = load_inputs(P, "train"), load_inputs(P, "test")
+    assert tr.norm == te.norm and tr.norm is not None
+    k = folds[0]
+    m = tr.fold == k
+    np.testing.assert_allclose(tr.probs[m], apply_fold_norm(raw_tr.probs[m], tr.norm, k), rtol=1e-6)
+    raw_te = np.stack([pd.read_parquet(P.work_dir / "features" / key / "test_prob.parquet")[list(LABELS)]
+                       .to_numpy() for key in raw_tr.keys], axis=1)
+    want = np.mean([apply_fold_norm(raw_te, tr.norm, f) for f in folds], axis=0)
+    np.testing.assert_allclose(te.probs, want, rtol=1e-5)
+    assert not np.allclose(tr.probs, raw_tr.probs)
