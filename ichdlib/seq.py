@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from ichdlib.config import Params
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
 from ichdlib.seqmodels import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
-from ichdlib.train import atomic_write, derive_seed, save_parquet, save_torch
+from ichdlib.train import atomic_write, derive_seed, save_parquet, save_torch, torch_threads
 
 MODELS = ("seq1", "seq2")
 
@@ -404,26 +402,12 @@ def _epoch_seed(seed: int, fold: int, epoch: int, model_name: str) -> int:
     return derive_seed(seed, fold, epoch + 1, MODELS.index(model_name), 0x5E0) % 2**63
 
 
-@contextmanager
-def cpu_threads(n: int | None, device: str) -> Iterator[None]:
-    """Run with ``n`` torch CPU threads (on CPU devices; ``None`` leaves torch's setting), then restore."""
-    if n is None or device != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir: Path, *,
                force: bool = False, signature: dict | None = None) -> pd.DataFrame:
     """Train one fold (resuming from ``fold<k>_last.pt``; skipped when ``fold<k>.pt`` is finished and
     current). Writes ``fold<k>.pt`` (``{"state_dict", "meta"}``), ``fold<k>_last.pt`` each epoch and
     ``fold<k>_log.csv``. Returns the per-epoch log."""
-    with cpu_threads(P.seq.cpu_threads, P.torch_device()):
+    with torch_threads(P.seq.cpu_threads, P.torch_device()):
         return _train_fold(P, model_name, inputs, fold, out_dir, force, signature)
 
 
@@ -529,7 +513,7 @@ def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown sequence model {model_name!r}: expected one of {MODELS}")
-    with cpu_threads(P.seq.cpu_threads, P.torch_device()):
+    with torch_threads(P.seq.cpu_threads, P.torch_device()):
         return _train_seq(P, model_name, force)
 
 

@@ -130,10 +130,9 @@ def init_bias(model: CnnNet, y: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def cpu_threads(P: Params) -> Iterator[None]:
-    """Use ``P.cnn.cpu_threads`` torch threads inside the block when running on the CPU."""
-    n = P.cnn.cpu_threads
-    if n is None or torch.device(P.torch_device()).type != "cpu":
+def torch_threads(n: int | None, device: str) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads on a CPU device (``None`` leaves torch's setting), then restore."""
+    if n is None or torch.device(device).type != "cpu":
         yield
         return
     before = torch.get_num_threads()
@@ -142,6 +141,11 @@ def cpu_threads(P: Params) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def cpu_threads(P: Params) -> contextlib.AbstractContextManager[None]:
+    """Use ``P.cnn.cpu_threads`` torch threads inside the block when running on the CPU."""
+    return torch_threads(P.cnn.cpu_threads, P.torch_device())
 
 
 def amp_enabled(P: Params, device: str) -> bool:
