@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks the issues ask for, in one short script (for a lent H100/H200 or any CUDA machine).
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_results)
+# Needs torch, timm, numpy, pandas, scikit-learn and opencv (the device image has them) plus this repo on
+# PYTHONPATH. The predict benchmark also needs pydicom; where it is missing, carry wheels (see the device
+# notes) or it is skipped. Results: one JSON per check and a log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu_results}}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+py="${PYTHON:-python3}"
+{
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  echo "== 2D training loop vs model alone vs the original's regime (densenet121, 256 px, batch 256)"
+  "$py" benchmarks/train_throughput.py --json "$out/train_throughput.json"
+  echo "== the same, torch.compile"
+  "$py" benchmarks/train_throughput.py --compile --json "$out/train_throughput_compiled.json"
+  echo "== tests marked gpu"
+  "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_cnn_phantom.py tests/test_cnn.py || true
+  if "$py" -c "import pydicom" 2>/dev/null; then
+    echo "== seconds per study (demo architecture, untrained weights)"
+    "$py" benchmarks/predict.py --device cuda --json "$out/predict_demo.json"
+    echo "== seconds per study (the original's four CNNs x 5 folds, TTA 4)"
+    "$py" benchmarks/predict.py --params params/rsna_gpu.yaml --device cuda --json "$out/predict_rsna.json"
+  else
+    echo "pydicom missing: predict benchmark skipped"
+  fi
+} 2>&1 | tee "$out/gpu_checks.log"
