@@ -59,6 +59,13 @@ def feature_views(P: Params) -> list[TtaView]:
     return tta_views(P.features.tta, tuple(P.cnn.augment.crop_range), derive_seed(P.seed, 3))
 
 
+def eval_augment(P: Params, meta: dict[str, Any]) -> DeviceAugment:
+    """The evaluation view (windows + validation centre crop) of a fold model, from its checkpoint meta."""
+    aug_cfg = P.cnn.augment.model_copy(update={"val_center_crop": meta["val_center_crop"]})
+    return DeviceAugment(meta["size"], aug_cfg, meta["recipe"], tuple(meta["single_window"]),
+                         bool(meta["learnable_window"]))
+
+
 def _save_npy(arr: np.ndarray, path: Path) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
@@ -208,9 +215,7 @@ def _fold_part(P: Params, k: int, out: Path, src: Path, train_cat: pd.DataFrame,
     device = P.torch_device()
     model, meta = load_cnn(src / f"fold{k}.pt", device)
     model, runner = prepare_model(model, P, device)
-    aug_cfg = P.cnn.augment.model_copy(update={"val_center_crop": meta["val_center_crop"]})
-    aug = DeviceAugment(meta["size"], aug_cfg, meta["recipe"], tuple(meta["single_window"]),
-                        bool(meta["learnable_window"]))
+    aug = eval_augment(P, meta)
     cl = torch.device(device).type == "cuda" and P.cnn.channels_last
     run = dict(batch=P.features.batch, device=device, amp=amp_enabled(P, device),
                num_workers=P.cnn.num_workers, pooled=True, views=views, channels_last=cl)

@@ -397,6 +397,7 @@ class Predictor:
     """A bundle's models on one device, ready to predict studies."""
 
     def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None) -> None:
+        from ichdlib.features import eval_augment, feature_views
         from ichdlib.train import amp_enabled, prepare_model
 
         self.bundle = bundle
@@ -409,9 +410,9 @@ class Predictor:
         self.aug: dict[str, list[Any]] = {}
         for key, member in bundle.cnn.items():
             self.cnn[key] = [prepare_model(m, self.P, self.device)[1] for m in member.build(self.device)]
-            self.aug[key] = [_eval_augment(self.P, meta) for meta in member.metas]
+            self.aug[key] = [eval_augment(self.P, meta) for meta in member.metas]
         self.seq = {name: member.build(self.device) for name, member in bundle.seq.items()}
-        self.views = _tta_views(self.P)
+        self.views = feature_views(self.P)
 
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
@@ -472,23 +473,6 @@ class Predictor:
             for k, c in enumerate(LABELS):
                 frame[f"{name}:{c}"] = p[:, k]
         return frame
-
-
-def _tta_views(P: Any) -> list[Any]:
-    """Notebook 03's TTA views (:func:`ichdlib.features.extract_features` draws them with this seed)."""
-    from ichdlib.data import tta_views
-    from ichdlib.train import derive_seed
-
-    return tta_views(P.features.tta, tuple(P.cnn.augment.crop_range), derive_seed(P.seed, 3))
-
-
-def _eval_augment(P: Any, meta: dict[str, Any]) -> Any:
-    """The evaluation view of a fold model, built from its checkpoint meta as notebook 03 builds it."""
-    from ichdlib.data import DeviceAugment
-
-    aug_cfg = P.cnn.augment.model_copy(update={"val_center_crop": meta["val_center_crop"]})
-    return DeviceAugment(meta["size"], aug_cfg, meta["recipe"], tuple(meta["single_window"]),
-                         bool(meta["learnable_window"]))
 
 
 def _feature_mean(feats: list[np.ndarray]) -> np.ndarray:
