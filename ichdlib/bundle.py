@@ -231,7 +231,7 @@ class Bundle:
         import torch
 
         from ichdlib.models import build_cnn
-        from ichdlib.seq import backbone_keys
+        from ichdlib.seq import backbone_keys, seq_arch
         from ichdlib.seqmodels import build_seq_model
 
         n_folds = folds or (len(P.cnn.folds) if P.cnn.folds != "all" else P.ingest.folds)
@@ -251,8 +251,7 @@ class Bundle:
             cnn[cfg.key] = Member("cnn", cfg.key, list(range(n_folds)), metas, states)
         keys = backbone_keys(P)
         dims = [cnn[k].metas[0]["feature_dim"] for k in keys]
-        arch = {"mid": P.seq.mid, "reduce_dim": P.seq.reduce_dim, "hidden": P.seq.hidden,
-                "dropout": P.seq.dropout, "conv": list(P.seq.conv)}
+        arch = seq_arch(P)  # the same architecture notebook 04 trains (slice_input, residual included)
         seq: dict[str, Member] = {}
         for name in P.seq.models:
             meta = {"model": name, "in_dim": max(dims), "n_cnn": len(keys), "x_channels": 2 * len(keys) + 2,
