@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,18 @@ from ichdlib.dicom import DicomReadError, read_header, read_hu, read_hu_fast
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 
+def _without_value_validation(fn):
+    """RSNA-style UIDs (ID_...) are not valid DICOM UIDs: write them with pydicom's validation off."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with pydicom.config.disable_value_validation():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_without_value_validation
 def write_slice(
     path: Path,
     stored: np.ndarray,
@@ -37,43 +50,7 @@ def write_slice(
     frames: int = 1,
 ) -> Path:
     """Write stored pixel values (their dtype sets BitsAllocated/PixelRepresentation) as a CT slice."""
-    with pydicom.config.disable_value_validation():  # RSNA-style UIDs (ID_...) are not valid UIDs
-        return _write_slice(
-            path,
-            np.ascontiguousarray(stored),
-            sop,
-            study,
-            series,
-            patient,
-            z,
-            modality,
-            bits_stored,
-            intercept,
-            slope,
-            photometric,
-            window,
-            syntax,
-            frames,
-        )
-
-
-def _write_slice(
-    path,
-    stored,
-    sop,
-    study,
-    series,
-    patient,
-    z,
-    modality,
-    bits_stored,
-    intercept,
-    slope,
-    photometric,
-    window,
-    syntax,
-    frames,
-) -> Path:
+    stored = np.ascontiguousarray(stored)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop
