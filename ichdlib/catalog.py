@@ -60,21 +60,14 @@ CATALOG_COLUMNS = [
     "next_row",
     "dup_z",
 ]
-#: Header fields kept after the contract columns (the cache pass decodes with them).
+#: Header fields kept after the contract columns: what the cache pass decodes with
+#: (``cache.DECODE_COLUMNS``, one source of truth) plus a few for people and reports.
 HEADER_COLUMNS = [
     "modality",
     "instance_number",
-    "slope",
-    "intercept",
-    "bits_allocated",
-    "bits_stored",
-    "pixel_representation",
-    "photometric",
-    "transfer_syntax",
+    *(c for c in _cache.DECODE_COLUMNS if c not in CATALOG_COLUMNS),
     "window_center",
     "window_width",
-    "fixes",
-    "pixel_offset",
     "pixel_nbytes",
 ]
 QUARANTINE_COLUMNS = ["sop_uid", "path", "split", "reason"]
@@ -259,6 +252,15 @@ def _q(
     return frame
 
 
+def _rows_without_image(wanted: pd.Index, frame: pd.DataFrame, split: str, left_out: set[str],
+                        reason: str) -> list[pd.DataFrame]:
+    """Quarantine rows for IDs a label/submission file lists but no file of ``split`` provides (IDs already
+    quarantined for another reason are not listed twice)."""
+    missing = wanted.difference(pd.Index(frame.loc[frame["split"] == split, "sop_uid"]))
+    missing = missing.difference(pd.Index(sorted(left_out)))
+    return [_q(missing, [""] * len(missing), split, reason)] if len(missing) else []
+
+
 def _stem(p: str) -> str:
     name = os.path.basename(p)
     return name[:-4] if name.lower().endswith(".dcm") else name
@@ -353,34 +355,18 @@ def _scan(
             (frame["split"] == "train") & ~frame["sop_uid"].isin(labels.index),
             f"unlabelled: training image without rows in {train_csv.name}",
         )
-        orphans = labels.index.difference(pd.Index(frame.loc[frame["split"] == "train", "sop_uid"]))
-        orphans = orphans.difference(pd.Index(sorted(left_out)))
-        if len(orphans):
-            quarantine.append(
-                _q(
-                    orphans,
-                    [""] * len(orphans),
-                    "train",
-                    f"label rows without an image: in {train_csv.name}, no file in the training folder",
-                )
-            )
+        quarantine.extend(_rows_without_image(
+            labels.index, frame, "train", left_out,
+            f"label rows without an image: in {train_csv.name}, no file in the training folder"))
     if sample_sub.is_file():
         wanted = read_labels(sample_sub)[0].index
         drop(
             (frame["split"] == "test") & ~frame["sop_uid"].isin(wanted),
             f"not in sample submission: test image not in {sample_sub.name}",
         )
-        no_image = wanted.difference(pd.Index(frame.loc[frame["split"] == "test", "sop_uid"]))
-        no_image = no_image.difference(pd.Index(sorted(left_out)))
-        if len(no_image):
-            quarantine.append(
-                _q(
-                    no_image,
-                    [""] * len(no_image),
-                    "test",
-                    f"submission rows without an image: in {sample_sub.name}, no file in the test folder",
-                )
-            )
+        quarantine.extend(_rows_without_image(
+            wanted, frame, "test", left_out,
+            f"submission rows without an image: in {sample_sub.name}, no file in the test folder"))
 
     # assemble and order
     cat = frame.reset_index(drop=True)
