@@ -227,6 +227,45 @@ def test_lowest_slice_has_skull_base_and_top_is_small(tmp_path):
     assert brain[mid] > 0.8 * centre[mid].size
 
 
+def test_lesion_coverage_is_the_slab_share():
+    from ichdlib.synth import Lesion
+
+    les = Lesion("intraparenchymal", "lobar", s_c=0.5, half_mm=10.0, hu=70.0)
+    height = 100.0  # the lesion spans levels 0.4 .. 0.6
+    assert les.coverage(0.5, 0.0, height) == (1.0, 0.5)  # a thin plane inside
+    assert les.coverage(0.65, 0.0, height)[0] == 0.0
+    assert les.coverage(0.5, 0.02, height) == pytest.approx((1.0, 0.5))  # slab wholly inside
+    cover, mid = les.coverage(0.6, 0.02, height)  # slab centred on the end: half of it inside
+    assert cover == pytest.approx(0.5) and mid == pytest.approx(0.59)
+    assert les.coverage(0.63, 0.02, height)[0] == 0.0
+
+
+def test_lesion_ends_fade_by_partial_volume():
+    """A slab that a lesion fills only partly shows it with proportionally lower contrast; too small a share
+    draws nothing (and labels nothing); a slab wholly inside renders as a thin plane would."""
+    from ichdlib.synth import MIN_SLAB_COVER, Lesion, _Head, render_slice
+
+    plan = plan_phantom(2, seed=4, size=96)[0][0]
+    head = _Head(plan, np.random.default_rng(0))
+    half_mm, s_c = 12.0, 0.5
+    les = Lesion("intraparenchymal", "basal_ganglia", s_c, half_mm, 75.0,
+                 {"cu": 20.0, "cv": 0.0, "radius": 14.0, "h2": 0.1, "h3": 0.05, "ph2": 1.0, "ph3": 2.0,
+                  "edema": 0.0, "edema_hu": 0.0})
+    h = 0.5 * 5.0 / head.H  # half of a 5 mm slab in level units
+    end = s_c + half_mm / head.H
+
+    def excess(s: float, slab: float) -> tuple[float, int]:
+        img, mask = render_slice(head, s, 0, [les], 3, slab)
+        return float((img - render_slice(head, s, 0, [], 3, slab)[0]).sum()), int(mask.astype(bool).sum())
+
+    assert excess(s_c, h) == excess(s_c, 0.0)  # interior: identical to a thin plane
+    full, full_px = excess(end - h / 2, 0.0)  # the part of the end slab inside the lesion, drawn at full contrast
+    half, half_px = excess(end, h)  # the end slab: half of it inside
+    assert full > 0 and half_px == full_px > 0
+    assert 0.4 < half / full < 0.6
+    assert excess(end + h * (1 - 2 * MIN_SLAB_COVER) + 1e-3, h) == (0.0, 0)  # below the minimum share: nothing
+
+
 # -- quirks ------------------------------------------------------------------------------------------------
 def test_manifest_lists_every_quirk(manifest):
     assert manifest["seed"] == 5 and manifest["config"]["quirks"]
