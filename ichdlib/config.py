@@ -214,7 +214,8 @@ class EnsembleCfg(_Strict):
     """Blending and submission (notebook 05)."""
 
     #: ``mean`` of the members, or non-negative weights summing to 1 fitted on OOF weighted log loss
-    #: (the OOF score of ``fit`` is cross-fitted: each fold's weights come from the other folds).
+    #: (the OOF score of ``fit`` is cross-fitted: each fold's weights come from the other folds; when that
+    #: blend scores worse than its best member, ``fit`` uses the best member alone).
     method: Literal["mean", "fit"] = "mean"
     #: Stages to blend: ``seq1``, ``seq2``, ``cnn:<key>`` or ``cnn:*`` (every backbone).
     members: list[str] = Field(default_factory=lambda: ["seq1", "seq2"])

@@ -121,11 +121,15 @@ class Blend:
     test: pd.DataFrame
     weights: dict[str, float]
     fold_weights: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: Why the blend is what it is, when ``fit`` fell back to its best member ("" otherwise).
+    note: str = ""
 
 
 def blend(stages: list[Stage], method: str = "mean", y_oof: pd.DataFrame | None = None) -> Blend:
     """Blend stages on their common images. ``fit`` needs ``y_oof`` (wide truth of the OOF images); its
-    OOF predictions are cross-fitted: fold k uses weights fitted on the other folds' OOF rows."""
+    OOF predictions are cross-fitted: fold k uses weights fitted on the other folds' OOF rows. When that
+    cross-fitted blend scores worse than its best member alone (weights fitted on few studies need not
+    carry over between folds), ``fit`` uses the best member alone and says so in ``Blend.note``."""
     names = [s.name for s in stages]
     oof_ids = stages[0].oof.index
     test_ids = stages[0].test.index
@@ -138,6 +142,7 @@ def blend(stages: list[Stage], method: str = "mean", y_oof: pd.DataFrame | None 
     pt = np.stack([s.test.loc[test_ids, L].to_numpy(float) for s in stages])
     fold = stages[0].oof.loc[oof_ids, "fold"].to_numpy() if "fold" in stages[0].oof else np.zeros(len(oof_ids))
     fold_w: dict[int, dict[str, float]] = {}
+    note = ""
     if method == "mean":
         w = np.full(len(stages), 1.0 / len(stages))
         oof = np.tensordot(w, po, axes=1)
@@ -152,13 +157,19 @@ def blend(stages: list[Stage], method: str = "mean", y_oof: pd.DataFrame | None 
             wk = fit_weights(po[:, ~m], y[~m]) if (~m).any() else w
             oof[m] = np.tensordot(wk, po[:, m], axes=1)
             fold_w[int(k)] = dict(zip(names, map(float, wk), strict=True))
+        single = [weighted_log_loss(y, p) for p in po]
+        best, blended = int(np.argmin(single)), weighted_log_loss(y, oof)
+        if len(stages) > 1 and single[best] < blended:
+            note = (f"the fitted blend scores {blended:.4f} cross-fitted on OOF, worse than its best member "
+                    f"{names[best]} alone ({single[best]:.4f}): using {names[best]} alone")
+            w, oof, fold_w = np.eye(len(stages))[best], po[best].copy(), {}
     else:
         raise ValueError(f"ensemble.method {method!r}: expected 'mean' or 'fit'")
     test = np.tensordot(w, pt, axes=1)
     oof_df = pd.DataFrame(oof, index=oof_ids, columns=L)
     oof_df["fold"] = fold
     return Blend(oof_df, pd.DataFrame(test, index=test_ids, columns=L),
-                 dict(zip(names, map(float, w), strict=True)), fold_w)
+                 dict(zip(names, map(float, w), strict=True)), fold_w, note)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -362,7 +373,7 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
                         y_test, pd.DataFrame(np.tile(prior, (len(y_test), 1)), index=y_test.index, columns=L))}
     submission = {"path": str(sub_path.relative_to(P.reports_dir)), "images": len(sample_ids),
                   "rows": 6 * len(sample_ids), "filled_with_prior": filled, "method": P.ensemble.method,
-                  "members": members, "weights": bl.weights, "fold_weights": bl.fold_weights,
+                  "members": members, "weights": bl.weights, "fold_weights": bl.fold_weights, "note": bl.note,
                   "scored_against": None if y_test is None else P.paths.answer_key,
                   "sources": {n: st.source for n, st in stages.items()}}
     metrics = update_metrics(P, {"stages": out, "prior": prior_scores, "submission": submission})

@@ -132,11 +132,32 @@ def test_blend_mean_and_fitted_weights():
     truth = pd.DataFrame(y, columns=L, index=stages[0].oof.index)
     f = blend(stages, "fit", truth)
     assert f.weights["good"] > 0.9 and sum(f.weights.values()) == pytest.approx(1)
-    assert set(f.fold_weights) == {0, 1, 2, 3}
     assert weighted_log_loss(y, f.oof[L].to_numpy()) < weighted_log_loss(y, m.oof[L].to_numpy())
-    np.testing.assert_allclose(f.test[L].to_numpy(), f.weights["good"] * good[:10] + f.weights["noise"] * noise[:10])
+    # Two stages with independent errors: the fitted blend beats either alone, cross-fitted fold by fold.
+    a, b = (1 / (1 + np.exp(-(2.5 * (2 * y - 1) + rng.normal(0, 1.5, y.shape)))) for _ in range(2))
+    pair = [_stage("a", a, a[:10], fold), _stage("b", b, b[:10], fold)]
+    f = blend(pair, "fit", truth)
+    assert 0.2 < f.weights["a"] < 0.8 and f.note == "" and set(f.fold_weights) == {0, 1, 2, 3}
+    assert weighted_log_loss(y, f.oof[L].to_numpy()) < min(weighted_log_loss(y, a), weighted_log_loss(y, b))
+    np.testing.assert_allclose(f.test[L].to_numpy(), f.weights["a"] * a[:10] + f.weights["b"] * b[:10])
     w = fit_weights(np.stack([good, noise]), y)
     assert (w >= 0).all()
+
+
+def test_fit_falls_back_to_the_best_member_when_the_blend_does_not_carry_over_between_folds():
+    rng = np.random.default_rng(1)
+    y = (rng.random((300, 6)) < 0.3).astype(float)
+    fold = np.arange(300) % 3
+    steady = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.05, y.shape), 0.01, 0.99)
+    fickle = np.where((fold == 2)[:, None], 1 - y, y) * 0.9 + 0.05  # sharp on folds 0-1, inverted on fold 2
+    stages = [_stage("steady", steady, steady[:5], fold), _stage("fickle", fickle, fickle[:5], fold)]
+    truth = pd.DataFrame(y, columns=L, index=stages[0].oof.index)
+    f = blend(stages, "fit", truth)
+    assert f.weights == {"steady": 1.0, "fickle": 0.0} and f.fold_weights == {}
+    assert "worse than its best member steady" in f.note
+    np.testing.assert_allclose(f.oof[L].to_numpy(), steady)
+    np.testing.assert_allclose(f.test[L].to_numpy(), steady[:5])
+    assert blend(stages[:1], "fit", truth).note == ""
 
 
 # ----------------------------------------------------------------------------------------------------
