@@ -66,7 +66,11 @@ def _stamp_path(P: Params, stage: str) -> Path:
 
 
 def _fingerprint(P: Params) -> str:
-    return hashlib.sha256(dump_params(P).encode()).hexdigest()[:16]
+    """The params, and the phantom renderer's version when the run generates its data."""
+    from ichdlib.synth import PHANTOM_VERSION
+
+    text = dump_params(P) + (f"\nphantom_version: {PHANTOM_VERSION}" if P.synth.enabled else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _failure_message(nb_name: str, exc: Exception, out_path: Path) -> str:

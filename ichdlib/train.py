@@ -21,6 +21,7 @@ Same code on CPU and GPU; on CUDA with bf16 autocast, channels_last and optional
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -218,8 +219,15 @@ def _val_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def run_config(P: Params, cfg: BackboneCfg, size_of_cache: int, n_train: int) -> dict[str, Any]:
-    """Settings that define a fold's training; a checkpoint made with others is not resumed."""
+def data_digest(rows: pd.DataFrame) -> str:
+    """A short digest of training rows' images and labels: regenerated or relabelled data gives another."""
+    cols = ["sop_uid", *LABELS]
+    return hashlib.sha256(pd.util.hash_pandas_object(rows[cols], index=False).to_numpy().tobytes()).hexdigest()[:16]
+
+
+def run_config(P: Params, cfg: BackboneCfg, size_of_cache: int, train_rows: pd.DataFrame) -> dict[str, Any]:
+    """Settings that define a fold's training (its training rows included); a checkpoint made with others is
+    not resumed."""
     c = P.cnn
     return {
         "name": cfg.name, "size": cfg.size, "batch": cfg.batch, "epochs": cfg.epochs, "lr": cfg.lr,
@@ -231,7 +239,7 @@ def run_config(P: Params, cfg: BackboneCfg, size_of_cache: int, n_train: int) ->
         "min_lr_ratio": c.min_lr_ratio, "class_weights": list(c.class_weights), "grad_clip": c.grad_clip,
         "weight_decay": c.weight_decay,
         "augment": json.dumps(c.augment.model_dump(mode="json"), sort_keys=True),
-        "cache_size": size_of_cache, "n_train": n_train,
+        "cache_size": size_of_cache, "n_train": len(train_rows), "data": data_digest(train_rows),
     }
 
 
@@ -285,7 +293,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         folds = sorted(train_cat["fold"].unique().tolist())
         raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation slices; the catalog's "
                          f"folds are {folds}")
-    config = run_config(P, cfg, int(cache.shape[-1]), len(tr))
+    config = run_config(P, cfg, int(cache.shape[-1]), tr)
     if force:
         for f in files.all():
             f.unlink(missing_ok=True)

@@ -110,6 +110,12 @@ def test_rerun_skips_finished_folds_and_refuses_changed_settings(trained, toy, r
     other = load_params(repo / REPO_PARAMS, {**P.model_dump(mode="json"), "root": str(P.root), "cnn": cnn})
     with pytest.raises(ValueError, match="class_weights.*force=True"):
         train_cnn(other, other.cnn.backbones[0], catalog=cat, cache=cache)
+    # Regenerated or relabelled data: the finished folds are stale, not reused.
+    relabelled = cat.copy()
+    flip = relabelled.index[relabelled["split"] == "train"][0]
+    relabelled.loc[flip, "any"] = 1.0 - relabelled.loc[flip, "any"]
+    with pytest.raises(ValueError, match="data: .*force=True"):
+        train_cnn(P, P.cnn.backbones[0], catalog=relabelled, cache=cache)
 
 
 def test_features_align_with_the_catalog(trained, toy):
