@@ -12,9 +12,8 @@ slices and the vertex at the top; noise, blur, head size, position and rotation 
 hemorrhage subtypes are drawn at their usual places and shapes, tapering over contiguous slices and fading
 at their ends (each slice is a slab as thick as the slice spacing; a lesion filling part of it is drawn
 fainter: partial volume), and the labels are counted from the rendered lesion masks, so labels and masks
-always agree. Mimics (choroid
-plexus / pineal / falx calcifications, beam-hardening streaks, a bright rim under the skull) appear on
-negative slices too. ``quirks=True`` injects the real data's problems and lists them in the manifest.
+always agree. Mimics (choroid plexus / pineal / falx calcifications, beam-hardening streaks, a bright rim
+under the skull) appear on negative slices too. ``quirks=True`` injects the real data's problems and lists them in the manifest.
 """
 
 from __future__ import annotations

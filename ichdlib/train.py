@@ -244,7 +244,8 @@ def run_config(P: Params, cfg: BackboneCfg, size_of_cache: int, train_rows: pd.D
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    """Settings that differ; keys an older checkpoint did not record yet (e.g. ``data``) are not compared."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if k in old and old[k] != new[k]]
 
 
 # --------------------------------------------------------------------------------------------------

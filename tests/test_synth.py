@@ -22,6 +22,7 @@ from ichdlib.synth import (
     ENCODINGS,
     MANIFEST,
     MASK_BITS,
+    PHANTOM_VERSION,
     PROGRESS_MARKER,
     SAMPLE_SUBMISSION,
     TRAIN_CSV,
@@ -412,6 +413,12 @@ def test_ensure_phantom_is_idempotent(tmp_path):
     (root / PROGRESS_MARKER).write_text("{}")
     ensure_phantom(other, progress=False)
     assert (root / COMPLETE_MARKER).exists() and not (root / PROGRESS_MARKER).exists()
+    # A phantom from an older renderer with the same settings is regenerated without asking.
+    marker = json.loads((root / COMPLETE_MARKER).read_text())
+    (root / COMPLETE_MARKER).write_text(json.dumps({**marker, "version": PHANTOM_VERSION - 1}))
+    sentinel.write_text("old renderer")
+    ensure_phantom(other, progress=False)
+    assert not sentinel.exists() and json.loads((root / COMPLETE_MARKER).read_text()) == marker
 
 
 def test_ensure_phantom_leaves_real_data_alone(tmp_path):
