@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import multiprocessing as mp
 import os
 import threading
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ichdlib.dicom import DicomReadError, fix_stored, read_hu, read_stored, rescale
+from ichdlib.files import read_json, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -241,23 +241,10 @@ def _fill_chunk(task: tuple) -> tuple[int, dict[int, str]]:
     return chunk_id, failures
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def pending_failures(work: str | os.PathLike, size: int) -> dict[int, str]:
     """Decode failures of a finished cache not yet applied to the catalog (empty when none)."""
     final = cache_path(work, size)
-    side = _read_json(_sidecar(final))
+    side = read_json(_sidecar(final))
     if final.is_file() and side.get("complete"):
         return {int(k): v for k, v in side.get("failures", {}).items()}
     return {}
@@ -309,7 +296,7 @@ def build_cache(
         return failures
     order = np.argsort(cat["row"].to_numpy(), kind="stable")
     rows = cat["row"].to_numpy(dtype=np.int64)[order]
-    side = _read_json(side_path)
+    side = read_json(side_path)
     if not (
         partial.is_file()
         and side.get("fingerprint") == fingerprint
@@ -328,7 +315,7 @@ def build_cache(
             "complete": False,
         }
         np.lib.format.open_memmap(partial, mode="w+", dtype=np.int16, shape=(n_rows, size, size)).flush()
-        _write_json(side_path, side)
+        write_json(side_path, side, indent=None)
     chunk = int(side["chunk"])
     done = set(side["done"])
     columns = {c: cat[c].to_numpy()[order] for c in DECODE_COLUMNS}
@@ -355,12 +342,12 @@ def build_cache(
             side["failures"].update({str(k): v for k, v in failures.items()})
             bar.update(len(rows[chunk_id * chunk : (chunk_id + 1) * chunk]))
             if time.monotonic() - last > _SAVE_EVERY_S:
-                _write_json(side_path, side)
+                write_json(side_path, side, indent=None)
                 last = time.monotonic()
     finally:
         bar.close()
         if partial.exists():
-            _write_json(side_path, side)
+            write_json(side_path, side, indent=None)
     failures = {int(k): v for k, v in side["failures"].items()}
     # The workers' writes sit in the page cache: put them on disk (in the background, while the caller
     # drops the failed slices from the catalog), then publish the cache under its final name.
@@ -372,7 +359,7 @@ def build_cache(
     finally:
         syncer.join()
     side["complete"] = True
-    _write_json(side_path, side)
+    write_json(side_path, side, indent=None)
     os.replace(partial, final)
     with contextlib.suppress(OSError):  # make the rename durable where the platform allows
         fd = os.open(final.parent, os.O_RDONLY)

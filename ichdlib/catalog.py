@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ichdlib import cache as _cache
 from ichdlib.dicom import read_headers
+from ichdlib.files import atomic_write, read_json, write_json
 from ichdlib.labels import LABELS, read_labels
 
 if TYPE_CHECKING:
@@ -82,23 +83,6 @@ _SPLITS = ("train", "test")
 
 
 # -- small I/O helpers ------------------------------------------------------------------------------
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic(path, lambda t: t.write_text(json.dumps(data, indent=1, default=str)))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def load_catalog(work: str | os.PathLike) -> pd.DataFrame:
     """Read ``WORK/catalog.parquet``; ``FileNotFoundError`` saying what to run when missing."""
     path = Path(work) / CATALOG
@@ -119,8 +103,8 @@ def load_quarantine(work: str | os.PathLike) -> pd.DataFrame:
 
 
 def _save(work: Path, cat: pd.DataFrame, quarantine: pd.DataFrame) -> None:
-    _atomic(work / CATALOG, lambda t: cat.to_parquet(t, index=False))
-    _atomic(work / QUARANTINE, lambda t: quarantine.to_csv(t, index=False))
+    atomic_write(work / CATALOG, lambda t: cat.to_parquet(t, index=False))
+    atomic_write(work / QUARANTINE, lambda t: quarantine.to_csv(t, index=False))
 
 
 # -- scanning -------------------------------------------------------------------------------------------
@@ -420,8 +404,8 @@ def _apply_cache_failures(work: Path, cat: pd.DataFrame, failures: dict[int, str
     )
     cat = cat[CATALOG_COLUMNS + HEADER_COLUMNS]
     _save(work, cat, q)
-    report = _read_json(work / REPORT)
-    _write_json(work / REPORT, report | _counts(cat, q))
+    report = read_json(work / REPORT)
+    write_json(work / REPORT, report | _counts(cat, q))
     return cat
 
 
@@ -458,7 +442,7 @@ def build_catalog(
     csv_path, sub_path = root / train_csv, root / sample_submission
     skip = sorted(set(skip_ids))
     fp = _fingerprint(root, files, (csv_path, sub_path), folds=folds, seed=seed, skip_ids=skip)
-    state = _read_json(work / STATE)
+    state = read_json(work / STATE)
     with _cache.LazyPool(workers) as pool:
         if force or state.get("fingerprint") != fp or not (work / CATALOG).is_file():
             for name in (CATALOG, QUARANTINE, REPORT, STATE):
@@ -466,9 +450,9 @@ def build_catalog(
             _cache.remove_caches(work)
             cat, q, report = _scan(root, files, csv_path, sub_path, folds, seed, set(skip), pool, progress)
             _save(work, cat, q)
-            _write_json(work / REPORT, report)
+            write_json(work / REPORT, report)
             state = {"fingerprint": fp, "n_rows": len(cat), "version": _VERSION}
-            _write_json(work / STATE, state)
+            write_json(work / STATE, state)
         else:
             cat = load_catalog(work)
         t0 = time.monotonic()
@@ -492,9 +476,9 @@ def build_catalog(
     cat = current["cat"]
     _cache.finish_cache(work, size)
     if built:
-        report = _read_json(work / REPORT)
+        report = read_json(work / REPORT)
         report.setdefault("seconds", {})[f"cache_{size}"] = round(time.monotonic() - t0, 2)
-        _write_json(work / REPORT, report)
+        write_json(work / REPORT, report)
     return cat
 
 

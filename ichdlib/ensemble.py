@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.config import Params
+from ichdlib.files import json_ready, write_text
 from ichdlib.labels import LABELS, LabelFileError, long_to_wide, read_labels, split_id, write_long_csv
 from ichdlib.metrics import calibration, prior_baseline, score_arrays, score_frames, weighted_log_loss
-from ichdlib.train import atomic_write
 
 L = list(LABELS)
 
@@ -268,18 +268,6 @@ def write_submission(P: Params, test: pd.DataFrame, prior: np.ndarray) -> tuple[
 # ----------------------------------------------------------------------------------------------------
 # Scores and metrics.json
 # ----------------------------------------------------------------------------------------------------
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def update_metrics(P: Params, updates: dict[str, Any]) -> dict:
     """Merge ``updates`` into ``reports/<run>/metrics.json`` (dicts merged one level deep, other keys such as
     ``pointing_game`` kept) and write it atomically. Returns the merged content."""
@@ -295,8 +283,8 @@ def update_metrics(P: Params, updates: dict[str, Any]) -> dict:
             data[key] = {**data[key], **val}
         else:
             data[key] = val
-    data = _json_safe(data)
-    atomic_write(path, lambda t: t.write_text(json.dumps(data, indent=2)))
+    data = json_ready(data)
+    write_text(path, json.dumps(data, indent=2))
     return data
 
 

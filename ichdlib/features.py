@@ -30,12 +30,12 @@ import torch
 
 from ichdlib.config import BackboneCfg, Params
 from ichdlib.data import DeviceAugment, SliceDataset, TtaView, tta_views
+from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
 from ichdlib.models import load_cnn
 from ichdlib.train import (
     _load_inputs,
     amp_enabled,
-    atomic_write,
     cnn_dir,
     cpu_threads,
     derive_seed,

@@ -21,7 +21,6 @@ severity, message) and the readable slices are still predicted.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from ichdlib.files import json_ready, write_text
 
 #: |z component of the slice normal| above this counts as axial (allows gantry tilt up to ~35 degrees).
 AXIAL_MIN_COS = 0.8
@@ -634,25 +635,6 @@ def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, o
 # --------------------------------------------------------------------------------------------------
 # Output files and command line
 # --------------------------------------------------------------------------------------------------
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-ready: numpy scalars as Python numbers/bools, NaN as null."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, threshold: float = 0.5) -> dict[str, Path]:
     """``slices.csv``, ``studies.csv``, ``problems.csv`` and ``predictions.json`` under ``out``."""
     import json
@@ -660,9 +642,9 @@ def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.csv" for name in ("slices", "studies", "problems")}
-    _atomic_text(paths["slices"], pred.slices.to_csv(index=False))
-    _atomic_text(paths["studies"], pred.studies.to_csv(index=False))
-    _atomic_text(paths["problems"], pred.problems.to_csv(index=False))
+    write_text(paths["slices"], pred.slices.to_csv(index=False))
+    write_text(paths["studies"], pred.studies.to_csv(index=False))
+    write_text(paths["problems"], pred.problems.to_csv(index=False))
     labels = _labels()
     studies = []
     for st in pred.studies.to_dict("records"):
@@ -685,7 +667,7 @@ def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, 
         doc["bundle"] = {"source": str(bundle.source), "run": m.get("run"), "created": m.get("created"),
                          "format_version": m.get("format_version")}
     paths["predictions"] = out / "predictions.json"
-    _atomic_text(paths["predictions"], json.dumps(_plain(doc), indent=1, allow_nan=False))
+    write_text(paths["predictions"], json.dumps(json_ready(doc), indent=1, allow_nan=False))
     return paths
 
 

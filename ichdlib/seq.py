@@ -29,10 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ichdlib.config import Params
+from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
 from ichdlib.seqmodels import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
-from ichdlib.train import atomic_write, derive_seed, save_parquet, save_torch, torch_threads
+from ichdlib.train import derive_seed, save_parquet, save_torch, torch_threads
 
 MODELS = ("seq1", "seq2")
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.files import write_bytes, write_text
 from ichdlib.labels import LABELS, SUBTYPES, wide_to_long
 
 if TYPE_CHECKING:
@@ -74,18 +75,6 @@ _QUIRK_KEYS = ("corrupt", "intercept_wrap", "duplicate_label_rows", "duplicate_s
 # ----------------------------------------------------------------------------------------------------
 # Files: atomic writes, DICOM encoding, masks
 # ----------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a hidden temp file next to ``path`` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _fov_circle(rows: int, cols: int) -> np.ndarray:
     """True outside the scanner's circular reconstruction field (diameter = the smaller image side)."""
     yy, xx = np.ogrid[:rows, :cols]
@@ -235,7 +224,7 @@ def write_ct_dicom(path: str | os.PathLike, hu: np.ndarray, **meta: Any) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, _dicom_bytes(hu, path, meta))
+    write_bytes(path, _dicom_bytes(hu, path, meta))
     return path
 
 
@@ -248,7 +237,7 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray) -> Path:
         info.compress_type = zipfile.ZIP_DEFLATED
         with zf.open(info, "w") as fh:
             np.lib.format.write_array(fh, np.ascontiguousarray(mask, dtype=np.uint8), allow_pickle=False)
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
     return path
 
 
@@ -1178,7 +1167,7 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
     t0 = time.perf_counter()
     _prepare_out(out)
     config = _config(studies, seed, size, quirks, masks)
-    _atomic_write_text(out / PROGRESS_MARKER, json.dumps(config))
+    write_text(out / PROGRESS_MARKER, json.dumps(config))
     (out / TRAIN_DIR).mkdir()
     (out / TEST_DIR).mkdir()
     if masks:
@@ -1228,11 +1217,11 @@ def _finish(out: Path, plans: list[StudyPlan], results: list[dict], quirk_log: d
             quirk_log["duplicate_label_rows"].append({"sop_uid": str(train.iloc[b]["sop_uid"]), "rows": 6})
         parts.append(train_long.iloc[start:])
         train_long = pd.concat(parts, ignore_index=True)
-    _atomic_write_text(out / TRAIN_CSV, train_long.to_csv(index=False))
+    write_text(out / TRAIN_CSV, train_long.to_csv(index=False))
     test_wide = test.set_index("sop_uid")[list(LABELS)]
-    _atomic_write_text(out / ANSWER_KEY, wide_to_long(test_wide).to_csv(index=False))
+    write_text(out / ANSWER_KEY, wide_to_long(test_wide).to_csv(index=False))
     sample = wide_to_long(test_wide.astype(float) * 0 + 0.5)
-    _atomic_write_text(out / SAMPLE_SUBMISSION, sample.to_csv(index=False))
+    write_text(out / SAMPLE_SUBMISSION, sample.to_csv(index=False))
     # Quirks known only after rendering.
     by_index = {pl.index: pl for pl in plans}
     for pl in plans:
@@ -1277,8 +1266,8 @@ def _finish(out: Path, plans: list[StudyPlan], results: list[dict], quirk_log: d
                         "encoding": pl.encoding, "lesions": res["lesions"]})
     manifest = {"seed": seed, "config": config, "counts": counts, "quirks": quirk_log,
                 "mask_bits": MASK_BITS, "studies": studies}
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
-    _atomic_write_text(out / COMPLETE_MARKER, json.dumps(config))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    write_text(out / COMPLETE_MARKER, json.dumps(config))
     (out / PROGRESS_MARKER).unlink(missing_ok=True)
     return manifest
 

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -45,6 +44,7 @@ from ichdlib.data import (
     make_loader,
     to_device,
 )
+from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
 from ichdlib.models import CnnNet, build_cnn
 
@@ -58,20 +58,6 @@ LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" f
 def cnn_dir(P: Params, cfg: BackboneCfg) -> Path:
     """``work/<run>/cnn/<key>``."""
     return P.work_dir / "cnn" / cfg.key
-
-
-def atomic_write(path: Path, write: Any) -> Path:
-    """Call ``write(tmp_path)`` and move the result into place (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def save_torch(obj: Any, path: Path) -> Path:

@@ -15,6 +15,7 @@ from test_dicom import hu_image, variant_files, write_slice
 from ichdlib import cache, catalog
 from ichdlib.cli import main
 from ichdlib.dicom import read_hu
+from ichdlib.files import read_json
 from ichdlib.labels import LABELS, SUBTYPES
 
 SIZE = 24
@@ -193,7 +194,7 @@ def test_labels_with_duplicate_and_conflicting_rows(data):
         assert (
             lab.loc[sop, "any"] == 1.0 and lab.loc[sop, "subdural"] == 1.0 and lab.loc[sop, "epidural"] == 0.0
         )
-    report = catalog._read_json(work / catalog.REPORT)
+    report = read_json(work / catalog.REPORT)
     assert report["label_conflicts"] == [plan["label_conflict"]]
     assert plan["label_conflict"] not in set(q["sop_uid"])
 
