@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from ichdlib.locks import LockHeld
+
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ichdlib.synth", "write a synthetic head-CT phantom in the exact RSNA/Kaggle layout"),
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ichd {name}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, LockHeld) as exc:
         # Library errors are written for people: show the message, not a traceback.
         print(f"ichd {name}: error: {exc}", file=sys.stderr)
         return 2
