@@ -1,14 +1,16 @@
 """``ichd run``: execute notebooks 01-06 in order with papermill from one params file.
 
-Executed copies (and an HTML export of each) go to ``reports/<run>/``. A stage that finished with the same
-params is skipped unless forced; each notebook also skips work whose outputs exist, so a rerun after an
-interruption resumes where it stopped. On a failure the notebook and the failing cell are named.
+Executed copies (and an HTML export of each) go to ``reports/<run>/``. The runner walks the stage DAG of
+:mod:`ichdlib.stages`: a stage reruns when what it read changed (its params sections, the data, the
+outputs of the stages upstream, its notebook, the library version), and everything downstream follows
+once its inputs change; an unchanged stage is skipped. An interrupted stage resumes from its checkpoints.
+``ichd run --dry-run`` lists what would run and why. On a failure the notebook and the failing cell are
+named.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ichdlib.config import Params, dump_params, load_params, parse_overrides
+from ichdlib import stages
+from ichdlib.config import Params, load_params, parse_overrides
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 #: Figure name prefixes listed in summary.md (everything else stays one click away in figures/).
@@ -59,18 +62,6 @@ def select(nbs: list[Path], only: list[str] | None = None, start: str | None = N
     if only:
         out = [p for p in out if p.name[:2] in set(only)]
     return out
-
-
-def _stamp_path(P: Params, stage: str) -> Path:
-    return P.work_dir / "stages" / f"{stage}.done"
-
-
-def _fingerprint(P: Params) -> str:
-    """The params, and the phantom renderer's version when the run generates its data."""
-    from ichdlib.synth import PHANTOM_VERSION
-
-    text = dump_params(P) + (f"\nphantom_version: {PHANTOM_VERSION}" if P.synth.enabled else "")
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _failure_message(nb_name: str, exc: Exception, out_path: Path) -> str:
@@ -119,44 +110,97 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
     return out
 
 
+def plan(params_path: str | Path, *, only: list[str] | None = None, start: str | None = None,
+         force: bool = False, overrides: dict[str, Any] | None = None,
+         notebooks: Path = NOTEBOOK_DIR) -> list[stages.Decision]:
+    """What ``ichd run`` would do now, stage by stage, and why (``ichd run --dry-run``).
+
+    Stages are decided in order as if the earlier ones had not run yet: a stage behind one that will rerun
+    is listed as "after upstream NN reruns" because its inputs are only known then.
+    """
+    P = load_params(Path(params_path).resolve(), dict(overrides or {}))
+    all_nbs = list_notebooks(notebooks)
+    known = [p.name[:2] for p in all_nbs]
+    chosen = select(all_nbs, only, start)
+    store = stages.StampStore(P)
+    out: list[stages.Decision] = []
+    pending: set[str] = set()
+    for nb in chosen:
+        st = stages.stage_for(nb.name[:2], known)
+        d = stages.decide(store, st, nb, known, force=force, report_exists=(P.reports_dir / nb.name).is_file())
+        waiting = sorted(set(st.upstream) & pending)
+        if waiting and not d.run:
+            d.run, d.reasons = True, [f"after upstream {', '.join(waiting)} reruns (if its outputs change)"]
+        if d.run:
+            pending.add(st.number)
+        out.append(d)
+    return out
+
+
 def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, start: str | None = None,
                  force: bool = False, overrides: dict[str, Any] | None = None, html: bool = True,
                  notebooks: Path = NOTEBOOK_DIR, log_output: bool = False) -> list[StageResult]:
-    """Run the selected notebooks in order; stop at the first failure (raised as :class:`NotebookFailed`)."""
+    """Walk the stage DAG in order; run each stage whose stamp changed (see :mod:`ichdlib.stages`).
+
+    Stops at the first failure (raised as :class:`NotebookFailed`).
+    """
     params_path = Path(params_path).resolve()
     overrides = dict(overrides or {})
     P = load_params(params_path, overrides)
-    chosen = select(list_notebooks(notebooks), only, start)
-    fp = _fingerprint(P)
+    all_nbs = list_notebooks(notebooks)
+    known = [p.name[:2] for p in all_nbs]
+    chosen = select(all_nbs, only, start)
+    store = stages.StampStore(P)
     results: list[StageResult] = []
     print(f"ichd run: {P.run}: {len(chosen)} notebook(s) -> {P.reports_dir}", flush=True)
     for i, nb in enumerate(chosen, 1):
-        stage = nb.name[:2]
-        stamp = _stamp_path(P, stage)
+        stage = stages.stage_for(nb.name[:2], known)
         head = f"[{i}/{len(chosen)}] {nb.stem}"
-        if not force and stamp.is_file() and stamp.read_text().strip() == fp and (P.reports_dir / nb.name).is_file():
-            print(f"{head}: done earlier with the same params, skipped (--force to rerun)", flush=True)
-            results.append(StageResult(stage, nb.name, "skipped"))
+        d = stages.decide(store, stage, nb, known, force=force,
+                          report_exists=(P.reports_dir / nb.name).is_file())
+        if not d.run:
+            last = store.read(stage.number).get("seconds")
+            when = f"; last ran in {last:.0f} s" if isinstance(last, int | float) else ""
+            print(f"{head}: up to date, skipped{when} (--force to rerun)", flush=True)
+            results.append(StageResult(stage.number, nb.name, "skipped", message=d.explain()))
             continue
-        print(f"{head} ...", flush=True)
+        print(f"{head}: {d.explain()} ...", flush=True)
         t0 = time.perf_counter()
         nb_over = dict(overrides)
-        if force:
+        if d.force:
             nb_over["force"] = True
+        store.mark_started(stage.number, d)
         try:
             run_notebook(nb, P, params_path, nb_over, html=html, log_output=log_output)
         except NotebookFailed as exc:
-            results.append(StageResult(stage, nb.name, "failed", time.perf_counter() - t0, str(exc)))
+            store.mark_failed(stage.number, time.perf_counter() - t0, str(exc))
+            results.append(StageResult(stage.number, nb.name, "failed", time.perf_counter() - t0, str(exc)))
             raise
         dt = time.perf_counter() - t0
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(fp)
+        # Recomputed after the run: a stage may create what it reads (notebook 01 generates the phantom).
+        store.mark_done(stage.number, store.parts(stage, nb, known), dt)
         print(f"{head}: done in {dt:.0f} s", flush=True)
-        results.append(StageResult(stage, nb.name, "ran", dt))
+        results.append(StageResult(stage.number, nb.name, "ran", dt))
+    if only or start:
+        later = [d for d in plan(params_path, overrides=overrides, notebooks=notebooks)
+                 if d.run and d.stage.number not in {r.stage for r in results}]
+        if later:
+            print("ichd run: now out of date (run `ichd run` without --only/--from to update): "
+                  + ", ".join(f"{d.stage.number} ({d.explain()})" for d in later), flush=True)
     summary = write_summary(P, results)
     if summary:
         print(f"summary: {summary}", flush=True)
     return results
+
+
+def dry_run(params_path: str | Path, **kwargs: Any) -> str:
+    """The plan as text: one line per stage with the reason it would run, or "up to date"."""
+    lines = []
+    for d in plan(params_path, **kwargs):
+        verb = ("run (recompute)" if d.force else "run") if d.run else "skip"
+        lines.append(f"{d.stage.number} {d.stage.name:<9} {verb:<15} "
+                     f"{'; '.join(d.reasons) if d.run else 'up to date'}")
+    return "\n".join(lines)
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -227,6 +271,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", help="comma-separated stages to run, e.g. 02,03")
     parser.add_argument("--from", dest="start", help="start at this stage, e.g. 03")
     parser.add_argument("--force", action="store_true", help="recompute stages whose outputs exist")
+    parser.add_argument("--dry-run", action="store_true", help="list what would run and why, run nothing")
     parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set seq.epochs=2 (repeatable)")
     parser.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
@@ -235,6 +280,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.only.split(",")] if args.only else None
+    if args.dry_run:
+        print(dry_run(args.params, only=only, start=args.start, force=args.force,
+                      overrides=parse_overrides(args.overrides)))
+        return 0
     t0 = time.perf_counter()
     try:
         run_pipeline(args.params, only=only, start=args.start, force=args.force,

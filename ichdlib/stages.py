@@ -1,0 +1,302 @@
+"""The stage contract: what each stage reads and writes, its stamp, and whether it must rerun.
+
+Every notebook stage declares what it reads (params sections, upstream stages, input files) and what it
+writes. Its **stamp** is a digest of exactly those inputs:
+
+- the params sections it reads (dumped as YAML, so a changed epoch count changes the stamp; paths are not
+  part of it: where the data lives is covered by the data fingerprint),
+- the data fingerprint (label CSVs and other top-level files by content, the DICOM folders by name and
+  size) for stages that read the raw data,
+- the content digests of the upstream stages' outputs (so a retrained CNN reruns features, sequence
+  models, ensemble and review, whoever retrained it: ``ichd run``, ``ichd train`` or a notebook),
+- the notebook's own code and the library version.
+
+A stage runs when it never finished, when its stamp changed, or when asked (``--force``). It is told to
+recompute (``force``) when what it read from upstream or from the data changed, because its earlier outputs
+are then stale; when only its own params or code changed it runs without ``force`` and its library functions
+reuse what is still current (a finished fold with the same settings, say). A stage that was interrupted
+with the same stamp resumes from its checkpoints.
+
+Stamps live in ``work/<run>/stages/<NN>.json`` and hold no absolute paths: a moved or copied checkout keeps
+its finished stages. Content digests of outputs are cached by (size, mtime), so an unchanged rerun only
+stats files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ichdlib import __version__
+from ichdlib.config import Params
+from ichdlib.files import read_json, write_json
+
+__all__ = ["Stage", "STAGES", "stage_for", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
+           "file_digest", "params_digest", "decide"]
+
+#: Files at the top of the data folder larger than this are fingerprinted by size, not content.
+_CONTENT_LIMIT = 2 << 30
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the pipeline DAG (a notebook)."""
+
+    number: str
+    name: str
+    #: Top-level params keys this stage reads.
+    sections: tuple[str, ...]
+    #: Stage numbers whose outputs this stage reads.
+    upstream: tuple[str, ...] = ()
+    #: Whether it reads the raw data folder (labels, DICOM listing).
+    reads_data: bool = False
+    #: Output files (globs relative to the work dir, or ``reports:``-prefixed relative to the reports dir)
+    #: whose content identifies what downstream stages read.
+    outputs: tuple[str, ...] = ()
+    #: Recompute (``force``) when upstream outputs or data changed. Ingest does not need it: its own
+    #: fingerprint rebuilds what the new inputs change, and keeps an expensive cache that they do not.
+    force_on_change: bool = True
+
+
+STAGES: dict[str, Stage] = {s.number: s for s in (
+    Stage("01", "ingest", ("seed", "synth", "ingest"), reads_data=True,
+          outputs=("catalog.parquet", "quarantine.csv"), force_on_change=False),
+    Stage("02", "cnn", ("seed", "windows", "cnn"), ("01",),
+          outputs=("cnn/*/fold*.pt", "cnn/*/oof.parquet", "cnn/*/test.parquet")),
+    Stage("03", "features", ("seed", "windows", "cnn", "features"), ("01", "02"),
+          outputs=("features/*/meta.json", "features/*/*_prob.parquet", "features/*/test_prob_folds.npy")),
+    Stage("04", "seq", ("seed", "cnn", "seq"), ("01", "03"),
+          outputs=("seq/*/oof.parquet", "seq/*/test.parquet", "seq/*/fold*.pt")),
+    Stage("05", "ensemble", ("seed", "cnn", "seq", "ensemble"), ("01", "03", "04"), reads_data=True,
+          outputs=("reports:submission.csv",)),
+    Stage("06", "review", ("seed", "windows", "cnn", "cam"), ("01", "02", "05"), reads_data=True),
+)}
+
+
+def stage_for(number: str, known: Iterable[str] = ()) -> Stage:
+    """The declared stage, or for an unknown notebook number a conservative one: all params, every earlier
+    stage upstream, the data read."""
+    if number in STAGES:
+        return STAGES[number]
+    earlier = tuple(k for k in sorted(set(known)) if k < number)
+    return Stage(number, f"stage{number}", ("*",), earlier, reads_data=True, outputs=())
+
+
+# -- digests ---------------------------------------------------------------------------------------------
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def params_digest(P: Params, sections: Iterable[str]) -> str:
+    """Digest of the named top-level params sections (``*`` = all but paths, root and device)."""
+    dump = P.model_dump(mode="json")
+    skip = {"paths", "root", "device", "run"}
+    keys = sorted(k for k in dump if k not in skip) if "*" in sections else sorted(sections)
+    return _sha(yaml.safe_dump({k: dump.get(k) for k in keys}, sort_keys=True).encode())
+
+
+class _HashCache:
+    """Content digests keyed by (relative path, size, mtime): unchanged files are only stat'ed."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data: dict[str, list] = (read_json(path) or {}) if path is not None else {}
+        self.dirty = False
+
+    def digest(self, f: Path, key: str) -> str:
+        st = f.stat()
+        hit = self.data.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        d = h.hexdigest()[:16]
+        self.data[key] = [st.st_size, st.st_mtime_ns, d]
+        self.dirty = True
+        return d
+
+    def save(self) -> None:
+        if self.dirty and self.path is not None:
+            write_json(self.path, self.data)
+            self.dirty = False
+
+
+def file_digest(path: str | Path) -> str:
+    """Content digest of one file (16 hex characters)."""
+    return _HashCache(None).digest(Path(path), str(path))
+
+
+def data_fingerprint(root: Path, cache: _HashCache | None = None) -> str:
+    """The data folder: top-level files by content (label CSVs, answer key, manifests), everything below by
+    relative name and size. ``missing`` when the folder does not exist yet (a phantom still to generate)."""
+    if not root.is_dir():
+        return "missing"
+    cache = cache or _HashCache(None)
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            if name.endswith(".lock") or name.startswith(".") and name != ".phantom_complete":
+                continue
+            f = Path(dirpath) / name
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel_dir == "." and st.st_size <= _CONTENT_LIMIT:
+                h.update(f"{rel}|{cache.digest(f, 'data:' + rel)}\n".encode())
+            else:
+                h.update(f"{rel}|{st.st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _resolve_outputs(P: Params, pattern: str) -> tuple[Path, str]:
+    if pattern.startswith("reports:"):
+        return P.reports_dir, pattern.split(":", 1)[1]
+    return P.work_dir, pattern
+
+
+def outputs_digest(P: Params, stage: Stage, cache: _HashCache | None = None) -> str:
+    """Digest of a stage's declared outputs as they are on disk now (``none`` when there are none)."""
+    cache = cache or _HashCache(None)
+    h = hashlib.sha256()
+    found = 0
+    for pattern in stage.outputs:
+        base, pat = _resolve_outputs(P, pattern)
+        for f in sorted(base.glob(pat)):
+            if f.is_file():
+                rel = f.relative_to(base).as_posix()
+                h.update(f"{pattern}|{rel}|{cache.digest(f, 'out:' + pattern + ':' + rel)}\n".encode())
+                found += 1
+    return h.hexdigest()[:16] if found else "none"
+
+
+# -- stamps ------------------------------------------------------------------------------------------------
+@dataclass
+class Decision:
+    """Whether a stage runs, why, and with ``force`` or not."""
+
+    stage: Stage
+    run: bool
+    force: bool
+    reasons: list[str] = field(default_factory=list)
+    parts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stamp(self) -> str:
+        return _sha(json.dumps(self.parts, sort_keys=True).encode())
+
+    def explain(self) -> str:
+        if not self.run:
+            return "up to date"
+        how = " (recompute)" if self.force else ""
+        return "; ".join(self.reasons) + how
+
+
+class StampStore:
+    """``work/<run>/stages/``: one JSON per stage plus the digest cache."""
+
+    def __init__(self, P: Params):
+        self.P = P
+        self.dir = P.work_dir / "stages"
+        self.cache = _HashCache(self.dir / "digests.json")
+
+    def read(self, number: str) -> dict[str, Any]:
+        return read_json(self.dir / f"{number}.json") or {}
+
+    def write(self, number: str, record: dict[str, Any]) -> None:
+        write_json(self.dir / f"{number}.json", record)
+        self.cache.save()
+
+    def parts(self, stage: Stage, notebook: Path | None, known: Iterable[str]) -> dict[str, str]:
+        """What the stage reads, digested part by part (compared part by part to explain a rerun)."""
+        parts = {"params": params_digest(self.P, stage.sections), "library": __version__}
+        if notebook is not None and notebook.is_file():
+            parts["notebook"] = self.cache.digest(notebook, "notebook:" + notebook.name)
+        if stage.reads_data:
+            parts["data"] = data_fingerprint(self.P.data_root, self.cache)
+            if self.P.synth.enabled:
+                from ichdlib.synth import PHANTOM_VERSION
+
+                parts["phantom_version"] = str(PHANTOM_VERSION)
+        known = set(known)
+        for up in stage.upstream:
+            upstage = stage_for(up, known)
+            parts[f"upstream:{up}"] = outputs_digest(self.P, upstage, self.cache)
+        return parts
+
+    def mark_started(self, number: str, decision: Decision) -> None:
+        rec = self.read(number)
+        rec.update({"stage": number, "name": decision.stage.name, "started": decision.stamp,
+                    "started_parts": decision.parts, "started_at": time.time(), "status": "running"})
+        self.write(number, rec)
+
+    def mark_done(self, number: str, parts: dict[str, str], seconds: float) -> None:
+        rec = self.read(number)
+        stamp = _sha(json.dumps(parts, sort_keys=True).encode())
+        rec.update({"stage": number, "done": stamp, "parts": parts, "status": "done",
+                    "seconds": round(seconds, 2), "finished_at": time.time()})
+        self.write(number, rec)
+
+    def mark_failed(self, number: str, seconds: float, message: str) -> None:
+        rec = self.read(number)
+        rec.update({"status": "failed", "seconds": round(seconds, 2), "message": message[:500]})
+        self.write(number, rec)
+
+
+_LABELS = {"params": "its params changed", "library": "the library version changed",
+           "notebook": "the notebook changed", "data": "the data changed",
+           "phantom_version": "the phantom version changed"}
+_STALE = ("data", "phantom_version", "upstream:")
+
+
+def decide(store: StampStore, stage: Stage, notebook: Path | None, known: Iterable[str], *,
+           force: bool = False, report_exists: bool = True) -> Decision:
+    """Compare a stage's current inputs with its last finished (and last started) run."""
+    parts = store.parts(stage, notebook, known)
+    rec = store.read(stage.number)
+    d = Decision(stage, run=False, force=False, parts=parts)
+    if force:
+        d.run, d.force, d.reasons = True, True, ["--force"]
+        return d
+    done_parts = rec.get("parts") if rec.get("status") == "done" else None
+    if rec.get("done") and done_parts is None:  # finished earlier, then restarted and interrupted
+        done_parts = rec.get("parts")
+    if done_parts is None:
+        d.run = True
+        if rec.get("status") in ("running", "failed") and rec.get("started_parts") == parts:
+            d.reasons = ["interrupted earlier: resumes"]
+        elif rec:
+            d.reasons = ["its last run did not finish"]
+            d.force = stage.force_on_change and _stale(rec.get("started_parts") or {}, parts)
+        else:
+            d.reasons = ["never ran"]
+        return d
+    changed = sorted(k for k in set(parts) | set(done_parts) if parts.get(k) != done_parts.get(k))
+    if changed:
+        d.run = True
+        d.reasons = [_LABELS.get(k, f"upstream {k.split(':', 1)[1]} changed" if k.startswith("upstream:") else k)
+                     for k in changed]
+        resumed = rec.get("status") in ("running", "failed") and rec.get("started_parts") == parts
+        d.force = stage.force_on_change and not resumed and any(k.startswith(_STALE) for k in changed)
+        if resumed:
+            d.reasons.append("interrupted earlier: resumes")
+    elif not report_exists:
+        d.run, d.reasons = True, ["its report is missing"]
+    return d
+
+
+def _stale(old: dict[str, str], new: dict[str, str]) -> bool:
+    return any(old.get(k) != new.get(k) for k in set(old) | set(new) if k.startswith(_STALE))
