@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ichdlib.labels import LABELS
+from ichdlib.spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -243,14 +244,11 @@ class Bundle:
                 model = build_cnn(cfg.name, learnable_window=P.windows.recipe if P.windows.learnable else None,
                                   recipe=P.windows.recipe, single_window=tuple(P.windows.single_window))
                 states.append(model.state_dict())
-                metas.append({"name": cfg.name, "key": cfg.key, "size": cfg.size, "num_classes": len(LABELS),
-                              "recipe": P.windows.recipe, "single_window": list(P.windows.single_window),
-                              "learnable_window": P.windows.learnable,
-                              "val_center_crop": P.cnn.augment.val_center_crop, "feature_dim": model.feature_dim,
+                metas.append({"spec": ModelSpec.from_params(P, cfg, model.feature_dim).to_dict(), "key": cfg.key,
                               "fold": k, "config": {"cache_size": cfg.size}, "untrained": True})
             cnn[cfg.key] = Member("cnn", cfg.key, list(range(n_folds)), metas, states)
         keys = backbone_keys(P)
-        dims = [cnn[k].metas[0]["feature_dim"] for k in keys]
+        dims = [ModelSpec.from_meta(cnn[k].metas[0]).feature_dim for k in keys]
         arch = seq_arch(P)  # the same architecture notebook 04 trains (slice_input, residual included)
         seq: dict[str, Member] = {}
         for name in P.seq.models:
@@ -370,16 +368,16 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
               ensemble: dict[str, Any] | None = None) -> dict[str, Any]:
     from ichdlib.windows import WINDOWS
 
-    by_key = {b.key: b for b in P.cnn.backbones}
     backbones = []
     for key, m in cnn.items():
-        cfg, meta = by_key[key], m.metas[0]
-        dim = meta.get("feature_dim")
+        meta = m.metas[0]
+        spec = ModelSpec.from_meta(meta)
+        dim = spec.feature_dim
         if dim is None:  # older checkpoints: build one model to read it
             dim = m.build("cpu")[0].feature_dim
             m.models = []
-        size = int(meta.get("size", cfg.size))
-        backbones.append({"key": key, "name": meta.get("name", cfg.name), "size": size,
+        size = spec.size
+        backbones.append({"key": key, "name": spec.name, "size": size, "spec": spec.with_feature_dim(dim).to_dict(),
                           "cache_size": int(meta.get("config", {}).get("cache_size", size)),
                           "folds": m.folds, "feature_dim": int(dim), "metas": m.metas})
     return {

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.labels import LABELS
+from ichdlib.spec import ModelSpec
 from ichdlib.windows import WINDOWS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -395,7 +396,7 @@ class CamEngine:
     def target_layer(self) -> str:
         """Name of the layer the maps come from (``cam.target_layer``, or chosen as in :func:`compute_cams`)."""
         model, meta = self.model(self.folds[0])
-        size = int(meta.get("size", self.backbone.size))
+        size = ModelSpec.from_meta(meta).size
         return find_target_layer(model, self.P.cam.target_layer, size, self.P.cam.min_map)[0]
 
     def stacks(self, rows: pd.DataFrame) -> np.ndarray:
@@ -447,13 +448,8 @@ class CamEngine:
             model, meta = self.model(int(fold))
             with cpu_threads(self.P):  # cnn.cpu_threads on the CPU, as in training
                 maps = compute_cams(
-                    model, self.stacks(rows.iloc[pos]), cls, method=cfg.method,
-                    recipe=meta.get("recipe", self.P.windows.recipe),
-                    crop=float(meta.get("val_center_crop", self.P.cnn.augment.val_center_crop)),
-                    size=int(meta.get("size", self.backbone.size)), out_size=tuple(hw),
-                    single_window=tuple(meta.get("single_window", self.P.windows.single_window)),
-                    learnable=bool(meta.get("learnable_window", self.P.windows.learnable)),
-                    batch=cfg.batch, target_layer=cfg.target_layer, min_map=cfg.min_map,
+                    model, self.stacks(rows.iloc[pos]), cls, method=cfg.method, out_size=tuple(hw),
+                    **ModelSpec.from_meta(meta).cam_kwargs(), batch=cfg.batch, target_layer=cfg.target_layer, min_map=cfg.min_map,
                 )
             for j, p in enumerate(pos):
                 result[p] = maps[j]

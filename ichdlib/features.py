@@ -33,6 +33,7 @@ from ichdlib.data import DeviceAugment, SliceDataset, TtaView, tta_views
 from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
 from ichdlib.models import load_cnn
+from ichdlib.spec import ModelSpec
 from ichdlib.train import (
     _load_inputs,
     amp_enabled,
@@ -61,9 +62,7 @@ def feature_views(P: Params) -> list[TtaView]:
 
 def eval_augment(P: Params, meta: dict[str, Any]) -> DeviceAugment:
     """The evaluation view (windows + validation centre crop) of a fold model, from its checkpoint meta."""
-    aug_cfg = P.cnn.augment.model_copy(update={"val_center_crop": meta["val_center_crop"]})
-    return DeviceAugment(meta["size"], aug_cfg, meta["recipe"], tuple(meta["single_window"]),
-                         bool(meta["learnable_window"]))
+    return ModelSpec.from_meta(meta).eval_augment(P.cnn.augment)
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> Path:

@@ -204,13 +204,10 @@ def build_cnn(
 
 
 def build_from_meta(meta: dict[str, Any]) -> CnnNet:
-    """An untrained model with the architecture a checkpoint's ``meta`` describes."""
-    return build_cnn(
-        meta["name"], pretrained=False, num_classes=int(meta.get("num_classes", len(LABELS))),
-        learnable_window=meta.get("recipe") if meta.get("learnable_window") else None,
-        recipe=meta.get("recipe", "seed_3window"),
-        single_window=tuple(meta.get("single_window", (40.0, 80.0))),
-    )
+    """An untrained model with the architecture a checkpoint's ``meta`` describes (its :class:`ModelSpec`)."""
+    from ichdlib.spec import ModelSpec
+
+    return ModelSpec.from_meta(meta).build()
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.files import json_ready, write_text
+from ichdlib.spec import ModelSpec
 
 #: |z component of the slice normal| above this counts as axial (allows gantry tilt up to ~35 degrees).
 AXIAL_MIN_COS = 0.8
@@ -620,10 +621,7 @@ def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, o
         labels = [c for c in _labels() if frame[f"p_{c}"].iloc[i] >= threshold]
         hu = loaded.hu[i]
         maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
-                            recipe=meta.get("recipe", P.windows.recipe),
-                            crop=float(meta.get("val_center_crop", P.cnn.augment.val_center_crop)),
-                            size=int(spec["size"]), out_size=hu.shape, single_window=tuple(P.windows.single_window),
-                            learnable=bool(meta.get("learnable_window", False)), batch=P.cam.batch,
+                            out_size=hu.shape, **ModelSpec.from_meta(meta).cam_kwargs(), batch=P.cam.batch,
                             target_layer=P.cam.target_layer)[0]
         for c, m in zip(labels, maps, strict=True):
             path = folder / f"slice{int(frame['slice_index'].iloc[i]):03d}_{c}.png"

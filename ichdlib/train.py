@@ -47,6 +47,7 @@ from ichdlib.data import (
 from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
 from ichdlib.models import CnnNet, build_cnn
+from ichdlib.spec import ModelSpec
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
                "images_per_s", "seconds"]
@@ -329,13 +330,8 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
                          persistent=True)
 
     meta: dict[str, Any] = {
-        "name": cfg.name, "key": cfg.key, "size": cfg.size, "num_classes": len(LABELS),
-        "labels": list(LABELS),
-        "recipe": P.windows.recipe, "single_window": list(P.windows.single_window),
-        "learnable_window": bool(P.windows.learnable),
-        "windows": [list(w) for w in _recipe_windows(P)],
-        "val_center_crop": float(P.cnn.augment.val_center_crop),
-        "feature_dim": model.feature_dim, "fold": fold, "epochs": cfg.epochs, "config": config,
+        "spec": ModelSpec.from_params(P, cfg, model.feature_dim).to_dict(),
+        "key": cfg.key, "fold": fold, "epochs": cfg.epochs, "config": config,
         "epoch": -1, "best_epoch": -1, "best_wll": None, "metrics": {}, "history": [], "finished": False,
     }
     status = "trained"
@@ -386,12 +382,6 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     save_torch(last, files.last)
     return {"fold": fold, "status": status, "best_epoch": meta["best_epoch"], "best_wll": meta["best_wll"],
             "epochs_run": meta["epoch"] + 1}
-
-
-def _recipe_windows(P: Params) -> list[tuple[float, float]]:
-    from ichdlib.windows import recipe_windows
-
-    return recipe_windows(P.windows.recipe, tuple(P.windows.single_window))
 
 
 def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet, runner: torch.nn.Module,

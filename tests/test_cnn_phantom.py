@@ -30,7 +30,7 @@ def test_train_and_features_on_the_smoke_phantom(ingested):
     assert ((oof[list(LABELS)] > 0) & (oof[list(LABELS)] < 1)).all().all()
     assert pd.read_parquet(s["test"])["sop_uid"].tolist() == test["sop_uid"].tolist()
     model, meta = load_cnn(P.work_dir / "cnn" / cfg.key / "fold0.pt")
-    assert meta["size"] == cfg.size and meta["feature_dim"] == model.feature_dim
+    assert meta["spec"]["size"] == cfg.size and meta["spec"]["feature_dim"] == model.feature_dim
     f = extract_features(P, cfg)
     feat, prob = load_features(P, cfg, "oof")
     tfeat, tprob = load_features(P, cfg, "test")

@@ -10,6 +10,7 @@ import torch
 from ichdlib.config import load_params
 from ichdlib.data import toy_catalog
 from ichdlib.labels import LABELS
+from ichdlib.spec import ModelSpec
 
 REPO_PARAMS = "params/smoke.yaml"
 LIGHT = dict(slice_swap=0.5, hflip=0.5, shift_scale_rotate=0.0, erase=0.0, random_crop=0.0)
@@ -81,9 +82,11 @@ def test_checkpoints_load_with_weights_only_and_reproduce_the_oof(trained, toy):
     d = P.work_dir / "cnn" / "test_efficientnet_48"
     raw = torch.load(d / "fold1.pt", map_location="cpu", weights_only=True)
     meta = raw["meta"]
-    assert meta["fold"] == 1 and meta["name"] == "test_efficientnet" and meta["size"] == 48
+    spec = ModelSpec.from_meta(meta)
+    assert meta["fold"] == 1 and spec.name == "test_efficientnet" and spec.size == 48
     assert meta["epoch"] == meta["best_epoch"] == s["folds"][1]["best_epoch"]
-    assert meta["recipe"] == "seed_3window" and meta["learnable_window"] is False
+    assert spec.recipe == "seed_3window" and spec.learnable_window is False
+    assert spec.windows == ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)) and spec.labels == LABELS
     assert meta["best_wll"] == pytest.approx(s["folds"][1]["best_wll"])
     model, meta2 = load_cnn(d / "fold1.pt")
     va = cat[(cat["split"] == "train") & (cat["fold"] == 1)]

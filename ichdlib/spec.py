@@ -1,0 +1,155 @@
+"""The typed model spec that travels with every 2D checkpoint and bundle.
+
+In the spirit of timm's ``pretrained_cfg``: everything needed to feed a trained fold model the way it was
+trained, in one frozen dataclass with one reader. Training writes it (``meta["spec"]``), and the CAM code,
+feature extraction, ``ichd predict`` and bundles read it through :meth:`ModelSpec.from_meta`, so they
+cannot disagree about a default (the learnable-window flag, the window of ``adjacent_header``, ...).
+
+No torch import at module level: bundles and the runner read specs without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from ichdlib import __version__
+from ichdlib.labels import LABELS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ichdlib.config import AugmentCfg, BackboneCfg, Params
+    from ichdlib.data import DeviceAugment
+    from ichdlib.models import CnnNet
+
+__all__ = ["ModelSpec", "SpecError"]
+
+#: How the model normalises its input: windowed channels in [0, 1], then (x - 0.456) / 0.224 inside the model.
+NORMALISATION = {"input": "windowed channels in [0, 1]", "mean": 0.456, "std": 0.224, "where": "in the model"}
+
+
+class SpecError(ValueError):
+    """A checkpoint or bundle entry whose model spec is missing a key or holds a bad value."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a 2D fold model is and how it reads a slice."""
+
+    name: str                                   # timm architecture, e.g. densenet121
+    size: int                                   # input side in pixels
+    recipe: str                                 # channel recipe (seed_3window, adjacent_header, three_window)
+    windows: tuple[tuple[float, float], ...]    # (center, width) of each input channel
+    single_window: tuple[float, float]          # the one window of adjacent_header
+    learnable_window: bool                      # a LearnableWindow first layer: the model takes HU stacks
+    val_center_crop: float                      # evaluation view: centre crop share before resizing to size
+    in_chans: int = 3
+    num_classes: int = len(LABELS)
+    labels: tuple[str, ...] = LABELS
+    normalisation: dict[str, Any] = field(default_factory=lambda: dict(NORMALISATION))
+    feature_dim: int | None = None
+    key: str | None = None
+    library_version: str = __version__
+
+    def __post_init__(self) -> None:
+        from ichdlib.windows import RECIPES
+
+        if self.recipe not in RECIPES:
+            raise SpecError(f"model spec: unknown recipe {self.recipe!r} (one of {', '.join(RECIPES)})")
+        if not 16 <= int(self.size) <= 2048:
+            raise SpecError(f"model spec: size {self.size} outside 16..2048 px")
+        if not 0.1 <= float(self.val_center_crop) <= 1.0:
+            raise SpecError(f"model spec: val_center_crop {self.val_center_crop} outside 0.1..1")
+        if tuple(self.labels) != tuple(LABELS):
+            raise SpecError(f"model spec: label order {list(self.labels)} differs from {list(LABELS)}")
+        if len(self.windows) != self.in_chans:
+            raise SpecError(f"model spec: {len(self.windows)} windows for {self.in_chans} channels")
+
+    # -- writing -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, P: Params, cfg: BackboneCfg, feature_dim: int | None = None) -> ModelSpec:
+        """The spec a backbone of ``P`` is trained with."""
+        from ichdlib.windows import recipe_windows
+
+        single = tuple(float(v) for v in P.windows.single_window)
+        return cls(name=cfg.name, size=int(cfg.size), recipe=P.windows.recipe,
+                   windows=tuple(tuple(float(v) for v in w) for w in recipe_windows(P.windows.recipe, single)),
+                   single_window=single, learnable_window=bool(P.windows.learnable),
+                   val_center_crop=float(P.cnn.augment.val_center_crop), feature_dim=feature_dim, key=cfg.key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (lists for tuples)."""
+        d = asdict(self)
+        d["windows"] = [list(w) for w in self.windows]
+        d["single_window"] = list(self.single_window)
+        d["labels"] = list(self.labels)
+        return d
+
+    def with_feature_dim(self, feature_dim: int) -> ModelSpec:
+        return ModelSpec(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "feature_dim": int(feature_dim)})
+
+    # -- reading -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SpecError(f"model spec: unknown key(s) {', '.join(unknown)}")
+        try:
+            kw = dict(d)
+            kw["windows"] = tuple(tuple(float(v) for v in w) for w in kw["windows"])
+            kw["single_window"] = tuple(float(v) for v in kw["single_window"])
+            kw["labels"] = tuple(kw.get("labels", LABELS))
+            kw["size"] = int(kw["size"])
+            kw["learnable_window"] = bool(kw["learnable_window"])
+            kw["val_center_crop"] = float(kw["val_center_crop"])
+            return cls(**kw)
+        except KeyError as exc:
+            raise SpecError(f"model spec: missing key {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, SpecError):
+                raise
+            raise SpecError(f"model spec: {exc}") from None
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
+        """The one reader: ``meta["spec"]`` when present, else the flat keys of checkpoints written before the
+        spec existed. Older checkpoints carried every field the spec needs except (sometimes) ``windows``,
+        which follows from the recipe; a missing ``learnable_window`` means False (the default then)."""
+        if isinstance(meta.get("spec"), dict):
+            return cls.from_dict(meta["spec"])
+        from ichdlib.windows import recipe_windows
+
+        try:
+            recipe = meta["recipe"]
+            single = tuple(float(v) for v in meta.get("single_window", (40.0, 80.0)))
+            return cls(name=meta["name"], size=int(meta["size"]), recipe=recipe,
+                       windows=tuple(tuple(float(v) for v in w) for w in
+                                     (meta.get("windows") or recipe_windows(recipe, single))),
+                       single_window=single, learnable_window=bool(meta.get("learnable_window", False)),
+                       val_center_crop=float(meta.get("val_center_crop", 0.8)),
+                       num_classes=int(meta.get("num_classes", len(LABELS))),
+                       labels=tuple(meta.get("labels", LABELS)), feature_dim=meta.get("feature_dim"),
+                       key=meta.get("key"), library_version=str(meta.get("library_version", "<0.1.0")))
+        except KeyError as exc:
+            raise SpecError(f"checkpoint meta has no model spec and no {exc.args[0]!r}") from None
+
+    # -- using -------------------------------------------------------------------------------------------
+    def build(self, pretrained: bool | str = False) -> CnnNet:
+        """An untrained model of this architecture (load a state dict into it)."""
+        from ichdlib.models import build_cnn
+
+        return build_cnn(self.name, pretrained=pretrained, num_classes=self.num_classes, in_chans=self.in_chans,
+                         learnable_window=self.recipe if self.learnable_window else None,
+                         recipe=self.recipe, single_window=self.single_window)
+
+    def eval_augment(self, augment: AugmentCfg) -> DeviceAugment:
+        """The evaluation view (windows + validation centre crop) on the device."""
+        from ichdlib.data import DeviceAugment
+
+        cfg = augment.model_copy(update={"val_center_crop": self.val_center_crop})
+        return DeviceAugment(self.size, cfg, self.recipe, self.single_window, self.learnable_window)
+
+    def cam_kwargs(self) -> dict[str, Any]:
+        """The preprocessing arguments of :func:`ichdlib.cam.compute_cams` for this model."""
+        return {"recipe": self.recipe, "crop": self.val_center_crop, "size": self.size,
+                "single_window": self.single_window, "learnable": self.learnable_window}
