@@ -31,19 +31,41 @@ def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+#: Each recipe as data: per output channel, the window (a preset name, or ``single`` for the recipe's one
+#: configurable window) and the slice it reads (-1 = s-1, 0 = s, +1 = s+1). numpy, torch and the learnable
+#: window all stack channels from this one table.
+RECIPE_TABLE: dict[str, tuple[tuple[str, int], ...]] = {
+    "seed_3window": (("brain", -1), ("subdural", 0), ("bone", +1)),
+    "adjacent_header": (("single", -1), ("single", 0), ("single", +1)),
+    "three_window": (("brain", 0), ("subdural", 0), ("bone", 0)),
+}
+
+
+def recipe_plan(recipe: str, single_window: tuple[float, float] = WINDOWS["brain"]
+                ) -> list[tuple[float, float, int]]:
+    """``[(center, width, slice offset), ...]`` for each channel of ``recipe``."""
+    if recipe not in RECIPE_TABLE:
+        raise ValueError(f"unknown channel recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    out = []
+    for name, offset in RECIPE_TABLE[recipe]:
+        c, w = tuple(single_window) if name == "single" else WINDOWS[name]
+        out.append((float(c), float(w), offset))
+    return out
+
+
 def recipe_windows(recipe: str, single_window: tuple[float, float] = WINDOWS["brain"]) -> list[tuple[float, float]]:
     """The (center, width) applied to each of the three channels of ``recipe``."""
-    if recipe in ("seed_3window", "three_window"):
-        return [WINDOWS["brain"], WINDOWS["subdural"], WINDOWS["bone"]]
-    if recipe == "adjacent_header":
-        return [tuple(single_window)] * 3  # type: ignore[list-item]
-    raise ValueError(f"unknown channel recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    return [(c, w) for c, w, _ in recipe_plan(recipe, single_window)]
 
 
-def _sources(recipe: str, prev, cur, nxt):
-    if recipe == "three_window":
-        return cur, cur, cur
-    return prev, cur, nxt
+def recipe_offsets(recipe: str) -> list[int]:
+    """The slice each channel of ``recipe`` reads (-1, 0, +1)."""
+    return [o for *_, o in recipe_plan(recipe)]
+
+
+def _stack(prev, cur, nxt, recipe: str, single_window, window_fn, stack_fn):
+    src = {-1: prev, 0: cur, 1: nxt}
+    return stack_fn([window_fn(src[o], c, w) for c, w, o in recipe_plan(recipe, single_window)])
 
 
 def channels(
@@ -53,7 +75,7 @@ def channels(
     recipe: str = "seed_3window",
     single_window: tuple[float, float] = WINDOWS["brain"],
 ) -> np.ndarray:
-    """Stack three windowed images into ``(..., 3, H, W)`` float32.
+    """Stack three windowed images into ``(..., 3, H, W)`` float32, as :data:`RECIPE_TABLE` says.
 
     - ``seed_3window``: brain(40/80) on s-1, subdural(80/200) on s, bone(600/2800) on s+1 (the write-up);
     - ``adjacent_header``: s-1, s, s+1 in one window (the released code's variant);
@@ -61,9 +83,7 @@ def channels(
     At a study's edge pass the slice itself as the missing neighbour (the catalog's ``prev_row``/``next_row``
     already point to itself there).
     """
-    wins = recipe_windows(recipe, single_window)
-    srcs = _sources(recipe, prev, cur, nxt)
-    return np.stack([window(s, c, w) for s, (c, w) in zip(srcs, wins, strict=True)], axis=-3)
+    return _stack(prev, cur, nxt, recipe, single_window, window, lambda xs: np.stack(xs, axis=-3))
 
 
 def window_torch(hu: torch.Tensor, center: float, width: float) -> torch.Tensor:
@@ -82,9 +102,7 @@ def channels_torch(
     """Torch version of :func:`channels`: ``(..., H, W)`` tensors -> ``(..., 3, H, W)`` float."""
     import torch
 
-    wins = recipe_windows(recipe, single_window)
-    srcs = _sources(recipe, prev, cur, nxt)
-    return torch.stack([window_torch(s, c, w) for s, (c, w) in zip(srcs, wins, strict=True)], dim=-3)
+    return _stack(prev, cur, nxt, recipe, single_window, window_torch, lambda xs: torch.stack(xs, dim=-3))
 
 
 def stack_channels_torch(stack: torch.Tensor, recipe: str = "seed_3window",
@@ -111,6 +129,8 @@ def _make_learnable_window():
             super().__init__()
             wins = recipe_windows(recipe, single_window)
             self.recipe = recipe
+            #: stack channel (0 = s-1, 1 = s, 2 = s+1) each output channel reads, from RECIPE_TABLE
+            self.register_buffer("source", torch.tensor([o + 1 for o in recipe_offsets(recipe)]), persistent=False)
             self.conv = nn.Conv2d(3, 3, kernel_size=1, groups=3, bias=True)
             with torch.no_grad():
                 for i, (c, w) in enumerate(wins):
@@ -118,9 +138,7 @@ def _make_learnable_window():
                     self.conv.bias[i] = -k * c / w
 
         def forward(self, stack: torch.Tensor) -> torch.Tensor:
-            x = stack.float()
-            if self.recipe == "three_window":
-                x = x[:, 1:2].expand(-1, 3, -1, -1)
+            x = stack.float().index_select(1, self.source)
             return torch.sigmoid(self.conv(x))
 
     return LearnableWindow

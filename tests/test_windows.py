@@ -87,3 +87,26 @@ def test_learnable_window_starts_as_a_smooth_version_of_the_fixed_windows():
     assert (lo < 0.1).all() and (hi > 0.9).all()
     out.sum().backward()
     assert layer.conv.weight.grad is not None
+
+
+def test_a_recipe_is_data_numpy_torch_and_learnable_read_the_same_table(monkeypatch):
+    """Adding one row to RECIPE_TABLE is enough: every implementation stacks from it."""
+    import numpy as np
+    import torch
+
+    from ichdlib import windows as W
+
+    monkeypatch.setitem(W.RECIPE_TABLE, "bone_next_brain_prev", (("bone", +1), ("brain", -1), ("single", 0)))
+    rng = np.random.default_rng(0)
+    prev, cur, nxt = (rng.uniform(-200, 1500, (2, 8, 8)).astype(np.float32) for _ in range(3))
+    ch = W.channels(prev, cur, nxt, "bone_next_brain_prev", (30.0, 60.0))
+    np.testing.assert_allclose(ch[:, 0], W.window(nxt, *W.WINDOWS["bone"]))
+    np.testing.assert_allclose(ch[:, 1], W.window(prev, *W.WINDOWS["brain"]))
+    np.testing.assert_allclose(ch[:, 2], W.window(cur, 30.0, 60.0))
+    t = W.channels_torch(*(torch.from_numpy(a) for a in (prev, cur, nxt)), "bone_next_brain_prev", (30.0, 60.0))
+    np.testing.assert_allclose(t.numpy(), ch, atol=1e-6)
+    lw = W.LearnableWindow("bone_next_brain_prev", (30.0, 60.0))
+    out = lw(torch.from_numpy(np.stack([prev, cur, nxt], axis=1)))
+    # at init each learnable channel is a smooth version of its fixed window on the same slice
+    assert np.corrcoef(out[:, 0].detach().numpy().ravel(), ch[:, 0].ravel())[0, 1] > 0.9
+    assert np.corrcoef(out[:, 1].detach().numpy().ravel(), ch[:, 1].ravel())[0, 1] > 0.9
