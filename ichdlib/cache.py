@@ -31,7 +31,6 @@ from ichdlib.files import read_json, write_json
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ichdlib.config import Params
 
 #: Catalog columns a worker needs to decode a slice without parsing its header again.
 DECODE_COLUMNS = (
@@ -107,19 +106,9 @@ def open_cache(work: str | os.PathLike, size: int) -> np.memmap:
             )
         raise FileNotFoundError(
             f"no HU cache at {final}: run `ichd ingest --work {Path(work)} --size {size}` "
-            f"or ichdlib.cache.ensure_cache(params, {size})"
+            f"or ichdlib.catalog.ensure_cache(params, {size})"
         )
     return np.load(final, mmap_mode="r")
-
-
-def ensure_cache(params: Params, size: int, force: bool = False) -> np.memmap:
-    """Open the cache at ``size`` for ``params``' work folder, building it from the catalog when missing."""
-    final = cache_path(params.work_dir, size)
-    if force or not final.is_file() or _sidecar(final).exists():
-        from ichdlib.catalog import ingest
-
-        ingest(params, force=False, size=size, rebuild_cache=force)
-    return open_cache(params.work_dir, size)
 
 
 # -- process pool ---------------------------------------------------------------------------------------

@@ -364,8 +364,7 @@ class CamEngine:
 
     def __init__(self, P: Params, key: str | None = None, catalog: pd.DataFrame | None = None,
                  device: str | None = None) -> None:
-        from ichdlib.cache import ensure_cache
-        from ichdlib.catalog import load_catalog
+        from ichdlib.catalog import ensure_cache, load_catalog
 
         self.P = P
         backbones = {b.key: b for b in P.cnn.backbones}

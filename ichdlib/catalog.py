@@ -520,6 +520,14 @@ def ingest(
     )
 
 
+def ensure_cache(params: Params, size: int, force: bool = False) -> np.memmap:
+    """Open the cache at ``size`` for ``params``' work folder, building it from the catalog when missing."""
+    final = _cache.cache_path(params.work_dir, size)
+    if force or not final.is_file() or _cache._sidecar(final).exists():
+        ingest(params, force=False, size=size, rebuild_cache=force)
+    return _cache.open_cache(params.work_dir, size)
+
+
 # -- command line ----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ichd ingest``."""

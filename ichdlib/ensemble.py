@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.catalog import load_catalog
 from ichdlib.config import Params
 from ichdlib.files import json_ready, write_text
 from ichdlib.labels import LABELS, LabelFileError, long_to_wide, read_labels, split_id, write_long_csv
@@ -189,9 +190,7 @@ def read_sample_ids(sample_path: str | Path) -> pd.Index:
 def train_prior(P: Params, catalog: pd.DataFrame | None = None) -> np.ndarray:
     """Each label's frequency over the catalog's training slices (the prior-only prediction)."""
     if catalog is None:
-        from ichdlib.seq import _load_catalog
-
-        catalog = _load_catalog(P)
+        catalog = load_catalog(P.work_dir)
     y = catalog.loc[catalog["split"] == "train", L].to_numpy(float)
     return prior_baseline(y, 1)[0]
 
@@ -336,9 +335,7 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     """Score every stage, blend ``ensemble.members``, write and validate the submission, score it with the
     ``ichd score`` code against the answer key when there is one, and merge-update ``metrics.json``.
     (Cheap, so it always recomputes; ``force`` is accepted for the common stage signature.)"""
-    from ichdlib.seq import _load_catalog
-
-    cat = _load_catalog(P)
+    cat = load_catalog(P.work_dir)
     y_oof, y_test = read_truth(P, cat)
     prior = train_prior(P, cat)
     sample_ids = read_sample_ids(P.data_root / P.paths.sample_submission)

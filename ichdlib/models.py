@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ichdlib.labels import LABELS
+from ichdlib.spec import ModelSpec
 
 #: The original's input normalisation (albumentations ``Normalize(mean=0.456, std=0.224)`` on [0, 1]).
 NORM_MEAN = 0.456
@@ -203,11 +204,16 @@ def build_cnn(
     return CnnNet(backbone, window)
 
 
+def build_from_spec(spec: ModelSpec, pretrained: bool | str | Path = False) -> CnnNet:
+    """An untrained model of the architecture a :class:`ModelSpec` names (load a state dict into it)."""
+    return build_cnn(spec.name, pretrained=pretrained, num_classes=spec.num_classes, in_chans=spec.in_chans,
+                     learnable_window=spec.recipe if spec.learnable_window else None,
+                     recipe=spec.recipe, single_window=spec.single_window)
+
+
 def build_from_meta(meta: dict[str, Any]) -> CnnNet:
     """An untrained model with the architecture a checkpoint's ``meta`` describes (its :class:`ModelSpec`)."""
-    from ichdlib.spec import ModelSpec
-
-    return ModelSpec.from_meta(meta).build()
+    return build_from_spec(ModelSpec.from_meta(meta))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ichdlib.catalog import load_catalog
 from ichdlib.config import Params
 from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
@@ -168,12 +169,6 @@ class SeqInputs:
 
 
 def _load_catalog(P: Params) -> pd.DataFrame:
-    try:
-        from ichdlib.catalog import load_catalog
-    except ImportError:  # pragma: no cover - the catalog module is written in parallel
-        if not P.catalog_path.is_file():
-            raise FileNotFoundError(f"{P.catalog_path}: no catalog; run notebook 01 (ingest) first") from None
-        return pd.read_parquet(P.catalog_path)
     return load_catalog(P.work_dir)
 
 

@@ -19,7 +19,6 @@ from ichdlib.labels import LABELS
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.config import AugmentCfg, BackboneCfg, Params
     from ichdlib.data import DeviceAugment
-    from ichdlib.models import CnnNet
 
 __all__ = ["ModelSpec", "SpecError"]
 
@@ -134,14 +133,6 @@ class ModelSpec:
             raise SpecError(f"checkpoint meta has no model spec and no {exc.args[0]!r}") from None
 
     # -- using -------------------------------------------------------------------------------------------
-    def build(self, pretrained: bool | str = False) -> CnnNet:
-        """An untrained model of this architecture (load a state dict into it)."""
-        from ichdlib.models import build_cnn
-
-        return build_cnn(self.name, pretrained=pretrained, num_classes=self.num_classes, in_chans=self.in_chans,
-                         learnable_window=self.recipe if self.learnable_window else None,
-                         recipe=self.recipe, single_window=self.single_window)
-
     def eval_augment(self, augment: AugmentCfg) -> DeviceAugment:
         """The evaluation view (windows + validation centre crop) on the device."""
         from ichdlib.data import DeviceAugment

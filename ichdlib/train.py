@@ -453,7 +453,7 @@ def _load_inputs(P: Params, cfg: BackboneCfg, catalog: pd.DataFrame | None,
 
         catalog = load_catalog(P.work_dir)
     if cache is None:
-        from ichdlib.cache import ensure_cache
+        from ichdlib.catalog import ensure_cache
 
         cache = ensure_cache(P, cfg.size)
     if cache.shape[-1] != cfg.size:

@@ -399,14 +399,14 @@ def test_ingest_and_ensure_cache_from_params(data, tmp_path):
     before = _mtimes(work2)
     pd.testing.assert_frame_equal(catalog.ingest(P, progress=False), cat)  # same inputs: loaded, not rebuilt
     assert _mtimes(work2) == before
-    mm = cache.ensure_cache(P, 16)  # another size from the same catalog
+    mm = catalog.ensure_cache(P, 16)  # another size from the same catalog
     assert (
         mm.shape == (len(cat) + 1, 16, 16)
         and (work2 / "catalog.parquet").stat().st_mtime_ns == before["catalog.parquet"]
     )
     r = cat.iloc[3]
     np.testing.assert_allclose(mm[r["row"]], cache.resize_hu(read_hu(r["path"])[0], 16), atol=1)
-    assert cache.ensure_cache(P, 16).filename == mm.filename
+    assert catalog.ensure_cache(P, 16).filename == mm.filename
 
 
 def test_missing_cache_and_catalog_errors(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 
 from ichdlib.config import load_params
 from ichdlib.labels import LABELS
+from ichdlib.models import build_from_spec
 from ichdlib.spec import ModelSpec, SpecError
 
 
@@ -51,7 +52,7 @@ def test_bad_specs_are_one_line_errors(P, change, message):
 
 def test_build_gives_the_architecture_the_spec_names(P):
     spec = ModelSpec.from_params(P, P.cnn.backbones[0])
-    model = spec.build()
+    model = build_from_spec(spec)
     assert model.learnable_window and model.feature_dim > 0
     aug = spec.eval_augment(P.cnn.augment)
     assert aug.learnable and aug.single_window == (50.0, 100.0)
