@@ -1,9 +1,9 @@
 """Benchmark: slices/s of ``ichd ingest`` against the original's PNG conversion and a bare DICOM decode.
 
-On the same phantom DICOMs (``ichdlib.synth.generate_phantom`` at 512 px by default) and the same number
+On the same phantom DICOMs (``ichdlib.phantom.synth.generate_phantom`` at 512 px by default) and the same number
 of worker processes (same start method, same chunked tasks):
 
-- ``ingest``: ``ichdlib.catalog.build_catalog`` from scratch (header pass, labels, z order, folds,
+- ``ingest``: ``ichdlib.ingest.catalog.build_catalog`` from scratch (header pass, labels, z order, folds,
   quarantine, the int16 HU cache at ``--size``);
 - ``original``: the 1st-place ``prepare_data.py`` approach (seed_spec section 2): ``dcmread``, HU, clip to
   the header's own window, per-image min-max to [0, 255], uint8 (not its int8 bug), one 8-bit PNG per
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ichdlib.cache import resolve_workers
+from ichdlib.ingest.cache import resolve_workers
 
 #: Paths per task for the two baselines (ingest picks its own, of the same order).
 CHUNK = 64
@@ -96,7 +96,7 @@ def _context() -> mp.context.BaseContext:
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["ichdlib.dicom", "ichdlib.cache", "ichdlib.catalog"])
+        ctx.set_forkserver_preload(["ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.ingest.catalog"])
     return ctx
 
 
@@ -121,8 +121,8 @@ def run(
     keep: str | None,
     verbose: bool = False,
 ) -> dict:
-    from ichdlib.catalog import build_catalog
-    from ichdlib.synth import generate_phantom
+    from ichdlib.ingest.catalog import build_catalog
+    from ichdlib.phantom.synth import generate_phantom
 
     workers = resolve_workers(workers)
     tmp = Path(keep or tempfile.mkdtemp(prefix="ichd_bench_"))

@@ -33,13 +33,13 @@ def make_studies(out: Path, n: int, slices: int, size: int, seed: int = 0) -> li
     """``n`` phantom studies of ``slices`` slices (fewer if a study is shorter), one folder each."""
     import pandas as pd
 
-    from ichdlib.synth import generate_phantom
+    from ichdlib.phantom.synth import generate_phantom
 
     raw = out / "phantom"
     generate_phantom(raw, studies=max(2, 2 * n), seed=seed, size=size, progress=False)
     rows = []
     for split in ("stage_2_train", "stage_2_test"):
-        from ichdlib.dicom import read_header
+        from ichdlib.ingest.dicom import read_header
 
         for p in sorted((raw / split).glob("*.dcm")):
             m = read_header(p)
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ichdlib.bundle import Bundle
     from ichdlib.config import load_params
-    from ichdlib.predict import Predictor, predict_dir
+    from ichdlib.serve.bundle import Bundle
+    from ichdlib.serve.predict import Predictor, predict_dir
 
     if args.bundle:
         bundle = Bundle.load(args.bundle)

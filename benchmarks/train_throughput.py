@@ -2,7 +2,7 @@
 
 Three numbers, images/s at the same model, size and batch:
 
-1. ``loop``: the real training loop of :mod:`ichdlib.train` (:func:`ichdlib.train.run_epoch`): int16 HU
+1. ``loop``: the real training loop of :mod:`ichdlib.cnn.train` (:func:`ichdlib.cnn.train.run_epoch`): int16 HU
    rows gathered from a memory-mapped cache by DataLoader workers, pinned copies to the device, windows and
    the original's augmentations batched on the device, bf16 autocast + channels_last on CUDA (optionally
    ``--compile``), loss, backward, clipping, Adam;
@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ichdlib.cnn.data import DeviceAugment, SliceBatchSampler, SliceDataset, StudyBatchSampler, make_loader
+from ichdlib.cnn.models import build_cnn
+from ichdlib.cnn.train import prepare_model, run_epoch, weighted_bce
 from ichdlib.config import load_params
-from ichdlib.data import DeviceAugment, SliceBatchSampler, SliceDataset, StudyBatchSampler, make_loader
-from ichdlib.models import build_cnn
-from ichdlib.train import prepare_model, run_epoch, weighted_bce
 
 
 def random_cache(folder: Path, rows: int, size: int,
@@ -111,7 +111,7 @@ def model_only(args: argparse.Namespace, original: bool) -> float:
 
 
 def loop(args: argparse.Namespace, cache: np.ndarray, table: np.ndarray, study: np.ndarray) -> float:
-    """Images/s of :func:`ichdlib.train.run_epoch` over the cache (the second of two epochs: the first
+    """Images/s of :func:`ichdlib.cnn.train.run_epoch` over the cache (the second of two epochs: the first
     warms up workers, cuDNN and compilation)."""
     P = _params(args)
     device = P.torch_device()

@@ -14,12 +14,12 @@ from ichdlib.locks import LockHeld
 
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("ichdlib.synth", "write a synthetic head-CT phantom in the exact RSNA/Kaggle layout"),
-    "ingest": ("ichdlib.catalog", "scan an RSNA-layout folder: catalog, folds, quarantine, HU cache"),
+    "synth": ("ichdlib.phantom.synth", "write a synthetic head-CT phantom in the exact RSNA/Kaggle layout"),
+    "ingest": ("ichdlib.ingest.catalog", "scan an RSNA-layout folder: catalog, folds, quarantine, HU cache"),
     "score": ("ichdlib.metrics", "score a Kaggle long-format prediction CSV against a truth CSV"),
     "run": ("ichdlib.run", "run notebooks 01-06 headless with papermill from one params file"),
-    "export": ("ichdlib.bundle", "write a self-contained model bundle from a finished run"),
-    "predict": ("ichdlib.predict", "predict on a folder of DICOM studies with a model bundle"),
+    "export": ("ichdlib.serve.bundle", "write a self-contained model bundle from a finished run"),
+    "predict": ("ichdlib.serve.predict", "predict on a folder of DICOM studies with a model bundle"),
 }
 
 

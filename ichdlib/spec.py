@@ -17,8 +17,8 @@ from ichdlib import __version__
 from ichdlib.labels import LABELS
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ichdlib.cnn.data import DeviceAugment
     from ichdlib.config import AugmentCfg, BackboneCfg, Params
-    from ichdlib.data import DeviceAugment
 
 __all__ = ["ModelSpec", "SpecError"]
 
@@ -135,12 +135,12 @@ class ModelSpec:
     # -- using -------------------------------------------------------------------------------------------
     def eval_augment(self, augment: AugmentCfg) -> DeviceAugment:
         """The evaluation view (windows + validation centre crop) on the device."""
-        from ichdlib.data import DeviceAugment
+        from ichdlib.cnn.data import DeviceAugment
 
         cfg = augment.model_copy(update={"val_center_crop": self.val_center_crop})
         return DeviceAugment(self.size, cfg, self.recipe, self.single_window, self.learnable_window)
 
     def cam_kwargs(self) -> dict[str, Any]:
-        """The preprocessing arguments of :func:`ichdlib.cam.compute_cams` for this model."""
+        """The preprocessing arguments of :func:`ichdlib.review.cam.compute_cams` for this model."""
         return {"recipe": self.recipe, "crop": self.val_center_crop, "size": self.size,
                 "single_window": self.single_window, "learnable": self.learnable_window}

@@ -228,7 +228,7 @@ class StampStore:
         if stage.reads_data:
             parts["data"] = data_fingerprint(self.P.data_root, self.cache)
             if self.P.synth.enabled:
-                from ichdlib.synth import PHANTOM_VERSION
+                from ichdlib.phantom.synth import PHANTOM_VERSION
 
                 parts["phantom_version"] = str(PHANTOM_VERSION)
         known = set(known)

@@ -53,7 +53,7 @@ def smoke_params(tmp_path_factory) -> Params:
 @pytest.fixture(scope="session")
 def phantom(smoke_params) -> Path:
     """The smoke phantom written in RSNA layout (with quirks and masks)."""
-    from ichdlib.synth import ensure_phantom
+    from ichdlib.phantom.synth import ensure_phantom
 
     return ensure_phantom(smoke_params)
 
@@ -61,7 +61,7 @@ def phantom(smoke_params) -> Path:
 @pytest.fixture(scope="session")
 def ingested(smoke_params, phantom) -> Params:
     """The smoke phantom ingested: ``catalog.parquet``, ``quarantine.csv`` and the HU cache exist."""
-    from ichdlib.catalog import ingest
+    from ichdlib.ingest.catalog import ingest
 
     ingest(smoke_params)
     return smoke_params

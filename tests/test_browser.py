@@ -37,7 +37,7 @@ NOTEBOOK_CODE = f"""\
 import sys
 sys.path.insert(0, {str(TESTS_DIR)!r})
 from test_viewer import fabricated_studies
-from ichdlib.viewer import SliceViewer, ViewerState, show
+from ichdlib.review.viewer import SliceViewer, ViewerState, show
 
 studies, cams = fabricated_studies(n_studies=2, n=10, size=96)
 viewer = show(ViewerState.from_studies(studies, cams))  # a live kernel: the widgets, not a static figure

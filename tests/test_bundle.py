@@ -1,4 +1,4 @@
-"""ichdlib.bundle: export a finished run, load it without pickle, and predict the same numbers."""
+"""ichdlib.serve.bundle: export a finished run, load it without pickle, and predict the same numbers."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from test_predict import study_folder, trained  # noqa: F401  (shared fixture and helper)
 
-from ichdlib.bundle import FORMAT, MANIFEST, Bundle, BundleError, export, resolve_run
 from ichdlib.cli import main as ichd
 from ichdlib.config import dump_params
 from ichdlib.labels import LABELS
-from ichdlib.predict import predict_dir
+from ichdlib.serve.bundle import FORMAT, MANIFEST, Bundle, BundleError, export, resolve_run
+from ichdlib.serve.predict import predict_dir
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_export_cli(trained, tmp_path, capsys):  # noqa: F811
 
 
 def test_fitted_weights_come_from_notebook_05(trained):  # noqa: F811
-    from ichdlib.bundle import ensemble_spec
+    from ichdlib.serve.bundle import ensemble_spec
 
     spec = ensemble_spec(trained)
     assert spec["method"] == "mean" and spec["sources"] == {m: "seq" for m in trained.seq.models}

@@ -1,4 +1,4 @@
-"""ichdlib.cam: target layers, hooks, CAM shape/geometry, per-class maps, pointing game, case selection."""
+"""ichdlib.review.cam: target layers, hooks, CAM shape/geometry, per-class maps, pointing game, case selection."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from torch import nn  # noqa: E402
 
-from ichdlib import cam  # noqa: E402
-from ichdlib.data import center_crop_box  # noqa: E402
+from ichdlib.cnn.data import center_crop_box  # noqa: E402
 from ichdlib.labels import LABELS  # noqa: E402
+from ichdlib.review import cam  # noqa: E402
 
 
 def _resnet() -> nn.Module:
@@ -63,7 +63,7 @@ def test_target_layer_by_family_and_probe():
 
 
 def test_coarse_family_layer_steps_back_to_a_finer_stage():
-    from ichdlib.models import build_cnn
+    from ichdlib.cnn.models import build_cnn
 
     res = _resnet()
     assert cam.find_target_layer(res, size=256, min_map=6)[0] == "layer4"  # 8 x 8: kept
@@ -238,8 +238,8 @@ def test_overlay_and_gallery():
 @pytest.fixture(scope="module")
 def cam_run(ingested, tmp_path_factory):
     """The ingested smoke phantom with random-weight fold checkpoints and OOF probabilities near the truth."""
-    from ichdlib.catalog import load_catalog
-    from ichdlib.models import build_cnn
+    from ichdlib.cnn.models import build_cnn
+    from ichdlib.ingest.catalog import load_catalog
 
     P = ingested.model_copy(deep=True)
     P.paths.reports = tmp_path_factory.mktemp("cam_reports")
@@ -271,7 +271,7 @@ def cam_run(ingested, tmp_path_factory):
 def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     import json as _json
 
-    from ichdlib.viewer import run_state
+    from ichdlib.review.viewer import run_state
 
     P = cam_run
     P.reports_dir.mkdir(parents=True, exist_ok=True)

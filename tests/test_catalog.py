@@ -1,4 +1,4 @@
-"""ichdlib.catalog / ichdlib.cache: z order, neighbours, folds, labels, quarantine, the resumable HU cache."""
+"""ichdlib.ingest.catalog / ichdlib.ingest.cache: z order, neighbours, folds, labels, quarantine, the resumable HU cache."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from test_dicom import hu_image, variant_files, write_slice
 
-from ichdlib import cache, catalog
 from ichdlib.cli import main
-from ichdlib.dicom import read_hu
 from ichdlib.files import read_json
+from ichdlib.ingest import cache, catalog
+from ichdlib.ingest.dicom import read_hu
 from ichdlib.labels import LABELS, SUBTYPES
 
 SIZE = 24
@@ -261,7 +261,7 @@ def test_cache_matches_read_hu_and_resize(data):
 
 
 def test_decode_resized_matches_read_hu_then_resize(tmp_path):
-    from ichdlib.dicom import read_header
+    from ichdlib.ingest.dicom import read_header
 
     wrap = np.mod(hu_image((50, 50), seed=4), 4096).astype(np.uint16)
     files = [
@@ -466,7 +466,7 @@ def test_corrupt_file_never_stops_the_run_in_workers(tmp_path):
 
 
 def test_phantom_quirks_are_handled(ingested):
-    """The shared smoke phantom (ichdlib.synth, quirks on): every injected quirk ends up where it belongs."""
+    """The shared smoke phantom (ichdlib.phantom.synth, quirks on): every injected quirk ends up where it belongs."""
     import json
 
     P = ingested

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ichdlib.config import AugmentCfg, CnnCfg, ParamsError, load_params
-from ichdlib.data import (
+from ichdlib.cnn.data import (
     AIR_HU,
     DeviceAugment,
     SliceBatchSampler,
@@ -23,6 +22,7 @@ from ichdlib.data import (
     toy_catalog,
     tta_views,
 )
+from ichdlib.config import AugmentCfg, CnnCfg, ParamsError, load_params
 from ichdlib.labels import LABELS
 from ichdlib.windows import stack_channels_torch
 
@@ -196,7 +196,7 @@ def test_augment_config_rejects_bad_ranges():
 
 # -- models ----------------------------------------------------------------------------------------
 def test_build_cnn_logits_pooled_features_and_learnable_window():
-    from ichdlib.models import build_cnn, cam_target_layer
+    from ichdlib.cnn.models import build_cnn, cam_target_layer
 
     m = build_cnn("test_efficientnet").eval()
     x = torch.rand(2, 3, 32, 32)
@@ -212,7 +212,7 @@ def test_build_cnn_logits_pooled_features_and_learnable_window():
 @pytest.mark.parametrize("name,dim",
                          [("densenet121", 1024), ("densenet169", 1664), ("seresnext101_32x4d", 2048)])
 def test_original_backbones_expose_their_feature_sizes(name, dim):
-    from ichdlib.models import build_cnn
+    from ichdlib.cnn.models import build_cnn
 
     assert build_cnn(name).feature_dim == dim
 
@@ -221,7 +221,7 @@ def test_local_weights_files_load_and_mismatches_fail_clearly(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from ichdlib.models import WeightsError, build_cnn
+    from ichdlib.cnn.models import WeightsError, build_cnn
 
     src = timm.create_model("test_efficientnet")  # 1000-class ImageNet-style head
     torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
@@ -245,7 +245,7 @@ def test_local_weights_files_load_and_mismatches_fail_clearly(tmp_path):
 
 
 def test_pretrained_true_offline_fails_fast_with_advice(monkeypatch):
-    from ichdlib.models import WeightsError, build_cnn
+    from ichdlib.cnn.models import WeightsError, build_cnn
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
@@ -255,7 +255,7 @@ def test_pretrained_true_offline_fails_fast_with_advice(monkeypatch):
 
 
 def test_unknown_backbone_name_is_reported():
-    from ichdlib.models import build_cnn
+    from ichdlib.cnn.models import build_cnn
 
     with pytest.raises(ValueError, match="unknown timm model 'densenet12'"):
         build_cnn("densenet12")
@@ -263,7 +263,7 @@ def test_unknown_backbone_name_is_reported():
 
 # -- schedule and loss -----------------------------------------------------------------------------
 def test_seed_restarts_schedule_matches_the_original_shape():
-    from ichdlib.train import lr_at
+    from ichdlib.cnn.train import lr_at
 
     cnn = CnnCfg(schedule="seed_restarts")
     lrs = [lr_at(cnn, 5e-4, 40, e) for e in range(21)]
@@ -277,8 +277,8 @@ def test_seed_restarts_schedule_matches_the_original_shape():
 
 
 def test_weighted_bce_is_the_competition_metric():
+    from ichdlib.cnn.train import weighted_bce
     from ichdlib.metrics import weighted_log_loss
-    from ichdlib.train import weighted_bce
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 6, generator=g) * 2

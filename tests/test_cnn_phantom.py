@@ -14,10 +14,10 @@ from ichdlib.labels import LABELS
 
 
 def test_train_and_features_on_the_smoke_phantom(ingested):
-    from ichdlib.catalog import load_catalog
-    from ichdlib.features import extract_features, load_features
-    from ichdlib.models import load_cnn
-    from ichdlib.train import train_cnn
+    from ichdlib.cnn.features import extract_features, load_features
+    from ichdlib.cnn.models import load_cnn
+    from ichdlib.cnn.train import train_cnn
+    from ichdlib.ingest.catalog import load_catalog
 
     P = ingested
     cfg = P.cnn.backbones[0]
@@ -50,10 +50,10 @@ def _benchmark():
 
 @pytest.mark.gpu
 def test_gpu_bf16_channels_last_step():
+    from ichdlib.cnn.data import DeviceAugment
+    from ichdlib.cnn.models import build_cnn
+    from ichdlib.cnn.train import prepare_model, weighted_bce
     from ichdlib.config import load_params
-    from ichdlib.data import DeviceAugment
-    from ichdlib.models import build_cnn
-    from ichdlib.train import prepare_model, weighted_bce
 
     P = load_params(None, {"device": "cuda"})
     model, runner = prepare_model(build_cnn("densenet121"), P, "cuda")

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+from ichdlib.cnn.data import toy_catalog
 from ichdlib.config import load_params
-from ichdlib.data import toy_catalog
 from ichdlib.labels import LABELS
 from ichdlib.spec import ModelSpec
 
@@ -35,7 +35,7 @@ def toy():
 @pytest.fixture(scope="module")
 def trained(repo, toy, tmp_path_factory):
     """Two folds of a tiny backbone, ~40 steps each."""
-    from ichdlib.train import train_cnn
+    from ichdlib.cnn.train import train_cnn
 
     cat, cache = toy
     n = torch.get_num_threads()
@@ -73,9 +73,9 @@ def test_oof_covers_every_training_slice_once_in_catalog_order(trained, toy):
 
 
 def test_checkpoints_load_with_weights_only_and_reproduce_the_oof(trained, toy):
-    from ichdlib.data import DeviceAugment, SliceDataset
-    from ichdlib.models import load_cnn
-    from ichdlib.train import predict
+    from ichdlib.cnn.data import DeviceAugment, SliceDataset
+    from ichdlib.cnn.models import load_cnn
+    from ichdlib.cnn.train import predict
 
     P, s = trained
     cat, cache = toy
@@ -102,7 +102,7 @@ def test_checkpoints_load_with_weights_only_and_reproduce_the_oof(trained, toy):
 
 
 def test_rerun_skips_finished_folds_and_refuses_changed_settings(trained, toy, repo):
-    from ichdlib.train import train_cnn
+    from ichdlib.cnn.train import train_cnn
 
     P, s = trained
     cat, cache = toy
@@ -122,7 +122,7 @@ def test_rerun_skips_finished_folds_and_refuses_changed_settings(trained, toy, r
 
 
 def test_features_align_with_the_catalog(trained, toy):
-    from ichdlib.features import extract_features, load_features
+    from ichdlib.cnn.features import extract_features, load_features
 
     P, s = trained
     cat, cache = toy
@@ -153,7 +153,7 @@ def test_features_align_with_the_catalog(trained, toy):
 
 
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(repo, tmp_path, monkeypatch):
-    import ichdlib.train as T
+    import ichdlib.cnn.train as T
 
     cat, cache = toy_catalog(studies=8, slices=8, size=32, folds=2, test_studies=1, seed=4)
     kw = dict(backbone={"size": 32, "batch": 16, "epochs": 3}, max_steps_per_epoch=2, sampler="study",
@@ -196,7 +196,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(repo, tmp
 
 
 def test_dataloader_workers_give_the_same_training(repo, tmp_path):
-    from ichdlib.train import train_cnn
+    from ichdlib.cnn.train import train_cnn
 
     cat, cache = toy_catalog(studies=8, slices=8, size=32, folds=2, test_studies=1, seed=4)
     weights = []

@@ -1,4 +1,4 @@
-"""ichdlib.dicom: HU decoding, quirk fixes, the raw fast path and errors that name the file."""
+"""ichdlib.ingest.dicom: HU decoding, quirk fixes, the raw fast path and errors that name the file."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
-from ichdlib import dicom
-from ichdlib.dicom import DicomReadError, read_header, read_hu, read_hu_fast
+from ichdlib.ingest import dicom
+from ichdlib.ingest.dicom import DicomReadError, read_header, read_hu, read_hu_fast
 
 # Tests that re-save a file read back (``ds.save_as``) meet pydicom's warning about RSNA-style UIDs.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")

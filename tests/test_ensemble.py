@@ -10,7 +10,7 @@ import pytest
 from test_seq import fabricate_level1, smoke, two_backbones
 
 from ichdlib.cli import main as ichd
-from ichdlib.ensemble import (
+from ichdlib.ensemble.blend import (
     Stage,
     blend,
     fit_weights,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ichdlib.cache import open_cache
-from ichdlib.catalog import load_catalog
-from ichdlib.explore import catalog_summary, neighbours, study_browser, subtype_examples
+from ichdlib.ingest.cache import open_cache
+from ichdlib.ingest.catalog import load_catalog
+from ichdlib.review.explore import catalog_summary, neighbours, study_browser, subtype_examples
 
 
 def test_summary_counts_match_the_catalog(ingested):

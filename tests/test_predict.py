@@ -1,4 +1,4 @@
-"""ichdlib.predict: DICOM folder discovery, bad-input handling, and predictions that match the notebooks."""
+"""ichdlib.serve.predict: DICOM folder discovery, bad-input handling, and predictions that match the notebooks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from ichdlib import predict as pr
-from ichdlib.synth import write_ct_dicom
+from ichdlib.phantom.synth import write_ct_dicom
+from ichdlib.serve import predict as pr
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -201,10 +201,10 @@ def test_ct_small_bundled_file(tmp_path):
 def trained(ingested):
     """The smoke phantom trained end to end with the stage functions of notebooks 02-05 (each stage skips
     work whose outputs exist, so a second use in the session is cheap)."""
-    from ichdlib.ensemble import run_ensemble
-    from ichdlib.features import extract_all
-    from ichdlib.seq import train_seq
-    from ichdlib.train import train_all
+    from ichdlib.cnn.features import extract_all
+    from ichdlib.cnn.train import train_all
+    from ichdlib.ensemble.blend import run_ensemble
+    from ichdlib.seq.train import train_seq
 
     P = ingested
     train_all(P)
@@ -218,7 +218,7 @@ def trained(ingested):
 def study_folder(P, out: Path, split: str = "test", k: int = 0, keep: int | None = None) -> Path:
     """A copy of the ``k``-th catalog study of ``split`` (its files only; the first ``keep`` slices) under
     ``out``."""
-    from ichdlib.catalog import load_catalog
+    from ichdlib.ingest.catalog import load_catalog
 
     cat = load_catalog(P.work_dir)
     cat = cat[cat["split"] == split]
@@ -234,7 +234,7 @@ def study_folder(P, out: Path, split: str = "test", k: int = 0, keep: int | None
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundle_dir(trained, tmp_path_factory) -> Path:
-    from ichdlib.bundle import export
+    from ichdlib.serve.bundle import export
 
     return export(trained, tmp_path_factory.mktemp("predict_bundle") / "bundle")
 
@@ -242,7 +242,7 @@ def bundle_dir(trained, tmp_path_factory) -> Path:
 def test_matches_notebook_05_on_the_test_split(trained, bundle_dir):
     """Predicting the phantom's test folder (quirky files included) gives notebook 05's submission, and each
     stage gives what its notebook wrote for the test rows."""
-    from ichdlib.catalog import load_catalog
+    from ichdlib.ingest.catalog import load_catalog
     from ichdlib.labels import LABELS, read_labels
 
     P = trained
@@ -254,7 +254,7 @@ def test_matches_notebook_05_on_the_test_split(trained, bundle_dir):
     labels = list(LABELS)
     sub, _ = read_labels(P.reports_dir / "submission.csv")
     np.testing.assert_allclose(got.loc[ids, [f"p_{c}" for c in labels]], sub.loc[ids, labels], rtol=0, atol=1e-4)
-    from ichdlib.ensemble import stage_files
+    from ichdlib.ensemble.blend import stage_files
 
     key = P.cnn.backbones[0].key
     refs = {"p2d_": P.work_dir / "features" / key / "test_prob.parquet",
@@ -329,13 +329,13 @@ def test_cli_cam_and_empty_folder(bundle_dir, tmp_path, capsys):
 def test_blend_of_a_2d_member_from_notebook_02(trained, bundle_dir, tmp_path, monkeypatch):
     """A run that blends a 2D stage from notebook 02's table: the bundle says so and predict follows (the
     validation-view pass runs only then)."""
-    import ichdlib.train
-    from ichdlib.bundle import Bundle
+    import ichdlib.cnn.train
     from ichdlib.labels import LABELS
+    from ichdlib.serve.bundle import Bundle
 
     calls = []
-    real = ichdlib.train.predict
-    monkeypatch.setattr(ichdlib.train, "predict", lambda *a, **k: calls.append(k.get("views")) or real(*a, **k))
+    real = ichdlib.cnn.train.predict
+    monkeypatch.setattr(ichdlib.cnn.train, "predict", lambda *a, **k: calls.append(k.get("views")) or real(*a, **k))
     P = trained
     key = P.cnn.backbones[0].key
     folder = study_folder(P, tmp_path / "s", k=1)

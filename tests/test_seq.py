@@ -12,7 +12,8 @@ import torch
 
 from ichdlib.config import Params, load_params
 from ichdlib.labels import LABELS, write_long_csv
-from ichdlib.seq import (
+from ichdlib.seq.models import SeqModel2, build_seq_model, init_output_bias, masked_weighted_bce, model_logits
+from ichdlib.seq.train import (
     SeqInputs,
     StudyDataset,
     _signature,
@@ -29,7 +30,6 @@ from ichdlib.seq import (
     train_seq,
     z_steps,
 )
-from ichdlib.seqmodels import SeqModel2, build_seq_model, init_output_bias, masked_weighted_bce, model_logits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,7 +359,7 @@ def test_training_is_seeded(fake):
 def test_interrupted_fold_resumes_to_the_same_result(fake, monkeypatch):
     """A fold killed after its first epoch resumes from ``fold<k>_last.pt`` and ends exactly where an
     uninterrupted run ends (same weights, same log)."""
-    import ichdlib.seq as seq
+    import ichdlib.seq.train as seq
 
     P0, _ = fake
     P = smoke(Path(P0.root), **two_backbones(), seq={"epochs": 3})
@@ -394,7 +394,7 @@ def test_interrupted_fold_resumes_to_the_same_result(fake, monkeypatch):
 
 
 def test_output_heads_start_at_the_prior():
-    from ichdlib.seqmodels import init_output_bias
+    from ichdlib.seq.models import init_output_bias
 
     prior = [0.15, 0.01, 0.05, 0.04, 0.04, 0.07]
     m = build_seq_model("seq2", 16, 1, 4, mid=16, reduce_dim=8, hidden=6, conv=(16, 8))

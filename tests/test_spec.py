@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ichdlib.cnn.models import build_from_spec
 from ichdlib.config import load_params
 from ichdlib.labels import LABELS
-from ichdlib.models import build_from_spec
 from ichdlib.spec import ModelSpec, SpecError
 
 

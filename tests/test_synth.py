@@ -15,7 +15,7 @@ from scipy.ndimage import maximum_filter
 
 from ichdlib.config import load_params
 from ichdlib.labels import KAGGLE_ROW_ORDER, LABELS, SUBTYPES, read_labels
-from ichdlib.synth import (
+from ichdlib.phantom.synth import (
     ANSWER_KEY,
     COMPLETE_MARKER,
     CORRUPT_ID,
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 ID_FILE = re.compile(r"^ID_[0-9a-f]{9}\.dcm$")
 
 
-# -- a reference decoder, written independently of ichdlib.dicom ---------------------------------------
+# -- a reference decoder, written independently of ichdlib.ingest.dicom ---------------------------------------
 def community_fix(raw: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, float]:
     """The RSNA community's 12-bit fix: raw + 1000, values >= 4096 minus 4096, intercept -1000."""
     intercept = float(ds.get("RescaleIntercept", 0))
@@ -213,7 +213,7 @@ def test_slices_show_skull_ring_and_air(hdr, manifest):
 
 
 def test_lowest_slice_has_skull_base_and_top_is_small(tmp_path):
-    from ichdlib.synth import render_study
+    from ichdlib.phantom.synth import render_study
 
     plan = plan_phantom(2, seed=4, size=96)[0][0]
     st = render_study(plan)
@@ -229,7 +229,7 @@ def test_lowest_slice_has_skull_base_and_top_is_small(tmp_path):
 
 
 def test_lesion_coverage_is_the_slab_share():
-    from ichdlib.synth import Lesion
+    from ichdlib.phantom.synth import Lesion
 
     les = Lesion("intraparenchymal", "lobar", s_c=0.5, half_mm=10.0, hu=70.0)
     height = 100.0  # the lesion spans levels 0.4 .. 0.6
@@ -244,7 +244,7 @@ def test_lesion_coverage_is_the_slab_share():
 def test_lesion_ends_fade_by_partial_volume():
     """A slab that a lesion fills only partly shows it with proportionally lower contrast; too small a share
     draws nothing (and labels nothing); a slab wholly inside renders as a thin plane would."""
-    from ichdlib.synth import MIN_SLAB_COVER, Lesion, _Head, render_slice
+    from ichdlib.phantom.synth import MIN_SLAB_COVER, Lesion, _Head, render_slice
 
     plan = plan_phantom(2, seed=4, size=96)[0][0]
     head = _Head(plan, np.random.default_rng(0))

@@ -1,4 +1,4 @@
-"""ichdlib.viewer driven headless: the state and the widgets change as the controls move."""
+"""ichdlib.review.viewer driven headless: the state and the widgets change as the controls move."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ichdlib.labels import LABELS
-from ichdlib.viewer import SliceViewer, Study, ViewerState, static_figure
+from ichdlib.review.viewer import SliceViewer, Study, ViewerState, static_figure
 
 
 def fabricated_studies(n_studies: int = 3, n: int = 8, size: int = 48, seed: int = 0):
@@ -137,7 +137,7 @@ def test_widgets_drive_the_state(state):
 
 def test_static_gallery_headless(state, monkeypatch):
     monkeypatch.setenv("ICHD_HEADLESS", "1")
-    from ichdlib.viewer import show
+    from ichdlib.review.viewer import show
 
     state.set_slice(1)
     fig = show(state, slices=2)

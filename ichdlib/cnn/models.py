@@ -1,6 +1,6 @@
 """The 2D CNN: a timm backbone with six logits and its pooled per-slice feature.
 
-Input convention (shared with :mod:`ichdlib.data` and :mod:`ichdlib.cam`): the model takes the recipe's
+Input convention (shared with :mod:`ichdlib.cnn.data` and :mod:`ichdlib.review.cam`): the model takes the recipe's
 three windowed channels in [0, 1], ``(B, 3, H, W)``; with a learnable window (``learnable_window``) it takes
 the HU stack (s-1, s, s+1) instead and windows it itself. Inside, the channels are normalised with the
 original's ``mean 0.456, std 0.224`` before the backbone.

@@ -8,7 +8,7 @@
    non-axial orientation), other series, non-DICOM and unreadable files are listed in ``problems`` with
    the reason. Slices are ordered by z exactly as the catalog orders them (ties by SOPInstanceUID; duplicate
    positions are kept, as in training, with a warning).
-2. **Pixels** (:func:`load_study`): HU through :func:`ichdlib.dicom.read_hu` (compressed transfer syntaxes
+2. **Pixels** (:func:`load_study`): HU through :func:`ichdlib.ingest.dicom.read_hu` (compressed transfer syntaxes
    through pylibjpeg); a slice that cannot be decoded is dropped with a message and the z-neighbours are
    recomputed over the readable slices.
 3. **Models** (:func:`predict_study`): the bundle's 2D CNNs (every fold, mean, the TTA of notebook 03),
@@ -107,7 +107,7 @@ def scan_headers(paths: Sequence[str | os.PathLike], progress: bool = False) -> 
     """Header of every file (no pixels): a table with one row per DICOM file, and the unreadable files."""
     from tqdm import tqdm
 
-    from ichdlib.dicom import DicomReadError, read_header
+    from ichdlib.ingest.dicom import DicomReadError, read_header
 
     metas, problems = [], []
     for p in tqdm(paths, desc="headers", unit="file", disable=not progress, leave=False):
@@ -153,10 +153,10 @@ class StudyScan:
 
 
 def order_slices(table: pd.DataFrame) -> pd.DataFrame:
-    """Order one series exactly as the catalog orders a study (:func:`ichdlib.catalog.order_slices`: z, ties
+    """Order one series exactly as the catalog orders a study (:func:`ichdlib.ingest.catalog.order_slices`: z, ties
     by ``sop_uid``) and add ``slice_index``, ``prev_index``/``next_index`` (positions of the z-neighbours in
     the returned table; a slice at the edge is its own neighbour), ``spacing_z`` and ``dup_z``."""
-    from ichdlib.catalog import order_slices as catalog_order
+    from ichdlib.ingest.catalog import order_slices as catalog_order
 
     t = table.drop(columns=["slice_index", "prev_index", "next_index", "spacing_z", "dup_z", "n_slices"],
                    errors="ignore").assign(split="test", row=0)
@@ -318,7 +318,7 @@ class LoadedStudy:
 
 def load_study(scan: StudyScan) -> LoadedStudy:
     """Decode every slice of a chosen series to HU; undecodable slices are dropped with a message."""
-    from ichdlib.dicom import DicomReadError, read_hu
+    from ichdlib.ingest.dicom import DicomReadError, read_hu
 
     problems: list[dict] = []
     keep, images = [], []
@@ -375,8 +375,8 @@ def resolve_device(device: str | None = "auto") -> str:
 
 def study_cache(loaded: LoadedStudy, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A study's slices as the training pipeline sees them: the HU cache rows at ``size``
-    (:func:`ichdlib.cache.resize_hu`) and the ``(n, 3)`` stack rows (s-1, s, s+1)."""
-    from ichdlib.cache import resize_hu
+    (:func:`ichdlib.ingest.cache.resize_hu`) and the ``(n, 3)`` stack rows (s-1, s, s+1)."""
+    from ichdlib.ingest.cache import resize_hu
 
     cache = np.stack([resize_hu(h, size) for h in loaded.hu]) if loaded.hu else np.zeros((0, size, size), np.int16)
     rows = loaded.slices[["prev_index", "slice_index", "next_index"]].to_numpy(dtype=np.int64)
@@ -399,8 +399,8 @@ class Predictor:
     """A bundle's models on one device, ready to predict studies."""
 
     def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None) -> None:
-        from ichdlib.features import eval_augment, feature_views
-        from ichdlib.train import amp_enabled, prepare_model
+        from ichdlib.cnn.features import eval_augment, feature_views
+        from ichdlib.cnn.train import amp_enabled, prepare_model
 
         self.bundle = bundle
         self.device = resolve_device(device)
@@ -418,9 +418,9 @@ class Predictor:
 
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
-        blend used its table, notebook 02) does for test slices (:func:`ichdlib.train.predict`)."""
-        from ichdlib.data import SliceDataset
-        from ichdlib.train import predict as cnn_predict
+        blend used its table, notebook 02) does for test slices (:func:`ichdlib.cnn.train.predict`)."""
+        from ichdlib.cnn.data import SliceDataset
+        from ichdlib.cnn.train import predict as cnn_predict
 
         ds = SliceDataset(cache, rows)
         kw = {"batch": self.batch, "device": self.device, "amp": self.amp, "channels_last": self.channels_last}
@@ -438,7 +438,7 @@ class Predictor:
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
         from ichdlib.labels import LABELS
-        from ichdlib.seq import SeqInputs, normalize_test, predict_studies
+        from ichdlib.seq.train import SeqInputs, normalize_test, predict_studies
 
         sl = loaded.slices
         n = len(sl)
@@ -525,7 +525,7 @@ def summarize_studies(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFr
 def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None = "auto", threshold: float = 0.5,
                 cam_dir: str | os.PathLike | None = None, progress: bool = False,
                 predictor: Predictor | None = None) -> Prediction:
-    """Discover, read and predict every study under ``dicom_dir`` with ``bundle`` (a :class:`ichdlib.bundle.Bundle`
+    """Discover, read and predict every study under ``dicom_dir`` with ``bundle`` (a :class:`ichdlib.serve.bundle.Bundle`
     or a bundle folder). Bad input never raises: it ends up in ``problems``. With ``cam_dir``, Grad-CAM
     overlays of the positive slices are written there."""
     import time
@@ -534,7 +534,7 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
 
     t0 = time.perf_counter()
     if not hasattr(bundle, "cnn"):
-        from ichdlib.bundle import Bundle
+        from ichdlib.serve.bundle import Bundle
 
         bundle = Bundle.load(bundle)
     predictor = predictor or Predictor(bundle, device)
@@ -604,7 +604,7 @@ def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, o
     explains test slices), at the slice's own size."""
     import cv2
 
-    from ichdlib.cam import compute_cams, overlay
+    from ichdlib.review.cam import compute_cams, overlay
 
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:
@@ -682,7 +682,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """``ichd predict``: exit 0 when at least one study was predicted, 1 when none could be."""
-    from ichdlib.bundle import Bundle
+    from ichdlib.serve.bundle import Bundle
 
     if not args.dir.exists():
         raise FileNotFoundError(f"{args.dir}: no such file or folder")

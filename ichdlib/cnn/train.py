@@ -8,7 +8,7 @@
   uninterrupted run ends. A finished fold is skipped unless ``force``.
 - ``fold<k>.pt``: the epoch with the lowest weighted log loss on the fold's validation slices
   (``{"state_dict", "meta"}``, loadable with ``torch.load(weights_only=True)``, see
-  :func:`ichdlib.models.load_cnn`); ``fold<k>_val.parquet`` its validation probabilities and
+  :func:`ichdlib.cnn.models.load_cnn`); ``fold<k>_val.parquet`` its validation probabilities and
   ``fold<k>_test.parquet`` its test probabilities.
 - ``fold<k>_log.csv``: per epoch the learning rate, train loss, validation weighted log loss, BCE and
   per-class AUC, images/s and seconds.
@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ichdlib.config import BackboneCfg, CnnCfg, Params
-from ichdlib.data import (
+from ichdlib.cnn.data import (
     DeviceAugment,
     SliceBatchSampler,
     SliceDataset,
@@ -44,9 +43,10 @@ from ichdlib.data import (
     make_loader,
     to_device,
 )
+from ichdlib.cnn.models import CnnNet, build_cnn
+from ichdlib.config import BackboneCfg, CnnCfg, Params
 from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
-from ichdlib.models import CnnNet, build_cnn
 from ichdlib.spec import ModelSpec
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
@@ -158,7 +158,7 @@ def predict(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, 
             views: list | None = None, channels_last: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities (and pooled features if ``pooled``) for every item of ``dataset`` in order.
 
-    Without ``views``: the validation view. With ``views`` (a list of :class:`ichdlib.data.TtaView`):
+    Without ``views``: the validation view. With ``views`` (a list of :class:`ichdlib.cnn.data.TtaView`):
     the mean over the views of probabilities and of features. ``channels_last`` as the model was prepared.
     """
     cuda = torch.device(device).type == "cuda"
@@ -449,11 +449,11 @@ def fold_numbers(P: Params, cat: pd.DataFrame, folds: Iterable[int] | str | None
 def _load_inputs(P: Params, cfg: BackboneCfg, catalog: pd.DataFrame | None,
                  cache: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray]:
     if catalog is None:
-        from ichdlib.catalog import load_catalog
+        from ichdlib.ingest.catalog import load_catalog
 
         catalog = load_catalog(P.work_dir)
     if cache is None:
-        from ichdlib.catalog import ensure_cache
+        from ichdlib.ingest.catalog import ensure_cache
 
         cache = ensure_cache(P, cfg.size)
     if cache.shape[-1] != cfg.size:

@@ -28,13 +28,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ichdlib.catalog import load_catalog
+from ichdlib.cnn.train import derive_seed, save_parquet, save_torch, torch_threads
 from ichdlib.config import Params
 from ichdlib.files import atomic_write
+from ichdlib.ingest.catalog import load_catalog
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
-from ichdlib.seqmodels import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
-from ichdlib.train import derive_seed, save_parquet, save_torch, torch_threads
+from ichdlib.seq.models import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
 
 MODELS = ("seq1", "seq2")
 
@@ -379,7 +379,7 @@ def fold_split(inputs: SeqInputs, fold: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def seq_arch(P: Params) -> dict[str, Any]:
-    """The keyword arguments of :func:`ichdlib.seqmodels.build_seq_model` from ``P.seq`` (stored as
+    """The keyword arguments of :func:`ichdlib.seq.models.build_seq_model` from ``P.seq`` (stored as
     ``meta["arch"]`` in every checkpoint)."""
     s = P.seq
     return {"mid": s.mid, "reduce_dim": s.reduce_dim, "hidden": s.hidden, "dropout": s.dropout,
@@ -610,7 +610,7 @@ def plot_studies(inputs: SeqInputs, preds: dict[str, pd.DataFrame], n: int = 3, 
 
 def oof_comparison(P: Params, results: dict[str, SeqResult]) -> pd.DataFrame:
     """OOF weighted log loss of each 2D backbone (its OOF as fed to this stage) and each sequence model."""
-    from ichdlib.ensemble import load_stage
+    from ichdlib.ensemble.blend import load_stage
 
     cat = _load_catalog(P)
     y = cat[cat["split"] == "train"].set_index("sop_uid")[list(LABELS)].astype(float)

@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from ichdlib.dicom import DicomReadError, fix_stored, read_hu, read_stored, rescale
 from ichdlib.files import read_json, write_json
+from ichdlib.ingest.dicom import DicomReadError, fix_stored, read_hu, read_stored, rescale
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -106,7 +106,7 @@ def open_cache(work: str | os.PathLike, size: int) -> np.memmap:
             )
         raise FileNotFoundError(
             f"no HU cache at {final}: run `ichd ingest --work {Path(work)} --size {size}` "
-            f"or ichdlib.catalog.ensure_cache(params, {size})"
+            f"or ichdlib.ingest.catalog.ensure_cache(params, {size})"
         )
     return np.load(final, mmap_mode="r")
 
@@ -141,7 +141,7 @@ class LazyPool:
             method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             if method == "forkserver":
-                ctx.set_forkserver_preload(["ichdlib.dicom", "ichdlib.cache", "ichdlib.catalog"])
+                ctx.set_forkserver_preload(["ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.ingest.catalog"])
             self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
         return self._ex
 

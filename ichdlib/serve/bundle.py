@@ -103,7 +103,7 @@ def _fold_files(folder: Path) -> dict[int, Path]:
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from ichdlib.models import read_checkpoint
+    from ichdlib.cnn.models import read_checkpoint
 
     try:
         return read_checkpoint(path)
@@ -115,7 +115,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 # Building the models from meta (the same constructors the stages use)
 # --------------------------------------------------------------------------------------------------
 def _build_cnn(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
-    from ichdlib.models import build_from_meta
+    from ichdlib.cnn.models import build_from_meta
 
     model = build_from_meta(meta)
     model.load_state_dict(state)
@@ -123,9 +123,9 @@ def _build_cnn(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str
 
 
 def _build_seq(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
-    from ichdlib.seqmodels import build_seq_model
+    from ichdlib.seq.models import build_seq_model
 
-    # the same arguments as ichdlib.seq.load_seq_model (checkpoints keep the widths under "arch")
+    # the same arguments as ichdlib.seq.train.load_seq_model (checkpoints keep the widths under "arch")
     arch = meta.get("arch") or {k: meta[k] for k in ("reduce_dim", "hidden", "dropout") if k in meta}
     model = build_seq_model(meta["model"], meta["in_dim"], meta["n_cnn"], meta["x_channels"], **arch)
     model.load_state_dict(state)
@@ -196,7 +196,7 @@ class Bundle:
     @classmethod
     def from_run(cls, P: Params) -> Bundle:
         """Collect a finished run's checkpoints, recipe and blend (nothing is written)."""
-        from ichdlib.seq import backbone_keys
+        from ichdlib.seq.train import backbone_keys
 
         work = P.work_dir
         seq_keys = backbone_keys(P)
@@ -231,9 +231,9 @@ class Bundle:
         every sequence model, an equal-weight blend): for timing and smoke checks, never for predictions."""
         import torch
 
-        from ichdlib.models import build_cnn
-        from ichdlib.seq import backbone_keys, seq_arch
-        from ichdlib.seqmodels import build_seq_model
+        from ichdlib.cnn.models import build_cnn
+        from ichdlib.seq.models import build_seq_model
+        from ichdlib.seq.train import backbone_keys, seq_arch
 
         n_folds = folds or (len(P.cnn.folds) if P.cnn.folds != "all" else P.ingest.folds)
         torch.manual_seed(P.seed)
@@ -402,7 +402,7 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
 def ensemble_spec(P: Params) -> dict[str, Any]:
     """Blend method, members and weights: equal for ``mean``; for ``fit`` the weights notebook 05 fitted
     (``reports/<run>/metrics.json``, ``submission.weights``)."""
-    from ichdlib.ensemble import resolve_members, stage_files
+    from ichdlib.ensemble.blend import resolve_members, stage_files
 
     members = resolve_members(P)
     # which table notebook 05 blended for each 2D member: notebook 03's TTA probabilities ("features") or

@@ -173,12 +173,12 @@ def preprocess(
 ) -> torch.Tensor:
     """Validation input of the 2D CNN: ``(B, 3, H, W)`` HU (s-1, s, s+1) -> ``(B, 3, size, size)`` float.
 
-    :func:`ichdlib.data.eval_view` (centre crop, bilinear resize to the model size), then the recipe's
+    :func:`ichdlib.cnn.data.eval_view` (centre crop, bilinear resize to the model size), then the recipe's
     windows (skipped when the model windows its own input with a learnable first layer), as in training.
     """
     import torch
 
-    from ichdlib.data import eval_view
+    from ichdlib.cnn.data import eval_view
     from ichdlib.windows import stack_channels_torch
 
     x = stack_hu if isinstance(stack_hu, torch.Tensor) else torch.from_numpy(np.asarray(stack_hu))
@@ -200,7 +200,7 @@ def undo_geometry(
     import torch
     import torch.nn.functional as F
 
-    from ichdlib.data import center_crop_box
+    from ichdlib.cnn.data import center_crop_box
 
     h, w = in_hw
     h0, w0 = out_hw or in_hw
@@ -364,7 +364,7 @@ class CamEngine:
 
     def __init__(self, P: Params, key: str | None = None, catalog: pd.DataFrame | None = None,
                  device: str | None = None) -> None:
-        from ichdlib.catalog import ensure_cache, load_catalog
+        from ichdlib.ingest.catalog import ensure_cache, load_catalog
 
         self.P = P
         backbones = {b.key: b for b in P.cnn.backbones}
@@ -387,7 +387,7 @@ class CamEngine:
         if fold not in self.folds:
             fold = self.folds[0]
         if fold not in self._models:
-            from ichdlib.models import load_cnn
+            from ichdlib.cnn.models import load_cnn
 
             self._models[fold] = load_cnn(self.model_dir / f"fold{fold}.pt", self.device)
         return self._models[fold]
@@ -408,7 +408,7 @@ class CamEngine:
         that cannot be read now, its cache row resized to that geometry (a warning says which)."""
         import cv2
 
-        from ichdlib.dicom import read_hu
+        from ichdlib.ingest.dicom import read_hu
 
         out = []
         for _, r in rows.iterrows():
@@ -429,7 +429,7 @@ class CamEngine:
         ``out="original"``: at the slice's rows x cols (to overlay the DICOM or a lesion mask);
         ``out="cache"``: at the cache size (to overlay the cached HU).
         """
-        from ichdlib.train import cpu_threads
+        from ichdlib.cnn.train import cpu_threads
 
         cfg = self.P.cam
         cls = list(classes) if classes is not None else list(LABELS)
@@ -466,7 +466,7 @@ def _read_probs(path: Path, prefix: str) -> pd.DataFrame:
 def final_oof(P: Params, catalog: pd.DataFrame) -> pd.DataFrame | None:
     """The final OOF prediction (wide, by ``sop_uid``): notebook 05's blend of ``ensemble.members``, or
     None while a member's predictions are missing."""
-    from ichdlib.ensemble import blend, load_stage, read_truth, resolve_members
+    from ichdlib.ensemble.blend import blend, load_stage, read_truth, resolve_members
 
     try:
         stages = [load_stage(P, m) for m in resolve_members(P)]
@@ -485,7 +485,7 @@ def review_table(P: Params, key: str | None = None, catalog: pd.DataFrame | None
     ``cols``, ``path``, ``row``, ``prev_row``, ``next_row``.
     """
     if catalog is None:
-        from ichdlib.catalog import load_catalog
+        from ichdlib.ingest.catalog import load_catalog
 
         catalog = load_catalog(P.work_dir)
     key = key or P.cnn.backbones[0].key
@@ -662,7 +662,7 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
     """
     from tqdm.auto import tqdm
 
-    from ichdlib.ensemble import update_metrics
+    from ichdlib.ensemble.blend import update_metrics
 
     threshold, tolerance = P.cam.threshold, P.cam.tolerance_px
     metrics_path = P.reports_dir / "metrics.json"

@@ -28,13 +28,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ichdlib.config import BackboneCfg, Params
-from ichdlib.data import DeviceAugment, SliceDataset, TtaView, tta_views
-from ichdlib.files import atomic_write
-from ichdlib.labels import LABELS
-from ichdlib.models import load_cnn
-from ichdlib.spec import ModelSpec
-from ichdlib.train import (
+from ichdlib.cnn.data import DeviceAugment, SliceDataset, TtaView, tta_views
+from ichdlib.cnn.models import load_cnn
+from ichdlib.cnn.train import (
     _load_inputs,
     amp_enabled,
     cnn_dir,
@@ -45,6 +41,10 @@ from ichdlib.train import (
     probs_frame,
     save_parquet,
 )
+from ichdlib.config import BackboneCfg, Params
+from ichdlib.files import atomic_write
+from ichdlib.labels import LABELS
+from ichdlib.spec import ModelSpec
 
 OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parquet", "test_prob_folds.npy",
            "meta.json")

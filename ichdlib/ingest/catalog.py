@@ -11,7 +11,7 @@
   starts with a short kind (``unreadable:``, ``not CT:``, ``unlabelled:`` ...);
 - ``ingest_report.json``: counts, label conflicts, fixes applied, duplicate positions, timings;
 - ``ingest_state.json``: a fingerprint of the inputs; a rerun with the same inputs does no work;
-- ``cache_<size>.npy`` (see :mod:`ichdlib.cache`).
+- ``cache_<size>.npy`` (see :mod:`ichdlib.ingest.cache`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ichdlib import cache as _cache
-from ichdlib.dicom import read_headers
 from ichdlib.files import atomic_write, read_json, write_json
+from ichdlib.ingest import cache as _cache
+from ichdlib.ingest.dicom import read_headers
 from ichdlib.labels import LABELS, read_labels
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def load_catalog(work: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(
             f"no catalog at {path}: run `ichd ingest --root DATA --work {Path(work)}` "
-            "or ichdlib.catalog.ingest(params)"
+            "or ichdlib.ingest.catalog.ingest(params)"
         )
     return pd.read_parquet(path)
 
@@ -493,12 +493,12 @@ def ingest(
     """:func:`build_catalog` with the paths and ``ingest`` section of ``params`` (fold seed: ``params.seed``).
 
     With ``synth.enabled`` the phantom is generated first when the data folder holds no data
-    (:func:`ichdlib.synth.ensure_phantom`; real data is never touched).
+    (:func:`ichdlib.phantom.synth.ensure_phantom`; real data is never touched).
     """
     root = params.data_root
     p = params.paths
     if params.synth.enabled:
-        from ichdlib.synth import ensure_phantom
+        from ichdlib.phantom.synth import ensure_phantom
 
         ensure_phantom(params, progress=progress)
     i = params.ingest

@@ -1,0 +1,1 @@
+"""The blend of stages, the Kaggle submission and metrics.json."""

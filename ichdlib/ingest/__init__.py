@@ -1,0 +1,1 @@
+"""Ingest: DICOM reading, the slice catalog (z order, folds, quarantine) and the resized HU cache."""

@@ -1,0 +1,1 @@
+"""The synthetic head-CT phantom in the exact RSNA/Kaggle layout (demo and tests)."""

@@ -1,0 +1,1 @@
+"""Review: Grad-CAM, the slice viewer, exploration plots and run comparison."""
