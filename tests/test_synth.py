@@ -15,11 +15,11 @@ from scipy.ndimage import maximum_filter
 
 from ichdlib.config import load_params
 from ichdlib.labels import KAGGLE_ROW_ORDER, LABELS, SUBTYPES, read_labels
+from ichdlib.phantom.encoding import ENCODINGS
 from ichdlib.phantom.synth import (
     ANSWER_KEY,
     COMPLETE_MARKER,
     CORRUPT_ID,
-    ENCODINGS,
     MANIFEST,
     MASK_BITS,
     PHANTOM_VERSION,
@@ -229,7 +229,7 @@ def test_lowest_slice_has_skull_base_and_top_is_small(tmp_path):
 
 
 def test_lesion_coverage_is_the_slab_share():
-    from ichdlib.phantom.synth import Lesion
+    from ichdlib.phantom.lesions import Lesion
 
     les = Lesion("intraparenchymal", "lobar", s_c=0.5, half_mm=10.0, hu=70.0)
     height = 100.0  # the lesion spans levels 0.4 .. 0.6
@@ -244,7 +244,8 @@ def test_lesion_coverage_is_the_slab_share():
 def test_lesion_ends_fade_by_partial_volume():
     """A slab that a lesion fills only partly shows it with proportionally lower contrast; too small a share
     draws nothing (and labels nothing); a slab wholly inside renders as a thin plane would."""
-    from ichdlib.phantom.synth import MIN_SLAB_COVER, Lesion, _Head, render_slice
+    from ichdlib.phantom.anatomy import _Head, render_slice
+    from ichdlib.phantom.lesions import MIN_SLAB_COVER, Lesion
 
     plan = plan_phantom(2, seed=4, size=96)[0][0]
     head = _Head(plan, np.random.default_rng(0))
