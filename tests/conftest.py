@@ -65,3 +65,21 @@ def ingested(smoke_params, phantom) -> Params:
 
     ingest(smoke_params)
     return smoke_params
+
+
+@pytest.fixture(scope="session")
+def trained(ingested):
+    """The smoke phantom trained end to end with the stage functions of notebooks 02-05 (each stage skips
+    work whose outputs exist, so a second use in the session is cheap)."""
+    from ichdlib.cnn.features import extract_all
+    from ichdlib.cnn.train import train_all
+    from ichdlib.ensemble.blend import run_ensemble
+    from ichdlib.seq.train import train_seq
+
+    P = ingested
+    train_all(P)
+    extract_all(P)
+    for name in P.seq.models:
+        train_seq(P, name)
+    run_ensemble(P)
+    return P

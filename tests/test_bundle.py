@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_predict import study_folder, trained  # noqa: F401  (shared fixture and helper)
+from builders import study_folder
 
 from ichdlib.cli import main as ichd
 from ichdlib.config import dump_params
@@ -18,11 +18,11 @@ from ichdlib.serve.predict import predict_dir
 
 
 @pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory) -> Path:  # noqa: F811
+def exported(trained, tmp_path_factory) -> Path:
     return export(trained, tmp_path_factory.mktemp("bundle") / "b1")
 
 
-def test_bundle_layout(trained, exported):  # noqa: F811
+def test_bundle_layout(trained, exported):
     P = trained
     m = json.loads((exported / MANIFEST).read_text())
     assert m["format"] == FORMAT and m["format_version"] == 1 and m["labels"] == list(LABELS)
@@ -48,7 +48,7 @@ def test_bundle_layout(trained, exported):  # noqa: F811
     assert f"cnn/{cfg.key}/fold0.safetensors" in weights and "seq/seq1/fold1.safetensors" in weights
 
 
-def test_round_trip_same_predictions(trained, exported, tmp_path):  # noqa: F811
+def test_round_trip_same_predictions(trained, exported, tmp_path):
     """The run's own checkpoints and the exported bundle give the same numbers."""
     folder = study_folder(trained, tmp_path / "study", keep=12)
     before = predict_dir(folder, Bundle.from_run(trained), device="cpu").slices
@@ -86,7 +86,7 @@ def test_damaged_or_foreign_bundles_fail_clearly(exported, tmp_path):
         Bundle.load(tmp_path)
 
 
-def test_export_cli(trained, tmp_path, capsys):  # noqa: F811
+def test_export_cli(trained, tmp_path, capsys):
     params = tmp_path / "run.yaml"
     params.write_text(dump_params(trained))
     out = tmp_path / "b2"
@@ -104,7 +104,7 @@ def test_export_cli(trained, tmp_path, capsys):  # noqa: F811
         Bundle.from_run(untrained)
 
 
-def test_fitted_weights_come_from_notebook_05(trained):  # noqa: F811
+def test_fitted_weights_come_from_notebook_05(trained):
     from ichdlib.serve.bundle import ensemble_spec
 
     spec = ensemble_spec(trained)

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from test_dicom import hu_image, variant_files, write_slice
+from builders import hu_image, variant_files, write_slice
 
 from ichdlib.cli import main
 from ichdlib.files import read_json

@@ -2,94 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import numpy as np
 import pydicom
 import pytest
+from builders import hu_image, variant_files, write_slice
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from ichdlib.ingest import dicom
 from ichdlib.ingest.dicom import DicomReadError, read_header, read_hu, read_hu_fast
 
 # Tests that re-save a file read back (``ds.save_as``) meet pydicom's warning about RSNA-style UIDs.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-
-
-def _without_value_validation(fn):
-    """RSNA-style UIDs (ID_...) are not valid DICOM UIDs: write them with pydicom's validation off."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with pydicom.config.disable_value_validation():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@_without_value_validation
-def write_slice(
-    path: Path,
-    stored: np.ndarray,
-    *,
-    sop: str = "ID_0001",
-    study: str = "ID_st",
-    series: str = "ID_se",
-    patient: str = "ID_pt",
-    z: float = 0.0,
-    modality: str = "CT",
-    bits_stored: int | None = None,
-    intercept: float | None = -1024.0,
-    slope: float | None = 1.0,
-    photometric: str = "MONOCHROME2",
-    window: tuple = (40, 80),
-    syntax: str = ExplicitVRLittleEndian,
-    frames: int = 1,
-) -> Path:
-    """Write stored pixel values (their dtype sets BitsAllocated/PixelRepresentation) as a CT slice."""
-    stored = np.ascontiguousarray(stored)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, sop, modality
-    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
-    ds.ImagePositionPatient = [-125.0, -125.0, z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.Rows, ds.Columns = stored.shape[-2:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated = stored.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = int(stored.dtype.kind == "i")
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    if intercept is not None:
-        ds.RescaleIntercept = intercept
-    if slope is not None:
-        ds.RescaleSlope = slope
-    ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = stored.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True, implicit_vr=syntax == ImplicitVRLittleEndian)
-    return path
-
-
-def hu_image(shape=(64, 64), seed=0) -> np.ndarray:
-    """A plausible head-CT-like HU image: air, skull ring, brain, a small bleed."""
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    r = np.hypot((yy - shape[0] / 2) / (shape[0] / 2), (xx - shape[1] / 2) / (shape[1] / 2))
-    hu = np.where(r < 0.8, 35.0, -1000.0)
-    hu[(r >= 0.7) & (r < 0.8)] = 1200.0
-    hu[(yy - shape[0] // 3) ** 2 + (xx - shape[1] // 3) ** 2 < 9] = 70.0
-    hu += np.random.default_rng(seed).normal(0, 5, shape) * (r < 0.7)
-    return np.rint(hu)
 
 
 def test_ct_small_bundled_file():
@@ -148,30 +72,6 @@ def test_multi_valued_window(tmp_path):
     assert "window_first_value" in meta["fixes"]
     single = read_header(write_slice(tmp_path / "w1.dcm", stored, window=(35, 90)))
     assert (single["window_center"], single["window_width"]) == (35.0, 90.0) and single["fixes"] == []
-
-
-def variant_files(tmp_path: Path) -> list[Path]:
-    hu = hu_image((40, 52), seed=1)
-    return [
-        write_slice(tmp_path / "s16.dcm", (hu + 1024).astype(np.int16)),
-        write_slice(tmp_path / "implicit.dcm", (hu + 1024).astype(np.int16), syntax=ImplicitVRLittleEndian),
-        write_slice(tmp_path / "slope.dcm", ((hu + 1024) / 2).astype(np.uint16), slope=2.0),
-        # 12 stored bits with junk in the high bits: pydicom masks (unsigned) / sign-extends (signed)
-        write_slice(tmp_path / "u12hi.dcm", (hu + 1024).astype(np.uint16) | 0xF000, bits_stored=12),
-        write_slice(
-            tmp_path / "s12.dcm",
-            np.clip(hu, -2048, 2047).astype(np.int16) ^ 0x7000,
-            bits_stored=12,
-            intercept=0.0,
-        ),
-        write_slice(
-            tmp_path / "u8.dcm",
-            np.clip(hu / 10 + 100, 0, 255).astype(np.uint8),
-            intercept=-1000.0,
-            slope=10.0,
-        ),
-        write_slice(tmp_path / "tiny.dcm", np.full((3, 5), 1064, np.int16)),  # pixel data not deferred
-    ]
 
 
 def test_fast_path_matches_pydicom(tmp_path):

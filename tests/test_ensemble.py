@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from test_seq import fabricate_level1, smoke, two_backbones
+from builders import fabricate_level1, smoke, two_backbones
 
 from ichdlib.cli import main as ichd
 from ichdlib.ensemble.blend import (

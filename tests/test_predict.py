@@ -8,47 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
+from builders import CORONAL, ct_file, head_hu, series_files, study_folder
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from ichdlib.phantom.synth import write_ct_dicom
 from ichdlib.serve import predict as pr
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
-
-
-def head_hu(seed: int = 0, size: int = 64) -> np.ndarray:
-    """A small head-like HU image: air, skull ring, brain with noise."""
-    yy, xx = np.mgrid[:size, :size]
-    r = np.hypot(yy - size / 2, xx - size / 2) / (size / 2)
-    hu = np.where(r < 0.8, 35.0, -1000.0) + np.where((r >= 0.7) & (r < 0.8), 1165.0, 0.0)
-    return np.rint(hu + np.random.default_rng(seed).normal(0, 8, hu.shape) * (r < 0.7)).astype(np.float32)
-
-
-def ct_file(path: Path, *, study: str = "1.2.826.0.1.1", series: str = "1.2.826.0.1.1.1", sop: str | None = None,
-            z: float = 0.0, modality: str = "CT", orientation=AXIAL, image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-            seed: int = 0, syntax=None, **meta) -> Path:
-    """One CT slice through the phantom's writer (optionally re-encoded with a compressed transfer syntax)."""
-    path = write_ct_dicom(path, head_hu(seed), sop_uid=sop or f"{series}.{seed}.{int(z * 100)}", study_uid=study,
-                          series_uid=series, z=z, orientation=orientation, modality=modality,
-                          ImageType=list(image_type), **meta)
-    if syntax is not None:
-        ds = pydicom.dcmread(path)
-        ds.compress(syntax)
-        ds.save_as(path)
-    return path
-
-
-def series_files(folder: Path, n: int, *, study: str = "1.2.826.0.1.1", series: str = "1.2.826.0.1.1.1",
-                 z0: float = 0.0, dz: float = 5.0, ext: str = ".dcm", **kw) -> list[Path]:
-    """``n`` slices written in shuffled order under random-looking names."""
-    rng = np.random.default_rng(abs(hash(series)) % 2**32)
-    return [ct_file(folder / f"f{rng.integers(1e9):09d}{ext}", study=study, series=series,
-                    sop=f"{series}.{k}", z=z0 + dz * k, seed=k, **kw) for k in rng.permutation(n)]
 
 
 def messages(problems) -> str:
@@ -197,38 +164,6 @@ def test_ct_small_bundled_file(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # A trained run (shared with test_bundle.py)
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def trained(ingested):
-    """The smoke phantom trained end to end with the stage functions of notebooks 02-05 (each stage skips
-    work whose outputs exist, so a second use in the session is cheap)."""
-    from ichdlib.cnn.features import extract_all
-    from ichdlib.cnn.train import train_all
-    from ichdlib.ensemble.blend import run_ensemble
-    from ichdlib.seq.train import train_seq
-
-    P = ingested
-    train_all(P)
-    extract_all(P)
-    for name in P.seq.models:
-        train_seq(P, name)
-    run_ensemble(P)
-    return P
-
-
-def study_folder(P, out: Path, split: str = "test", k: int = 0, keep: int | None = None) -> Path:
-    """A copy of the ``k``-th catalog study of ``split`` (its files only; the first ``keep`` slices) under
-    ``out``."""
-    from ichdlib.ingest.catalog import load_catalog
-
-    cat = load_catalog(P.work_dir)
-    cat = cat[cat["split"] == split]
-    study = cat["study_uid"].unique()[k]
-    out.mkdir(parents=True, exist_ok=True)
-    for p in cat.loc[cat["study_uid"] == study, "path"][:keep]:
-        shutil.copy(p, out / Path(p).name)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Predictions
 # --------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import fabricate_level1, smoke, two_backbones
 
-from ichdlib.config import Params, load_params
-from ichdlib.labels import LABELS, write_long_csv
+from ichdlib.config import Params
+from ichdlib.labels import LABELS
 from ichdlib.seq.models import SeqModel2, build_seq_model, init_output_bias, masked_weighted_bce, model_logits
 from ichdlib.seq.train import (
     SeqInputs,
@@ -37,94 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------------
 # Fabricated level-1 outputs (the contract's files), shared with test_ensemble.py
 # ----------------------------------------------------------------------------------------------------
-def _studies(rng: np.random.Generator, n: int, prefix: str, n_folds: int, lengths=(6, 26)) -> pd.DataFrame:
-    rows = []
-    for s in range(n):
-        patient = f"PAT_{prefix}{s // 2}"  # two studies per patient
-        L = int(rng.integers(*lengths))
-        spacing = float(rng.choice([2.5, 5.0]))
-        z0 = float(rng.normal(0, 20))
-        lesion = np.zeros((L, 5))
-        if rng.random() < 0.6:
-            k = int(rng.integers(5))
-            a = int(rng.integers(L))
-            lesion[a: a + int(rng.integers(2, 8)), k] = 1
-            if rng.random() < 0.3:
-                lesion[a: a + 3, (k + 2) % 5] = 1
-        for i in range(L):
-            rows.append({
-                "sop_uid": f"ID_{prefix}{s:03d}{i:03d}", "patient_id": patient, "study_uid": f"ST_{prefix}{s:03d}",
-                "series_uid": f"SE_{prefix}{s:03d}", "z": z0 + i * spacing, "slice_index": i, "n_slices": L,
-                "rows": 64, "cols": 64, "pixel_spacing": 0.5, "spacing_z": spacing, "path": f"x/{prefix}{s}_{i}.dcm",
-                "split": "train" if prefix == "a" else "test",
-                "fold": (s // 2) % n_folds if prefix == "a" else -1,
-                **{c: float(v) for c, v in zip(LABELS, [lesion[i].max(), *lesion[i]], strict=True)},
-            })
-    return pd.DataFrame(rows)
-
-
-def fabricate_level1(P: Params, n_train: int = 16, n_test: int = 6, seed: int = 0, quarantined_test: int = 1,
-                     lengths: tuple[int, int] = (6, 26), dims: tuple[int, ...] | None = None) -> dict:
-    """Write a catalog, notebook 02/03 outputs for every backbone, a sample submission and an answer key,
-    with CNN probabilities and features correlated with the labels (and with neighbouring slices)."""
-    rng = np.random.default_rng(seed)
-    n_folds = P.ingest.folds
-    cat = pd.concat([_studies(rng, n_train, "a", n_folds, lengths), _studies(rng, n_test, "b", n_folds, lengths)],
-                    ignore_index=True)
-    cat["row"] = np.arange(len(cat))
-    cat["prev_row"] = cat["row"]
-    cat["next_row"] = cat["row"]
-    truth_test = cat[cat.split == "test"][["sop_uid", *LABELS]].copy()
-    # One test image quarantined: in the sample submission and the answer key, not in the catalog.
-    dropped = truth_test.sop_uid.iloc[:quarantined_test].tolist()
-    cat = cat[~cat.sop_uid.isin(dropped)].reset_index(drop=True)
-    cat.loc[cat.split == "test", list(LABELS)] = np.nan
-    P.work_dir.mkdir(parents=True, exist_ok=True)
-    cat.to_parquet(P.catalog_path, index=False)
-    data = P.data_root
-    data.mkdir(parents=True, exist_ok=True)
-    sample = truth_test.copy()
-    sample[list(LABELS)] = 0.5
-    write_long_csv(sample, data / P.paths.sample_submission)
-    write_long_csv(truth_test, data / P.paths.answer_key)
-    y_all = np.nan_to_num(cat[list(LABELS)].to_numpy(float))
-    # test rows' labels come from the answer key for the simulated CNN outputs
-    te = cat.split == "test"
-    y_all[te.to_numpy()] = truth_test.set_index("sop_uid").loc[cat.sop_uid[te], list(LABELS)].to_numpy()
-    for b, bb in enumerate(P.cnn.backbones):
-        key, D = bb.key, (dims[b] if dims else 24 + 8 * b)
-        proj = rng.normal(size=(6, D))
-        smooth = y_all.copy()
-        smooth[1:] += 0.5 * y_all[:-1]
-        smooth[:-1] += 0.5 * y_all[1:]
-        logit = 2.0 * (2 * y_all - 1) + rng.normal(0, 1.6, size=y_all.shape) - 1.0
-        prob = 1 / (1 + np.exp(-logit))
-        feat = (smooth @ proj + rng.normal(0, 1.0, size=(len(cat), D))).astype(np.float16)
-        for split, prefix in (("train", "oof"), ("test", "test")):
-            m = (cat.split == split).to_numpy()
-            fdir, cdir = P.work_dir / "features" / key, P.work_dir / "cnn" / key
-            fdir.mkdir(parents=True, exist_ok=True)
-            cdir.mkdir(parents=True, exist_ok=True)
-            np.save(fdir / f"{prefix}_feat.npy", feat[m])
-            pf = pd.DataFrame(prob[m], columns=list(LABELS))
-            pf.insert(0, "sop_uid", cat.sop_uid[m].to_numpy())
-            pf.to_parquet(fdir / f"{prefix}_prob.parquet", index=False)
-            if split == "test":  # each fold model's test outputs (their mean is test_prob)
-                np.save(fdir / "test_prob_folds.npy", np.stack([prob[m]] * n_folds))
-            if split == "train":
-                pf.insert(1, "fold", cat.fold[m].to_numpy())
-            pf.to_parquet(cdir / f"{prefix}.parquet", index=False)
-    return {"catalog": cat, "truth_test": truth_test, "quarantined": dropped}
-
-
-def smoke(tmp_path: Path, **over) -> Params:
-    return load_params(REPO / "params" / "smoke.yaml", {"root": str(tmp_path), **over})
-
-
-def two_backbones() -> dict:
-    return {"cnn": {"backbones": [{"name": "lcnet_050", "size": 48}, {"name": "resnet18", "size": 48}]}}
-
-
 @pytest.fixture()
 def fake(tmp_path) -> tuple[Params, dict]:
     P = smoke(tmp_path, **two_backbones())
