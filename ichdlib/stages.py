@@ -52,7 +52,7 @@ class Stage:
 
     number: str
     name: str
-    #: Top-level params keys this stage reads.
+    #: Params sections this stage reads (top-level keys or dotted paths such as ``cnn.backbones``).
     sections: tuple[str, ...]
     #: Stage numbers whose outputs this stage reads.
     upstream: tuple[str, ...] = ()
@@ -73,11 +73,11 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
           outputs=("cnn/*/fold*.pt", "cnn/*/oof.parquet", "cnn/*/test.parquet")),
     Stage("03", "features", ("seed", "windows", "cnn", "features"), ("01", "02"),
           outputs=("features/*/meta.json", "features/*/*_prob.parquet", "features/*/test_prob_folds.npy")),
-    Stage("04", "seq", ("seed", "cnn", "seq"), ("01", "03"),
+    Stage("04", "seq", ("seed", "cnn.backbones", "seq"), ("01", "03"),
           outputs=("seq/*/oof.parquet", "seq/*/test.parquet", "seq/*/fold*.pt")),
-    Stage("05", "ensemble", ("seed", "cnn", "seq", "ensemble"), ("01", "03", "04"), reads_data=True,
+    Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble"), ("01", "03", "04"), reads_data=True,
           outputs=("reports:submission.csv",)),
-    Stage("06", "review", ("seed", "windows", "cnn", "cam"), ("01", "02", "05"), reads_data=True),
+    Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True),
 )}
 
 
@@ -95,12 +95,20 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def _section(dump: dict[str, Any], path: str) -> Any:
+    node: Any = dump
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
 def params_digest(P: Params, sections: Iterable[str]) -> str:
-    """Digest of the named top-level params sections (``*`` = all but paths, root and device)."""
+    """Digest of the named params sections (dotted paths such as ``cnn.backbones`` allowed; ``*`` = all but
+    paths, root, device and run)."""
     dump = P.model_dump(mode="json")
     skip = {"paths", "root", "device", "run"}
     keys = sorted(k for k in dump if k not in skip) if "*" in sections else sorted(sections)
-    return _sha(yaml.safe_dump({k: dump.get(k) for k in keys}, sort_keys=True).encode())
+    return _sha(yaml.safe_dump({k: _section(dump, k) for k in keys}, sort_keys=True).encode())
 
 
 class _HashCache:
@@ -222,7 +230,8 @@ class StampStore:
 
     def parts(self, stage: Stage, notebook: Path | None, known: Iterable[str]) -> dict[str, str]:
         """What the stage reads, digested part by part (compared part by part to explain a rerun)."""
-        parts = {"params": params_digest(self.P, stage.sections), "library": __version__}
+        parts = {f"params:{sec}": params_digest(self.P, [sec]) for sec in stage.sections}
+        parts["library"] = __version__
         if notebook is not None and notebook.is_file():
             parts["notebook"] = self.cache.digest(notebook, "notebook:" + notebook.name)
         if stage.reads_data:
@@ -256,7 +265,7 @@ class StampStore:
         self.write(number, rec)
 
 
-_LABELS = {"params": "its params changed", "library": "the library version changed",
+_LABELS = {"params": "its params changed (stamped by an older version)", "library": "the library version changed",
            "notebook": "the notebook changed", "data": "the data changed",
            "phantom_version": "the phantom version changed"}
 _STALE = ("data", "phantom_version", "upstream:")
@@ -287,8 +296,7 @@ def decide(store: StampStore, stage: Stage, notebook: Path | None, known: Iterab
     changed = sorted(k for k in set(parts) | set(done_parts) if parts.get(k) != done_parts.get(k))
     if changed:
         d.run = True
-        d.reasons = [_LABELS.get(k, f"upstream {k.split(':', 1)[1]} changed" if k.startswith("upstream:") else k)
-                     for k in changed]
+        d.reasons = _reasons(changed)
         resumed = rec.get("status") in ("running", "failed") and rec.get("started_parts") == parts
         d.force = stage.force_on_change and not resumed and any(k.startswith(_STALE) for k in changed)
         if resumed:
@@ -296,6 +304,18 @@ def decide(store: StampStore, stage: Stage, notebook: Path | None, known: Iterab
     elif not report_exists:
         d.run, d.reasons = True, ["its report is missing"]
     return d
+
+
+def _reasons(changed: list[str]) -> list[str]:
+    """Readable reasons, one per kind of change: ``params changed: cnn, seq``, ``upstream 02 changed``, ..."""
+    sections = [k.split(":", 1)[1] for k in changed if k.startswith("params:")]
+    out = [f"params changed: {', '.join(sections)}"] if sections else []
+    for k in changed:
+        if k.startswith("upstream:"):
+            out.append(f"upstream {k.split(':', 1)[1]} changed")
+        elif not k.startswith("params"):
+            out.append(_LABELS.get(k, f"{k} changed"))
+    return out
 
 
 def _stale(old: dict[str, str], new: dict[str, str]) -> bool:
