@@ -26,6 +26,8 @@ py="${PYTHON:-python3}"
       --set device=cuda --set cnn.amp=true --set "$variant" --set "root=${TMPDIR:-/tmp}/ichd_ddp_smoke_${variant//[.=]/_}" \
       2>&1 | grep -v "it/s\]\|s/it\]" || echo "ichd train ($variant) failed"
   done
+  echo "== validation's share of a fold under rsna_gpu.yaml's cadence (measured per-image costs, densenet121 256 px)"
+  "$py" benchmarks/val_cadence.py --device cuda --json "$out/val_cadence.json" || echo "val_cadence failed"
   echo "== tests marked gpu"
   "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_cnn_phantom.py tests/test_cnn.py || true
   if "$py" -c "import pydicom" 2>/dev/null; then
