@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "info", "session", "is_dist", "rank", "world_size", "is_main", "barrier",
            "all_reduce_sum", "broadcast_object", "shard_slice", "shard_list", "gather_rows",
-           "ShardedBatchSampler", "fault_point", "main_lock"]
+           "ShardedBatchSampler", "fault_point", "main_lock", "sync_buffers"]
 
 
 @dataclass(frozen=True)
@@ -223,3 +223,12 @@ def main_lock(target: Any, what: str = "") -> Iterator[None]:
         if err:
             raise LockHeld(err)
         yield
+
+
+def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank, so that evaluation on
+    all ranks uses the model rank ``src`` saves (DDP broadcasts them only before each training forward)."""
+    if not is_dist():
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src=src)

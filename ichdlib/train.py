@@ -474,6 +474,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         if kind is None:
             row.update({"val_kind": "none", "val_images": 0})
         else:
+            D.sync_buffers(model)  # every rank scores with the BatchNorm statistics rank 0 saves
             p_va, info = validate(kind)
             row.update(info)
             if not np.isfinite(row["val_wll"]):
