@@ -129,6 +129,8 @@ def cli(args: argparse.Namespace) -> int:
     folds = parse_folds(args.folds)
     if folds is not None and args.stage != "cnn":
         raise ValueError(f"--folds applies to --stage cnn (the {args.stage} stage uses every fold)")
+    if args.backbone and args.stage == "seq":
+        raise ValueError("--backbone does not apply to --stage seq (the sequence models read every backbone)")
     backbones = select_backbones(P, args.backbone)
     with D.session(P.torch_device()) as d:
         if d.world > 1:
