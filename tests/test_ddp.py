@@ -324,3 +324,18 @@ def test_ichd_run_02_attaches_to_ichd_train_outputs_without_retraining(ddp):
     nb = json.loads((P.reports_dir / "02_cnn_training.ipynb").read_text())
     text = json.dumps([c.get("outputs", []) for c in nb["cells"]])
     assert "skipped" in text
+
+
+def test_rsna_cadence_keeps_validation_under_a_quarter_of_a_fold(repo):
+    """The README's arithmetic (benchmarks/val_cadence.py) with a validation image at 0.25x a training image."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("val_cadence", repo / "benchmarks" / "val_cadence.py")
+    vc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vc)
+    P = load_params(repo / "params" / "rsna_gpu.yaml")
+    r = vc.schedule_share(P, P.cnn.backbones[0], 1.0, 0.25)
+    assert r["train_images_per_epoch"] == 69_632 and r["full_validations"] == 8 and r["subset_validations"] == 32
+    assert r["val_images_per_fold"] == 8 * 150_561 + 32 * 10_000
+    assert round(r["validation_share"], 2) == 0.12 and round(r["validation_and_test_share"], 2) == 0.13
+    assert r["validation_and_test_share"] <= 0.25 < r["every_epoch_full_share"]
