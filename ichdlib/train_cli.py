@@ -102,6 +102,7 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
     elif stage == "features":
         from ichdlib.features import extract_features
 
+        prepare_inputs(P, backbones)  # (a no-op when the cnn stage ran here; ranks must not build caches at once)
         for b in backbones:
             s = extract_features(P, b, force=force)
             _say(f"{b.key}: features {s['status']}, dim {s['dim']}, OOF wLL (TTA) {s['oof_wll']:.4f} -> {s['dir']}")
