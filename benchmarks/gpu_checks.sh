@@ -16,6 +16,18 @@ py="${PYTHON:-python3}"
   "$py" benchmarks/train_throughput.py --json "$out/train_throughput.json"
   echo "== the same, torch.compile"
   "$py" benchmarks/train_throughput.py --compile --json "$out/train_throughput_compiled.json"
+  ngpu="$(nvidia-smi -L 2>/dev/null | wc -l)"; ngpu="${ngpu:-1}"; [ "$ngpu" -ge 1 ] || ngpu=1
+  echo "== DDP: plain loop vs DDP on 1 rank, and scaling to $ngpu GPU(s) (densenet121, 256 px, global batch 64, bf16)"
+  "$py" benchmarks/ddp_scaling.py --device cuda --ranks $(seq -s ' ' 1 "$ngpu" | awk '{print $1, $NF}') \
+    --json "$out/ddp_scaling.json" || echo "ddp_scaling failed"
+  echo "== ichd train under torchrun on the smoke phantom (NCCL, bf16, then fp16 + GradScaler, then compiled)"
+  for variant in "cnn.amp_dtype=bf16" "cnn.amp_dtype=fp16" "cnn.compile=true"; do
+    "$py" -m torch.distributed.run --standalone --nproc_per_node "$ngpu" -m ichdlib train params/smoke.yaml \
+      --set device=cuda --set cnn.amp=true --set "$variant" --set "root=${TMPDIR:-/tmp}/ichd_ddp_smoke_${variant//[.=]/_}" \
+      2>&1 | grep -v "it/s\]\|s/it\]" || echo "ichd train ($variant) failed"
+  done
+  echo "== validation's share of a fold under rsna_gpu.yaml's cadence (measured per-image costs, densenet121 256 px)"
+  "$py" benchmarks/val_cadence.py --device cuda --json "$out/val_cadence.json" || echo "val_cadence failed"
   echo "== tests marked gpu"
   "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_cnn_phantom.py tests/test_cnn.py || true
   if "$py" -c "import pydicom" 2>/dev/null; then

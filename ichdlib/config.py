@@ -146,6 +146,16 @@ class CnnCfg(_Strict):
     #: channels_last memory format (CUDA only).
     channels_last: bool = True
     compile: bool = False
+    #: Autocast dtype on CUDA: ``bf16`` (Ampere and newer) or ``fp16`` with a GradScaler (GPUs without fast
+    #: bf16, e.g. V100/T4).
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    #: Under torchrun (DDP, several GPUs): BatchNorm statistics over the global batch (CUDA only).
+    sync_bn: bool = False
+    #: Full validation every ``val_every`` epochs and always at the last epoch; the best checkpoint is chosen
+    #: among fully validated epochs.
+    val_every: int = Field(1, ge=1)
+    #: Between full validations, score a fixed seeded subset of this many validation slices (None: skip).
+    val_subset: int | None = Field(None, ge=1)
     #: DataLoader worker processes (0 = load in the main process).
     num_workers: int = Field(0, ge=0)
     #: torch CPU threads while training / extracting on the CPU (None = torch's default). On a small shared

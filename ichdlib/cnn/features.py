@@ -28,15 +28,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ichdlib.cnn import distributed as D
 from ichdlib.cnn.data import DeviceAugment, SliceDataset, TtaView, tta_views
 from ichdlib.cnn.models import load_cnn
 from ichdlib.cnn.train import (
     _load_inputs,
-    amp_enabled,
+    amp_mode,
     cnn_dir,
     cpu_threads,
     derive_seed,
-    predict,
+    predict_sharded,
     prepare_model,
     probs_frame,
     save_parquet,
@@ -102,18 +103,21 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
             return {**meta["summary"], "status": "skipped"}
         stale = True
         print(f"{out}: made with other settings or older fold models; recomputing")
-    if force or stale:
+    if (force or stale) and D.is_main():
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
         for p in out.glob("part_fold*.npz"):
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    D.barrier()
 
     ds_test = SliceDataset.from_catalog(test_cat, cache, labels=False)
     timing: dict[int, float] = {}
     with cpu_threads(P):
         for k in folds:
             timing.update(_fold_part(P, k, out, src, train_cat, ds_test, cache, views))
+    if not D.is_main():  # under torchrun: rank 0 assembles and writes; the others get its summary
+        return D.broadcast_object(None)
 
     # assemble in catalog order
     parts = {}
@@ -154,7 +158,7 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
                                                               indent=1, default=str)))
     for k in folds:
         (out / f"part_fold{k}.npz").unlink(missing_ok=True)
-    return summary
+    return D.broadcast_object(summary)
 
 
 def extract_all(P: Params, force: bool = False) -> list[dict[str, Any]]:
@@ -216,11 +220,15 @@ def _fold_part(P: Params, k: int, out: Path, src: Path, train_cat: pd.DataFrame,
     model, runner = prepare_model(model, P, device)
     aug = eval_augment(P, meta)
     cl = torch.device(device).type == "cuda" and P.cnn.channels_last
-    run = dict(batch=P.features.batch, device=device, amp=amp_enabled(P, device),
+    run = dict(batch=P.features.batch, device=device, amp=amp_mode(P, device),
                num_workers=P.cnn.num_workers, pooled=True, views=views, channels_last=cl)
     va = SliceDataset.from_catalog(train_cat[train_cat["fold"] == k], cache)
-    p_va, f_va = predict(runner, aug, va, desc=f"fold {k} oof", **run)
-    p_te, f_te = predict(runner, aug, ds_test, desc=f"fold {k} test", **run)
+    # under torchrun each rank predicts a block of the rows; rank 0 gathers them in order and writes
+    p_va, f_va = predict_sharded(runner, aug, va, desc=f"fold {k} oof", to_all=False, **run)
+    p_te, f_te = predict_sharded(runner, aug, ds_test, desc=f"fold {k} test", to_all=False, **run)
+    if not D.is_main():
+        D.barrier()
+        return {}
     empty = np.zeros((0, model.feature_dim), np.float16)
 
     def write(tmp: Path) -> None:
@@ -229,4 +237,5 @@ def _fold_part(P: Params, k: int, out: Path, src: Path, train_cat: pd.DataFrame,
                      f_te=empty if f_te is None else f_te.astype(np.float16), p_te=p_te)
 
     atomic_write(part, write)
+    D.barrier()
     return {k: round(time.perf_counter() - t0, 2)}

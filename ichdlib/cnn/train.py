@@ -15,7 +15,11 @@
 - ``oof.parquet`` (every training slice once, from its fold's best model) and ``test.parquet`` (mean over
   folds), once all folds are done.
 
-Same code on CPU and GPU; on CUDA with bf16 autocast, channels_last and optionally ``torch.compile``.
+Same code on CPU and GPU; on CUDA with bf16 (or fp16 + GradScaler) autocast, channels_last and optionally
+``torch.compile``. Under ``torchrun`` (see :mod:`ichdlib.cnn.distributed` and ``docs/distributed.md``) the loop
+runs DistributedDataParallel: every rank takes its share of each global batch, validation and test
+prediction are sharded and gathered in catalog order, and rank 0 writes the files. Each fold is written
+under a lock (``fold<k>.lock``), so independent fold jobs can share one work folder.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import math
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ichdlib.cnn import distributed as D
 from ichdlib.cnn.data import (
     DeviceAugment,
     SliceBatchSampler,
@@ -47,10 +53,11 @@ from ichdlib.cnn.models import CnnNet, build_cnn
 from ichdlib.config import BackboneCfg, CnnCfg, Params
 from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
+from ichdlib.locks import output_lock
 from ichdlib.spec import ModelSpec
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
-               "images_per_s", "seconds"]
+               "images_per_s", "seconds", "val_kind", "val_images", "val_images_per_s"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,8 +144,21 @@ def cpu_threads(P: Params) -> contextlib.AbstractContextManager[None]:
 
 
 def amp_enabled(P: Params, device: str) -> bool:
-    """bf16 autocast only on CUDA (on the CPU float32 is as fast and simpler)."""
+    """Autocast only on CUDA (on the CPU float32 is as fast and simpler)."""
     return bool(P.cnn.amp) and torch.device(device).type == "cuda"
+
+
+def amp_mode(P: Params, device: str) -> torch.dtype | bool:
+    """What :func:`predict` and :func:`run_epoch` take as ``amp``: the autocast dtype (``cnn.amp_dtype``)
+    where autocast is on, else False."""
+    if not amp_enabled(P, device):
+        return False
+    return torch.float16 if P.cnn.amp_dtype == "fp16" else torch.bfloat16
+
+
+def _autocast(device: str, amp: torch.dtype | bool) -> Any:
+    dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=bool(amp))
 
 
 def prepare_model(model: CnnNet, P: Params, device: str) -> tuple[CnnNet, torch.nn.Module]:
@@ -152,19 +172,50 @@ def prepare_model(model: CnnNet, P: Params, device: str) -> tuple[CnnNet, torch.
     return model, runner
 
 
+def ddp_wrap(model: CnnNet, P: Params, device: str) -> torch.nn.Module:
+    """The training runner under torchrun: ``model`` (optionally with SyncBatchNorm, CUDA only) in
+    DistributedDataParallel, compiled if asked for on CUDA. Call only when :func:`ichdlib.cnn.distributed.is_dist`."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cuda = torch.device(device).type == "cuda"
+    if P.cnn.sync_bn:
+        if cuda:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif D.is_main():
+            print("cnn.sync_bn: SyncBatchNorm needs CUDA; on the CPU each rank keeps its own BatchNorm statistics")
+    ddp = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
+    return torch.compile(ddp) if cuda and P.cnn.compile else ddp
+
+
+def subset(dataset: SliceDataset, sel: slice | np.ndarray) -> SliceDataset:
+    """The items ``sel`` of ``dataset`` (same cache)."""
+    return SliceDataset(dataset.cache, dataset.rows[sel], None if dataset.labels is None else dataset.labels[sel])
+
+
+def eval_loader(dataset: SliceDataset, batch: int, num_workers: int = 0, cuda: bool = False,
+                persistent: bool = False) -> torch.utils.data.DataLoader:
+    """A loader over ``dataset`` in order (``persistent`` keeps its workers for the next pass)."""
+    return make_loader(dataset, SliceBatchSampler(len(dataset), batch, shuffle=False), num_workers, cuda,
+                       persistent=persistent)
+
+
 @torch.no_grad()
 def predict(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, batch: int, device: str,
-            amp: bool = False, num_workers: int = 0, pooled: bool = False, desc: str | None = None,
-            views: list | None = None, channels_last: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+            amp: bool | torch.dtype = False, num_workers: int = 0, pooled: bool = False,
+            desc: str | None = None, views: list | None = None, channels_last: bool = False,
+            loader: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities (and pooled features if ``pooled``) for every item of ``dataset`` in order.
 
     Without ``views``: the validation view. With ``views`` (a list of :class:`ichdlib.cnn.data.TtaView`):
     the mean over the views of probabilities and of features. ``channels_last`` as the model was prepared.
+    ``amp``: an autocast dtype, or True for bf16. ``loader``: an :func:`eval_loader` over ``dataset`` to
+    reuse (persistent workers); else one is made.
     """
     cuda = torch.device(device).type == "cuda"
     aug.eval()
     runner.eval()
-    loader = make_loader(dataset, SliceBatchSampler(len(dataset), batch, shuffle=False), num_workers, cuda)
+    if loader is None:
+        loader = eval_loader(dataset, batch, num_workers, cuda)
     probs = np.zeros((len(dataset), len(LABELS)), dtype=np.float32)
     feats: np.ndarray | None = None
     model = getattr(runner, "_orig_mod", runner)
@@ -175,7 +226,7 @@ def predict(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, 
             inp = aug(x) if view is None else aug.tta(x, view)
             if channels_last:
                 inp = inp.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            with _autocast(device, amp):
                 if pooled:
                     f, logits = model.forward_both(inp)
                     f_sum = f_sum + f.float()
@@ -191,6 +242,19 @@ def predict(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, 
                 feats = np.zeros((len(dataset), fs.shape[1]), dtype=np.float32)
             feats[idx] = fs
     return probs, feats
+
+
+def predict_sharded(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, batch: int,
+                    device: str, to_all: bool = True, **kw: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`predict` with the rows split into one contiguous block per rank and gathered back in order
+    (on every rank, or on rank 0 only with ``to_all=False``; others then get ``(None, None)``). One process:
+    :func:`predict` itself. ``runner`` must not be the DDP wrapper (ranks run different numbers of batches)."""
+    if not D.is_dist():
+        return predict(runner, aug, dataset, batch, device, **kw)
+    if kw.get("desc") and not D.is_main():
+        kw["desc"] = None
+    p, f = predict(runner, aug, subset(dataset, D.shard_slice(len(dataset))), batch, device, **kw)
+    return D.gather_rows(p, len(dataset), to_all), D.gather_rows(f, len(dataset), to_all)
 
 
 def _val_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
@@ -224,7 +288,8 @@ def run_config(P: Params, cfg: BackboneCfg, size_of_cache: int, train_rows: pd.D
         "max_steps_per_epoch": c.max_steps_per_epoch,
         "schedule": c.schedule, "flat_epochs": c.flat_epochs, "restart_epochs": c.restart_epochs,
         "min_lr_ratio": c.min_lr_ratio, "class_weights": list(c.class_weights), "grad_clip": c.grad_clip,
-        "weight_decay": c.weight_decay,
+        "weight_decay": c.weight_decay, "amp_dtype": c.amp_dtype, "sync_bn": c.sync_bn,
+        "val_every": c.val_every, "val_subset": c.val_subset,
         "augment": json.dumps(c.augment.model_dump(mode="json"), sort_keys=True),
         "cache_size": size_of_cache, "n_train": len(train_rows), "data": data_digest(train_rows),
     }
@@ -268,9 +333,25 @@ def _read_last(path: Path) -> dict[str, Any] | None:
                          "force=True to retrain this fold") from exc
 
 
+def _provenance(origin: str, device: str) -> dict[str, Any]:
+    """Where a fold's weights come from: the tool, the number of processes, host, device and time."""
+    return {"by": origin, "world_size": D.world_size(), "host": socket.gethostname(), "device": device,
+            "torch": str(torch.__version__), "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def describe_provenance(prov: dict[str, Any] | None) -> str:
+    """One line for a fold's ``meta["provenance"]`` ("unknown" for checkpoints that predate it)."""
+    if not prov:
+        return "trained by an earlier version (provenance not recorded)"
+    n = int(prov.get("world_size", 1))
+    procs = f"{n} processes (torchrun/DDP)" if n > 1 else "1 process"
+    return f"trained by {prov.get('by')} on {prov.get('host')} ({prov.get('device')}, {procs}) at {prov.get('time')}"
+
+
 def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache: np.ndarray,
-               force: bool = False) -> dict[str, Any]:
-    """Train (or resume, or skip) one fold; returns its summary (``status``, ``best_epoch``, ``best_wll``)."""
+               force: bool = False, origin: str = "train_cnn") -> dict[str, Any]:
+    """Train (or resume, or skip) one fold; returns its summary (``status``, ``best_epoch``, ``best_wll``,
+    ``provenance``). Under torchrun every rank calls it; rank 0 writes the files."""
     out = cnn_dir(P, cfg)
     out.mkdir(parents=True, exist_ok=True)
     files = _Fold(out, fold)
@@ -283,8 +364,10 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
                          f"folds are {folds}")
     config = run_config(P, cfg, int(cache.shape[-1]), tr)
     if force:
-        for f in files.all():
-            f.unlink(missing_ok=True)
+        if D.is_main():
+            for f in files.all():
+                f.unlink(missing_ok=True)
+        D.barrier()
     state = _read_last(files.last)
     if state is not None:
         diff = _config_diff(state["meta"].get("config", {}), config)
@@ -295,24 +378,29 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         if _fold_finished(files):
             m = state["meta"]
             return {"fold": fold, "status": "skipped", "best_epoch": m["best_epoch"],
-                    "best_wll": m["best_wll"], "epochs_run": m["epoch"] + 1}
+                    "best_wll": m["best_wll"], "epochs_run": m["epoch"] + 1, "provenance": m.get("provenance")}
 
     device = P.torch_device()
     cuda = torch.device(device).type == "cuda"
-    amp = amp_enabled(P, device)
+    amp = amp_mode(P, device)
+    rank, main = D.rank(), D.is_main()
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(derive_seed(P.seed, fold, 10**6))
+    torch.manual_seed(derive_seed(P.seed, fold, 10**6))  # same initial weights on every rank
     # a resumed fold loads its own weights below: no need to fetch pretrained ones again
     model = build_cnn(cfg.name, pretrained=cfg.pretrained if state is None else False,
                       learnable_window=P.windows.recipe if P.windows.learnable else None,
                       recipe=P.windows.recipe, single_window=tuple(P.windows.single_window))
     if state is None:
         init_bias(model, tr[list(LABELS)].to_numpy(dtype=np.float64))
-    model, runner = prepare_model(model, P, device)
+    else:
+        model.load_state_dict(state["state_dict"])
+    model, runner = prepare_model(model, P, device)  # runner: evaluation (never the DDP wrapper)
+    train_runner = ddp_wrap(model, P, device) if D.is_dist() else runner
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=P.cnn.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp == torch.float16)
     aug = DeviceAugment.from_params(P, cfg.size)
     weights = torch.tensor(P.cnn.class_weights, dtype=torch.float32, device=device)
 
@@ -323,82 +411,139 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     if P.cnn.sampler == "study":
         sampler: Any = StudyBatchSampler(tr["study_uid"].to_numpy(), cfg.batch, P.cnn.study_sampler_k,
                                          sampler_seed, P.cnn.max_steps_per_epoch)
+        global_batch = cfg.batch
     else:
         sampler = SliceBatchSampler(len(ds_tr), cfg.batch, sampler_seed, shuffle=True,
                                     max_steps=P.cnn.max_steps_per_epoch)
-    loader = make_loader(ds_tr, sampler, P.cnn.num_workers, pin_memory=cuda, seed=sampler_seed,
+        global_batch = min(cfg.batch, len(ds_tr))
+    if D.is_dist():
+        sampler = D.ShardedBatchSampler(sampler)
+    # (issue 14: the shared-memory / pinned-memory check of the loaders goes here, before they start)
+    loader = make_loader(ds_tr, sampler, P.cnn.num_workers, pin_memory=cuda, seed=sampler_seed + rank,
                          persistent=True)
+    # validation: this rank's block of the fold (and of the fixed subset), loaders kept across epochs
+    val_sets = {"full": np.arange(len(ds_va))}
+    if P.cnn.val_subset and P.cnn.val_subset < len(ds_va):
+        rng = np.random.default_rng(derive_seed(P.seed, fold, 5))
+        val_sets["subset"] = np.sort(rng.choice(len(ds_va), size=P.cnn.val_subset, replace=False))
+    val_loaders = {}
+    for kind, sel in val_sets.items():
+        mine = subset(ds_va, sel[D.shard_slice(len(sel))])
+        val_loaders[kind] = (mine, eval_loader(mine, cfg.batch * 2, P.cnn.num_workers, cuda, persistent=True))
+
+    def validate(kind: str) -> tuple[np.ndarray, dict[str, Any]]:
+        t0 = time.perf_counter()
+        mine, ld = val_loaders[kind]
+        p_mine, _ = predict(runner, aug, mine, cfg.batch * 2, device, amp, channels_last=cuda and P.cnn.channels_last,
+                            loader=ld)
+        sel = val_sets[kind]
+        p = D.gather_rows(p_mine, len(sel))
+        secs = time.perf_counter() - t0
+        info = {"val_kind": kind, "val_images": len(sel), "val_images_per_s": round(len(sel) / max(secs, 1e-9), 2),
+                **_val_metrics(y_va[sel], p)}
+        return p, info
 
     meta: dict[str, Any] = {
         "spec": ModelSpec.from_params(P, cfg, model.feature_dim).to_dict(),
         "key": cfg.key, "fold": fold, "epochs": cfg.epochs, "config": config,
         "epoch": -1, "best_epoch": -1, "best_wll": None, "metrics": {}, "history": [], "finished": False,
+        "provenance": _provenance(origin, device),
     }
     status = "trained"
     if state is not None:
-        model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         meta.update({k: state["meta"][k] for k in ("epoch", "best_epoch", "best_wll", "metrics", "history")})
         status = "resumed"
     start = int(meta["epoch"]) + 1
 
     bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.key} fold {fold}", initial=start, total=cfg.epochs,
-               mininterval=1)
+               mininterval=1, disable=not main)
     for epoch in bar:
-        row = run_epoch(P, cfg, fold, epoch, model, runner, opt, aug, loader, sampler, weights, device, amp)
+        row = run_epoch(P, cfg, fold, epoch, model, train_runner, opt, aug, loader, sampler, weights, device,
+                        amp, scaler=scaler, global_batch=global_batch)
         t0 = time.perf_counter()
-        p_va, _ = predict(runner, aug, ds_va, cfg.batch * 2, device, amp, P.cnn.num_workers,
-                          channels_last=cuda and P.cnn.channels_last)
-        row.update(_val_metrics(y_va, p_va))
+        full = (epoch + 1) % P.cnn.val_every == 0 or epoch == cfg.epochs - 1
+        kind = "full" if full else ("subset" if "subset" in val_sets else None)
+        p_va = None
+        if kind is None:
+            row.update({"val_kind": "none", "val_images": 0})
+        else:
+            D.sync_buffers(model)  # every rank scores with the BatchNorm statistics rank 0 saves
+            p_va, info = validate(kind)
+            row.update(info)
+            if not np.isfinite(row["val_wll"]):
+                raise FloatingPointError(f"fold {fold} epoch {epoch}: validation loss is not finite")
         row["seconds"] = round(row["seconds"] + time.perf_counter() - t0, 3)
-        if not np.isfinite(row["val_wll"]):
-            raise FloatingPointError(f"fold {fold} epoch {epoch}: validation loss is not finite")
         meta["history"] = [*meta["history"], row]
         meta["epoch"], meta["metrics"] = epoch, row
-        if meta["best_wll"] is None or row["val_wll"] < meta["best_wll"]:
+        best = full and (meta["best_wll"] is None or row["val_wll"] < meta["best_wll"])
+        if best:
             meta["best_epoch"], meta["best_wll"] = epoch, float(row["val_wll"])
-            save_torch({"state_dict": model.state_dict(), "meta": dict(meta, history=[])}, files.best)
-            save_parquet(probs_frame(va["sop_uid"], p_va), files.val)
-        history = pd.DataFrame(meta["history"], columns=LOG_COLUMNS)
-        atomic_write(files.log, lambda t, h=history: h.to_csv(t, index=False))
-        save_torch({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta},
-                   files.last)
-        bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_wll=f"{row['val_wll']:.4f}",
-                        img_s=f"{row['images_per_s']:.0f}")
+        if main:
+            if best:
+                save_torch({"state_dict": model.state_dict(), "meta": dict(meta, history=[])}, files.best)
+                save_parquet(probs_frame(va["sop_uid"], p_va), files.val)
+            history = pd.DataFrame(meta["history"], columns=LOG_COLUMNS)
+            atomic_write(files.log, lambda t, h=history: h.to_csv(t, index=False))
+            last = {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta}
+            if scaler.is_enabled():
+                last["scaler"] = scaler.state_dict()
+            save_torch(last, files.last)
+        D.barrier()
+        _progress(bar, row)
 
     # test probabilities from the best epoch, then mark the fold finished
-    best = torch.load(files.best, map_location="cpu", weights_only=True)
-    model.load_state_dict(best["state_dict"])
+    best_state = torch.load(files.best, map_location="cpu", weights_only=True)
+    model.load_state_dict(best_state["state_dict"])
     if len(te):
         ds_te = SliceDataset.from_catalog(te, cache, labels=False)
-        p_te, _ = predict(runner, aug, ds_te, cfg.batch * 2, device, amp, P.cnn.num_workers,
-                          channels_last=cuda and P.cnn.channels_last)
+        p_te, _ = predict_sharded(runner, aug, ds_te, cfg.batch * 2, device, amp=amp,
+                                  num_workers=P.cnn.num_workers, channels_last=cuda and P.cnn.channels_last)
     else:
         p_te = np.zeros((0, len(LABELS)), dtype=np.float32)
-    save_parquet(probs_frame(te["sop_uid"], p_te), files.test)
     meta["finished"] = True
-    last = torch.load(files.last, map_location="cpu", weights_only=True)
-    last["meta"] = meta
-    save_torch(last, files.last)
+    if main:
+        save_parquet(probs_frame(te["sop_uid"], p_te), files.test)
+        last = torch.load(files.last, map_location="cpu", weights_only=True)
+        last["meta"] = meta
+        save_torch(last, files.last)
+    D.barrier()
     return {"fold": fold, "status": status, "best_epoch": meta["best_epoch"], "best_wll": meta["best_wll"],
-            "epochs_run": meta["epoch"] + 1}
+            "epochs_run": meta["epoch"] + 1, "provenance": meta["provenance"]}
+
+
+def _progress(bar: Any, row: dict[str, Any]) -> None:
+    """The one place the loop reports an epoch (the bar's postfix; rank 0 only)."""
+    val = "-" if row.get("val_wll") is None else f"{row['val_wll']:.4f}" + ("*" if row["val_kind"] == "subset" else "")
+    bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_wll=val, img_s=f"{row['images_per_s']:.0f}",
+                    val_img_s=f"{row.get('val_images_per_s') or 0:.0f}")
 
 
 def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet, runner: torch.nn.Module,
-                 opt: torch.optim.Optimizer, aug: DeviceAugment, loader: Any, sampler: Any,
-                 weights: torch.Tensor, device: str, amp: bool) -> dict[str, Any]:
-    """One training epoch; every random stream is seeded from (seed, fold, epoch) so a resume repeats it."""
+              opt: torch.optim.Optimizer, aug: DeviceAugment, loader: Any, sampler: Any,
+              weights: torch.Tensor, device: str, amp: bool | torch.dtype, *, scaler: Any = None,
+              global_batch: int | None = None) -> dict[str, Any]:
+    """One training epoch; every random stream is seeded from (seed, fold, epoch[, rank]) so a resume
+    repeats it. Under DDP each rank's loss is scaled by its share of the global batch (``global_batch``),
+    so the averaged gradient is the one-process gradient; loss and image counts are all-reduced."""
     cuda = torch.device(device).type == "cuda"
+    rank, world = D.rank(), D.world_size()
     model.train()
     aug.train()
-    aug.reseed(derive_seed(P.seed, fold, epoch, 1))
-    torch.manual_seed(derive_seed(P.seed, fold, epoch, 2))
+    extra = (rank,) if rank else ()  # rank 0 keeps the one-process streams
+    aug.reseed(derive_seed(P.seed, fold, epoch, 1, *extra))
+    torch.manual_seed(derive_seed(P.seed, fold, epoch, 2, *extra))
     sampler.set_epoch(epoch)
     steps = len(sampler)
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
     loss_sum = torch.zeros((), device=device)
     n_img, t0 = 0, time.perf_counter()
     lr = cfg.lr
-    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2)):
+    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2,
+                                      disable=not D.is_main())):
+        D.fault_point(epoch, step)
         lr = lr_at(P.cnn, cfg.lr, cfg.epochs, epoch, step, steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -407,20 +552,25 @@ def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet,
             inp = aug(x)
         if cuda and P.cnn.channels_last:
             inp = inp.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+        with _autocast(device, amp):
             logits = runner(inp)
         loss = weighted_bce(logits, y, weights)
+        share = len(x) * world / global_batch if world > 1 and global_batch else 1.0
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss * share if share != 1.0 else loss).backward()
         if P.cnn.grad_clip:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), P.cnn.grad_clip)
-        opt.step()
-        loss_sum += loss.detach()
+        scaler.step(opt)
+        scaler.update()
+        loss_sum += loss.detach() * (share / world)
         n_img += len(x)
         if step == 0 and not torch.isfinite(loss):
             raise FloatingPointError(f"fold {fold} epoch {epoch}: loss is not finite at the first step; "
                                      "check the cache and lower cnn lr")
-    train_loss = float(loss_sum.item()) / max(1, steps)
+    totals = D.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(n_img), device=device)]))
+    train_loss = float(totals[0].item()) / max(1, steps)
+    n_img = int(totals[1].item())
     if not math.isfinite(train_loss):
         raise FloatingPointError(f"fold {fold} epoch {epoch}: training loss became {train_loss}; lower the "
                                  f"learning rate (lr={cfg.lr}) or enable grad_clip")
@@ -499,22 +649,35 @@ def assemble_predictions(P: Params, cfg: BackboneCfg, cat: pd.DataFrame) -> dict
 
 def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str | None = None,
               force: bool = False, *, catalog: pd.DataFrame | None = None,
-              cache: np.ndarray | None = None) -> dict[str, Any]:
+              cache: np.ndarray | None = None, origin: str = "train_cnn") -> dict[str, Any]:
     """Train ``backbone_cfg`` on the given folds (default ``P.cnn.folds``) and assemble OOF/test tables.
 
-    Returns a summary: per fold status/best epoch/best weighted log loss, and, once every fold is done,
-    ``oof_wll`` beside ``prior_wll`` (label frequencies of the training slices) and per-class AUC.
+    Returns a summary: per fold status/best epoch/best weighted log loss/provenance, ``provenance`` (one
+    line: where each fold's model came from, e.g. loaded from an ``ichd train`` run), and, once every fold
+    is done, ``oof_wll`` beside ``prior_wll`` (label frequencies of the training slices) and per-class AUC.
+    Finished folds (same settings and data) are loaded, not retrained. ``origin`` is recorded in new
+    checkpoints' provenance. Under torchrun every rank calls it (DDP); fold jobs may run side by side.
     ``catalog``/``cache`` default to ``work/<run>/catalog.parquet`` and the cache at the backbone's size.
     """
     from ichdlib.metrics import per_class_auc, prior_baseline, weighted_log_loss
 
     t0 = time.perf_counter()
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
-    summary: dict[str, Any] = {"key": backbone_cfg.key, "dir": str(cnn_dir(P, backbone_cfg)), "folds": {}}
+    out = cnn_dir(P, backbone_cfg)
+    summary: dict[str, Any] = {"key": backbone_cfg.key, "dir": str(out), "folds": {}}
     with cpu_threads(P):
         for k in fold_numbers(P, cat, folds):
-            summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force)
-    summary.update(assemble_predictions(P, backbone_cfg, cat))
+            # one writer per fold: a second job on the same fold stops at once and names the holder
+            with D.main_lock(out / f"fold{k}", what=f"train {backbone_cfg.key} fold {k}"):
+                summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force, origin=origin)
+    # fold jobs sharing the folder assemble one at a time; the one that sees every fold writes oof.parquet
+    assembled = None
+    if D.is_main():
+        with output_lock(out / "oof.parquet", what=f"assemble {backbone_cfg.key}", wait=600):
+            assembled = assemble_predictions(P, backbone_cfg, cat)
+    summary.update(D.broadcast_object(assembled))
+    summary["provenance"] = "; ".join(
+        f"fold {k}: {f['status']}, {describe_provenance(f.get('provenance'))}" for k, f in summary["folds"].items())
     if summary.get("oof"):
         oof = pd.read_parquet(summary["oof"])
         y = cat.loc[cat["split"] == "train", list(LABELS)].to_numpy(dtype=np.float64)

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from ichdlib.labels import SUBTYPES
-
-if TYPE_CHECKING:
-    from ichdlib.phantom.synth import StudyPlan
-
-
 from ichdlib.phantom.lesions import (
     MASK_BITS,
     MIN_LESION_MM2,
@@ -61,7 +56,7 @@ class _Head:
     +-pi at the occiput (where the interhemispheric fissure hides the seam of the gyral pattern).
     """
 
-    def __init__(self, plan: StudyPlan, rng: np.random.Generator):
+    def __init__(self, plan: Any, rng: np.random.Generator):
         r = rng.uniform
         self.A = r(62.0, 72.0)
         self.B = self.A * r(1.16, 1.30)
@@ -599,8 +594,9 @@ class RenderedStudy:
     lesions: list[Lesion]
 
 
-def render_study(plan: StudyPlan) -> RenderedStudy:
-    """Render every slice of a planned study (before the missing-slice quirk drops one)."""
+def render_study(plan: Any) -> RenderedStudy:
+    """Render every slice of a planned study (a :class:`ichdlib.phantom.synth.StudyPlan`; before the
+    missing-slice quirk drops one)."""
     import cv2
 
     rng = np.random.default_rng([plan.seed, 7])

@@ -528,7 +528,12 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
         hist = pd.concat([pd.read_csv(out_dir / f"fold{k}_log.csv") for k in folds], ignore_index=True)
         return SeqResult(model_name, pd.read_parquet(out_dir / "oof.parquet"),
                          pd.read_parquet(out_dir / "test.parquet"), hist, out_dir)
-    logs = [train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature) for k in folds]
+    from ichdlib.cnn import distributed as D
+
+    for k in D.shard_list(folds):  # under torchrun the folds fan out across ranks (all of them alone)
+        train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature)
+    D.barrier()
+    logs = [train_fold(P, model_name, tr_in, k, out_dir, signature=signature) for k in folds]  # read back
     device = P.torch_device()
     models = [load_seq_model(out_dir / f"fold{k}.pt", device)[0] for k in folds]
     oof = np.full((len(tr_in.sop_uid), len(LABELS)), np.nan)
@@ -542,10 +547,12 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
     test = (predict_studies(models, te_in, device=device, batch=P.seq.batch) if len(te_in.sop_uid)
             else np.zeros((0, len(LABELS))))
     oof_df, test_df = _frame(tr_in, oof, True), _frame(te_in, test, False)
-    save_parquet(oof_df, out_dir / "oof.parquet")
-    save_parquet(test_df, out_dir / "test.parquet")
-    done = json.dumps({"signature": out_signature, "folds": folds}, indent=1)
-    atomic_write(out_dir / "done.json", lambda t: t.write_text(done))
+    if D.is_main():
+        save_parquet(oof_df, out_dir / "oof.parquet")
+        save_parquet(test_df, out_dir / "test.parquet")
+        done = json.dumps({"signature": out_signature, "folds": folds}, indent=1)
+        atomic_write(out_dir / "done.json", lambda t: t.write_text(done))
+    D.barrier()
     return SeqResult(model_name, oof_df, test_df, pd.concat(logs, ignore_index=True), out_dir)
 
 
