@@ -58,8 +58,7 @@ def prepare_inputs(P: Any, backbones: list[Any]) -> None:
     from ichdlib.cnn import distributed as D
 
     if D.is_main():
-        from ichdlib.ingest.cache import ensure_cache
-        from ichdlib.ingest.catalog import ingest
+        from ichdlib.ingest.catalog import ensure_cache, ingest
         from ichdlib.locks import output_lock
 
         # fold jobs started side by side: the first prepares, the others wait and then find it done
