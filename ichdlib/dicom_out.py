@@ -1,0 +1,375 @@
+"""DICOM-native outputs of ``ichd predict --dicom-out DIR``: what a PACS viewer shows beside the source series.
+
+Per predicted study, under ``DIR/<study>/``:
+
+- ``sr.dcm``: a DICOM Structured Report (highdicom, TID 1500 *Imaging Measurement Report*, Comprehensive SR
+  storage). One measurement group (TID 1501) per label, tracking identifier ``ICH <label>``, with
+  the study-level probability (``Probability``, derivation ``Maximum`` over slices), the call (``Finding``:
+  ``Present``/``Absent`` at the threshold) and, for every slice whose probability reaches the threshold,
+  that slice's probability with a reference to its source image (SOP Class/Instance UID). The algorithm
+  identification names the bundle (run name, version = creation time and format) and carries its hash,
+  the threshold and the method as parameters; the device observer is the bundle too.
+- ``cam/<k>.dcm`` (with ``--cam``): one Secondary Capture series, an RGB instance per (slice, label) with a
+  finding: the slice in the brain window with the Grad-CAM heat map blended in, exactly the PNG that
+  ``--cam`` writes. Each instance references its source slice (SourceImageSequence, purpose *Source image
+  for image processing operation*) and names the label and probability in ImageComments.
+
+Patient and study modules are copied from the source series (the results belong to that study); every
+created series and instance gets a new UID; series descriptions say ``ICH model ... - not for clinical use``.
+Codes: finding ``any`` is SNOMED CT 1386000 *Intracranial hemorrhage*; the five subtypes use the private
+coding scheme ``99ICHD`` (code value = the RSNA label name), declared in CodingSchemeIdentificationSequence.
+
+RSNA-style ``ID_...`` UIDs of the sources are copied as they are (they are the sources' identity): a
+validator then complains about exactly those inherited UIDs, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+#: Said on every series written here.
+NOT_CLINICAL = "not for clinical use"
+SR_SERIES_DESCRIPTION = f"ICH model findings - {NOT_CLINICAL}"
+CAM_SERIES_DESCRIPTION = f"ICH model Grad-CAM - {NOT_CLINICAL}"
+SR_SERIES_NUMBER, CAM_SERIES_NUMBER = 9901, 9902
+MANUFACTURER = "ichd-workbench"
+PRIVATE_SCHEME = "99ICHD"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_SUBTYPE_MEANINGS = {"epidural": "Epidural hemorrhage", "intraparenchymal": "Intraparenchymal hemorrhage",
+                     "intraventricular": "Intraventricular hemorrhage", "subarachnoid": "Subarachnoid hemorrhage",
+                     "subdural": "Subdural hemorrhage"}
+
+
+class DicomOutError(ValueError):
+    """Outputs that cannot be written; the message names the study or file."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity of the model
+# --------------------------------------------------------------------------------------------------
+def bundle_identity(bundle: Any) -> dict[str, str]:
+    """``name`` (the run), ``version`` (bundle format and creation time), ``sha256`` (of the sorted weight-file
+    hashes of the manifest: the same weights give the same hash), ``method`` (the blend)."""
+    m = getattr(bundle, "manifest", {}) or {}
+    files = m.get("files") or {}
+    if not files:  # an in-memory bundle not saved yet: hash the manifest's model description instead
+        files = {"backbones": m.get("backbones"), "seq": m.get("seq"), "ensemble": m.get("ensemble")}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True, default=str).encode()).hexdigest()
+    ens = m.get("ensemble") or {}
+    weights = ens.get("weights") or {}
+    method = f"{ens.get('method', '?')} blend of " + ", ".join(f"{k} ({float(w):.3g})" for k, w in weights.items())
+    return {"name": str(m.get("run") or "bundle"), "version": f"format {m.get('format_version', '?')}, "
+            f"created {m.get('created', 'unknown')}", "sha256": digest, "method": method}
+
+
+# --------------------------------------------------------------------------------------------------
+# Source headers
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def lenient_uids() -> Iterator[None]:
+    """pydicom accepts RSNA's ``ID_...`` UIDs while datasets are built and written (they are the sources'
+    identity and are copied as they are); its warnings about them are silenced."""
+    from pydicom import config
+
+    s = config.settings
+    old = s.reading_validation_mode, s.writing_validation_mode
+    s.reading_validation_mode = s.writing_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        s.reading_validation_mode, s.writing_validation_mode = old
+
+
+def read_source(path: str | os.PathLike) -> Any:
+    """A source slice's header (no pixels) with SOPClassUID filled from the file meta when the body lacks it
+    (RSNA's files do), as references need it."""
+    import pydicom
+
+    with lenient_uids():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    if "SOPClassUID" not in ds:
+        ds.SOPClassUID = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None) or CT_IMAGE_STORAGE
+    for key in _PATIENT_STUDY:  # type 2 in the outputs: present and empty ("unknown") when the source has none
+        if key not in ds:
+            setattr(ds, key, "")
+    return ds
+
+
+def _new_uid() -> str:
+    from highdicom import UID
+
+    return str(UID())
+
+
+# --------------------------------------------------------------------------------------------------
+# Structured report
+# --------------------------------------------------------------------------------------------------
+def _codes() -> dict[str, Any]:
+    from pydicom.sr.codedict import codes
+
+    return {"probability": codes.DCM.Probability, "finding": codes.DCM.Finding, "present": codes.SCT.Present,
+            "absent": codes.SCT.Absent, "maximum": codes.SCT.Maximum, "unit": codes.UCUM.NoUnits,
+            "procedure": codes.LN.HeadCT}
+
+
+def finding_code(label: str) -> Any:
+    """The finding-type code of a label (see the module docstring)."""
+    from highdicom.sr import CodedConcept
+    from pydicom.sr.codedict import codes
+
+    if label == "any":
+        return codes.SCT.IntracranialHemorrhage
+    return CodedConcept(label, PRIVATE_SCHEME, _SUBTYPE_MEANINGS[label])
+
+
+def build_sr(sources: Sequence[Any], frame: pd.DataFrame, *, identity: dict[str, str], threshold: float,
+             labels: Sequence[str]) -> Any:
+    """The Structured Report of one study: ``sources`` are the predicted slices' headers in ``frame``'s row
+    order (``frame``: :meth:`ichdlib.predict.Predictor.predict`'s table with ``p_<label>``)."""
+    import highdicom as hd
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        DeviceObserverIdentifyingAttributes,
+        Measurement,
+        MeasurementReport,
+        MeasurementsAndQualitativeEvaluations,
+        ObservationContext,
+        ObserverContext,
+        QualitativeEvaluation,
+        SourceImageForMeasurement,
+        TrackingIdentifier,
+    )
+    from pydicom.dataset import Dataset
+    from pydicom.sr.codedict import codes
+
+    if len(sources) != len(frame) or not len(frame):
+        raise DicomOutError(f"study {frame['study_uid'].iloc[0] if len(frame) else '?'}: {len(sources)} source "
+                            f"header(s) for {len(frame)} predicted slice(s)")
+    c = _codes()
+    algo = AlgorithmIdentification(
+        name=f"ichd-workbench ICH model {identity['name']}", version=identity["version"][:64],
+        parameters=[f"bundle sha256 {identity['sha256']}", f"threshold {threshold:g}",
+                    f"method {identity['method']}"[:64]])
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=f"2.25.{int(identity['sha256'][:32], 16)}", name=f"ICH model {identity['name']}"[:64],
+            manufacturer_name=MANUFACTURER, model_name=identity["name"][:64], serial_number=identity["sha256"][:16]))
+    groups = []
+    for label in labels:
+        p = frame[f"p_{label}"].to_numpy(dtype=np.float64)
+        if not np.isfinite(p).all():
+            raise DicomOutError(f"study {frame['study_uid'].iloc[0]}: non-finite p_{label}; nothing written")
+        top = float(p.max())
+        measurements = [Measurement(name=c["probability"], value=top, unit=c["unit"], derivation=c["maximum"],
+                                    algorithm_id=algo)]
+        for i in np.flatnonzero(p >= threshold):
+            measurements.append(Measurement(
+                name=c["probability"], value=float(p[i]), unit=c["unit"], algorithm_id=algo,
+                referenced_images=[SourceImageForMeasurement.from_source_image(sources[i])]))
+        groups.append(MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=_new_uid(), identifier=f"ICH {label}"),
+            finding_type=finding_code(label), algorithm_id=algo, measurements=measurements,
+            qualitative_evaluations=[QualitativeEvaluation(c["finding"], c["present"] if top >= threshold
+                                                           else c["absent"])]))
+    report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
+                               procedure_reported=c["procedure"], imaging_measurements=groups)
+    ref = sources[0]
+    with lenient_uids():
+        sr = hd.sr.ComprehensiveSR(
+            evidence=list(sources), content=report, series_instance_uid=_new_uid(), series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=_new_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+            is_final=False, is_verified=False, series_description=SR_SERIES_DESCRIPTION)
+        _copy_patient_study(ref, sr)
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+        scheme.CodingSchemeName = "ichd-workbench RSNA ICH labels"
+        scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+        sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
+
+
+_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _copy_patient_study(ref: Any, ds: Any) -> None:
+    """Patient and General Study attributes from the source (type 2: present, empty when the source has none)."""
+    ds.StudyInstanceUID = ref.StudyInstanceUID
+    for key in _PATIENT_STUDY:
+        value = ref.get(key, None)
+        setattr(ds, key, value if value is not None else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Grad-CAM overlays as Secondary Capture
+# --------------------------------------------------------------------------------------------------
+def _orientation_letters(vec: Sequence[float]) -> str:
+    """A direction cosine as DICOM patient-orientation letters (LPS: +x L, +y P, +z H), major axis first."""
+    letters = [("L", "R"), ("P", "A"), ("H", "F")]
+    order = np.argsort(-np.abs(np.asarray(vec, float)))
+    out = ""
+    for k in order[:2]:
+        if abs(vec[k]) > 0.3 or not out:
+            out += letters[k][0] if vec[k] > 0 else letters[k][1]
+    return out
+
+
+def build_cam_image(source: Any, rgb: np.ndarray, *, series_uid: str, instance_number: int, label: str,
+                    prob: float, method: str) -> Any:
+    """One Secondary Capture instance: the overlay ``rgb`` (H x W x 3 uint8, the slice's own size) of
+    ``source``, referencing it."""
+    from highdicom.sc import SCImage
+    from pydicom.dataset import Dataset
+    from pydicom.sr.codedict import codes
+
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DicomOutError(f"overlay of {source.SOPInstanceUID}: expected H x W x 3 uint8, got {rgb.dtype} {rgb.shape}")
+    orient = [float(v) for v in source.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    spacing = source.get("PixelSpacing")
+    with lenient_uids():
+        sc = SCImage.from_ref_dataset(
+            ref_dataset=source, pixel_array=np.ascontiguousarray(rgb), photometric_interpretation="RGB",
+            bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid,
+            series_number=CAM_SERIES_NUMBER, sop_instance_uid=_new_uid(), instance_number=instance_number,
+            manufacturer=MANUFACTURER, patient_orientation=(_orientation_letters(orient[:3]),
+                                                            _orientation_letters(orient[3:])),
+            pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
+            transfer_syntax_uid="1.2.840.10008.1.2.1", series_description=CAM_SERIES_DESCRIPTION)
+        _copy_patient_study(source, sc)
+        item = Dataset()
+        item.ReferencedSOPClassUID = source.SOPClassUID
+        item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        purpose = Dataset()
+        code = codes.DCM.SourceImageForImageProcessingOperation
+        purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = code.value, code.scheme_designator, code.meaning
+        item.PurposeOfReferenceCodeSequence = [purpose]
+        sc.SourceImageSequence = [item]
+        sc.ImageType = ["DERIVED", "SECONDARY"]
+        sc.DerivationDescription = f"{method} for {label} over the brain-window slice"[:1024]
+        sc.ImageComments = f"{label}: p={prob:.3f}; {NOT_CLINICAL}"
+        sc.BurnedInAnnotation = "NO"
+        if "Laterality" not in sc:  # type 2C (General Series): a head is unpaired, so present and empty
+            sc.Laterality = source.get("Laterality", "") or ""
+    return sc
+
+
+def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
+                      threshold: float) -> Iterator[tuple[int, str, float, np.ndarray]]:
+    """``(row, label, prob, rgb)`` for each slice and label at or above ``threshold`` (slices whose ``any``
+    reaches it), computed as ``ichd predict --cam`` does (first backbone's first fold model)."""
+    from ichdlib.cam import compute_cams, overlay
+    from ichdlib.labels import LABELS
+    from ichdlib.predict import study_cache
+
+    pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
+    if len(pos) == 0:
+        return
+    P, key = predictor.P, next(iter(predictor.cnn))
+    spec = predictor.bundle.backbone(key)
+    meta = spec["metas"][0]
+    model = predictor.bundle.cnn[key].models[0]
+    cache, rows = study_cache(loaded, int(spec["size"]))
+    for i in pos:
+        labels = [c for c in LABELS if frame[f"p_{c}"].iloc[i] >= threshold]
+        hu = loaded.hu[i]
+        maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
+                            recipe=meta.get("recipe", P.windows.recipe),
+                            crop=float(meta.get("val_center_crop", P.cnn.augment.val_center_crop)),
+                            size=int(spec["size"]), out_size=hu.shape, single_window=tuple(P.windows.single_window),
+                            learnable=bool(meta.get("learnable_window", False)), batch=P.cam.batch,
+                            target_layer=P.cam.target_layer)[0]
+        for c, m in zip(labels, maps, strict=True):
+            yield int(i), c, float(frame[f"p_{c}"].iloc[i]), overlay(hu, m)
+
+
+# --------------------------------------------------------------------------------------------------
+# One study -> files
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class StudyOutputs:
+    """What was written for one study."""
+
+    study_uid: str
+    sr: Path
+    cams: list[Path] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.sr, *self.cams]
+
+
+def _safe(uid: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in uid)
+    return keep[-64:] or "study"
+
+
+def _save(ds: Any, path: Path) -> Path:
+    import io
+
+    from ichdlib.files import write_bytes
+
+    buf = io.BytesIO()
+    with lenient_uids():
+        ds.save_as(buf, enforce_file_format=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_study(out: str | os.PathLike, frame: pd.DataFrame, *, identity: dict[str, str], threshold: float = 0.5,
+                overlays: Sequence[tuple[int, str, float, np.ndarray]] = (), method: str = "Grad-CAM") -> StudyOutputs:
+    """Write ``<out>/<study>/sr.dcm`` and, for ``overlays`` (:func:`iter_cam_overlays`), ``cam/<k>.dcm`` for
+    one study's predicted slices (``frame``, with a ``path`` column naming each source file)."""
+    from ichdlib.labels import LABELS
+
+    study = str(frame["study_uid"].iloc[0])
+    folder = Path(out) / _safe(study)
+    sources = [read_source(p) for p in frame["path"]]
+    sr = build_sr(sources, frame, identity=identity, threshold=threshold, labels=list(LABELS))
+    result = StudyOutputs(study, _save(sr, folder / "sr.dcm"))
+    if overlays:
+        series_uid = _new_uid()
+        for k, (row, label, prob, rgb) in enumerate(overlays, start=1):
+            sc = build_cam_image(sources[row], rgb, series_uid=series_uid, instance_number=k, label=label,
+                                 prob=prob, method=method)
+            result.cams.append(_save(sc, folder / "cam" / f"{k:04d}.dcm"))
+    return result
+
+
+class DicomWriter:
+    """The per-study hook of :func:`ichdlib.predict.predict_dir` for ``--dicom-out``: writes each study's SR
+    (and CAM series with ``cam=True``) as soon as it is predicted; what was written is in ``written``."""
+
+    def __init__(self, out: str | os.PathLike, bundle: Any, threshold: float = 0.5, cam: bool = False) -> None:
+        self.out, self.threshold, self.cam = Path(out), float(threshold), cam
+        self.identity = bundle_identity(bundle)
+        self.written: list[StudyOutputs] = []
+
+    def __call__(self, predictor: Any, loaded: Any, frame: pd.DataFrame) -> None:
+        overlays = list(iter_cam_overlays(predictor, loaded, frame, self.threshold)) if self.cam else []
+        method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}.get(str(predictor.P.cam.method).lower(),
+                                                                        str(predictor.P.cam.method))
+        self.written.append(write_study(self.out, frame, identity=self.identity, threshold=self.threshold,
+                                        overlays=overlays, method=method))
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for s in self.written for p in s.paths]
+
+
+__all__ = ["build_sr", "build_cam_image", "bundle_identity", "write_study", "iter_cam_overlays", "DicomWriter",
+           "read_source", "finding_code", "DicomOutError", "NOT_CLINICAL"]
