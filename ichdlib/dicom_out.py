@@ -4,7 +4,7 @@ Per predicted study, under ``DIR/<study>/``:
 
 - ``sr.dcm``: a DICOM Structured Report (highdicom, TID 1500 *Imaging Measurement Report*, Comprehensive SR
   storage). One measurement group (TID 1501) per label, tracking identifier ``ICH <label>``, with
-  the study-level probability (``Probability``, derivation ``Maximum`` over slices), the call (``Finding``:
+  the study-level probability (``Probability``, derivation ``Maximum`` over slices), the call (``Presence of property``:
   ``Present``/``Absent`` at the threshold) and, for every slice whose probability reaches the threshold,
   that slice's probability with a reference to its source image (SOP Class/Instance UID). The algorithm
   identification names the bundle (run name, version = creation time and format) and carries its hash,
@@ -120,7 +120,7 @@ def _new_uid() -> str:
 def _codes() -> dict[str, Any]:
     from pydicom.sr.codedict import codes
 
-    return {"probability": codes.DCM.Probability, "finding": codes.DCM.Finding, "present": codes.SCT.Present,
+    return {"probability": codes.DCM.Probability, "presence": codes.DCM.PresenceOfProperty, "present": codes.SCT.Present,
             "absent": codes.SCT.Absent, "maximum": codes.SCT.Maximum, "unit": codes.UCUM.NoUnits,
             "procedure": codes.LN.HeadCT}
 
@@ -161,7 +161,7 @@ def build_sr(sources: Sequence[Any], frame: pd.DataFrame, *, identity: dict[str,
     c = _codes()
     algo = AlgorithmIdentification(
         name=f"ichd-workbench ICH model {identity['name']}", version=identity["version"][:64],
-        parameters=[f"bundle sha256 {identity['sha256']}", f"threshold {threshold:g}",
+        parameters=[f"bundle sha256 {identity['sha256']}", f"threshold {float(threshold)!r}",
                     f"method {identity['method']}"[:64]])
     observer = ObserverContext(
         observer_type=codes.cid270.Device,
@@ -183,7 +183,7 @@ def build_sr(sources: Sequence[Any], frame: pd.DataFrame, *, identity: dict[str,
         groups.append(MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=_new_uid(), identifier=f"ICH {label}"),
             finding_type=finding_code(label), algorithm_id=algo, measurements=measurements,
-            qualitative_evaluations=[QualitativeEvaluation(c["finding"], c["present"] if top >= threshold
+            qualitative_evaluations=[QualitativeEvaluation(c["presence"], c["present"] if top >= threshold
                                                            else c["absent"])]))
     report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
                                procedure_reported=c["procedure"], imaging_measurements=groups)

@@ -1130,10 +1130,14 @@ _OWNED = (TRAIN_DIR, TEST_DIR, MASK_DIR, TRAIN_CSV, SAMPLE_SUBMISSION, ANSWER_KE
 
 def valid_uid(rsna_id: str) -> str:
     """A numeric DICOM UID (``2.25.<decimal>``, at most 64 characters) derived from an RSNA-style ``ID_<hex>``
-    string: the same ID always gives the same UID, different IDs different UIDs (a 128-bit hash)."""
-    from pydicom.uid import generate_uid
+    string: the same ID always gives the same UID, different IDs different UIDs (a name-based UUID, version 5,
+    as ISO/IEC 9834-8 forms ``2.25`` UIDs)."""
+    import uuid
 
-    return str(generate_uid(prefix=None, entropy_srcs=["ichd-phantom", rsna_id]))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, rsna_id).int}"
+
+
+_UID_NAMESPACE = __import__("uuid").UUID("7c1d4a52-2f4e-5b8e-9a63-1c3e0b7d9f10")  # fixed: the phantom's UIDs
 
 
 def _use_valid_uids(plans: list[StudyPlan], quirk_log: dict[str, list]) -> None:
