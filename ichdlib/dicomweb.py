@@ -26,6 +26,8 @@ from typing import Any
 
 #: Seconds before a request counts as failed.
 TIMEOUT = 60.0
+#: Tries per request (dicomweb-client's retry with exponential back-off).
+ATTEMPTS = 3
 _STUDY_IN_URL = re.compile(r"^(?P<base>.+?)/studies/(?P<study>[^/?#]+)/?$")
 
 
@@ -61,7 +63,7 @@ def _describe(exc: BaseException) -> str:
 class Server:
     """A DICOMweb service (QIDO/WADO/STOW under one base URL)."""
 
-    def __init__(self, url: str, timeout: float = TIMEOUT) -> None:
+    def __init__(self, url: str, timeout: float = TIMEOUT, attempts: int = ATTEMPTS) -> None:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
@@ -69,6 +71,9 @@ class Server:
         session = requests.Session()
         session.request = _with_timeout(session.request, timeout)  # type: ignore[method-assign]
         self.client = DICOMwebClient(url=self.url, session=session)
+        # busy servers (429/408/503/504) and dropped connections: a few tries, 0.5 s then 1 s apart
+        self.client.set_http_retry_params(retry=attempts > 1, max_attempts=max(1, attempts),
+                                          wait_exponential_multiplier=250)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
