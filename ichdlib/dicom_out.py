@@ -354,13 +354,27 @@ class DicomWriter:
     """The per-study hook of :func:`ichdlib.predict.predict_dir` for ``--dicom-out``: writes each study's SR
     (and CAM series with ``cam=True``) as soon as it is predicted; what was written is in ``written``."""
 
-    def __init__(self, out: str | os.PathLike, bundle: Any, threshold: float = 0.5, cam: bool = False) -> None:
+    def __init__(self, out: str | os.PathLike, bundle: Any, threshold: float = 0.5, cam: bool = False,
+                 png_dir: str | os.PathLike | None = None) -> None:
         self.out, self.threshold, self.cam = Path(out), float(threshold), cam
+        self.png_dir = Path(png_dir) if png_dir is not None else None
         self.identity = bundle_identity(bundle)
         self.written: list[StudyOutputs] = []
+        self.pngs: list[str] = []
 
     def __call__(self, predictor: Any, loaded: Any, frame: pd.DataFrame) -> None:
         overlays = list(iter_cam_overlays(predictor, loaded, frame, self.threshold)) if self.cam else []
+        if self.png_dir is not None and overlays:  # the PNGs of 'ichd predict --cam', from the same maps
+            import cv2
+
+            from ichdlib.predict import _safe_name
+
+            folder = self.png_dir / _safe_name(loaded.scan.study_uid)
+            folder.mkdir(parents=True, exist_ok=True)
+            for row, label, _, rgb in overlays:
+                path = folder / f"slice{int(frame['slice_index'].iloc[row]):03d}_{label}.png"
+                cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+                self.pngs.append(str(path))
         method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}.get(str(predictor.P.cam.method).lower(),
                                                                         str(predictor.P.cam.method))
         self.written.append(write_study(self.out, frame, identity=self.identity, threshold=self.threshold,

@@ -735,14 +735,18 @@ def cli(args: argparse.Namespace) -> int:
     if dicom_out is not None:
         from ichdlib.dicom_out import DicomWriter
 
-        writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam)
-    cam_dir = args.out / "cam" if args.cam else None
+        # with --cam the writer also writes the PNGs, so that each Grad-CAM is computed once
+        writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam,
+                             png_dir=args.out / "cam" if args.cam else None)
+    cam_dir = args.out / "cam" if args.cam and writer is None else None
     try:
         pred = predict_dir(folder, bundle, device=args.device, threshold=args.threshold, cam_dir=cam_dir,
                            progress=True, on_study=writer)
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if writer is not None and args.cam:
+        pred.cams = writer.pngs
     paths = write_outputs(pred, args.out, bundle, args.threshold)
     n_pos = int(pred.studies["positive"].sum()) if len(pred.studies) else 0
     print(f"{len(pred.studies)} stud{'y' if len(pred.studies) == 1 else 'ies'} predicted "

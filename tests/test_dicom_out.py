@@ -185,6 +185,19 @@ def test_cam_series_references_its_slices(written):
         assert pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID == item.ReferencedSOPInstanceUID
         assert ds.pixel_array.std() > 0
     assert len(series) == 1 and sorted(got) == want
+    # the PNGs of --cam are the same overlays (computed once for both)
+    import cv2
+
+    from ichdlib.predict import _safe_name
+
+    index = {s["sop_uid"]: s["slice_index"] for s in study["slices"]}
+    pngs = sorted((written["out"] / "cam").rglob("*.png"))
+    assert len(pngs) == len(cams) and sorted(written["doc"]["cams"]) == [str(p) for p in pngs]
+    for p in cams:
+        ds = pydicom.dcmread(p)
+        sop, label = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID), ds.ImageComments.split(":")[0]
+        png = written["out"] / "cam" / _safe_name(study["study_uid"]) / f"slice{index[sop]:03d}_{label}.png"
+        np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB), ds.pixel_array)
 
 
 @needs_dciodvfy

@@ -173,3 +173,22 @@ def test_unreachable_server_and_unknown_study(pacs, tmp_path, capsys):
     report = store(Server(f"{pacs['url']}/no-such-service"), "1.2.3", [bogus])
     assert not report.ok and report.stored == [] and len(report.failed) == 1
     assert "HTTP 404" in next(iter(report.failed.values()))
+
+
+def test_qido_filters_select_studies(pacs):
+    """--filter KEY=VALUE and --since go through QIDO-RS; a filter that matches nothing is an error."""
+    import pydicom
+
+    from ichdlib.dicomweb import DicomWebError, Server, parse_filters, select_studies
+
+    server = Server(f"{pacs['url']}/dicom-web")
+    uid_a, uid_b = sorted(pacs["studies"])
+    pid = str(pydicom.dcmread(pacs["studies"][uid_b][0], stop_before_pixels=True).PatientID)
+    assert select_studies(server, filters=parse_filters([f"PatientID={pid}"])) == [uid_b]
+    assert select_studies(server, [uid_a], filters={"PatientID": pid}) == [uid_a, uid_b]
+    with pytest.raises(DicomWebError, match="no study matches"):
+        select_studies(server, since="20240101")  # the phantom's studies carry no StudyDate
+    with pytest.raises(DicomWebError, match="expected KEY=VALUE"):
+        parse_filters(["PatientID"])
+    with pytest.raises(DicomWebError, match="name at least one --study"):
+        select_studies(server)
