@@ -42,7 +42,8 @@ import pandas as pd
 NOT_CLINICAL = "not for clinical use"
 SR_SERIES_DESCRIPTION = f"ICH model findings - {NOT_CLINICAL}"
 CAM_SERIES_DESCRIPTION = f"ICH model Grad-CAM - {NOT_CLINICAL}"
-SR_SERIES_NUMBER, CAM_SERIES_NUMBER = 9901, 9902
+PMAP_SERIES_DESCRIPTION = f"ICH model Grad-CAM maps - {NOT_CLINICAL}"
+SR_SERIES_NUMBER, CAM_SERIES_NUMBER, PMAP_SERIES_NUMBER = 9901, 9902, 9903
 MANUFACTURER = "ichd-workbench"
 PRIVATE_SCHEME = "99ICHD"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -268,9 +269,10 @@ def build_cam_image(source: Any, rgb: np.ndarray, *, series_uid: str, instance_n
 
 
 def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
-                      threshold: float) -> Iterator[tuple[int, str, float, np.ndarray]]:
-    """``(row, label, prob, rgb)`` for each slice and label at or above ``threshold`` (slices whose ``any``
-    reaches it), computed as ``ichd predict --cam`` does (first backbone's first fold model)."""
+                      threshold: float) -> Iterator[tuple[int, str, float, np.ndarray, np.ndarray]]:
+    """``(row, label, prob, rgb, cam)`` for each slice and label at or above ``threshold`` (slices whose ``any``
+    reaches it), computed as ``ichd predict --cam`` does (first backbone's first fold model); ``cam`` is the
+    map in [0, 1] at the slice's size, ``rgb`` its overlay on the brain-window slice."""
     from ichdlib.cam import compute_cams, overlay
     from ichdlib.labels import LABELS
     from ichdlib.predict import study_cache
@@ -293,7 +295,41 @@ def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
                             learnable=bool(meta.get("learnable_window", False)), batch=P.cam.batch,
                             target_layer=P.cam.target_layer)[0]
         for c, m in zip(labels, maps, strict=True):
-            yield int(i), c, float(frame[f"p_{c}"].iloc[i]), overlay(hu, m)
+            yield int(i), c, float(frame[f"p_{c}"].iloc[i]), overlay(hu, m), np.asarray(m, dtype=np.float32)
+
+
+def build_cam_pmap(sources: Sequence[Any], maps: np.ndarray, *, label: str, series_uid: str, instance_number: int,
+                   identity: dict[str, str], method: str) -> Any:
+    """A Parametric Map (float32 frames in [0, 1], one per source slice, in the sources' order) of one label's
+    Grad-CAM. The sources need a FrameOfReferenceUID (hospital data have one; RSNA's files do not)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    for key in ("FrameOfReferenceUID", "SliceThickness", "PixelSpacing", "ImagePositionPatient",
+                "ImageOrientationPatient"):
+        missing = [str(d.SOPInstanceUID) for d in sources if d.get(key) in (None, "")]
+        if missing:
+            raise DicomOutError(f"Parametric Map of {label} not written: source slice {missing[0]} has no {key} "
+                                "(RSNA-style files lack it); the Secondary Capture series has the overlays")
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=f"CAM {label}"[:16], lut_explanation=f"{method} for {label} (0 = no evidence, 1 = strongest)",
+        unit=codes.UCUM.NoUnits, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)
+    from ichdlib import __version__
+
+    with lenient_uids():
+        pm = hd.pm.ParametricMap(
+            source_images=list(sources), pixel_array=np.ascontiguousarray(maps, dtype=np.float32),
+            series_instance_uid=series_uid, series_number=PMAP_SERIES_NUMBER, sop_instance_uid=_new_uid(),
+            instance_number=instance_number, manufacturer=MANUFACTURER,
+            manufacturer_model_name=f"ICH model {identity['name']}"[:64], software_versions=f"ichdlib {__version__}",
+            device_serial_number=identity["sha256"][:16], contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping], window_center=0.5, window_width=1.0,
+            content_label=f"CAM_{label}"[:16].upper(), content_description=f"{method} {label} - {NOT_CLINICAL}"[:64],
+            series_description=PMAP_SERIES_DESCRIPTION)
+        _copy_patient_study(sources[0], pm)
+        if "Laterality" not in pm:  # type 2C (General Series): a head is unpaired, so present and empty
+            pm.Laterality = ""
+    return pm
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,10 +342,12 @@ class StudyOutputs:
     study_uid: str
     sr: Path
     cams: list[Path] = field(default_factory=list)
+    pmaps: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was left out, and why
 
     @property
     def paths(self) -> list[Path]:
-        return [self.sr, *self.cams]
+        return [self.sr, *self.cams, *self.pmaps]
 
 
 def _safe(uid: str) -> str:
@@ -331,9 +369,12 @@ def _save(ds: Any, path: Path) -> Path:
 
 
 def write_study(out: str | os.PathLike, frame: pd.DataFrame, *, identity: dict[str, str], threshold: float = 0.5,
-                overlays: Sequence[tuple[int, str, float, np.ndarray]] = (), method: str = "Grad-CAM") -> StudyOutputs:
+                overlays: Sequence[tuple[int, str, float, np.ndarray, np.ndarray]] = (), method: str = "Grad-CAM",
+                pmap: bool = False) -> StudyOutputs:
     """Write ``<out>/<study>/sr.dcm`` and, for ``overlays`` (:func:`iter_cam_overlays`), ``cam/<k>.dcm`` for
-    one study's predicted slices (``frame``, with a ``path`` column naming each source file)."""
+    one study's predicted slices (``frame``, with a ``path`` column naming each source file); with ``pmap``
+    also ``pmap_<label>.dcm`` per label (a Parametric Map of the raw maps; skipped with a note in
+    ``result.notes`` when the sources lack a FrameOfReferenceUID)."""
     from ichdlib.labels import LABELS
 
     study = str(frame["study_uid"].iloc[0])
@@ -343,10 +384,25 @@ def write_study(out: str | os.PathLike, frame: pd.DataFrame, *, identity: dict[s
     result = StudyOutputs(study, _save(sr, folder / "sr.dcm"))
     if overlays:
         series_uid = _new_uid()
-        for k, (row, label, prob, rgb) in enumerate(overlays, start=1):
+        for k, (row, label, prob, rgb, _) in enumerate(overlays, start=1):
             sc = build_cam_image(sources[row], rgb, series_uid=series_uid, instance_number=k, label=label,
                                  prob=prob, method=method)
             result.cams.append(_save(sc, folder / "cam" / f"{k:04d}.dcm"))
+    if pmap and overlays:
+        series_uid = _new_uid()
+        labels = [c for c in LABELS if any(o[1] == c for o in overlays)]
+        for k, label in enumerate(labels, start=1):
+            picked = sorted((o[0], o[4]) for o in overlays if o[1] == label)
+            try:
+                pm = build_cam_pmap([sources[r] for r, _ in picked], np.stack([m for _, m in picked]), label=label,
+                                    series_uid=series_uid, instance_number=k, identity=identity, method=method)
+            except DicomOutError as exc:
+                result.notes.append(str(exc))
+                break
+            except Exception as exc:  # optional output: the SR and overlays stay written
+                result.notes.append(f"Parametric Map of {label} not written ({type(exc).__name__}: {exc})")
+                break
+            result.pmaps.append(_save(pm, folder / f"pmap_{label}.dcm"))
     return result
 
 
@@ -355,14 +411,14 @@ class DicomWriter:
     (and CAM series with ``cam=True``) as soon as it is predicted; what was written is in ``written``."""
 
     def __init__(self, out: str | os.PathLike, bundle: Any, threshold: float = 0.5, cam: bool = False,
-                 png_dir: str | os.PathLike | None = None) -> None:
-        self.out, self.threshold, self.cam = Path(out), float(threshold), cam
+                 png_dir: str | os.PathLike | None = None, pmap: bool = False) -> None:
+        self.out, self.threshold, self.cam, self.pmap = Path(out), float(threshold), cam, pmap
         self.png_dir = Path(png_dir) if png_dir is not None else None
         self.identity = bundle_identity(bundle)
         self.written: list[StudyOutputs] = []
         self.pngs: list[str] = []
 
-    def __call__(self, predictor: Any, loaded: Any, frame: pd.DataFrame) -> None:
+    def __call__(self, predictor: Any, loaded: Any, frame: pd.DataFrame) -> list[dict[str, str]]:
         overlays = list(iter_cam_overlays(predictor, loaded, frame, self.threshold)) if self.cam else []
         if self.png_dir is not None and overlays:  # the PNGs of 'ichd predict --cam', from the same maps
             import cv2
@@ -371,19 +427,24 @@ class DicomWriter:
 
             folder = self.png_dir / _safe_name(loaded.scan.study_uid)
             folder.mkdir(parents=True, exist_ok=True)
-            for row, label, _, rgb in overlays:
+            for row, label, _, rgb, _ in overlays:
                 path = folder / f"slice{int(frame['slice_index'].iloc[row]):03d}_{label}.png"
                 cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
                 self.pngs.append(str(path))
         method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}.get(str(predictor.P.cam.method).lower(),
                                                                         str(predictor.P.cam.method))
-        self.written.append(write_study(self.out, frame, identity=self.identity, threshold=self.threshold,
-                                        overlays=overlays, method=method))
+        result = write_study(self.out, frame, identity=self.identity, threshold=self.threshold,
+                             overlays=overlays, method=method, pmap=self.pmap)
+        self.written.append(result)
+        from ichdlib.predict import WARNING, problem
+
+        return [problem(note, study_uid=result.study_uid, series_uid=str(frame["series_uid"].iloc[0]),
+                        severity=WARNING) for note in result.notes]
 
     @property
     def paths(self) -> list[Path]:
         return [p for s in self.written for p in s.paths]
 
 
-__all__ = ["build_sr", "build_cam_image", "bundle_identity", "write_study", "iter_cam_overlays", "DicomWriter",
+__all__ = ["build_sr", "build_cam_image", "build_cam_pmap", "bundle_identity", "write_study", "iter_cam_overlays", "DicomWriter",
            "read_source", "finding_code", "DicomOutError", "NOT_CLINICAL"]

@@ -528,7 +528,8 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
     """Discover, read and predict every study under ``dicom_dir`` with ``bundle`` (a :class:`ichdlib.bundle.Bundle`
     or a bundle folder). Bad input never raises: it ends up in ``problems``. With ``cam_dir``, Grad-CAM
     overlays of the positive slices are written there. ``on_study(predictor, loaded, frame)`` is called after
-    each study is predicted (e.g. :class:`ichdlib.dicom_out.DicomWriter`); what it raises becomes a problem row."""
+    each study is predicted (e.g. :class:`ichdlib.dicom_out.DicomWriter`); the problem rows it returns and what
+    it raises go to ``problems``."""
     import time
 
     from tqdm import tqdm
@@ -569,7 +570,7 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
                 cam_dir = None
         if on_study is not None:
             try:
-                on_study(predictor, loaded, frame)
+                problems += list(on_study(predictor, loaded, frame) or [])
             except Exception as exc:  # an output that cannot be written is reported, the predictions stay
                 problems.append(problem(f"output not written ({type(exc).__name__}: {exc})",
                                         study_uid=scan.study_uid, series_uid=scan.series_uid))
@@ -692,6 +693,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dicom = parser.add_argument_group("DICOM outputs and PACS (docs/pacs.md)")
     dicom.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
                        help="write a DICOM SR per study (and, with --cam, a Grad-CAM Secondary Capture series) here")
+    dicom.add_argument("--pmap", action="store_true",
+                       help="with --cam and --dicom-out: also the raw Grad-CAM maps as DICOM Parametric Maps "
+                            "(one per label; needs sources with a FrameOfReferenceUID)")
     dicom.add_argument("--dicomweb", default=None, metavar="URL",
                        help="read the studies from this DICOMweb server (QIDO/WADO-RS) instead of a folder; "
                             "URL may end in /studies/<StudyInstanceUID>")
@@ -715,6 +719,8 @@ def cli(args: argparse.Namespace) -> int:
     dicomweb = getattr(args, "dicomweb", None)
     if dicomweb and args.dir is not None:
         raise ValueError(f"give a folder ({args.dir}) or --dicomweb, not both")
+    if getattr(args, "pmap", False) and not (args.cam and (args.dicom_out or getattr(args, "store", False))):
+        raise ValueError("--pmap needs --cam and --dicom-out (or --store)")
     if not dicomweb:
         if args.store or args.study or args.since or args.filter:
             raise ValueError("--store, --study, --since and --filter need --dicomweb URL")
@@ -737,7 +743,7 @@ def cli(args: argparse.Namespace) -> int:
 
         # with --cam the writer also writes the PNGs, so that each Grad-CAM is computed once
         writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam,
-                             png_dir=args.out / "cam" if args.cam else None)
+                             png_dir=args.out / "cam" if args.cam else None, pmap=getattr(args, "pmap", False))
     cam_dir = args.out / "cam" if args.cam and writer is None else None
     try:
         pred = predict_dir(folder, bundle, device=args.device, threshold=args.threshold, cam_dir=cam_dir,

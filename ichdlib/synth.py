@@ -274,6 +274,8 @@ class StudyPlan:
     missing: list[int] = field(default_factory=list)
     #: slice index -> SOP of a second file at the same position.
     duplicate: dict[int, str] = field(default_factory=dict)
+    #: FrameOfReferenceUID written with ``valid_uids`` (with SliceThickness; RSNA's files have neither).
+    frame_of_reference: str | None = None
 
 
 class _Ids:
@@ -1102,6 +1104,9 @@ def _write_study_files(plan: StudyPlan, out: Path, with_masks: bool) -> dict[str
         }
         if meta["encoding"] == "signed":
             meta["fov_padding"] = plan.fov_padding
+        if plan.frame_of_reference:  # valid_uids: the header fields hospital data carry and RSNA's files lack
+            meta["FrameOfReferenceUID"] = plan.frame_of_reference
+            meta["SliceThickness"] = _ds(plan.spacing_z)  # each slice is rendered as a slab this thick
         if i in plan.multi_window:
             meta["window_center"] = [plan.window[0], 600.0]
             meta["window_width"] = [plan.window[1], 2800.0]
@@ -1146,6 +1151,7 @@ def _use_valid_uids(plans: list[StudyPlan], quirk_log: dict[str, list]) -> None:
         pl.study_uid, pl.series_uid = valid_uid(pl.study_uid), valid_uid(pl.series_uid)
         pl.sop_uids = [valid_uid(u) for u in pl.sop_uids]
         pl.duplicate = {i: valid_uid(u) for i, u in pl.duplicate.items()}
+        pl.frame_of_reference = valid_uid(f"{pl.series_uid}/frame-of-reference")
     for entries in quirk_log.values():  # only study UIDs are logged before rendering
         for entry in entries:
             if "study_uid" in entry:
@@ -1184,9 +1190,10 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
     Same arguments -> identical files and labels (independent of ``workers``). ``workers=0`` uses one
     process per CPU core. An earlier phantom in ``out`` is replaced; a folder holding other data is refused.
     ``valid_uids``: numeric study, series and SOP instance UIDs (:func:`valid_uid` of the ``ID_...`` ones,
-    also in file names and CSV rows) as hospital data carry, for the DICOM-output and PACS tests; the
-    pixels, labels and layout are the same. Such a phantom is not for ``ichd ingest``: the Kaggle label
-    files' IDs must read ``ID_<hex>`` (it fails there with a message naming the row).
+    also in file names and CSV rows), a FrameOfReferenceUID per series and SliceThickness, as hospital data
+    carry, for the DICOM-output and PACS tests; the pixels, labels and layout are the same. Such a phantom is
+    not for ``ichd ingest``: the Kaggle label files' IDs must read ``ID_<hex>`` (it fails there with a message
+    naming the row).
     """
     from tqdm.auto import tqdm
 

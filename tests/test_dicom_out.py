@@ -108,7 +108,7 @@ def written(phantoms, ubundle, tmp_path_factory):
     threshold = float(np.sort(p_any)[len(p_any) // 2])
     out, dicom = tmp / "out", tmp / "dicom"
     rc = ichd(["predict", str(src), "--bundle", str(ubundle), "--out", str(out), "--dicom-out", str(dicom),
-               "--cam", "--threshold", repr(threshold), "--device", "cpu"])
+               "--cam", "--pmap", "--threshold", repr(threshold), "--device", "cpu"])
     assert rc == 0
     return {"src": src, "out": out, "bundle": ubundle, "dicom": dicom, "threshold": threshold,
             "doc": json.loads((out / "predictions.json").read_text())}
@@ -169,6 +169,7 @@ def test_cam_series_references_its_slices(written):
     (study,) = written["doc"]["studies"]
     t = written["threshold"]
     cams = sorted(written["dicom"].rglob("cam/*.dcm"))
+    assert cams and all(p.parent.parent.name == study["study_uid"] for p in cams)
     want = sorted((s["sop_uid"], c) for s in study["slices"] if s["p"]["any"] >= t for c in LABELS if s["p"][c] >= t)
     assert len(cams) == len(want) > 0
     series = set()
@@ -200,6 +201,29 @@ def test_cam_series_references_its_slices(written):
         np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB), ds.pixel_array)
 
 
+def test_parametric_maps_per_label(written):
+    """--pmap: one Parametric Map per label found, a float frame per slice with that label, each frame derived
+    from its source slice, values in [0, 1]."""
+    (study,) = written["doc"]["studies"]
+    t = written["threshold"]
+    pmaps = sorted(written["dicom"].rglob("pmap_*.dcm"))
+    by_label = {c: sorted(s["sop_uid"] for s in study["slices"] if s["p"]["any"] >= t and s["p"][c] >= t)
+                for c in LABELS}
+    assert [p.stem[5:] for p in pmaps] == [c for c in LABELS if by_label[c]]
+    series = set()
+    for p in pmaps:
+        ds = pydicom.dcmread(p)
+        series.add(ds.SeriesInstanceUID)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and ds.StudyInstanceUID == study["study_uid"]
+        assert "not for clinical use" in ds.SeriesDescription
+        refs = sorted(str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                      for f in ds.PerFrameFunctionalGroupsSequence)
+        assert refs == by_label[p.stem[5:]] and int(ds.NumberOfFrames) == len(refs)
+        arr = ds.pixel_array.reshape(len(refs), 64, 64)
+        assert arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 1 and arr.max() > 0
+    assert len(series) == 1
+
+
 @needs_dciodvfy
 def test_dciodvfy_no_errors_with_valid_uids(written):
     files = sorted(written["dicom"].rglob("*.dcm"))
@@ -219,9 +243,11 @@ def test_id_sources_only_inherited_uid_complaints(phantoms, ubundle, tmp_path):
            for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
     dicom = tmp_path / "dicom"
     assert ichd(["predict", str(src), "--bundle", str(ubundle), "--out", str(tmp_path / "out"), "--dicom-out",
-                 str(dicom), "--cam", "--threshold", "0", "--device", "cpu"]) == 0
+                 str(dicom), "--cam", "--pmap", "--threshold", "0", "--device", "cpu"]) == 0
     files = sorted(dicom.rglob("*.dcm"))
-    assert len(files) == 1 + 4 * len(LABELS)
+    assert len(files) == 1 + 4 * len(LABELS)  # SR + overlays; no Parametric Map without a frame of reference
+    problems = (tmp_path / "out" / "problems.csv").read_text()
+    assert "Parametric Map of any not written" in problems and "FrameOfReferenceUID" in problems
     for p in files:
         errors = dciodvfy_errors(p)
         assert errors, p  # the study UID at least is inherited
