@@ -730,12 +730,13 @@ def cli(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.dir}: no such file or folder")
     bundle = Bundle.load(args.bundle)
     folder, server, tmp = args.dir, None, None
+    fetched: list[str] = []
     if dicomweb:
         from ichdlib.dicomweb import fetch
 
         tmp = tempfile.TemporaryDirectory(prefix="ichd-dicomweb-")
         folder = Path(tmp.name)
-        server, _ = fetch(args, folder)
+        server, fetched = fetch(args, folder)
     dicom_out = getattr(args, "dicom_out", None) or (args.out / "dicom" if getattr(args, "store", False) else None)
     writer = None
     if dicom_out is not None:
@@ -771,6 +772,12 @@ def cli(args: argparse.Namespace) -> int:
     if server is not None and args.store:
         from ichdlib.dicomweb import store_outputs
 
-        if store_outputs(server, writer.written, args.out) != 0:
+        rc = store_outputs(server, writer.written, args.out)
+        done = {w.study_uid for w in writer.written}
+        for uid in fetched:
+            if uid not in done:
+                rc = 1
+                print(f"nothing stored for study {uid}: no outputs were written (see {paths['problems']})")
+        if rc != 0:
             return 1
     return 0 if len(pred.studies) else 1

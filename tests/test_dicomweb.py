@@ -119,7 +119,7 @@ def test_round_trip_stores_sr_and_overlays(pacs, tmp_path, capsys):
     uid_a, uid_b = sorted(pacs["studies"])
     out = tmp_path / "out"
     rc = ichd(["predict", "--dicomweb", f"{pacs['url']}/dicom-web/studies/{uid_b}", "--study", uid_a,
-               "--bundle", str(pacs["bundle"]), "--out", str(out), "--cam", "--threshold", "0.5", "--store",
+               "--bundle", str(pacs["bundle"]), "--out", str(out), "--cam", "--pmap", "--threshold", "0.5", "--store",
                "--device", "cpu"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -131,13 +131,17 @@ def test_round_trip_stores_sr_and_overlays(pacs, tmp_path, capsys):
     assert {s["study_uid"] for s in doc["studies"]} == {uid_a, uid_b}
     for st, entry in zip(sorted(doc["studies"], key=lambda s: s["study_uid"]), stored["studies"], strict=True):
         assert entry["failed"] == {} and entry["stored"]
-        series = {s["modality"]: s for s in server.series(st["study_uid"])}
-        assert series["CT"]["instances"] == 6
-        assert series["SR"]["instances"] == 1 and "not for clinical use" in series["SR"]["description"]
+        found = server.series(st["study_uid"])
+        (ct,) = [s for s in found if s["modality"] == "CT"]
+        (sr,) = [s for s in found if s["modality"] == "SR"]
+        assert ct["instances"] == 6 and sr["instances"] == 1 and "not for clinical use" in sr["description"]
+        by_desc = {s["description"]: s for s in found if s["modality"] == "OT"}
         n_cam = sum(1 for s in st["slices"] if s["p"]["any"] >= 0.5 for c in s["p"] if s["p"][c] >= 0.5)
+        n_maps = sum(1 for c in st["max"] if any(s["p"]["any"] >= 0.5 and s["p"][c] >= 0.5 for s in st["slices"]))
         if n_cam:  # untrained weights: a study may have no positive slice, then there is no overlay series
-            assert series["OT"]["instances"] == n_cam and "Grad-CAM" in series["OT"]["description"]
-        assert len(entry["stored"]) == 1 + n_cam
+            assert by_desc["ICH model Grad-CAM - not for clinical use"]["instances"] == n_cam
+            assert by_desc["ICH model Grad-CAM maps - not for clinical use"]["instances"] == n_maps
+        assert len(entry["stored"]) == 1 + n_cam + n_maps
         # the stored SR is the file written locally (same SOP instance)
         local = next(p for p in (out / "dicom").rglob("sr.dcm") if st["study_uid"] in str(p))
         import pydicom
