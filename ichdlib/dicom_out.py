@@ -13,6 +13,9 @@ Per predicted study, under ``DIR/<study>/``:
   finding: the slice in the brain window with the Grad-CAM heat map blended in, exactly the PNG that
   ``--cam`` writes. Each instance references its source slice (SourceImageSequence, purpose *Source image
   for image processing operation*) and names the label and probability in ImageComments.
+- ``pmap_<label>.dcm`` (with ``--cam --pmap``): a Parametric Map per label, float32 maps in [0, 1], one frame
+  per slice with that label, each derived from its source slice. It needs the sources' FrameOfReferenceUID and
+  geometry; RSNA-style files lack them, and then a warning says so (the SR and overlays are still written).
 
 Patient and study modules are copied from the source series (the results belong to that study); every
 created series and instance gets a new UID; series descriptions say ``ICH model ... - not for clinical use``.

@@ -93,6 +93,17 @@ def test_synth_valid_uids_same_phantom(phantoms):
             assert str(b[key].value) == valid_uid(str(a[key].value))
     man = json.loads((phantoms["valid"] / "phantom_manifest.json").read_text())
     assert man["config"]["valid_uids"] is True and all(s["study_uid"].startswith("2.25.") for s in man["studies"])
+    assert b.FrameOfReferenceUID and "FrameOfReferenceUID" not in a  # hospital-style header fields
+
+
+def test_synth_cli_valid_uids(tmp_path, capsys):
+    from ichdlib.cli import main as ichd
+
+    assert ichd(["synth", "--out", str(tmp_path / "p"), "--studies", "2", "--size", "32", "--workers", "1",
+                 "--valid-uids"]) == 0
+    names = [p.stem for p in (tmp_path / "p").glob("stage_2_*/*.dcm")]
+    assert names and all(n.startswith("2.25.") for n in names)
+    assert json.loads((tmp_path / "p" / ".phantom_complete").read_text())["valid_uids"] is True
 
 
 @pytest.fixture(scope="module")

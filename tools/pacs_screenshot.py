@@ -1,7 +1,7 @@
 """Reproduce docs/img/orthanc_study.png: a throwaway Orthanc + DICOMweb on 127.0.0.1 holding a --valid-uids phantom
 study, ``ichd predict --dicomweb ... --cam --store`` with an untrained bundle (smoke architecture), and a headless
 Chromium screenshot of Orthanc's web UI (Orthanc Explorer) on that study: the CT series, the SR and the Grad-CAM
-series side by side.
+series side by side (and ``<out>_cam_preview.png``: Orthanc's rendering of one Grad-CAM instance).
 
     python tools/pacs_screenshot.py --out docs/img/orthanc_study.png [--keep]
 
@@ -70,7 +70,7 @@ def main() -> int:
         P = load_params(REPO / "params" / "smoke.yaml", {"root": str(tmp / "root")})
         bundle = Bundle.untrained(P, folds=1).save(tmp / "bundle")
         rc = ichd(["predict", "--dicomweb", f"{url}/dicom-web/studies/{study}", "--bundle", str(bundle),
-                   "--out", str(tmp / "out"), "--cam", "--threshold", "0.5", "--store", "--device", "cpu"])
+                   "--out", str(tmp / "out"), "--cam", "--pmap", "--threshold", "0.5", "--store", "--device", "cpu"])
         if rc != 0:
             return rc
         orthanc_id = requests.post(f"{url}/tools/lookup", data=study, timeout=10).json()[0]["ID"]
@@ -85,6 +85,13 @@ def main() -> int:
 
         Image.open(raw).convert("RGB").quantize(colors=64).save(args.out, optimize=True)  # small PNG for docs/
         print(f"screenshot of {page}: {args.out}")
+        # Orthanc's own rendering of one Grad-CAM Secondary Capture instance (what its 'Preview' button shows)
+        series = requests.get(f"{url}/studies/{orthanc_id}/series", timeout=10).json()
+        cam = next(s for s in series if "Grad-CAM -" in s["MainDicomTags"].get("SeriesDescription", ""))
+        instance = cam["Instances"][len(cam["Instances"]) // 2]
+        preview = args.out.with_name(args.out.stem + "_cam_preview.png")
+        preview.write_bytes(requests.get(f"{url}/instances/{instance}/preview", timeout=30).content)
+        print(f"Orthanc preview of a Grad-CAM instance: {preview}")
         if args.keep:
             input(f"Orthanc at {url}/app/explorer.html; Enter stops it ")
         return 0
