@@ -378,10 +378,31 @@ def write_study(out: str | os.PathLike, frame: pd.DataFrame, *, identity: dict[s
     one study's predicted slices (``frame``, with a ``path`` column naming each source file); with ``pmap``
     also ``pmap_<label>.dcm`` per label (a Parametric Map of the raw maps; skipped with a note in
     ``result.notes`` when the sources lack a FrameOfReferenceUID)."""
-    from ichdlib.labels import LABELS
+
+    from ichdlib.locks import output_lock
 
     study = str(frame["study_uid"].iloc[0])
     folder = Path(out) / _safe(study)
+    folder.mkdir(parents=True, exist_ok=True)
+    with output_lock(folder, what="dicom-out"):  # another predict writing the same study's outputs: refused
+        _clear_previous(folder)
+        return _write_study(folder, frame, identity=identity, threshold=threshold, overlays=overlays,
+                            method=method, pmap=pmap)
+
+
+def _clear_previous(folder: Path) -> None:
+    """Remove what an earlier run wrote for this study (only the names written here), so that the folder
+    never mixes two runs' series."""
+    for p in [folder / "sr.dcm", *folder.glob("pmap_*.dcm"), *(folder / "cam").glob("*.dcm")]:
+        p.unlink(missing_ok=True)
+
+
+def _write_study(folder: Path, frame: pd.DataFrame, *, identity: dict[str, str], threshold: float,
+                 overlays: Sequence[tuple[int, str, float, np.ndarray, np.ndarray]], method: str,
+                 pmap: bool) -> StudyOutputs:
+    from ichdlib.labels import LABELS
+
+    study = str(frame["study_uid"].iloc[0])
     sources = [read_source(p) for p in frame["path"]]
     sr = build_sr(sources, frame, identity=identity, threshold=threshold, labels=list(LABELS))
     result = StudyOutputs(study, _save(sr, folder / "sr.dcm"))

@@ -736,7 +736,11 @@ def cli(args: argparse.Namespace) -> int:
 
         tmp = tempfile.TemporaryDirectory(prefix="ichd-dicomweb-")
         folder = Path(tmp.name)
-        server, fetched = fetch(args, folder)
+        try:
+            server, fetched = fetch(args, folder)
+        except BaseException:
+            tmp.cleanup()
+            raise
     dicom_out = getattr(args, "dicom_out", None) or (args.out / "dicom" if getattr(args, "store", False) else None)
     writer = None
     if dicom_out is not None:

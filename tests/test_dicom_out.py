@@ -264,3 +264,7 @@ def test_id_sources_only_inherited_uid_complaints(phantoms, ubundle, tmp_path):
         assert errors, p  # the study UID at least is inherited
         for line in errors:
             assert any(u in line for u in ids) or "invalid data values for Value Representations" in line, line
+    # a rerun into the same folder replaces the earlier run's objects (no mix of two runs' series)
+    assert ichd(["predict", str(src), "--bundle", str(ubundle), "--out", str(tmp_path / "out"), "--dicom-out",
+                 str(dicom), "--cam", "--threshold", "1", "--device", "cpu"]) == 0
+    assert [p.name for p in dicom.rglob("*.dcm")] == ["sr.dcm"]
