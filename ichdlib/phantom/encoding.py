@@ -71,16 +71,16 @@ def encode_hu(hu: np.ndarray, encoding: str = "signed", *, fov_padding: bool = F
     return raw, hdr
 
 
-def _ds(value: float) -> str:
+def ds_value(value: float) -> str:
     """A DICOM decimal string (at most 16 characters)."""
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return text if text not in ("", "-0") else "0"
 
 
-def _ds_multi(value: float | list | tuple) -> str | list[str]:
+def ds_values(value: float | list | tuple) -> str | list[str]:
     if isinstance(value, (list, tuple)):
-        return [_ds(float(v)) for v in value]
-    return _ds(float(value))
+        return [ds_value(float(v)) for v in value]
+    return ds_value(float(value))
 
 
 _META_KEYS = ("sop_uid", "patient_id", "study_uid", "series_uid", "z", "position", "orientation",
@@ -125,19 +125,19 @@ def _dicom_bytes(hu: np.ndarray, path: Path, meta: dict[str, Any]) -> bytes:
         ds.StudyInstanceUID = str(meta.get("study_uid", "ID_0000000000"))
         ds.SeriesInstanceUID = str(meta.get("series_uid", "ID_0000000000"))
         ds.StudyID = ""
-        ds.ImagePositionPatient = [_ds(float(p)) for p in position]
-        ds.ImageOrientationPatient = [_ds(float(o)) for o in meta.get("orientation", (1, 0, 0, 0, 1, 0))]
+        ds.ImagePositionPatient = [ds_value(float(p)) for p in position]
+        ds.ImageOrientationPatient = [ds_value(float(o)) for o in meta.get("orientation", (1, 0, 0, 0, 1, 0))]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = hdr["PhotometricInterpretation"]
         ds.Rows = rows
         ds.Columns = cols
-        ds.PixelSpacing = [_ds(float(s)) for s in spacing]
+        ds.PixelSpacing = [ds_value(float(s)) for s in spacing]
         ds.BitsAllocated = 16
         ds.BitsStored = hdr["BitsStored"]
         ds.HighBit = hdr["BitsStored"] - 1
         ds.PixelRepresentation = hdr["PixelRepresentation"]
-        ds.WindowCenter = _ds_multi(meta.get("window_center", 40))
-        ds.WindowWidth = _ds_multi(meta.get("window_width", 80))
+        ds.WindowCenter = ds_values(meta.get("window_center", 40))
+        ds.WindowWidth = ds_values(meta.get("window_width", 80))
         if hdr["RescaleIntercept"] is not None:
             ds.RescaleIntercept = hdr["RescaleIntercept"]
             ds.RescaleSlope = hdr["RescaleSlope"]

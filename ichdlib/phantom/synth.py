@@ -35,7 +35,7 @@ import pandas as pd
 from ichdlib.files import write_text
 from ichdlib.labels import LABELS, SUBTYPES, wide_to_long
 from ichdlib.phantom.anatomy import render_study
-from ichdlib.phantom.encoding import write_ct_dicom, write_mask
+from ichdlib.phantom.encoding import ds_value, write_ct_dicom, write_mask
 from ichdlib.phantom.lesions import MASK_BITS
 
 if TYPE_CHECKING:
@@ -93,6 +93,8 @@ class StudyPlan:
     missing: list[int] = field(default_factory=list)
     #: slice index -> SOP of a second file at the same position.
     duplicate: dict[int, str] = field(default_factory=dict)
+    #: FrameOfReferenceUID written with ``valid_uids`` (with SliceThickness; RSNA's files have neither).
+    frame_of_reference: str | None = None
 
 
 class _Ids:
@@ -242,6 +244,9 @@ def _write_study_files(plan: StudyPlan, out: Path, with_masks: bool) -> dict[str
         }
         if meta["encoding"] == "signed":
             meta["fov_padding"] = plan.fov_padding
+        if plan.frame_of_reference:  # valid_uids: the header fields hospital data carry and RSNA's files lack
+            meta["FrameOfReferenceUID"] = plan.frame_of_reference
+            meta["SliceThickness"] = ds_value(plan.spacing_z)  # each slice is rendered as a slab this thick
         if i in plan.multi_window:
             meta["window_center"] = [plan.window[0], 600.0]
             meta["window_width"] = [plan.window[1], 2800.0]
@@ -268,6 +273,31 @@ def _write_study_files(plan: StudyPlan, out: Path, with_masks: bool) -> dict[str
 _OWNED = (TRAIN_DIR, TEST_DIR, MASK_DIR, TRAIN_CSV, SAMPLE_SUBMISSION, ANSWER_KEY, MANIFEST, COMPLETE_MARKER)
 
 
+def valid_uid(rsna_id: str) -> str:
+    """A numeric DICOM UID (``2.25.<decimal>``, at most 64 characters) derived from an RSNA-style ``ID_<hex>``
+    string: the same ID always gives the same UID, different IDs different UIDs (a name-based UUID, version 5,
+    as ISO/IEC 9834-8 forms ``2.25`` UIDs)."""
+    import uuid
+
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, rsna_id).int}"
+
+
+_UID_NAMESPACE = __import__("uuid").UUID("7c1d4a52-2f4e-5b8e-9a63-1c3e0b7d9f10")  # fixed: the phantom's UIDs
+
+
+def _use_valid_uids(plans: list[StudyPlan], quirk_log: dict[str, list]) -> None:
+    """Replace the planned ``ID_...`` study, series and SOP UIDs by :func:`valid_uid` (patient IDs stay)."""
+    for pl in plans:
+        pl.study_uid, pl.series_uid = valid_uid(pl.study_uid), valid_uid(pl.series_uid)
+        pl.sop_uids = [valid_uid(u) for u in pl.sop_uids]
+        pl.duplicate = {i: valid_uid(u) for i, u in pl.duplicate.items()}
+        pl.frame_of_reference = valid_uid(f"{pl.series_uid}/frame-of-reference")
+    for entries in quirk_log.values():  # only study UIDs are logged before rendering
+        for entry in entries:
+            if "study_uid" in entry:
+                entry["study_uid"] = valid_uid(entry["study_uid"])
+
+
 def _prepare_out(out: Path) -> None:
     """Make ``out`` ready: clear an earlier phantom there, refuse to touch anything else."""
     ours = (out / COMPLETE_MARKER).exists() or (out / PROGRESS_MARKER).exists()
@@ -286,16 +316,24 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _config(studies: int, seed: int, size: int, quirks: bool, masks: bool) -> dict[str, Any]:
-    return {"studies": studies, "seed": seed, "size": size, "quirks": quirks, "masks": masks, "version": PHANTOM_VERSION}
+def _config(studies: int, seed: int, size: int, quirks: bool, masks: bool, valid_uids: bool = False) -> dict[str, Any]:
+    cfg = {"studies": studies, "seed": seed, "size": size, "quirks": quirks, "masks": masks, "version": PHANTOM_VERSION}
+    if valid_uids:  # only when set, so that markers of ordinary phantoms keep their form
+        cfg["valid_uids"] = True
+    return cfg
 
 
 def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int = 512, quirks: bool = False,
-                     masks: bool = False, workers: int = 0, progress: bool = True) -> dict:
+                     masks: bool = False, workers: int = 0, progress: bool = True, valid_uids: bool = False) -> dict:
     """Write a phantom in the RSNA/Kaggle layout under ``out``; returns the manifest (also written).
 
     Same arguments -> identical files and labels (independent of ``workers``). ``workers=0`` uses one
     process per CPU core. An earlier phantom in ``out`` is replaced; a folder holding other data is refused.
+    ``valid_uids``: numeric study, series and SOP instance UIDs (:func:`valid_uid` of the ``ID_...`` ones,
+    also in file names and CSV rows), a FrameOfReferenceUID per series and SliceThickness, as hospital data
+    carry, for the DICOM-output and PACS tests; the pixels, labels and layout are the same. Such a phantom is
+    not for ``ichd ingest``: the Kaggle label files' IDs must read ``ID_<hex>`` (it fails there with a message
+    naming the row).
     """
     from tqdm.auto import tqdm
 
@@ -306,13 +344,15 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
     out = Path(out)
     t0 = time.perf_counter()
     _prepare_out(out)
-    config = _config(studies, seed, size, quirks, masks)
+    config = _config(studies, seed, size, quirks, masks, valid_uids)
     write_text(out / PROGRESS_MARKER, json.dumps(config))
     (out / TRAIN_DIR).mkdir()
     (out / TEST_DIR).mkdir()
     if masks:
         (out / MASK_DIR).mkdir()
     plans, quirk_log = plan_phantom(studies, seed, size, quirks)
+    if valid_uids:
+        _use_valid_uids(plans, quirk_log)
     jobs = [(pl, str(out), masks) for pl in plans]
     if workers == 0:
         # One process per core, except for tiny phantoms where starting the pool costs more than it saves.
@@ -378,7 +418,8 @@ def _finish(out: Path, plans: list[StudyPlan], results: list[dict], quirk_log: d
                                                "between": [pl.sop_uids[i - 1], pl.sop_uids[i + 1]]})
         if pl.fov_padding:
             quirk_log["fov_padding"].append({"study_uid": pl.study_uid, "raw": -2000})
-    wraps = images[(images.encoding == "wrap12") & ~images.sop_uid.isin([CORRUPT_ID])]
+    corrupt_id = valid_uid(CORRUPT_ID) if config.get("valid_uids") else CORRUPT_ID
+    wraps = images[(images.encoding == "wrap12") & ~images.sop_uid.isin([corrupt_id])]
     quirk_log["intercept_wrap"] = [{"sop_uid": r.sop_uid, "study_uid": r.study_uid, "split": r.split}
                                    for r in wraps.itertuples()]
     mono = images[images.encoding == "monochrome1"]
@@ -459,6 +500,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quirks", action="store_true", help="inject the real data's problems (see the manifest)")
     parser.add_argument("--masks", action="store_true", help="write per-slice lesion masks to masks/<sop>.npz")
     parser.add_argument("--workers", type=int, default=0, help="processes (default 0 = one per CPU core)")
+    parser.add_argument("--valid-uids", action="store_true",
+                        help="numeric DICOM UIDs (2.25.<n>) instead of RSNA's ID_<hex> strings, as hospital data "
+                             "carry (for DICOM-output/PACS tests; not ingestible, its label IDs lack 'ID_')")
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -466,7 +510,7 @@ def cli(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         man = generate_phantom(args.out, args.studies, args.seed, args.size, args.quirks, args.masks,
-                               args.workers)
+                               args.workers, valid_uids=args.valid_uids)
     c = man["counts"]
     print(f"wrote {c['train_images']} train + {c['test_images']} test slices of {c['studies']} studies "
           f"({c['patients']} patients) to {args.out} in {man['seconds']} s; "
@@ -477,4 +521,4 @@ def cli(args: argparse.Namespace) -> int:
 
 
 __all__ = ["generate_phantom", "ensure_phantom", "plan_phantom", "StudyPlan", "CORRUPT_ID", "PHANTOM_VERSION",
-           "write_ct_dicom", "write_mask", "render_study", "MASK_BITS"]
+           "write_ct_dicom", "write_mask", "render_study", "valid_uid", "MASK_BITS"]

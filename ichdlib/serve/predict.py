@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -524,10 +524,13 @@ def summarize_studies(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFr
 
 def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None = "auto", threshold: float = 0.5,
                 cam_dir: str | os.PathLike | None = None, progress: bool = False,
-                predictor: Predictor | None = None) -> Prediction:
+                predictor: Predictor | None = None,
+                on_study: Callable[[Predictor, LoadedStudy, pd.DataFrame], Any] | None = None) -> Prediction:
     """Discover, read and predict every study under ``dicom_dir`` with ``bundle`` (a :class:`ichdlib.serve.bundle.Bundle`
     or a bundle folder). Bad input never raises: it ends up in ``problems``. With ``cam_dir``, Grad-CAM
-    overlays of the positive slices are written there."""
+    overlays of the positive slices are written there. ``on_study(predictor, loaded, frame)`` is called after
+    each study is predicted (e.g. :class:`ichdlib.serve.dicom_out.DicomWriter`); the problem rows it returns and what
+    it raises go to ``problems``."""
     import time
 
     from tqdm import tqdm
@@ -566,6 +569,12 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
             except ImportError as exc:
                 problems.append(problem(f"--cam: Grad-CAM unavailable ({exc})", severity=WARNING))
                 cam_dir = None
+        if on_study is not None:
+            try:
+                problems += list(on_study(predictor, loaded, frame) or [])
+            except Exception as exc:  # an output that cannot be written is reported, the predictions stay
+                problems.append(problem(f"output not written ({type(exc).__name__}: {exc})",
+                                        study_uid=scan.study_uid, series_uid=scan.series_uid))
     slices = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     studies = summarize_studies(slices, threshold)
     seconds = {"load_models": t_load_models, "read": t_read, "model": t_model,
@@ -671,25 +680,82 @@ def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ichd predict``."""
-    parser.add_argument("dir", type=Path, help="a folder of DICOM files (one study, or many; searched recursively)")
+    parser.add_argument("dir", type=Path, nargs="?", default=None,
+                        help="a folder of DICOM files (one study, or many; searched recursively); not with --dicomweb")
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder written by 'ichd export'")
     parser.add_argument("--out", type=Path, required=True, help="output folder (slices.csv, studies.csv, ...)")
     parser.add_argument("--cam", action="store_true", help="write Grad-CAM overlay PNGs for positive slices")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to run the models (default: cuda when available)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability for a finding (default 0.5)")
+    dicom = parser.add_argument_group("DICOM outputs and PACS (docs/pacs.md)")
+    dicom.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                       help="write a DICOM SR per study (and, with --cam, a Grad-CAM Secondary Capture series) here")
+    dicom.add_argument("--pmap", action="store_true",
+                       help="with --cam and --dicom-out: also the raw Grad-CAM maps as DICOM Parametric Maps "
+                            "(one per label; needs sources with a FrameOfReferenceUID)")
+    dicom.add_argument("--dicomweb", default=None, metavar="URL",
+                       help="read the studies from this DICOMweb server (QIDO/WADO-RS) instead of a folder; "
+                            "URL may end in /studies/<StudyInstanceUID>")
+    dicom.add_argument("--study", action="append", default=None, metavar="UID",
+                       help="StudyInstanceUID to predict (repeatable; with --dicomweb)")
+    dicom.add_argument("--since", default=None, metavar="YYYYMMDD",
+                       help="with --dicomweb: also every study with a StudyDate from this day on")
+    dicom.add_argument("--filter", action="append", default=None, metavar="KEY=VALUE",
+                       help="with --dicomweb: also every study QIDO-RS finds with this attribute (repeatable)")
+    dicom.add_argument("--store", action="store_true",
+                       help="send the DICOM outputs back to the --dicomweb server (STOW-RS); default --dicom-out "
+                            "OUT/dicom")
 
 
 def cli(args: argparse.Namespace) -> int:
     """``ichd predict``: exit 0 when at least one study was predicted, 1 when none could be."""
+    import tempfile
+
     from ichdlib.serve.bundle import Bundle
 
-    if not args.dir.exists():
-        raise FileNotFoundError(f"{args.dir}: no such file or folder")
+    dicomweb = getattr(args, "dicomweb", None)
+    if dicomweb and args.dir is not None:
+        raise ValueError(f"give a folder ({args.dir}) or --dicomweb, not both")
+    if getattr(args, "pmap", False) and not (args.cam and (args.dicom_out or getattr(args, "store", False))):
+        raise ValueError("--pmap needs --cam and --dicom-out (or --store)")
+    if not dicomweb:
+        if args.store or args.study or args.since or args.filter:
+            raise ValueError("--store, --study, --since and --filter need --dicomweb URL")
+        if args.dir is None:
+            raise ValueError("give a folder of DICOM files, or --dicomweb URL --study UID")
+        if not args.dir.exists():
+            raise FileNotFoundError(f"{args.dir}: no such file or folder")
     bundle = Bundle.load(args.bundle)
-    cam_dir = args.out / "cam" if args.cam else None
-    pred = predict_dir(args.dir, bundle, device=args.device, threshold=args.threshold, cam_dir=cam_dir,
-                       progress=True)
+    folder, server, tmp = args.dir, None, None
+    fetched: list[str] = []
+    if dicomweb:
+        from ichdlib.serve.dicomweb import fetch
+
+        tmp = tempfile.TemporaryDirectory(prefix="ichd-dicomweb-")
+        folder = Path(tmp.name)
+        try:
+            server, fetched = fetch(args, folder)
+        except BaseException:
+            tmp.cleanup()
+            raise
+    dicom_out = getattr(args, "dicom_out", None) or (args.out / "dicom" if getattr(args, "store", False) else None)
+    writer = None
+    if dicom_out is not None:
+        from ichdlib.serve.dicom_out import DicomWriter
+
+        # with --cam the writer also writes the PNGs, so that each Grad-CAM is computed once
+        writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam,
+                             png_dir=args.out / "cam" if args.cam else None, pmap=getattr(args, "pmap", False))
+    cam_dir = args.out / "cam" if args.cam and writer is None else None
+    try:
+        pred = predict_dir(folder, bundle, device=args.device, threshold=args.threshold, cam_dir=cam_dir,
+                           progress=True, on_study=writer)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if writer is not None and args.cam:
+        pred.cams = writer.pngs
     paths = write_outputs(pred, args.out, bundle, args.threshold)
     n_pos = int(pred.studies["positive"].sum()) if len(pred.studies) else 0
     print(f"{len(pred.studies)} stud{'y' if len(pred.studies) == 1 else 'ies'} predicted "
@@ -702,4 +768,18 @@ def cli(args: argparse.Namespace) -> int:
     if len(pred.problems) > 10:
         print(f"  ... {len(pred.problems) - 10} more in {paths['problems']}")
     print(f"outputs: {args.out}")
+    if writer is not None:
+        print(f"DICOM outputs: {len(writer.paths)} file(s) for {len(writer.written)} stud"
+              f"{'y' if len(writer.written) == 1 else 'ies'} in {dicom_out}")
+    if server is not None and args.store:
+        from ichdlib.serve.dicomweb import store_outputs
+
+        rc = store_outputs(server, writer.written, args.out)
+        done = {w.study_uid for w in writer.written}
+        for uid in fetched:
+            if uid not in done:
+                rc = 1
+                print(f"nothing stored for study {uid}: no outputs were written (see {paths['problems']})")
+        if rc != 0:
+            return 1
     return 0 if len(pred.studies) else 1
