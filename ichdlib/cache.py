@@ -92,8 +92,18 @@ def decode_resized(path: str | os.PathLike, meta: dict[str, Any], size: int) -> 
     """
     stored = read_stored(path, meta)
     if stored is None:
-        return resize_hu(read_hu(path)[0], size)
-    return _to_int16(rescale(_resize(fix_stored(stored, meta).astype(np.float32), size), meta))
+        hu = read_hu(path)[0]
+        _check_finite(path, hu)
+        return resize_hu(hu, size)
+    hu = rescale(_resize(fix_stored(stored, meta).astype(np.float32), size), meta)
+    _check_finite(path, hu)
+    return _to_int16(hu)
+
+
+def _check_finite(path: str | os.PathLike, hu: np.ndarray) -> None:
+    """HU that are not finite (an extreme rescale) never become a clipped, plausible-looking cache row."""
+    if not np.isfinite(hu).all():
+        raise DicomReadError(path, "pixel values are not finite after the rescale (RescaleSlope/Intercept)")
 
 
 def open_cache(work: str | os.PathLike, size: int) -> np.memmap:
