@@ -143,9 +143,14 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _worker_init() -> None:
-    """One OpenCV thread per worker process: the pool already uses every core (no oversubscription)."""
+def _worker_init(parent: int | None = None) -> None:
+    """One OpenCV thread per worker process: the pool already uses every core (no oversubscription).
+    The worker ends as soon as ``parent`` (the ingest that made the pool) is gone, even after ``kill -9``."""
     cv2.setNumThreads(1)
+    if parent is not None:
+        from ichdlib.procs import exit_with_parent
+
+        exit_with_parent(parent)
 
 
 class LazyPool:
@@ -162,8 +167,9 @@ class LazyPool:
             method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             if method == "forkserver":
-                ctx.set_forkserver_preload(["ichdlib.dicom", "ichdlib.cache", "ichdlib.catalog"])
-            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+                ctx.set_forkserver_preload(["ichdlib.dicom", "ichdlib.cache", "ichdlib.catalog", "ichdlib.procs"])
+            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
+                                           initargs=(os.getpid(),))
         return self._ex
 
     def close(self) -> None:
