@@ -184,8 +184,8 @@ def select_series(table: pd.DataFrame) -> tuple[list[StudyScan], list[dict]]:
             if kind == "ok":
                 candidates.append((series_uid, group))
             else:
-                study_problems.append(problem(f"series left out: {reason}", study_uid=study_uid,
-                                              series_uid=series_uid, path=_one_path(group)))
+                study_problems += [problem(f"series left out: {reason}", study_uid=study_uid,
+                                           series_uid=series_uid, path=p) for p in group["path"]]
         if not candidates:
             study_problems.append(problem("no axial CT series in this study; nothing to predict",
                                           study_uid=study_uid, path=_one_path(study)))
@@ -194,9 +194,9 @@ def select_series(table: pd.DataFrame) -> tuple[list[StudyScan], list[dict]]:
         candidates.sort(key=lambda c: (-len(c[1]), c[0]))
         series_uid, group = candidates[0]
         for other_uid, other in candidates[1:]:
-            study_problems.append(problem(
+            study_problems += [problem(
                 f"other CT series left out ({len(other)} image(s)); predicted series {series_uid} "
-                f"({len(group)} images)", study_uid=study_uid, series_uid=other_uid, path=_one_path(other)))
+                f"({len(group)} images)", study_uid=study_uid, series_uid=other_uid, path=p) for p in other["path"]]
         slices, dropped = _clean_series(group, study_uid, series_uid)
         study_problems += dropped
         if len(slices) == 0:
