@@ -6,7 +6,9 @@
    ``.dcm``) is read header-only and grouped by StudyInstanceUID and SeriesInstanceUID. Per study the axial
    CT series with the most slices is chosen; non-CT series, localizers/scouts (ImageType ``LOCALIZER`` or a
    non-axial orientation), other series, non-DICOM and unreadable files are listed in ``problems`` with
-   the reason. Slices are ordered by z exactly as the catalog orders them (ties by SOPInstanceUID; duplicate
+   the reason. Only regular files are opened; hidden files, FIFOs, devices and unreadable folders are listed
+   (:func:`ichdlib.validity.list_files`), and each slice must pass :func:`ichdlib.validity.slice_problem`,
+   the rule ingest applies. Slices are ordered by z exactly as the catalog orders them (ties by SOPInstanceUID; duplicate
    positions are kept, as in training, with a warning).
 2. **Pixels** (:func:`load_study`): HU through :func:`ichdlib.dicom.read_hu` (compressed transfer syntaxes
    through pylibjpeg); a slice that cannot be decoded is dropped with a message and the z-neighbours are
