@@ -447,7 +447,7 @@ def build_catalog(
     from ichdlib.config import IngestCfg, check_values
 
     check_values(IngestCfg, {"size": size, "workers": workers, "folds": folds, "skip_ids": list(skip_ids)},
-                 "build_catalog")
+                 "ingest settings")
     root, work = Path(root), Path(work)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")

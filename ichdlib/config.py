@@ -371,17 +371,19 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid parameters"]
+    """One line: ``<file>: invalid parameters: <key>: <problem> (got <value>); <key>: ...``."""
+    lines = [f"{source}: invalid parameters:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<top>"
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"{key}: unknown key;")
         elif not e["loc"]:  # a cross-reference check: the message names the keys
-            lines.append(f"  {msg}")
+            lines.append(f"{msg};")
         else:
-            lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            got = repr(e.get("input"))
+            lines.append(f"{key}: {msg} (got {got if len(got) <= 60 else got[:57] + '...'});")
+    return " ".join(lines).rstrip(";")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
