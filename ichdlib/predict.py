@@ -33,7 +33,15 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.files import json_ready, write_text
-from ichdlib.validity import AXIAL_MIN_COS, is_axial, list_files, slice_normal, slice_problem  # noqa: F401
+from ichdlib.validity import (  # noqa: F401  (is_axial, slice_normal: re-exported for callers of predict)
+    AXIAL_MIN_COS,
+    GAP_FACTOR,
+    capped_z,
+    is_axial,
+    list_files,
+    slice_normal,
+    slice_problem,
+)
 
 #: Problem severities: ``skipped`` (something was left out) or ``warning`` (predicted, with a caveat).
 SKIPPED, WARNING = "skipped", "warning"
@@ -263,11 +271,12 @@ def _clean_series(group: pd.DataFrame, study_uid: str, series_uid: str) -> tuple
         problems.append(problem(
             f"{len(gaps)} gap(s) in the slice positions (e.g. {gaps[0][1]:g} mm after z={gaps[0][0]:g}, the usual "
             f"step is {gaps[0][2]:g} mm): missing slices or an outlier position; slices predicted in position "
-            "order", study_uid=study_uid, series_uid=series_uid, severity=WARNING))
+            f"order, the sequence models see steps capped at {GAP_FACTOR:g}x the usual one",
+            study_uid=study_uid, series_uid=series_uid, severity=WARNING))
     return table, problems
 
 
-def z_gaps(z: np.ndarray, factor: float = 3.0) -> list[tuple[float, float, float]]:
+def z_gaps(z: np.ndarray, factor: float = GAP_FACTOR) -> list[tuple[float, float, float]]:
     """Steps between z-ordered positions larger than ``factor`` x the median step:
     ``[(z before the gap, step, median step), ...]``."""
     if len(z) < 3:
@@ -452,7 +461,7 @@ class Predictor:
             inputs = SeqInputs(
                 sop_uid=sl["sop_uid"].to_numpy(str), study_uid=np.full(n, loaded.scan.study_uid),
                 patient_id=np.full(n, loaded.scan.patient_id), fold=np.full(n, -1),
-                z=sl["z"].to_numpy(np.float64), feats=[outs[k].feat for k in keys], probs=probs)
+                z=capped_z(sl["z"].to_numpy(np.float64)), feats=[outs[k].feat for k in keys], probs=probs)
             for name, models in self.seq.items():
                 stage[name] = predict_studies(models, inputs, device=self.device, batch=self.P.seq.batch)
         weights = self.bundle.ensemble["weights"]

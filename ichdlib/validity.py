@@ -185,3 +185,25 @@ def list_files(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]
             else:
                 check(path)
     return files, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------------
+#: A step between z-ordered slices above this multiple of the study's median step is a gap or an outlier.
+GAP_FACTOR = 3.0
+
+
+def capped_z(z: np.ndarray, factor: float = GAP_FACTOR) -> np.ndarray:
+    """Positions (in slice order) whose steps are capped at ``factor`` x the median positive step, so that a gap
+    or an outlier position keeps its place in the order but no arithmetic on the bad value (a step of
+    thousands of mm) reaches a model. Steps within the cap are unchanged; the first position is kept."""
+    z = np.asarray(z, dtype=np.float64)
+    if len(z) < 3:
+        return z.copy()
+    d = np.diff(z)
+    pos = np.abs(d[d != 0])
+    if not len(pos):
+        return z.copy()
+    cap = factor * float(np.median(pos))
+    return np.concatenate([z[:1], z[0] + np.cumsum(np.clip(d, -cap, cap))])

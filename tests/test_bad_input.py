@@ -265,3 +265,24 @@ def test_two_ingests_never_leave_a_corrupt_catalog(tiny_rsna, tmp_path):
     rc, (out, err) = waiting.wait(120), waiting.communicate()
     assert rc == 0 and "catalog: 9 slices" in out, err
     _check_work(work)
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions: an outlier keeps its place, no arithmetic on its value
+# --------------------------------------------------------------------------------------------------
+def test_outlier_position_is_handled_by_order(tmp_path, smoke_params):
+    from ichdlib.predict import predict_dir
+    from ichdlib.validity import capped_z
+
+    np.testing.assert_array_equal(capped_z(np.array([0.0, 5.0, 10.0, 15.0])), [0.0, 5.0, 10.0, 15.0])
+    np.testing.assert_array_equal(capped_z(np.array([0.0, 5.0, 10.0, 9000.0])), [0.0, 5.0, 10.0, 25.0])
+    np.testing.assert_array_equal(capped_z(np.array([0.0, 5.0, 10.0, 20.0])), [0.0, 5.0, 10.0, 20.0])  # a missing slice
+    hu = np.where(np.hypot(*np.mgrid[-16:16, -16:16]) < 12, 40.0, -1000.0).astype(np.float32)
+    for k, z in enumerate([0.0, 5.0, 10.0, 15.0, 9000.0]):
+        write_ct_dicom(tmp_path / "s" / f"{k}.dcm", hu + k, sop_uid=f"1.2.3.{k}", study_uid="1.2.3",
+                       series_uid="1.2.3.1", z=z)
+    pred = predict_dir(tmp_path / "s", Bundle.untrained(smoke_params, folds=1), device="cpu")
+    assert len(pred.slices) == 5 and pred.slices["z"].tolist()[-1] == 9000.0  # kept, in its place
+    assert np.isfinite(pred.slices.filter(regex="^p_").to_numpy(float)).all()
+    (msg,) = pred.problems.loc[pred.problems["message"].str.contains("gap"), "message"]
+    assert "8985 mm after z=15" in msg and pred.problems["severity"].eq("warning").all()
