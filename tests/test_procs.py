@@ -43,7 +43,9 @@ def _spawn(code: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_kernel_dies_with_a_killed_runner(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_kernel_dies_with_a_killed_runner(tmp_path, sig):
+    """kill -9 of the runner (the watchdog ends the kernel's group) or Ctrl-C (the kernel is shut down)."""
     pids = tmp_path / "pids"
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(textwrap.dedent(f"""
@@ -63,8 +65,8 @@ def test_kernel_dies_with_a_killed_runner(tmp_path):
         assert _wait_for(lambda: pids.is_file() and pids.read_text().strip(), 90), runner.stderr.read1().decode()
         kernel, child = map(int, pids.read_text().split())
         assert _alive(kernel) and _alive(child)
-        runner.send_signal(signal.SIGKILL)
-        runner.wait()
+        runner.send_signal(sig)
+        runner.wait(30)
         # the kernel and what it started are gone shortly after (watchdog: SIGTERM, SIGKILL after 3 s)
         assert _wait_for(lambda: not _alive(kernel) and not _alive(child), 10)
     finally:
