@@ -698,6 +698,8 @@ def cli(args: argparse.Namespace) -> int:
 
     if not args.dir.exists():
         raise FileNotFoundError(f"{args.dir}: no such file or folder")
+    if not 0.0 < args.threshold < 1.0:  # also refuses nan
+        raise ValueError(f"--threshold {args.threshold}: expected a probability between 0 and 1 (exclusive)")
     bundle = Bundle.load(args.bundle)
     cam_dir = args.out / "cam" if args.cam else None
     pred = predict_dir(args.dir, bundle, device=args.device, threshold=args.threshold, cam_dir=cam_dir,

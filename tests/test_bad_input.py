@@ -286,3 +286,16 @@ def test_outlier_position_is_handled_by_order(tmp_path, smoke_params):
     assert np.isfinite(pred.slices.filter(regex="^p_").to_numpy(float)).all()
     (msg,) = pred.problems.loc[pred.problems["message"].str.contains("gap"), "message"]
     assert "8985 mm after z=15" in msg and pred.problems["severity"].eq("warning").all()
+
+
+def test_fifo_read_directly_fails_at_once(tmp_path, capsys):
+    from ichdlib.dicom import DicomReadError, read_header, read_hu
+
+    fifo = tmp_path / "x.dcm"
+    os.mkfifo(fifo)
+    for read in (read_header, read_hu):
+        with pytest.raises(DicomReadError, match="not a regular file"):
+            read(fifo)
+    assert ichd(["predict", str(tmp_path), "--bundle", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--threshold", "nan"]) == 2
+    assert "--threshold nan" in capsys.readouterr().err
