@@ -9,19 +9,62 @@ the run name.
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ParamsError(ValueError):
     """A params file that is missing, unreadable or invalid; the message names file and key."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's annotation takes numbers (``int``, ``float``, ``int | None``, ``list[int]``, ...)."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        return any(_numeric(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+    return False
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``epochs: true`` is a mistake, not 1: booleans are refused where a number is expected."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _has_bool(value) and _numeric(field.annotation) \
+                and not _takes_bool(field.annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    return any(_takes_bool(a) for a in typing.get_args(annotation))
 
 
 class PathsCfg(_Strict):
@@ -54,7 +97,7 @@ class SynthCfg(_Strict):
 class IngestCfg(_Strict):
     """Header scan, catalog, folds and the resized HU cache."""
 
-    size: int = Field(256, ge=16)
+    size: int = Field(256, ge=16, le=2048)
     workers: int = Field(0, ge=0, description="0 = one per CPU core")
     folds: int = Field(5, ge=2)
     #: IDs to leave out on purpose (e.g. known-corrupt ``ID_6431af929``); they are quarantined with a reason.
@@ -105,7 +148,7 @@ class BackboneCfg(_Strict):
     """One 2D CNN to train: a timm model name at one image size."""
 
     name: str = "densenet121"
-    size: int = Field(256, ge=16)
+    size: int = Field(256, ge=16, le=2048)
     batch: int = Field(32, ge=1)
     epochs: int = Field(10, ge=1)
     lr: float = Field(5e-4, gt=0)
@@ -269,6 +312,32 @@ class Params(_Strict):
     #: Set by ``ichdlib.nb.setup`` from ``overrides["force"]``: True, or a list of stage numbers to recompute.
     _force: Any = PrivateAttr(default=False)
 
+    @model_validator(mode="after")
+    def _cross_references(self) -> Params:
+        """Names that refer to other sections exist there (checked at load, before any work)."""
+        keys = [b.key for b in self.cnn.backbones]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"cnn.backbones: key(s) {dup} used twice (set a distinct tag)")
+        unknown = [k for k in self.seq.backbones if k not in keys]
+        if unknown:
+            raise ValueError(f"seq.backbones: {unknown} not among cnn.backbones keys {keys}")
+        for m in self.ensemble.members:
+            if m.startswith("cnn:"):
+                if m != "cnn:*" and m[4:] not in keys:
+                    raise ValueError(f"ensemble.members: {m!r} names no backbone; cnn.backbones keys are {keys}")
+            elif m not in self.seq.models:
+                raise ValueError(f"ensemble.members: {m!r} is neither a sequence model of seq.models "
+                                 f"{list(self.seq.models)} nor cnn:<key> / cnn:*")
+        if not self.ensemble.members:
+            raise ValueError("ensemble.members: empty; name at least one stage to blend")
+        if self.cnn.folds != "all":
+            bad = sorted({f for f in self.cnn.folds if not 0 <= f < self.ingest.folds})
+            if bad or len(set(self.cnn.folds)) != len(self.cnn.folds) or not self.cnn.folds:
+                raise ValueError(f"cnn.folds: {self.cnn.folds} must be distinct fold numbers in "
+                                 f"0..{self.ingest.folds - 1} (ingest.folds is {self.ingest.folds})")
+        return self
+
     # -- resolved locations ---------------------------------------------------------------------
     def _resolve(self, p: Path) -> Path:
         p = Path(str(p).replace("{run}", self.run))
@@ -312,14 +381,19 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid parameters"]
+    """One line: ``<file>: invalid parameters: <key>: <problem> (got <value>); <key>: ...``."""
+    lines = [f"{source}: invalid parameters:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<top>"
+        msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"{key}: unknown key;")
+        elif not e["loc"]:  # a cross-reference check: the message names the keys
+            lines.append(f"{msg};")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            got = repr(e.get("input"))
+            lines.append(f"{key}: {msg} (got {got if len(got) <= 60 else got[:57] + '...'});")
+    return " ".join(lines).rstrip(";")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -348,11 +422,16 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise ParamsError(f"params file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ParamsError(f"{path}: not valid YAML ({exc})") from exc
+            raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ParamsError(f"{path}: cannot read ({exc})") from exc
+        if data is None:
+            raise ParamsError(f"{path}: empty params file (write at least 'run: NAME'; see params/demo.yaml)")
         if not isinstance(data, dict):
-            raise ParamsError(f"{path}: expected a mapping of keys at the top level")
+            raise ParamsError(f"{path}: expected a mapping of keys at the top level, got a "
+                              f"{type(data).__name__}")
         root = path.parent.parent
     if overrides:
         data = _deep_merge(data, overrides)
@@ -367,6 +446,17 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         return Params.model_validate(data)
     except ValidationError as exc:
         raise ParamsError(_format_errors(exc, source)) from None
+
+
+def check_values(model: type[BaseModel], values: dict[str, Any], source: str) -> BaseModel:
+    """Validate ``values`` (e.g. command-line flags) against a params section exactly as the YAML would be;
+    a :class:`ParamsError` on one line names each bad key and value."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']} (got {e.get('input')!r})"
+                 for e in exc.errors()]
+        raise ParamsError(f"{source}: invalid value: " + "; ".join(parts)) from None
 
 
 def dump_params(params: Params) -> str:

@@ -35,8 +35,34 @@ def split_id(long_id: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def long_to_wide(long: pd.DataFrame, *, source: str = "<frame>") -> tuple[pd.DataFrame, pd.DataFrame]:
+def check_values(long: pd.DataFrame, source: str, values: str = "probability") -> np.ndarray:
+    """The ``Label`` column as float64, checked: ``binary`` (truth: 0 or 1, also written 0.0/1.0) or
+    ``probability`` (a finite number in [0, 1]). Anything else (``2``, ``-1``, ``yes``, empty, NaN) raises
+    :class:`LabelFileError` naming the file, the first bad line (1-based, the header is line 1), its ID and
+    value, and how many lines are bad."""
+    raw = long["Label"]
+    num = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+    if values == "binary":
+        ok = (num == 0.0) | (num == 1.0)
+        want = "0 or 1"
+    else:
+        ok = np.isfinite(num) & (num >= 0.0) & (num <= 1.0)
+        want = "a probability in [0, 1]"
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        i = int(bad[0])
+        more = f" ({len(bad)} bad lines in all)" if len(bad) > 1 else ""
+        raise LabelFileError(f"{source}: line {i + 2}: Label {raw.iloc[i]!r} for {long['ID'].iloc[i]!r}: "
+                             f"expected {want}{more}")
+    return num
+
+
+def long_to_wide(long: pd.DataFrame, *, source: str = "<frame>",
+                 values: str = "probability") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pivot long ``ID,Label`` rows into one row per image with the six label columns.
+
+    ``values``: ``binary`` for truth (labels must be 0 or 1), ``probability`` for predictions and the
+    sample submission (a finite number in [0, 1]); see :func:`check_values`.
 
     Exact duplicate rows are dropped; conflicting duplicates keep the maximum value and are reported.
     Returns ``(wide, problems)``: ``wide`` is indexed by ``sop_uid`` with columns :data:`LABELS`;
@@ -53,7 +79,8 @@ def long_to_wide(long: pd.DataFrame, *, source: str = "<frame>") -> tuple[pd.Dat
     if bad.any():
         first = ids[bad].iloc[0]
         raise LabelFileError(f"{source}: {int(bad.sum())} malformed ID(s), first {first!r}")
-    frame = pd.DataFrame({"sop_uid": parts[0], "label": parts[1], "value": long["Label"].to_numpy()})
+    value = check_values(long, source, values)
+    frame = pd.DataFrame({"sop_uid": parts[0], "label": parts[1], "value": value})
     frame = frame.drop_duplicates()
     problems = []
     dup = frame.duplicated(["sop_uid", "label"], keep=False)
@@ -69,14 +96,17 @@ def long_to_wide(long: pd.DataFrame, *, source: str = "<frame>") -> tuple[pd.Dat
     return wide, pd.DataFrame(problems, columns=["sop_uid", "reason"])
 
 
-def read_labels(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read a Kaggle long-format label CSV (``stage_2_train.csv``) into ``(wide, problems)``."""
+def read_labels(path: str | Path, values: str = "probability") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read a Kaggle long-format CSV into ``(wide, problems)``: labels (``stage_2_train.csv``, an answer key)
+    with ``values="binary"``, predictions or a sample submission with the default ``probability``."""
     path = Path(path)
     try:
-        long = pd.read_csv(path)
+        long = pd.read_csv(path, dtype={"ID": str, "Label": str}, keep_default_na=False)
     except Exception as exc:  # pandas raises many types
         raise LabelFileError(f"{path}: cannot read CSV ({exc})") from exc
-    return long_to_wide(long, source=str(path))
+    if list(long.columns[:2]) != ["ID", "Label"]:
+        raise LabelFileError(f"{path}: expected header 'ID,Label', got {list(long.columns)}")
+    return long_to_wide(long, source=str(path), values=values)
 
 
 def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:

@@ -97,12 +97,16 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
     out.parent.mkdir(parents=True, exist_ok=True)
     os.environ["ICHD_HEADLESS"] = "1"
     os.environ.setdefault("MPLBACKEND", "Agg")
+    from ichdlib.locks import output_lock
+    from ichdlib.procs import execute_notebook  # the kernel in its own process group, ended with this runner
+
     try:
-        pm.execute_notebook(
-            str(nb), str(out),
-            parameters={"params_path": str(params_path), "overrides": overrides},
-            cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
-        )
+        with output_lock(out, what="run"):  # one runner writes this executed notebook at a time
+            execute_notebook(
+                str(nb), str(out),
+                parameters={"params_path": str(params_path), "overrides": overrides},
+                cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
+            )
     except pm.PapermillExecutionError as exc:
         raise NotebookFailed(_failure_message(nb.name, exc, out)) from None
     if html:

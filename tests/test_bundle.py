@@ -25,7 +25,7 @@ def exported(trained, tmp_path_factory) -> Path:
 def test_bundle_layout(trained, exported):
     P = trained
     m = json.loads((exported / MANIFEST).read_text())
-    assert m["format"] == FORMAT and m["format_version"] == 1 and m["labels"] == list(LABELS)
+    assert m["format"] == FORMAT and m["format_version"] == 2 and m["labels"] == list(LABELS)
     assert m["run"] == P.run and m["created"].endswith("+00:00")
     assert m["windows"]["recipe"] == P.windows.recipe and m["tta"] == P.features.tta
     (b,) = m["backbones"]

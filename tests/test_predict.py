@@ -66,7 +66,7 @@ def test_non_dicom_non_ct_localizer_and_mixed_series(tmp_path):
     assert "other CT series left out (3 image(s))" in by_series["1.2.5.3"] and "1.2.5.2" in by_series["1.2.5.3"]
     by_path = {Path(p["path"]).name: p["message"] for p in problems if p["path"] and not p["series_uid"]}
     assert "not a DICOM file" in by_path["notes.txt"] and "empty file" in by_path["empty.dcm"]
-    assert ".hidden" not in by_path
+    assert by_path[".hidden"] == "skipped: hidden file"  # listed, not opened (as ingest does)
     assert all(p["severity"] == pr.SKIPPED for p in problems)
     frame = pr.problems_frame(problems)
     assert list(frame.columns) == pr.PROBLEM_COLUMNS and len(frame) == len(problems)

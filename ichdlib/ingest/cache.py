@@ -91,8 +91,18 @@ def decode_resized(path: str | os.PathLike, meta: dict[str, Any], size: int) -> 
     """
     stored = read_stored(path, meta)
     if stored is None:
-        return resize_hu(read_hu(path)[0], size)
-    return _to_int16(rescale(_resize(fix_stored(stored, meta).astype(np.float32), size), meta))
+        hu = read_hu(path)[0]
+        _check_finite(path, hu)
+        return resize_hu(hu, size)
+    hu = rescale(_resize(fix_stored(stored, meta).astype(np.float32), size), meta)
+    _check_finite(path, hu)
+    return _to_int16(hu)
+
+
+def _check_finite(path: str | os.PathLike, hu: np.ndarray) -> None:
+    """HU that are not finite (an extreme rescale) never become a clipped, plausible-looking cache row."""
+    if not np.isfinite(hu).all():
+        raise DicomReadError(path, "pixel values are not finite after the rescale (RescaleSlope/Intercept)")
 
 
 def open_cache(work: str | os.PathLike, size: int) -> np.memmap:
@@ -122,9 +132,14 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _worker_init() -> None:
-    """One OpenCV thread per worker process: the pool already uses every core (no oversubscription)."""
+def _worker_init(parent: int | None = None) -> None:
+    """One OpenCV thread per worker process: the pool already uses every core (no oversubscription).
+    The worker ends as soon as ``parent`` (the ingest that made the pool) is gone, even after ``kill -9``."""
     cv2.setNumThreads(1)
+    if parent is not None:
+        from ichdlib.procs import exit_with_parent
+
+        exit_with_parent(parent)
 
 
 class LazyPool:
@@ -141,8 +156,9 @@ class LazyPool:
             method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             if method == "forkserver":
-                ctx.set_forkserver_preload(["ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.ingest.catalog"])
-            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+                ctx.set_forkserver_preload(["ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.ingest.catalog", "ichdlib.procs"])
+            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
+                                           initargs=(os.getpid(),))
         return self._ex
 
     def close(self) -> None:

@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from ichdlib.files import atomic_write, read_json, write_json
 from ichdlib.ingest import cache as _cache
 from ichdlib.ingest.dicom import read_headers
+from ichdlib.ingest.validity import list_files, slice_problem
 from ichdlib.labels import LABELS, read_labels
+from ichdlib.locks import output_lock
 
 if TYPE_CHECKING:
     from ichdlib.config import Params
@@ -108,15 +110,15 @@ def _save(work: Path, cat: pd.DataFrame, quarantine: pd.DataFrame) -> None:
 
 
 # -- scanning -------------------------------------------------------------------------------------------
-def _list_files(folder: Path) -> list[str]:
-    """Every regular file under ``folder`` (sorted); none when it does not exist."""
+def _list_files(folder: Path, skipped: list[tuple[str, str]] | None = None) -> list[str]:
+    """Every regular file under ``folder`` (sorted; :func:`ichdlib.ingest.validity.list_files`: hidden files,
+    FIFOs, devices and unreadable folders go to ``skipped`` with the reason); none when it does not exist."""
     if not folder.is_dir():
         return []
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        out += [os.path.join(dirpath, f) for f in sorted(filenames)]
-    return out
+    files, left = list_files(folder)
+    if skipped is not None:
+        skipped += left
+    return files
 
 
 def _fingerprint(root: Path, files: dict[str, list[str]], csvs: Iterable[Path], **params: Any) -> str:
@@ -135,6 +137,7 @@ def _header_task(paths: list[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]
     """Worker: headers of some files as a frame (compact to send back) plus the unreadable ones."""
     metas, errors = read_headers(paths)
     for m in metas:
+        m["invalid"] = slice_problem(m) or ""  # the slice-validity rule predict applies too
         del m["position"], m["orientation"]
         m["fixes"] = ";".join(m["fixes"])
     return pd.DataFrame(metas), errors
@@ -260,13 +263,19 @@ def _scan(
     skip_ids: set[str],
     pool: _cache.LazyPool,
     progress: bool,
+    not_files: dict[str, list[tuple[str, str]]] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Headers + labels -> (catalog, quarantine, report)."""
+    """Headers + labels -> (catalog, quarantine, report). ``not_files``: per split, what file discovery
+    left unopened (hidden, FIFOs, unreadable folders), quarantined with the reason."""
     t0 = time.monotonic()
     # scikit-learn takes a second or two to import: do it while the workers read headers
     threading.Thread(target=importlib.import_module, args=("sklearn.model_selection",), daemon=True).start()
     quarantine: list[pd.DataFrame] = []
     split_of = {p: s for s in _SPLITS for p in files[s]}
+    for s, entries in (not_files or {}).items():
+        if entries:
+            quarantine.append(_q([_stem(p) for p, _ in entries], [p for p, _ in entries], s,
+                                 [r for _, r in entries]))
     skipped = [p for p in split_of if _stem(p) in skip_ids]
     if skipped:
         quarantine.append(
@@ -290,6 +299,7 @@ def _scan(
             )
         )
     left_out = {_stem(p) for p in skipped} | {_stem(p) for p, _ in errors}
+    left_out |= {_stem(p) for entries in (not_files or {}).values() for p, _ in entries}
     if frame.empty:
         raise ValueError(
             f"{root}: no readable DICOM files in {sorted({Path(p).parent.name for p in split_of})}"
@@ -307,9 +317,7 @@ def _scan(
             frame = frame[~mask]
 
     drop(frame["sop_uid"].isin(skip_ids), "skipped on purpose: listed in ingest.skip_ids")
-    drop(
-        (frame["modality"] != "CT") & (frame["modality"] != ""), lambda b: "not CT: modality " + b["modality"]
-    )
+    drop(frame["invalid"] != "", lambda b: b["invalid"])
     frame = frame.assign(_s=frame["split"].map({s: i for i, s in enumerate(_SPLITS)}))
     frame = frame.sort_values(["_s", "path"], kind="mergesort").drop(columns="_s")
     first_path = frame.drop_duplicates("sop_uid").set_index("sop_uid")["path"]
@@ -327,7 +335,7 @@ def _scan(
             raise FileNotFoundError(
                 f"label file {train_csv} not found (needed for {n_train} training images)"
             )
-        labels, problems = read_labels(train_csv)
+        labels, problems = read_labels(train_csv, values="binary")
         conflicts = problems["reason"].str.startswith("conflicting")
         report["label_conflicts"] = sorted(problems.loc[conflicts, "sop_uid"])
         missing = problems[~conflicts].drop_duplicates("sop_uid").set_index("sop_uid")["reason"]
@@ -425,30 +433,51 @@ def build_catalog(
     force: bool = False,
     rebuild_cache: bool = False,
     progress: bool = True,
+    wait: bool | float = False,
 ) -> pd.DataFrame:
     """Scan ``root`` (RSNA layout) into ``work``: catalog, quarantine, report and ``cache_<size>.npy``.
 
     Idempotent: with the same inputs (file names, label files, folds, seed, skip_ids) the catalog is
     loaded, not rebuilt, and a finished cache is left alone; an interrupted cache build resumes.
-    ``force`` rebuilds everything; ``rebuild_cache`` only the cache at ``size``.
+    ``force`` rebuilds everything; ``rebuild_cache`` only the cache at ``size``. Arguments are validated as
+    the ``ingest`` params section is (``ParamsError`` naming the key). The work folder's catalog is locked
+    while this runs (:func:`ichdlib.locks.output_lock`): a second ingest of the same work folder raises
+    :class:`ichdlib.locks.LockHeld` naming the holder, or waits with ``wait=True`` (seconds with a number).
     """
+    from ichdlib.config import IngestCfg, check_values
+
+    check_values(IngestCfg, {"size": size, "workers": workers, "folds": folds, "skip_ids": list(skip_ids)},
+                 "ingest settings")
     root, work = Path(root), Path(work)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
-    files = {"train": _list_files(root / train_dir), "test": _list_files(root / test_dir)}
+    work.mkdir(parents=True, exist_ok=True)
+    # one writer of this work folder's catalog and caches at a time (a second ingest is told who holds it)
+    with output_lock(work / CATALOG, what="ingest", wait=wait):
+        return _build_catalog(root, work, size, workers, folds, seed, skip_ids, train_dir, test_dir, train_csv,
+                              sample_submission, force, rebuild_cache, progress)
+
+
+def _build_catalog(root: Path, work: Path, size: int, workers: int, folds: int, seed: int,
+                   skip_ids: Iterable[str], train_dir: str, test_dir: str, train_csv: str,
+                   sample_submission: str, force: bool, rebuild_cache: bool, progress: bool) -> pd.DataFrame:
+    not_files: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    files = {"train": _list_files(root / train_dir, not_files["train"]),
+             "test": _list_files(root / test_dir, not_files["test"])}
     if not files["train"] and not files["test"]:
         raise FileNotFoundError(f"{root}: no files in {train_dir}/ or {test_dir}/ (expected the RSNA layout)")
-    work.mkdir(parents=True, exist_ok=True)
     csv_path, sub_path = root / train_csv, root / sample_submission
     skip = sorted(set(skip_ids))
-    fp = _fingerprint(root, files, (csv_path, sub_path), folds=folds, seed=seed, skip_ids=skip)
+    fp = _fingerprint(root, files, (csv_path, sub_path), folds=folds, seed=seed, skip_ids=skip,
+                      not_files=not_files)
     state = read_json(work / STATE)
     with _cache.LazyPool(workers) as pool:
         if force or state.get("fingerprint") != fp or not (work / CATALOG).is_file():
             for name in (CATALOG, QUARANTINE, REPORT, STATE):
                 (work / name).unlink(missing_ok=True)
             _cache.remove_caches(work)
-            cat, q, report = _scan(root, files, csv_path, sub_path, folds, seed, set(skip), pool, progress)
+            cat, q, report = _scan(root, files, csv_path, sub_path, folds, seed, set(skip), pool, progress,
+                                   not_files)
             _save(work, cat, q)
             write_json(work / REPORT, report)
             state = {"fingerprint": fp, "n_rows": len(cat), "version": _VERSION}
@@ -489,6 +518,7 @@ def ingest(
     size: int | None = None,
     rebuild_cache: bool = False,
     progress: bool = True,
+    wait: bool | float = False,
 ) -> pd.DataFrame:
     """:func:`build_catalog` with the paths and ``ingest`` section of ``params`` (fold seed: ``params.seed``).
 
@@ -505,7 +535,7 @@ def ingest(
     return build_catalog(
         root,
         params.work_dir,
-        size=size or i.size,
+        size=i.size if size is None else size,
         workers=i.workers,
         folds=i.folds,
         seed=params.seed,
@@ -517,6 +547,7 @@ def ingest(
         force=force,
         rebuild_cache=rebuild_cache,
         progress=progress,
+        wait=wait,
     )
 
 
@@ -543,6 +574,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="rebuild catalog and cache even if up to date")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--wait", action="store_true",
+                        help="when another ingest is writing this work folder, wait for it instead of stopping")
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -570,7 +603,7 @@ def cli(args: argparse.Namespace) -> int:
             over["paths"] = paths
         params = load_params(args.params, over)
         work = params.work_dir
-        cat = ingest(params, force=args.force, progress=not args.no_progress)
+        cat = ingest(params, force=args.force, progress=not args.no_progress, wait=args.wait)
     else:
         if not args.root or not args.work:
             raise ValueError("give --root and --work (or --params)")
@@ -578,13 +611,14 @@ def cli(args: argparse.Namespace) -> int:
         cat = build_catalog(
             args.root,
             work,
-            size=args.size or 256,
-            workers=args.workers or 0,
-            folds=args.folds or 5,
+            size=256 if args.size is None else args.size,  # 0 or -5 are errors, not "use the default"
+            workers=0 if args.workers is None else args.workers,
+            folds=5 if args.folds is None else args.folds,
             seed=42 if args.seed is None else args.seed,
             skip_ids=skip or (),
             force=args.force,
             progress=not args.no_progress,
+            wait=args.wait,
         )
     q = load_quarantine(work)
     kinds = q["reason"].str.split(":").str[0].value_counts() if len(q) else pd.Series(dtype=int)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,14 @@ def _quiet() -> Iterator[None]:
 
 def _open(path: Path) -> pydicom.Dataset:
     """Parse a file's elements, deferring large values; raise DicomReadError for non-DICOM input."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DicomReadError(path, "no such file") from None
+    except OSError as exc:
+        raise DicomReadError(path, f"cannot read file ({exc})") from exc
+    if not stat.S_ISREG(mode):  # a FIFO would block the read forever, a device never end
+        raise DicomReadError(path, "not a regular file (a folder, FIFO, socket or device)")
     try:
         return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except InvalidDicomError:

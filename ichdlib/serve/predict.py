@@ -6,7 +6,9 @@
    ``.dcm``) is read header-only and grouped by StudyInstanceUID and SeriesInstanceUID. Per study the axial
    CT series with the most slices is chosen; non-CT series, localizers/scouts (ImageType ``LOCALIZER`` or a
    non-axial orientation), other series, non-DICOM and unreadable files are listed in ``problems`` with
-   the reason. Slices are ordered by z exactly as the catalog orders them (ties by SOPInstanceUID; duplicate
+   the reason. Only regular files are opened; hidden files, FIFOs, devices and unreadable folders are listed
+   (:func:`ichdlib.ingest.validity.list_files`), and each slice must pass :func:`ichdlib.ingest.validity.slice_problem`,
+   the rule ingest applies. Slices are ordered by z exactly as the catalog orders them (ties by SOPInstanceUID; duplicate
    positions are kept, as in training, with a warning).
 2. **Pixels** (:func:`load_study`): HU through :func:`ichdlib.ingest.dicom.read_hu` (compressed transfer syntaxes
    through pylibjpeg); a slice that cannot be decoded is dropped with a message and the z-neighbours are
@@ -31,10 +33,17 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.files import json_ready, write_text
+from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re-exported for callers of predict)
+    AXIAL_MIN_COS,
+    GAP_FACTOR,
+    capped_z,
+    is_axial,
+    list_files,
+    slice_normal,
+    slice_problem,
+)
 from ichdlib.spec import ModelSpec
 
-#: |z component of the slice normal| above this counts as axial (allows gantry tilt up to ~35 degrees).
-AXIAL_MIN_COS = 0.8
 #: Problem severities: ``skipped`` (something was left out) or ``warning`` (predicted, with a caveat).
 SKIPPED, WARNING = "skipped", "warning"
 PROBLEM_COLUMNS = ["study_uid", "series_uid", "path", "severity", "message"]
@@ -59,17 +68,12 @@ def problems_frame(problems: Iterable[dict[str, str]]) -> pd.DataFrame:
 # Discovery
 # --------------------------------------------------------------------------------------------------
 def find_files(root: str | os.PathLike) -> list[Path]:
-    """Every regular file under ``root`` (or ``root`` itself), sorted; hidden files and folders skipped."""
+    """Every regular file under ``root`` (or ``root`` itself), sorted; hidden files and folders, FIFOs,
+    sockets and devices are not included (:func:`ichdlib.ingest.validity.list_files`, as ingest does)."""
     root = Path(root)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return out
+    return [Path(p) for p in list_files(root)[0]]
 
 
 def _image_type(meta: dict[str, Any]) -> str:
@@ -86,21 +90,6 @@ def _image_type(meta: dict[str, Any]) -> str:
     if not isinstance(value, str):
         value = "\\".join(str(v) for v in value)
     return value.upper()
-
-
-def slice_normal(orientation: Sequence[float] | None) -> np.ndarray | None:
-    """Unit normal of a slice from ImageOrientationPatient (row and column direction cosines)."""
-    if orientation is None or len(orientation) != 6:
-        return None
-    n = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-    norm = float(np.linalg.norm(n))
-    return n / norm if norm > 1e-6 else None
-
-
-def is_axial(orientation: Sequence[float] | None) -> bool | None:
-    """True for an axial slice (normal within ~35 degrees of the z axis), None when unknown."""
-    n = slice_normal(orientation)
-    return None if n is None else bool(abs(n[2]) >= AXIAL_MIN_COS)
 
 
 def scan_headers(paths: Sequence[str | os.PathLike], progress: bool = False) -> tuple[pd.DataFrame, list[dict]]:
@@ -121,9 +110,10 @@ def scan_headers(paths: Sequence[str | os.PathLike], progress: bool = False) -> 
             continue
         meta["image_type"] = _image_type(meta)
         metas.append(meta)
-    cols = ["path", "sop_uid", "patient_id", "study_uid", "series_uid", "modality", "z", "orientation",
-            "rows", "cols", "instance_number", "has_pixels", "frames", "samples_per_pixel", "image_type",
-            "transfer_syntax", "fixes"]
+    cols = ["path", "sop_uid", "patient_id", "study_uid", "series_uid", "modality", "z", "position",
+            "orientation", "rows", "cols", "instance_number", "has_pixels", "frames", "samples_per_pixel",
+            "image_type", "transfer_syntax", "fixes", "slope", "intercept", "photometric", "bits_allocated",
+            "bits_stored"]
     table = pd.DataFrame([{k: m.get(k) for k in cols} for m in metas], columns=cols)
     table["study_uid"] = table["study_uid"].fillna("").astype(str)
     table["series_uid"] = table["series_uid"].fillna("").astype(str)
@@ -205,8 +195,8 @@ def select_series(table: pd.DataFrame) -> tuple[list[StudyScan], list[dict]]:
             if kind == "ok":
                 candidates.append((series_uid, group))
             else:
-                study_problems.append(problem(f"series left out: {reason}", study_uid=study_uid,
-                                              series_uid=series_uid, path=_one_path(group)))
+                study_problems += [problem(f"series left out: {reason}", study_uid=study_uid,
+                                           series_uid=series_uid, path=p) for p in group["path"]]
         if not candidates:
             study_problems.append(problem("no axial CT series in this study; nothing to predict",
                                           study_uid=study_uid, path=_one_path(study)))
@@ -215,9 +205,9 @@ def select_series(table: pd.DataFrame) -> tuple[list[StudyScan], list[dict]]:
         candidates.sort(key=lambda c: (-len(c[1]), c[0]))
         series_uid, group = candidates[0]
         for other_uid, other in candidates[1:]:
-            study_problems.append(problem(
+            study_problems += [problem(
                 f"other CT series left out ({len(other)} image(s)); predicted series {series_uid} "
-                f"({len(group)} images)", study_uid=study_uid, series_uid=other_uid, path=_one_path(other)))
+                f"({len(group)} images)", study_uid=study_uid, series_uid=other_uid, path=p) for p in other["path"]]
         slices, dropped = _clean_series(group, study_uid, series_uid)
         study_problems += dropped
         if len(slices) == 0:
@@ -242,44 +232,34 @@ def _one_path(group: pd.DataFrame) -> str:
 
 
 def _clean_series(group: pd.DataFrame, study_uid: str, series_uid: str) -> tuple[pd.DataFrame, list[dict]]:
-    """Drop a series' files that cannot be slices (no pixels, multi-frame, colour, non-axial, duplicate
-    SOP or z position) and order the rest by z."""
+    """Drop a series' files that break the slice-validity rule (:func:`ichdlib.ingest.validity.slice_problem`,
+    the rule ingest applies) or repeat a SOP, and order the rest by z."""
     problems: list[dict] = []
-    keep = []
-
-    def drop(row: pd.Series, why: str) -> None:
-        problems.append(problem(f"slice left out: {why}", study_uid=study_uid, series_uid=series_uid,
-                                path=row["path"]))
-
-    seen_sop: set[str] = set()
-    for _, row in group.iterrows():
-        if not row["has_pixels"]:
-            drop(row, "no pixel data")
-        elif int(row["frames"] or 1) > 1:
-            drop(row, f"multi-frame image ({row['frames']} frames); one 2D slice per file expected")
-        elif int(row["samples_per_pixel"] or 1) != 1:
-            drop(row, f"not grayscale (SamplesPerPixel={row['samples_per_pixel']})")
-        elif is_axial(row["orientation"]) is False:
-            drop(row, f"not axial (ImageOrientationPatient {_fmt_orientation(row['orientation'])})")
-        elif str(row["sop_uid"]) in seen_sop:
-            drop(row, f"duplicate SOPInstanceUID {row['sop_uid']}")
-        else:
-            seen_sop.add(str(row["sop_uid"]))
-            keep.append(row)
-    table = pd.DataFrame(keep, columns=group.columns)
-    if table.empty:
-        return order_slices(table), problems
-    z = pd.to_numeric(table["z"], errors="coerce")
-    inst = pd.to_numeric(table["instance_number"], errors="coerce").where(lambda v: v >= 0)
-    if z.isna().all() and inst.notna().all():
+    group = group.copy()
+    z = pd.to_numeric(group["z"], errors="coerce")
+    inst = pd.to_numeric(group["instance_number"], errors="coerce").where(lambda v: v >= 0)
+    if len(group) and z.isna().all() and inst.notna().all():
         problems.append(problem(
             "no ImagePositionPatient/SliceLocation in this series: slices ordered by InstanceNumber, z spacing "
             "assumed uniform", study_uid=study_uid, series_uid=series_uid, severity=WARNING))
-        table["z"] = inst.astype(float)
-    elif z.isna().any():
-        for _, row in table[z.isna()].iterrows():
-            drop(row, "no ImagePositionPatient/SliceLocation: its place in the study is unknown")
-        table = table[z.notna()]
+        group["z"] = inst.astype(float)
+        group["position"] = None
+    keep = []
+    seen_sop: set[str] = set()
+    for _, row in group.iterrows():
+        why = slice_problem(row.to_dict())
+        if why is None and str(row["sop_uid"]) in seen_sop:
+            why = f"duplicate SOPInstanceUID {row['sop_uid']}"
+        if why is not None:
+            problems.append(problem(f"slice left out: {why}", study_uid=study_uid, series_uid=series_uid,
+                                    path=row["path"]))
+            continue
+        seen_sop.add(str(row["sop_uid"]))
+        keep.append(row)
+    table = pd.DataFrame(keep, columns=group.columns)
+    if table.empty:
+        return order_slices(table), problems
+    table["z"] = table["z"].astype(float)
     table = order_slices(table)
     if table["dup_z"].any():
         dz = table.loc[table["dup_z"], "z"]
@@ -287,15 +267,40 @@ def _clean_series(group: pd.DataFrame, study_uid: str, series_uid: str) -> tuple
             f"{len(dz)} slices share {dz.nunique()} z position(s) (e.g. {float(dz.iloc[0]):g} mm); all kept and "
             "ordered by SOPInstanceUID, as in training", study_uid=study_uid, series_uid=series_uid,
             severity=WARNING))
+    gaps = z_gaps(table["z"].to_numpy(float))
+    if gaps:
+        problems.append(problem(
+            f"{len(gaps)} gap(s) in the slice positions (e.g. {gaps[0][1]:g} mm after z={gaps[0][0]:g}, the usual "
+            f"step is {gaps[0][2]:g} mm): missing slices or an outlier position; slices predicted in position "
+            f"order, the sequence models see steps capped at {GAP_FACTOR:g}x the usual one",
+            study_uid=study_uid, series_uid=series_uid, severity=WARNING))
     return table, problems
+
+
+def z_gaps(z: np.ndarray, factor: float = GAP_FACTOR) -> list[tuple[float, float, float]]:
+    """Steps between z-ordered positions larger than ``factor`` x the median step:
+    ``[(z before the gap, step, median step), ...]``."""
+    if len(z) < 3:
+        return []
+    d = np.diff(z)
+    pos = d[d > 0]
+    if not len(pos):
+        return []
+    med = float(np.median(pos))
+    return [(float(z[i]), float(d[i]), med) for i in np.flatnonzero(d > factor * med)]
 
 
 def discover(root: str | os.PathLike, progress: bool = False) -> tuple[list[StudyScan], list[dict]]:
     """Folder (one study, many studies, nested, any file names) -> chosen series per study + problems."""
-    paths = find_files(root)
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    paths, skipped = list_files(root)
+    not_opened = [problem(why, path=p) for p, why in skipped]  # "skipped: hidden file", "skipped: a FIFO ..."
     if not paths:
-        return [], [problem("no files found", path=root)]
+        return [], not_opened + [problem("no files found", path=root)]
     table, problems = scan_headers(paths, progress=progress)
+    problems = not_opened + problems
     if table.empty:
         problems.append(problem("no readable DICOM file found", path=root))
         return [], problems
@@ -457,7 +462,7 @@ class Predictor:
             inputs = SeqInputs(
                 sop_uid=sl["sop_uid"].to_numpy(str), study_uid=np.full(n, loaded.scan.study_uid),
                 patient_id=np.full(n, loaded.scan.patient_id), fold=np.full(n, -1),
-                z=sl["z"].to_numpy(np.float64), feats=[outs[k].feat for k in keys], probs=probs)
+                z=capped_z(sl["z"].to_numpy(np.float64)), feats=[outs[k].feat for k in keys], probs=probs)
             for name, models in self.seq.items():
                 stage[name] = predict_studies(models, inputs, device=self.device, batch=self.P.seq.batch)
         weights = self.bundle.ensemble["weights"]
@@ -562,6 +567,11 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
                                     series_uid=scan.series_uid))
             continue
         t_model += time.perf_counter() - t1
+        numbers = frame.select_dtypes("number").drop(columns=["slice_index", "z"], errors="ignore")
+        if not np.isfinite(numbers.to_numpy(np.float64)).all():  # never report NaN as "no finding"
+            problems.append(problem("prediction failed: the models returned non-finite probabilities; study not "
+                                    "reported", study_uid=scan.study_uid, series_uid=scan.series_uid))
+            continue
         frames.append(frame)
         if cam_dir is not None:
             try:
@@ -726,6 +736,8 @@ def cli(args: argparse.Namespace) -> int:
             raise ValueError("give a folder of DICOM files, or --dicomweb URL --study UID")
         if not args.dir.exists():
             raise FileNotFoundError(f"{args.dir}: no such file or folder")
+    if not 0.0 <= args.threshold <= 1.0:  # also refuses nan
+        raise ValueError(f"--threshold {args.threshold}: expected a probability between 0 and 1")
     bundle = Bundle.load(args.bundle)
     folder, server, tmp = args.dir, None, None
     fetched: list[str] = []
