@@ -200,7 +200,7 @@ def test_cam_series_references_its_slices(written):
     # the PNGs of --cam are the same overlays (computed once for both)
     import cv2
 
-    from ichdlib.serve.predict import _safe_name
+    from ichdlib.serve.discover import safe_name
 
     index = {s["sop_uid"]: s["slice_index"] for s in study["slices"]}
     pngs = sorted((written["out"] / "cam").rglob("*.png"))
@@ -208,7 +208,7 @@ def test_cam_series_references_its_slices(written):
     for p in cams:
         ds = pydicom.dcmread(p)
         sop, label = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID), ds.ImageComments.split(":")[0]
-        png = written["out"] / "cam" / _safe_name(study["study_uid"]) / f"slice{index[sop]:03d}_{label}.png"
+        png = written["out"] / "cam" / safe_name(study["study_uid"]) / f"slice{index[sop]:03d}_{label}.png"
         np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB), ds.pixel_array)
 
 

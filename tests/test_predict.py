@@ -13,6 +13,7 @@ from builders import CORONAL, ct_file, head_hu, series_files, study_folder
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
+from ichdlib.serve import discover as dsc
 from ichdlib.serve import predict as pr
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
@@ -28,7 +29,7 @@ def messages(problems) -> str:
 def test_discover_nested_studies_any_names(tmp_path):
     a = series_files(tmp_path / "patient1" / "deep" / "study", 5, study="1.2.3", series="1.2.3.9", ext="")
     b = series_files(tmp_path / "patient2", 3, study="1.2.4", series="1.2.4.9", z0=-20.0, dz=-2.5, ext=".DCM")
-    scans, problems = pr.discover(tmp_path)
+    scans, problems = dsc.discover(tmp_path)
     assert problems == []
     assert [s.study_uid for s in scans] == ["1.2.3", "1.2.4"]
     s1, s2 = scans
@@ -42,7 +43,7 @@ def test_discover_nested_studies_any_names(tmp_path):
     assert list(s1.slices["next_index"]) == [1, 2, 3, 4, 4]
     assert list(s1.slices["sop_uid"]) == [f"1.2.3.9.{k}" for k in range(5)]
     # a single file is a folder of one
-    one, _ = pr.discover(a[0])
+    one, _ = dsc.discover(a[0])
     assert len(one) == 1 and one[0].n_slices == 1
 
 
@@ -57,7 +58,7 @@ def test_non_dicom_non_ct_localizer_and_mixed_series(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty.dcm").write_bytes(b"")
     (tmp_path / ".hidden").write_text("skipped")
-    scans, problems = pr.discover(tmp_path)
+    scans, problems = dsc.discover(tmp_path)
     assert len(scans) == 1 and scans[0].series_uid == "1.2.5.2" and scans[0].n_slices == 6
     by_series = {p["series_uid"]: p["message"] for p in problems if p["series_uid"]}
     assert "localizer" in by_series["1.2.5.1"]
@@ -67,33 +68,33 @@ def test_non_dicom_non_ct_localizer_and_mixed_series(tmp_path):
     by_path = {Path(p["path"]).name: p["message"] for p in problems if p["path"] and not p["series_uid"]}
     assert "not a DICOM file" in by_path["notes.txt"] and "empty file" in by_path["empty.dcm"]
     assert by_path[".hidden"] == "skipped: hidden file"  # listed, not opened (as ingest does)
-    assert all(p["severity"] == pr.SKIPPED for p in problems)
-    frame = pr.problems_frame(problems)
-    assert list(frame.columns) == pr.PROBLEM_COLUMNS and len(frame) == len(problems)
+    assert all(p["severity"] == dsc.SKIPPED for p in problems)
+    frame = dsc.problems_frame(problems)
+    assert list(frame.columns) == dsc.PROBLEM_COLUMNS and len(frame) == len(problems)
 
 
 def test_study_without_ct_and_empty_folder(tmp_path):
     ct_file(tmp_path / "a" / "mr1", study="9.1", series="9.1.1", modality="MR")
-    scans, problems = pr.discover(tmp_path / "a")
+    scans, problems = dsc.discover(tmp_path / "a")
     assert scans == []
     assert "no axial CT series" in messages(problems)
     (tmp_path / "empty").mkdir()
-    assert pr.discover(tmp_path / "empty") == ([], [pr.problem("no files found", path=tmp_path / "empty")])
+    assert dsc.discover(tmp_path / "empty") == ([], [dsc.problem("no files found", path=tmp_path / "empty")])
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        pr.discover(tmp_path / "missing")
+        dsc.discover(tmp_path / "missing")
 
 
 def test_single_slice_and_duplicates(tmp_path):
     ct_file(tmp_path / "one" / "x", study="7.1", series="7.1.1", sop="7.1.1.1")
-    scans, problems = pr.discover(tmp_path / "one")
+    scans, problems = dsc.discover(tmp_path / "one")
     assert scans[0].n_slices == 1 and list(scans[0].slices["prev_index"]) == [0]
-    assert [p["severity"] for p in problems] == [pr.WARNING] and "single slice" in problems[0]["message"]
+    assert [p["severity"] for p in problems] == [dsc.WARNING] and "single slice" in problems[0]["message"]
     # same SOP twice: one left out; same z twice: both kept (as the catalog does) with a warning
     d = tmp_path / "dup"
     series_files(d, 3, study="7.2", series="7.2.1")
     ct_file(d / "copy_of_1", study="7.2", series="7.2.1", sop="7.2.1.1", z=5.0)
     ct_file(d / "same_z", study="7.2", series="7.2.1", sop="7.2.1.99", z=5.0)
-    scans, problems = pr.discover(d)
+    scans, problems = dsc.discover(d)
     assert scans[0].n_slices == 4
     assert list(scans[0].slices["sop_uid"]) == ["7.2.1.0", "7.2.1.1", "7.2.1.99", "7.2.1.2"]
     text = messages(problems)
@@ -104,7 +105,7 @@ def test_slices_without_position(tmp_path):
     d = tmp_path / "some"
     series_files(d, 3, study="8.1", series="8.1.1")
     lost = ct_file(d / "lost", study="8.1", series="8.1.1", sop="8.1.1.9", ImagePositionPatient=None)
-    (scan,), problems = pr.discover(d)
+    (scan,), problems = dsc.discover(d)
     assert scan.n_slices == 3 and problems[0]["path"] == str(lost)
     assert "no ImagePositionPatient/SliceLocation" in problems[0]["message"]
     # no positions at all: InstanceNumber gives the order
@@ -112,15 +113,15 @@ def test_slices_without_position(tmp_path):
     for k, inst in enumerate([3, 1, 2]):
         ct_file(d / f"x{k}", study="8.2", series="8.2.1", sop=f"8.2.1.{inst}", ImagePositionPatient=None,
                 InstanceNumber=inst)
-    (scan,), problems = pr.discover(d)
+    (scan,), problems = dsc.discover(d)
     assert list(scan.slices["sop_uid"]) == ["8.2.1.1", "8.2.1.2", "8.2.1.3"]
-    assert [p["severity"] for p in problems] == [pr.WARNING] and "InstanceNumber" in problems[0]["message"]
+    assert [p["severity"] for p in problems] == [dsc.WARNING] and "InstanceNumber" in problems[0]["message"]
 
 
 def test_index_ranges():
-    assert pr.index_ranges([]) == ""
-    assert pr.index_ranges([4]) == "4"
-    assert pr.index_ranges([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
+    assert dsc.index_ranges([]) == ""
+    assert dsc.index_ranges([4]) == "4"
+    assert dsc.index_ranges([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,9 +132,9 @@ def test_load_study_compressed_and_corrupt(tmp_path):
     comp = tmp_path / "comp"
     for k, syntax in enumerate([None, RLELossless, JPEG2000Lossless, RLELossless]):
         ct_file(comp / f"s{k}", study="5.2", series="5.2.1", sop=f"5.2.1.{k}", z=5.0 * k, seed=k, syntax=syntax)
-    (scan_plain,), _ = pr.discover(tmp_path / "plain")
-    (scan_comp,), _ = pr.discover(comp)
-    a, b = pr.load_study(scan_plain), pr.load_study(scan_comp)
+    (scan_plain,), _ = dsc.discover(tmp_path / "plain")
+    (scan_comp,), _ = dsc.discover(comp)
+    a, b = dsc.load_study(scan_plain), dsc.load_study(scan_comp)
     assert a.problems == [] and b.problems == []
     assert len(a.hu) == len(b.hu) == 4
     for x, y in zip(a.hu, b.hu, strict=True):
@@ -143,9 +144,9 @@ def test_load_study_compressed_and_corrupt(tmp_path):
     # a slice whose pixel data is cut short: left out with the reason, neighbours over the rest
     victim = next(p for p in plain if p.name == Path(scan_plain.slices["path"].iloc[1]).name)
     ct_file(victim, study="5.1", series="5.1.1", sop="5.1.1.1", z=5.0, seed=1, truncate=0.5)
-    (scan,), problems = pr.discover(tmp_path / "plain")
+    (scan,), problems = dsc.discover(tmp_path / "plain")
     assert problems == [] and scan.n_slices == 4  # the header still reads
-    loaded = pr.load_study(scan)
+    loaded = dsc.load_study(scan)
     assert len(loaded.hu) == 3 and len(loaded.slices) == 3
     assert list(loaded.slices["z"]) == [0.0, 10.0, 15.0]
     assert list(loaded.slices["prev_index"]) == [0, 0, 1] and list(loaded.slices["next_index"]) == [1, 2, 2]
@@ -154,9 +155,9 @@ def test_load_study_compressed_and_corrupt(tmp_path):
 
 
 def test_ct_small_bundled_file(tmp_path):
-    (scan,), problems = pr.discover(CT_SMALL)
-    assert problems[0]["severity"] == pr.WARNING  # a single slice
-    loaded = pr.load_study(scan)
+    (scan,), problems = dsc.discover(CT_SMALL)
+    assert problems[0]["severity"] == dsc.WARNING  # a single slice
+    loaded = dsc.load_study(scan)
     assert loaded.problems == [] and loaded.hu[0].shape == (128, 128)
     assert isinstance(loaded.slices, pd.DataFrame)
 

@@ -278,7 +278,7 @@ def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
     map in [0, 1] at the slice's size, ``rgb`` its overlay on the brain-window slice."""
     from ichdlib.labels import LABELS
     from ichdlib.review.cam import compute_cams, overlay
-    from ichdlib.serve.predict import study_cache
+    from ichdlib.serve.pipeline import study_cache
 
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:
@@ -447,9 +447,9 @@ class DicomWriter:
         if self.png_dir is not None and overlays:  # the PNGs of 'ichd predict --cam', from the same maps
             import cv2
 
-            from ichdlib.serve.predict import _safe_name
+            from ichdlib.serve.discover import safe_name
 
-            folder = self.png_dir / _safe_name(loaded.scan.study_uid)
+            folder = self.png_dir / safe_name(loaded.scan.study_uid)
             folder.mkdir(parents=True, exist_ok=True)
             for row, label, _, rgb, _ in overlays:
                 path = folder / f"slice{int(frame['slice_index'].iloc[row]):03d}_{label}.png"
@@ -460,7 +460,7 @@ class DicomWriter:
         result = write_study(self.out, frame, identity=self.identity, threshold=self.threshold,
                              overlays=overlays, method=method, pmap=self.pmap)
         self.written.append(result)
-        from ichdlib.serve.predict import WARNING, problem
+        from ichdlib.serve.discover import WARNING, problem
 
         return [problem(note, study_uid=result.study_uid, series_uid=str(frame["series_uid"].iloc[0]),
                         severity=WARNING) for note in result.notes]

@@ -1,0 +1,317 @@
+"""The models on one study: the bundle's 2D CNNs (every fold, the TTA of notebook 03), the sequence models on
+the inputs notebook 04 gives them, the blend of notebook 05; then folders of studies and Grad-CAM overlays."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re-exported for callers of predict)
+    AXIAL_MIN_COS,
+    GAP_FACTOR,
+    capped_z,
+    is_axial,
+    list_files,
+    slice_normal,
+    slice_problem,
+)
+from ichdlib.serve.discover import (
+    WARNING,
+    LoadedStudy,
+    discover,
+    index_ranges,
+    load_study,
+    problem,
+    problems_frame,
+    safe_name,
+)
+from ichdlib.spec import ModelSpec
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; asking for ``cuda`` without one is an error."""
+    import torch
+
+    device = device or "auto"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    return device
+
+
+def study_cache(loaded: LoadedStudy, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A study's slices as the training pipeline sees them: the HU cache rows at ``size``
+    (:func:`ichdlib.ingest.cache.resize_hu`) and the ``(n, 3)`` stack rows (s-1, s, s+1)."""
+    from ichdlib.ingest.cache import resize_hu
+
+    cache = np.stack([resize_hu(h, size) for h in loaded.hu]) if loaded.hu else np.zeros((0, size, size), np.int16)
+    rows = loaded.slices[["prev_index", "slice_index", "next_index"]].to_numpy(dtype=np.int64)
+    return cache, rows
+
+
+@dataclass
+class CnnOutput:
+    """One backbone's outputs for one study (means over folds): the 2D stage as notebook 05 blended it
+    (``prob``: notebook 03's TTA table, or notebook 02's validation view when the run blended that), and
+    notebook 03's TTA probabilities and pooled features."""
+
+    prob: np.ndarray
+    tta_prob: np.ndarray
+    feat: np.ndarray
+    tta_folds: np.ndarray | None = None  # (n_folds, N, 6) each fold model's TTA probabilities
+
+
+class Predictor:
+    """A bundle's models on one device, ready to predict studies."""
+
+    def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None) -> None:
+        from ichdlib.cnn.features import eval_augment, feature_views
+        from ichdlib.cnn.train import amp_enabled, prepare_model
+
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.P = bundle.params()
+        self.batch = batch or self.P.features.batch
+        self.amp = amp_enabled(self.P, self.device)
+        self.channels_last = self.device.startswith("cuda") and self.P.cnn.channels_last
+        self.cnn: dict[str, list[Any]] = {}
+        self.aug: dict[str, list[Any]] = {}
+        for key, member in bundle.cnn.items():
+            self.cnn[key] = [prepare_model(m, self.P, self.device)[1] for m in member.build(self.device)]
+            self.aug[key] = [eval_augment(self.P, meta) for meta in member.metas]
+        self.seq = {name: member.build(self.device) for name, member in bundle.seq.items()}
+        self.views = feature_views(self.P)
+
+    def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
+        """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
+        blend used its table, notebook 02) does for test slices (:func:`ichdlib.cnn.train.predict`)."""
+        from ichdlib.cnn.data import SliceDataset
+        from ichdlib.cnn.train import predict as cnn_predict
+
+        ds = SliceDataset(cache, rows)
+        kw = {"batch": self.batch, "device": self.device, "amp": self.amp, "channels_last": self.channels_last}
+        val_view = self.bundle.ensemble.get("sources", {}).get(f"cnn:{key}") == "cnn"
+        probs, tta_probs, feats = [], [], []
+        for runner, aug in zip(self.cnn[key], self.aug[key], strict=True):
+            tp, f = cnn_predict(runner, aug, ds, pooled=True, views=self.views, **kw)
+            tta_probs.append(tp)
+            feats.append(f)
+            if val_view:
+                probs.append(cnn_predict(runner, aug, ds, **kw)[0])
+        tta = np.mean(tta_probs, axis=0)
+        return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, _feature_mean(feats), np.stack(tta_probs))
+
+    def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
+        """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
+        from ichdlib.labels import LABELS
+        from ichdlib.seq.train import SeqInputs, normalize_test, predict_studies
+
+        sl = loaded.slices
+        n = len(sl)
+        outs: dict[str, CnnOutput] = {}
+        for key in self.cnn:
+            cache, rows = study_cache(loaded, int(self.bundle.backbone(key)["size"]))
+            outs[key] = self.cnn_outputs(key, cache, rows)
+        stage: dict[str, np.ndarray] = {f"cnn:{k}": o.prob for k, o in outs.items()}
+        if self.seq:
+            keys = self.bundle.seq_backbones
+            probs = np.stack([outs[k].tta_prob for k in keys], axis=1).astype(np.float32)
+            norm = next(iter(self.bundle.seq.values())).metas[0].get("input_norm")
+            if norm:  # seq.input_norm 'fold': each fold model normalised as notebook 04 does for test rows
+                probs = normalize_test(np.stack([outs[k].tta_folds for k in keys], axis=2), norm,
+                                       list(self.bundle.cnn[keys[0]].folds))
+            inputs = SeqInputs(
+                sop_uid=sl["sop_uid"].to_numpy(str), study_uid=np.full(n, loaded.scan.study_uid),
+                patient_id=np.full(n, loaded.scan.patient_id), fold=np.full(n, -1),
+                z=capped_z(sl["z"].to_numpy(np.float64)), feats=[outs[k].feat for k in keys], probs=probs)
+            for name, models in self.seq.items():
+                stage[name] = predict_studies(models, inputs, device=self.device, batch=self.P.seq.batch)
+        weights = self.bundle.ensemble["weights"]
+        final = np.clip(sum(w * stage[m].astype(np.float64) for m, w in weights.items()), 0.0, 1.0)
+        p2d = np.mean([o.tta_prob for o in outs.values()], axis=0)
+        frame = pd.DataFrame({
+            "study_uid": loaded.scan.study_uid, "series_uid": loaded.scan.series_uid,
+            "sop_uid": sl["sop_uid"].to_numpy(str), "slice_index": sl["slice_index"].to_numpy(int),
+            "z": sl["z"].to_numpy(float), "path": sl["path"].to_numpy(str)})
+        for k, c in enumerate(LABELS):
+            frame[f"p2d_{c}"] = p2d[:, k]
+        for k, c in enumerate(LABELS):
+            frame[f"p_{c}"] = final[:, k]
+        for name, p in stage.items():
+            for k, c in enumerate(LABELS):
+                frame[f"{name}:{c}"] = p[:, k]
+        return frame
+
+
+def _feature_mean(feats: list[np.ndarray]) -> np.ndarray:
+    """Fold-mean features exactly as notebook 03 stores test rows: each fold's features in float16, their
+    float32 mean stored as float16 (read back as float32 by the sequence stage)."""
+    return np.mean([f.astype(np.float16).astype(np.float32) for f in feats], axis=0).astype(np.float16).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Folders -> predictions
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """What :func:`predict_dir` returns: per-slice and per-study tables, problems, timings."""
+
+    slices: pd.DataFrame
+    studies: pd.DataFrame
+    problems: pd.DataFrame
+    seconds: dict[str, float]
+    cams: list[str] = field(default_factory=list)
+
+
+def summarize_studies(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """One row per study: slices, max final probability per label, findings (subtypes whose max reaches
+    ``threshold``, with it) and the slices involved as index ranges."""
+    from ichdlib.labels import LABELS
+
+    cols = ["study_uid", "series_uid", "n_slices", "max_any", "positive", "findings",
+            *[f"max_{c}" for c in LABELS[1:]], *[f"slices_{c}" for c in LABELS]]
+    if slices.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for uid, g in slices.groupby("study_uid", sort=False):
+        row: dict[str, Any] = {"study_uid": uid, "series_uid": g["series_uid"].iloc[0], "n_slices": len(g),
+                               "max_any": float(g["p_any"].max()), "positive": bool(g["p_any"].max() >= threshold)}
+        findings = []
+        for c in LABELS:
+            p = g[f"p_{c}"]
+            row[f"max_{c}"] = float(p.max())
+            row[f"slices_{c}"] = index_ranges(g.loc[p >= threshold, "slice_index"])
+            if c != "any" and p.max() >= threshold:
+                findings.append((float(p.max()), c))
+        row["findings"] = "; ".join(f"{c} ({m:.2f})" for m, c in sorted(findings, reverse=True))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None = "auto", threshold: float = 0.5,
+                cam_dir: str | os.PathLike | None = None, progress: bool = False,
+                predictor: Predictor | None = None,
+                on_study: Callable[[Predictor, LoadedStudy, pd.DataFrame], Any] | None = None) -> Prediction:
+    """Discover, read and predict every study under ``dicom_dir`` with ``bundle`` (a :class:`ichdlib.serve.bundle.Bundle`
+    or a bundle folder). Bad input never raises: it ends up in ``problems``. With ``cam_dir``, Grad-CAM
+    overlays of the positive slices are written there. ``on_study(predictor, loaded, frame)`` is called after
+    each study is predicted (e.g. :class:`ichdlib.serve.dicom_out.DicomWriter`); the problem rows it returns and what
+    it raises go to ``problems``."""
+    import time
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    if not hasattr(bundle, "cnn"):
+        from ichdlib.serve.bundle import Bundle
+
+        bundle = Bundle.load(bundle)
+    predictor = predictor or Predictor(bundle, device)
+    t_load_models = time.perf_counter() - t0
+    scans, problems = discover(dicom_dir, progress=progress)
+    frames, cams = [], []
+    t_read, t_model = time.perf_counter() - t0 - t_load_models, 0.0
+    for scan in tqdm(scans, desc="studies", unit="study", disable=not progress):
+        t1 = time.perf_counter()
+        loaded = load_study(scan)
+        problems += loaded.problems
+        t_read += time.perf_counter() - t1
+        if not loaded.hu:
+            problems.append(problem("no readable slice; study not predicted", study_uid=scan.study_uid,
+                                    series_uid=scan.series_uid))
+            continue
+        t1 = time.perf_counter()
+        try:
+            frame = predictor.predict(loaded)
+        except Exception as exc:  # one study that breaks a model (odd geometry, memory) must not stop the rest
+            problems.append(problem(f"prediction failed ({type(exc).__name__}: {exc})", study_uid=scan.study_uid,
+                                    series_uid=scan.series_uid))
+            continue
+        t_model += time.perf_counter() - t1
+        numbers = frame.select_dtypes("number").drop(columns=["slice_index", "z"], errors="ignore")
+        if not np.isfinite(numbers.to_numpy(np.float64)).all():  # never report NaN as "no finding"
+            problems.append(problem("prediction failed: the models returned non-finite probabilities; study not "
+                                    "reported", study_uid=scan.study_uid, series_uid=scan.series_uid))
+            continue
+        frames.append(frame)
+        if cam_dir is not None:
+            try:
+                cams += write_cams(predictor, loaded, frame, Path(cam_dir), threshold)
+            except ImportError as exc:
+                problems.append(problem(f"--cam: Grad-CAM unavailable ({exc})", severity=WARNING))
+                cam_dir = None
+        if on_study is not None:
+            try:
+                problems += list(on_study(predictor, loaded, frame) or [])
+            except Exception as exc:  # an output that cannot be written is reported, the predictions stay
+                problems.append(problem(f"output not written ({type(exc).__name__}: {exc})",
+                                        study_uid=scan.study_uid, series_uid=scan.series_uid))
+    slices = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    studies = summarize_studies(slices, threshold)
+    seconds = {"load_models": t_load_models, "read": t_read, "model": t_model,
+               "total": time.perf_counter() - t0, "studies": len(frames)}
+    return Prediction(slices, studies, problems_frame(problems), seconds, cams)
+
+
+def _labels() -> list[str]:
+    from ichdlib.labels import LABELS
+
+    return list(LABELS)
+
+
+def predict_study(dicom_dir: str | os.PathLike, bundle: Any, **kwargs: Any) -> pd.DataFrame:
+    """Per-slice probabilities (``p2d_<label>`` 2D, ``p_<label>`` final, plus each ensemble member's) of the
+    studies under ``dicom_dir``; the problems are in ``frame.attrs["problems"]`` (a DataFrame)."""
+    pred = predict_dir(dicom_dir, bundle, **kwargs)
+    frame = pred.slices
+    frame.attrs["problems"] = pred.problems
+    frame.attrs["studies"] = pred.studies
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------
+# Grad-CAM overlays
+# --------------------------------------------------------------------------------------------------
+def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, out: Path,
+               threshold: float = 0.5) -> list[str]:
+    """Overlay PNGs ``<out>/<study>/slice<k>_<label>.png`` for slices whose final ``any`` reaches
+    ``threshold``, one per label found there, from the first backbone's first fold model (as notebook 06
+    explains test slices), at the slice's own size."""
+    import cv2
+
+    from ichdlib.review.cam import compute_cams, overlay
+
+    pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
+    if len(pos) == 0:
+        return []
+    P, key = predictor.P, next(iter(predictor.cnn))
+    spec = predictor.bundle.backbone(key)
+    meta = spec["metas"][0]
+    model = predictor.bundle.cnn[key].models[0]
+    cache, rows = study_cache(loaded, int(spec["size"]))
+    written = []
+    folder = out / safe_name(loaded.scan.study_uid)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in pos:
+        labels = [c for c in _labels() if frame[f"p_{c}"].iloc[i] >= threshold]
+        hu = loaded.hu[i]
+        maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
+                            out_size=hu.shape, **ModelSpec.from_meta(meta).cam_kwargs(), batch=P.cam.batch,
+                            target_layer=P.cam.target_layer)[0]
+        for c, m in zip(labels, maps, strict=True):
+            path = folder / f"slice{int(frame['slice_index'].iloc[i]):03d}_{c}.png"
+            cv2.imwrite(str(path), cv2.cvtColor(overlay(hu, m), cv2.COLOR_RGB2BGR))
+            written.append(str(path))
+    return written
+
+
