@@ -33,8 +33,10 @@ def measure(args: argparse.Namespace, ddp: bool) -> float:
     from ichdlib.cnn import distributed as D
     from ichdlib.cnn.data import DeviceAugment
     from ichdlib.cnn.models import build_cnn
-    from ichdlib.cnn.train import _autocast, ddp_wrap, prepare_model, weighted_bce
+    from ichdlib.cnn.train import ddp_wrap, weighted_bce
     from ichdlib.config import load_params
+    from ichdlib.runtime import autocast as _autocast
+    from ichdlib.runtime import prepare_model
 
     device = args.device
     P = load_params(REPO / "params" / "smoke.yaml",

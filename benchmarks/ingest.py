@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ichdlib.ingest.cache import resolve_workers
+from ichdlib.runtime import resolve_workers
 
 #: Paths per task for the two baselines (ingest picks its own, of the same order).
 CHUNK = 64

@@ -32,8 +32,9 @@ import torch
 
 from ichdlib.cnn.data import DeviceAugment, SliceBatchSampler, SliceDataset, StudyBatchSampler, make_loader
 from ichdlib.cnn.models import build_cnn
-from ichdlib.cnn.train import prepare_model, run_epoch, weighted_bce
+from ichdlib.cnn.train import run_epoch, weighted_bce
 from ichdlib.config import load_params
+from ichdlib.runtime import prepare_model
 
 
 def random_cache(folder: Path, rows: int, size: int,

@@ -33,7 +33,9 @@ def per_image_costs(name: str, size: int, batch: int, device: str, amp: bool, st
 
     from ichdlib.cnn.data import DeviceAugment
     from ichdlib.cnn.models import build_cnn
-    from ichdlib.cnn.train import _autocast, prepare_model, weighted_bce
+    from ichdlib.cnn.train import weighted_bce
+    from ichdlib.runtime import autocast as _autocast
+    from ichdlib.runtime import prepare_model
 
     torch.manual_seed(0)
     model, runner = prepare_model(build_cnn(name), P, device)

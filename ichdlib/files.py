@@ -64,3 +64,8 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def save_parquet(df: Any, path: str | os.PathLike) -> Path:
+    """Atomically write a DataFrame as parquet (no index)."""
+    return atomic_write(path, lambda t: df.to_parquet(t, index=False))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ichdlib.config import Params, dump_params, load_params
+from ichdlib.runtime import seed_everything
 
 
 def interactive() -> bool:
@@ -29,18 +27,6 @@ def interactive() -> bool:
     import matplotlib
 
     return "inline" in matplotlib.get_backend().lower() or "widget" in matplotlib.get_backend().lower()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (if imported)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = None) -> Params:

@@ -52,8 +52,9 @@ def _benchmark():
 def test_gpu_bf16_channels_last_step():
     from ichdlib.cnn.data import DeviceAugment
     from ichdlib.cnn.models import build_cnn
-    from ichdlib.cnn.train import prepare_model, weighted_bce
+    from ichdlib.cnn.train import weighted_bce
     from ichdlib.config import load_params
+    from ichdlib.runtime import prepare_model
 
     P = load_params(None, {"device": "cuda"})
     model, runner = prepare_model(build_cnn("densenet121"), P, "cuda")

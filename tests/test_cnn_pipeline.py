@@ -74,8 +74,8 @@ def test_oof_covers_every_training_slice_once_in_catalog_order(trained, toy):
 
 def test_checkpoints_load_with_weights_only_and_reproduce_the_oof(trained, toy):
     from ichdlib.cnn.data import DeviceAugment, SliceDataset
+    from ichdlib.cnn.infer import predict
     from ichdlib.cnn.models import load_cnn
-    from ichdlib.cnn.train import predict
 
     P, s = trained
     cat, cache = toy

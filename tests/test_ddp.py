@@ -67,7 +67,7 @@ def test_cli_arguments_fail_with_one_line_naming_the_value(smoke_params):
 
 
 def test_fp16_option_validates_and_is_float32_on_the_cpu(repo):
-    from ichdlib.cnn.train import amp_mode
+    from ichdlib.runtime import amp_mode
 
     P = load_params(repo / "params/smoke.yaml", {"cnn": {"amp": True, "amp_dtype": "fp16"}})
     assert amp_mode(P, "cpu") is False
@@ -274,10 +274,11 @@ def test_two_fold_jobs_side_by_side_share_the_folder_and_assemble_once(base, tmp
 @pytest.mark.slow
 def test_features_sharded_and_seq_folds_fanned_out_match_one_process(ddp, base):
     from ichdlib.cnn.data import SliceDataset
-    from ichdlib.cnn.features import eval_augment, feature_views, load_features
+    from ichdlib.cnn.features import load_features
+    from ichdlib.cnn.infer import eval_augment, feature_views, predict
     from ichdlib.cnn.models import load_cnn
-    from ichdlib.cnn.train import predict, prepare_model
     from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.runtime import prepare_model
     from ichdlib.seq.train import train_seq
 
     P, _ = ddp

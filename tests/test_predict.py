@@ -265,13 +265,13 @@ def test_cli_cam_and_empty_folder(bundle_dir, tmp_path, capsys):
 def test_blend_of_a_2d_member_from_notebook_02(trained, bundle_dir, tmp_path, monkeypatch):
     """A run that blends a 2D stage from notebook 02's table: the bundle says so and predict follows (the
     validation-view pass runs only then)."""
-    import ichdlib.cnn.train
+    import ichdlib.cnn.infer
     from ichdlib.labels import LABELS
     from ichdlib.serve.bundle import Bundle
 
     calls = []
-    real = ichdlib.cnn.train.predict
-    monkeypatch.setattr(ichdlib.cnn.train, "predict", lambda *a, **k: calls.append(k.get("views")) or real(*a, **k))
+    real = ichdlib.cnn.infer.predict
+    monkeypatch.setattr(ichdlib.cnn.infer, "predict", lambda *a, **k: calls.append(k.get("views")) or real(*a, **k))
     P = trained
     key = P.cnn.backbones[0].key
     folder = study_folder(P, tmp_path / "s", k=1)

@@ -29,23 +29,14 @@ import pandas as pd
 import torch
 
 from ichdlib.cnn import distributed as D
-from ichdlib.cnn.data import DeviceAugment, SliceDataset, TtaView, tta_views
+from ichdlib.cnn.data import SliceDataset
+from ichdlib.cnn.infer import eval_augment, feature_views, predict_sharded, probs_frame
 from ichdlib.cnn.models import load_cnn
-from ichdlib.cnn.train import (
-    _load_inputs,
-    amp_mode,
-    cnn_dir,
-    cpu_threads,
-    derive_seed,
-    predict_sharded,
-    prepare_model,
-    probs_frame,
-    save_parquet,
-)
+from ichdlib.cnn.train import _load_inputs, cnn_dir
 from ichdlib.config import BackboneCfg, Params
-from ichdlib.files import atomic_write
+from ichdlib.files import atomic_write, save_parquet
 from ichdlib.labels import LABELS
-from ichdlib.spec import ModelSpec
+from ichdlib.runtime import amp_mode, cpu_threads, prepare_model
 
 OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parquet", "test_prob_folds.npy",
            "meta.json")
@@ -54,16 +45,6 @@ OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parqu
 def features_dir(P: Params, cfg: BackboneCfg) -> Path:
     """``work/<run>/features/<key>``."""
     return P.work_dir / "features" / cfg.key
-
-
-def feature_views(P: Params) -> list[TtaView]:
-    """The ``features.tta`` deterministic views every feature extraction (and prediction) uses."""
-    return tta_views(P.features.tta, tuple(P.cnn.augment.crop_range), derive_seed(P.seed, 3))
-
-
-def eval_augment(P: Params, meta: dict[str, Any]) -> DeviceAugment:
-    """The evaluation view (windows + validation centre crop) of a fold model, from its checkpoint meta."""
-    return ModelSpec.from_meta(meta).eval_augment(P.cnn.augment)
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> Path:

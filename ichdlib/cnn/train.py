@@ -24,13 +24,12 @@ under a lock (``fold<k>.lock``), so independent fold jobs can share one work fol
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +48,14 @@ from ichdlib.cnn.data import (
     make_loader,
     to_device,
 )
+from ichdlib.cnn.infer import eval_loader, predict, predict_sharded, probs_frame, subset
 from ichdlib.cnn.models import CnnNet, build_cnn
 from ichdlib.config import BackboneCfg, CnnCfg, Params
-from ichdlib.files import atomic_write
+from ichdlib.files import atomic_write, save_parquet
 from ichdlib.labels import LABELS
 from ichdlib.locks import output_lock
+from ichdlib.runtime import amp_mode, cpu_threads, derive_seed, prepare_model, save_torch
+from ichdlib.runtime import autocast as _autocast
 from ichdlib.spec import ModelSpec
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
@@ -66,26 +68,6 @@ LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" f
 def cnn_dir(P: Params, cfg: BackboneCfg) -> Path:
     """``work/<run>/cnn/<key>``."""
     return P.work_dir / "cnn" / cfg.key
-
-
-def save_torch(obj: Any, path: Path) -> Path:
-    return atomic_write(path, lambda t: torch.save(obj, t))
-
-
-def save_parquet(df: pd.DataFrame, path: Path) -> Path:
-    return atomic_write(path, lambda t: df.to_parquet(t, index=False))
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (independent streams per fold / epoch / purpose)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
-def probs_frame(sop_uid: Iterable[str], probs: np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(LABELS))
-    df.insert(0, "sop_uid", np.asarray(list(sop_uid), dtype=object))
-    return df
 
 
 def lr_at(cnn: CnnCfg, base_lr: float, epochs: int, epoch: int, step: int = 0, steps: int = 1) -> float:
@@ -124,54 +106,6 @@ def init_bias(model: CnnNet, y: np.ndarray) -> None:
         head.bias.copy_(torch.from_numpy(np.log(freq / (1 - freq))).to(head.bias))
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None, device: str) -> Iterator[None]:
-    """Run with ``n`` torch CPU threads on a CPU device (``None`` leaves torch's setting), then restore."""
-    if n is None or torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def cpu_threads(P: Params) -> contextlib.AbstractContextManager[None]:
-    """Use ``P.cnn.cpu_threads`` torch threads inside the block when running on the CPU."""
-    return torch_threads(P.cnn.cpu_threads, P.torch_device())
-
-
-def amp_enabled(P: Params, device: str) -> bool:
-    """Autocast only on CUDA (on the CPU float32 is as fast and simpler)."""
-    return bool(P.cnn.amp) and torch.device(device).type == "cuda"
-
-
-def amp_mode(P: Params, device: str) -> torch.dtype | bool:
-    """What :func:`predict` and :func:`run_epoch` take as ``amp``: the autocast dtype (``cnn.amp_dtype``)
-    where autocast is on, else False."""
-    if not amp_enabled(P, device):
-        return False
-    return torch.float16 if P.cnn.amp_dtype == "fp16" else torch.bfloat16
-
-
-def _autocast(device: str, amp: torch.dtype | bool) -> Any:
-    dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=bool(amp))
-
-
-def prepare_model(model: CnnNet, P: Params, device: str) -> tuple[CnnNet, torch.nn.Module]:
-    """``(model, runner)``: the model on ``device`` (channels_last on CUDA) and what to call (compiled if
-    asked for on CUDA)."""
-    model = model.to(device)
-    cuda = torch.device(device).type == "cuda"
-    if cuda and P.cnn.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if cuda and P.cnn.compile else model
-    return model, runner
-
-
 def ddp_wrap(model: CnnNet, P: Params, device: str) -> torch.nn.Module:
     """The training runner under torchrun: ``model`` (optionally with SyncBatchNorm, CUDA only) in
     DistributedDataParallel, compiled if asked for on CUDA. Call only when :func:`ichdlib.cnn.distributed.is_dist`."""
@@ -185,76 +119,6 @@ def ddp_wrap(model: CnnNet, P: Params, device: str) -> torch.nn.Module:
             print("cnn.sync_bn: SyncBatchNorm needs CUDA; on the CPU each rank keeps its own BatchNorm statistics")
     ddp = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
     return torch.compile(ddp) if cuda and P.cnn.compile else ddp
-
-
-def subset(dataset: SliceDataset, sel: slice | np.ndarray) -> SliceDataset:
-    """The items ``sel`` of ``dataset`` (same cache)."""
-    return SliceDataset(dataset.cache, dataset.rows[sel], None if dataset.labels is None else dataset.labels[sel])
-
-
-def eval_loader(dataset: SliceDataset, batch: int, num_workers: int = 0, cuda: bool = False,
-                persistent: bool = False) -> torch.utils.data.DataLoader:
-    """A loader over ``dataset`` in order (``persistent`` keeps its workers for the next pass)."""
-    return make_loader(dataset, SliceBatchSampler(len(dataset), batch, shuffle=False), num_workers, cuda,
-                       persistent=persistent)
-
-
-@torch.no_grad()
-def predict(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, batch: int, device: str,
-            amp: bool | torch.dtype = False, num_workers: int = 0, pooled: bool = False,
-            desc: str | None = None, views: list | None = None, channels_last: bool = False,
-            loader: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities (and pooled features if ``pooled``) for every item of ``dataset`` in order.
-
-    Without ``views``: the validation view. With ``views`` (a list of :class:`ichdlib.cnn.data.TtaView`):
-    the mean over the views of probabilities and of features. ``channels_last`` as the model was prepared.
-    ``amp``: an autocast dtype, or True for bf16. ``loader``: an :func:`eval_loader` over ``dataset`` to
-    reuse (persistent workers); else one is made.
-    """
-    cuda = torch.device(device).type == "cuda"
-    aug.eval()
-    runner.eval()
-    if loader is None:
-        loader = eval_loader(dataset, batch, num_workers, cuda)
-    probs = np.zeros((len(dataset), len(LABELS)), dtype=np.float32)
-    feats: np.ndarray | None = None
-    model = getattr(runner, "_orig_mod", runner)
-    for x, _, pos in tqdm(loader, desc=desc, leave=False, disable=desc is None, mininterval=2):
-        x, pos = to_device((x, pos), device)
-        p_sum, f_sum = 0.0, 0.0
-        for view in views or [None]:
-            inp = aug(x) if view is None else aug.tta(x, view)
-            if channels_last:
-                inp = inp.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
-                if pooled:
-                    f, logits = model.forward_both(inp)
-                    f_sum = f_sum + f.float()
-                else:
-                    logits = runner(inp)
-            p_sum = p_sum + torch.sigmoid(logits.float())
-        n = len(views or [None])
-        idx = pos.cpu().numpy()
-        probs[idx] = (p_sum / n).cpu().numpy()
-        if pooled:
-            fs = (f_sum / n).cpu().numpy()
-            if feats is None:
-                feats = np.zeros((len(dataset), fs.shape[1]), dtype=np.float32)
-            feats[idx] = fs
-    return probs, feats
-
-
-def predict_sharded(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, batch: int,
-                    device: str, to_all: bool = True, **kw: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """:func:`predict` with the rows split into one contiguous block per rank and gathered back in order
-    (on every rank, or on rank 0 only with ``to_all=False``; others then get ``(None, None)``). One process:
-    :func:`predict` itself. ``runner`` must not be the DDP wrapper (ranks run different numbers of batches)."""
-    if not D.is_dist():
-        return predict(runner, aug, dataset, batch, device, **kw)
-    if kw.get("desc") and not D.is_main():
-        kw["desc"] = None
-    p, f = predict(runner, aug, subset(dataset, D.shard_slice(len(dataset))), batch, device, **kw)
-    return D.gather_rows(p, len(dataset), to_all), D.gather_rows(f, len(dataset), to_all)
 
 
 def _val_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:

@@ -122,8 +122,8 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
 def cli(args: argparse.Namespace) -> int:
     """``ichd train``: load params, join the torchrun job (if any), run the stage."""
     from ichdlib.cnn import distributed as D
-    from ichdlib.cnn.train import cpu_threads
     from ichdlib.config import load_params, parse_overrides
+    from ichdlib.runtime import cpu_threads
 
     P = load_params(args.params, parse_overrides(args.overrides))
     folds = parse_folds(args.folds)

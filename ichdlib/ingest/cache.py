@@ -10,14 +10,10 @@ an fsync) only when every chunk is done. Rows of slices that are not in the cata
 from __future__ import annotations
 
 import contextlib
-import itertools
-import multiprocessing as mp
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ichdlib.files import read_json, write_json
 from ichdlib.ingest.dicom import DicomReadError, fix_stored, read_hu, read_stored, rescale
+from ichdlib.runtime import LazyPool, run_tasks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,80 +119,6 @@ def open_cache(work: str | os.PathLike, size: int) -> np.memmap:
 
 
 # -- process pool ---------------------------------------------------------------------------------------
-def resolve_workers(workers: int) -> int:
-    """``0`` -> the CPUs this process may use; otherwise ``workers``."""
-    if workers and workers > 0:
-        return int(workers)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _worker_init(parent: int | None = None) -> None:
-    """One OpenCV thread per worker process: the pool already uses every core (no oversubscription).
-    The worker ends as soon as ``parent`` (the ingest that made the pool) is gone, even after ``kill -9``."""
-    cv2.setNumThreads(1)
-    if parent is not None:
-        from ichdlib.procs import exit_with_parent
-
-        exit_with_parent(parent)
-
-
-class LazyPool:
-    """A process pool created on first use (``workers == 1`` runs tasks in this process)."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = resolve_workers(workers)
-        self._ex: Executor | None = None
-
-    def get(self) -> Executor | None:
-        if self.workers <= 1:
-            return None
-        if self._ex is None:
-            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-            ctx = mp.get_context(method)
-            if method == "forkserver":
-                ctx.set_forkserver_preload(["ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.ingest.catalog", "ichdlib.procs"])
-            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
-                                           initargs=(os.getpid(),))
-        return self._ex
-
-    def close(self) -> None:
-        if self._ex is not None:
-            self._ex.shutdown(wait=True, cancel_futures=True)
-            self._ex = None
-
-    def __enter__(self) -> LazyPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def run_tasks(fn: Callable[[Any], Any], tasks: Iterable[Any], pool: LazyPool | None) -> Iterator[Any]:
-    """``fn(task)`` for each task, in completion order, with a bounded number of tasks in flight."""
-    ex = pool.get() if pool is not None else None
-    if ex is None:
-        for task in tasks:
-            yield fn(task)
-        return
-    it = iter(tasks)
-    pending = {ex.submit(fn, t) for t in itertools.islice(it, 4 * pool.workers)}
-    while pending:
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-        for fut in done:
-            try:
-                result = fut.result()
-            except BrokenProcessPool as exc:
-                raise RuntimeError(
-                    "a worker process died (out of memory or a crash in a decoder); rerun to "
-                    "resume, with --workers 1 to find the file, and list it in ingest.skip_ids"
-                ) from exc
-            pending |= {ex.submit(fn, t) for t in itertools.islice(it, 1)}
-            yield result
-
-
 # -- building -------------------------------------------------------------------------------------------
 class _RowWriter:
     """Writes whole rows into an existing ``.npy`` file (plain writes: a memmap would page-fault per page)."""

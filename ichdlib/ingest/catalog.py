@@ -38,6 +38,10 @@ from ichdlib.ingest.dicom import read_headers
 from ichdlib.ingest.validity import list_files, slice_problem
 from ichdlib.labels import LABELS, read_labels
 from ichdlib.locks import output_lock
+from ichdlib.runtime import LazyPool, run_tasks
+
+#: Modules the ingest pool's workers import once (forkserver preload).
+INGEST_MODULES = ("ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.ingest.catalog")
 
 if TYPE_CHECKING:
     from ichdlib.config import Params
@@ -143,13 +147,13 @@ def _header_task(paths: list[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]
     return pd.DataFrame(metas), errors
 
 
-def _scan_headers(paths: list[str], pool: _cache.LazyPool, progress: bool) -> tuple[pd.DataFrame, list]:
+def _scan_headers(paths: list[str], pool: LazyPool, progress: bool) -> tuple[pd.DataFrame, list]:
     n = len(paths)
     step = int(np.clip(n // (8 * pool.workers), 8, 256))
     chunks = [paths[i : i + step] for i in range(0, n, step)]
     frames, errors = [], []
     with tqdm(total=n, desc="headers", unit="file", disable=not progress, mininterval=1.0) as bar:
-        for frame, errs in _cache.run_tasks(_header_task, chunks, pool):
+        for frame, errs in run_tasks(_header_task, chunks, pool):
             frames.append(frame)
             errors += errs
             bar.update(len(frame) + len(errs))
@@ -261,7 +265,7 @@ def _scan(
     folds: int,
     seed: int,
     skip_ids: set[str],
-    pool: _cache.LazyPool,
+    pool: LazyPool,
     progress: bool,
     not_files: dict[str, list[tuple[str, str]]] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -471,7 +475,7 @@ def _build_catalog(root: Path, work: Path, size: int, workers: int, folds: int, 
     fp = _fingerprint(root, files, (csv_path, sub_path), folds=folds, seed=seed, skip_ids=skip,
                       not_files=not_files)
     state = read_json(work / STATE)
-    with _cache.LazyPool(workers) as pool:
+    with LazyPool(workers, preload=INGEST_MODULES) as pool:
         if force or state.get("fingerprint") != fp or not (work / CATALOG).is_file():
             for name in (CATALOG, QUARANTINE, REPORT, STATE):
                 (work / name).unlink(missing_ok=True)

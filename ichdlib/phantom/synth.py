@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -37,6 +36,7 @@ from ichdlib.labels import LABELS, SUBTYPES, wide_to_long
 from ichdlib.phantom.anatomy import render_study
 from ichdlib.phantom.encoding import ds_value, write_ct_dicom, write_mask
 from ichdlib.phantom.lesions import MASK_BITS
+from ichdlib.runtime import LazyPool, run_tasks
 
 if TYPE_CHECKING:
     from ichdlib.config import Params
@@ -208,13 +208,6 @@ def _plan_quirks(plans: list[StudyPlan], rng: np.random.Generator, ids: _Ids, lo
 # ----------------------------------------------------------------------------------------------------
 # Writing one study (runs in a worker process)
 # ----------------------------------------------------------------------------------------------------
-def _worker_init() -> None:
-    """Pool workers: one OpenCV thread each (the processes already use every core)."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def _write_study(job: tuple[StudyPlan, str, bool]) -> dict[str, Any]:
     """Render one study and write its DICOMs (and masks); returns its image records (worker entry point)."""
     plan, out_str, with_masks = job
@@ -366,9 +359,8 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
                 results[res["index"]] = res
                 bar.update()
         else:
-            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers, initializer=_worker_init) as pool:
-                for res in pool.imap_unordered(_write_study, jobs):
+            with LazyPool(workers, preload=["ichdlib.phantom.synth"]) as pool:
+                for res in run_tasks(_write_study, jobs, pool):
                     results[res["index"]] = res
                     bar.update()
     manifest = _finish(out, plans, results, quirk_log, config, seed)

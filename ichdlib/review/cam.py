@@ -429,7 +429,7 @@ class CamEngine:
         ``out="original"``: at the slice's rows x cols (to overlay the DICOM or a lesion mask);
         ``out="cache"``: at the cache size (to overlay the cached HU).
         """
-        from ichdlib.cnn.train import cpu_threads
+        from ichdlib.runtime import cpu_threads
 
         cfg = self.P.cam
         cls = list(classes) if classes is not None else list(LABELS)

@@ -28,12 +28,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ichdlib.cnn.train import derive_seed, save_parquet, save_torch, torch_threads
 from ichdlib.config import Params
-from ichdlib.files import atomic_write
+from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.catalog import load_catalog
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
+from ichdlib.runtime import derive_seed, save_torch, torch_threads
 from ichdlib.seq.models import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
 
 MODELS = ("seq1", "seq2")

@@ -21,6 +21,7 @@ from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re
     slice_normal,
     slice_problem,
 )
+from ichdlib.runtime import resolve_device
 from ichdlib.serve.discover import (
     WARNING,
     LoadedStudy,
@@ -37,18 +38,6 @@ from ichdlib.spec import ModelSpec
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-def resolve_device(device: str | None = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; asking for ``cuda`` without one is an error."""
-    import torch
-
-    device = device or "auto"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
-    return device
-
-
 def study_cache(loaded: LoadedStudy, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A study's slices as the training pipeline sees them: the HU cache rows at ``size``
     (:func:`ichdlib.ingest.cache.resize_hu`) and the ``(n, 3)`` stack rows (s-1, s, s+1)."""
@@ -75,8 +64,8 @@ class Predictor:
     """A bundle's models on one device, ready to predict studies."""
 
     def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None) -> None:
-        from ichdlib.cnn.features import eval_augment, feature_views
-        from ichdlib.cnn.train import amp_enabled, prepare_model
+        from ichdlib.cnn.infer import eval_augment, feature_views
+        from ichdlib.runtime import amp_enabled, prepare_model
 
         self.bundle = bundle
         self.device = resolve_device(device)
@@ -96,7 +85,7 @@ class Predictor:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
         blend used its table, notebook 02) does for test slices (:func:`ichdlib.cnn.train.predict`)."""
         from ichdlib.cnn.data import SliceDataset
-        from ichdlib.cnn.train import predict as cnn_predict
+        from ichdlib.cnn.infer import predict as cnn_predict
 
         ds = SliceDataset(cache, rows)
         kw = {"batch": self.batch, "device": self.device, "amp": self.amp, "channels_last": self.channels_last}
