@@ -42,7 +42,8 @@ class SliceDataset(torch.utils.data.Dataset):
     """Slices as int16 HU stacks ``(3, H, W)`` (s-1, s, s+1) gathered from a cache, plus labels.
 
     ``rows`` is ``(n, 3)`` cache rows (the catalog's ``prev_row, row, next_row``); ``labels`` ``(n, 6)``
-    or None. ``ds[i]`` gives one item; ``ds.__getitems__(positions)`` (used by the DataLoader) gathers a
+    or None. ``cache`` is the memory-mapped cache or anything with its shape and a ``read_rows(rows, out)``
+    method (:class:`ichdlib.native.DicomSlices`: native-resolution slices read from the DICOM files). ``ds[i]`` gives one item; ``ds.__getitems__(positions)`` (used by the DataLoader) gathers a
     whole batch with one numpy take into a tensor (in shared memory inside a worker) and returns
     ``(x int16 (B, 3, H, W), y float32 (B, 6), positions int64 (B,))``.
     """
@@ -95,7 +96,10 @@ class SliceDataset(torch.utils.data.Dataset):
             x = torch.empty(0, dtype=torch.int16).set_(storage, 0, shape)
         else:
             x = torch.empty(shape, dtype=torch.int16)
-        np.take(self.cache, flat, axis=0, out=x.numpy().reshape(-1, h, w))
+        if hasattr(self.cache, "read_rows"):  # e.g. ichdlib.native.DicomSlices: slices read from DICOM files
+            self.cache.read_rows(flat, x.numpy().reshape(-1, h, w))
+        else:
+            np.take(self.cache, flat, axis=0, out=x.numpy().reshape(-1, h, w))
         if self.labels is not None:
             y = torch.from_numpy(self.labels[pos])
         else:
