@@ -135,13 +135,14 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: SliceDataset, batch_sampler: Any, num_workers: int = 0, pin_memory: bool = False,
-                seed: int = 0, persistent: bool = False) -> torch.utils.data.DataLoader:
+                seed: int = 0, persistent: bool = False, prefetch: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader over whole-batch positions from ``batch_sampler`` (pinned memory for CUDA copies;
-    ``persistent`` keeps the workers between epochs; the batch order always comes from the sampler in
+    ``persistent`` keeps the workers between epochs; ``prefetch`` batches ready per worker, see
+    :mod:`ichdlib.resources` for the memory they take; the batch order always comes from the sampler in
     the main process)."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=persistent, worker_init_fn=seed_worker)
+        kwargs.update(prefetch_factor=int(prefetch), persistent_workers=persistent, worker_init_fn=seed_worker)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=_collate_batched, num_workers=num_workers,
         pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **kwargs)

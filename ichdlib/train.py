@@ -47,6 +47,7 @@ from ichdlib.data import (
 from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
 from ichdlib.models import CnnNet, build_cnn
+from ichdlib.resources import check_training_memory
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
                "images_per_s", "seconds"]
@@ -303,6 +304,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    check_training_memory(P, cfg, cuda)  # /dev/shm and pinned memory for the loaders, before any worker starts
     torch.manual_seed(derive_seed(P.seed, fold, 10**6))
     # a resumed fold loads its own weights below: no need to fetch pretrained ones again
     model = build_cnn(cfg.name, pretrained=cfg.pretrained if state is None else False,
