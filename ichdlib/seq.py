@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ichdlib.config import Params
 from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
+from ichdlib.locks import output_lock
 from ichdlib.metrics import weighted_log_loss
 from ichdlib.seqmodels import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
 from ichdlib.train import derive_seed, save_parquet, save_torch, torch_threads
@@ -210,7 +211,8 @@ class StudyTensors:
             dt = np.float16 if f.dtype == np.float16 else np.float32  # the notebook-03 arrays are float16
             t = torch.zeros(n + 1, f.shape[1], dtype=torch.from_numpy(np.zeros(0, dt)).dtype, device=dev)
             for a in range(0, n, chunk):
-                t[a:a + chunk] = torch.from_numpy(np.asarray(f[perm[a:a + chunk]], dtype=dt)).to(dev)
+                b = min(n, a + chunk)
+                t[a:b] = torch.from_numpy(np.asarray(f[perm[a:b]], dtype=dt)).to(dev)
             self.feats.append(t)
         Xb = get_X(inputs.probs[perm]) if n else np.zeros((0, 2 * inputs.n_cnn + 1, len(LABELS)), np.float32)
         self.X = torch.zeros(n + 1, *Xb.shape[1:], dtype=torch.float32, device=dev)
@@ -646,7 +648,8 @@ def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown sequence model {model_name!r}: expected one of {MODELS}")
-    with torch_threads(P.seq.cpu_threads, P.torch_device()):
+    with output_lock(P.work_dir / "seq" / model_name, what=f"seq {model_name}"), \
+            torch_threads(P.seq.cpu_threads, P.torch_device()):
         return _train_seq(P, model_name, force)
 
 
