@@ -16,6 +16,12 @@ py="${PYTHON:-python3}"
   "$py" benchmarks/train_throughput.py --json "$out/train_throughput.json"
   echo "== the same, torch.compile"
   "$py" benchmarks/train_throughput.py --compile --json "$out/train_throughput_compiled.json"
+  echo "== the same at 512 px (densenet121, batch 64), eager and compiled"
+  "$py" benchmarks/train_throughput.py --model densenet121 --size 512 --batch 64 --json "$out/train_throughput_512.json"
+  "$py" benchmarks/train_throughput.py --model densenet121 --size 512 --batch 64 --compile \
+    --json "$out/train_throughput_512_compiled.json"
+  echo "== host loading at 512 px from DICOM files, one worker"
+  "$py" benchmarks/native_loading.py --json "$out/native_loading.json"
   echo "== tests marked gpu"
   "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_cnn_phantom.py tests/test_cnn.py || true
   if "$py" -c "import pydicom" 2>/dev/null; then
