@@ -127,7 +127,7 @@ def prepare(d: Path, fraction: float, seed: int = 0) -> dict:
             y = np.zeros((n, len(LABELS)), dtype=np.int8)
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             p_sub = np.array([PREVALENCE[c] for c in LABELS[1:]]) / PREVALENCE["any"]
-            for s, (a, m) in enumerate(zip(starts, sizes, strict=True)):
+            for a, m in zip(starts, sizes, strict=True):
                 if rng.random() < 0.4:
                     run = max(1, int(round(m * PREVALENCE["any"] / 0.4)))
                     b = a + int(rng.integers(0, max(1, m - run + 1)))
@@ -302,14 +302,13 @@ def stage_notebook_summaries(d: Path) -> float:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import sklearn.decomposition  # noqa: F401 - imported before the clock starts
 
     from ichdlib.catalog import load_catalog, load_quarantine
     from ichdlib.explore import catalog_summary
     from ichdlib.features import plot_feature_map
     from ichdlib.labels import LABELS
     from ichdlib.metrics import calibration, per_class_auc, weighted_log_loss
-
-    import sklearn.decomposition  # noqa: F401 - imported before the clock starts
 
     work = d / "work"
     t0 = time.perf_counter()
