@@ -147,10 +147,14 @@ def loop(args: argparse.Namespace, cache: np.ndarray, table: np.ndarray, study: 
     if len(sampler) != args.steps:
         raise RuntimeError(f"the sampler's epoch has {len(sampler)} steps, not the {args.steps} asked for")
     steps_done[0] = 0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     row = run_epoch(P, cfg, 0, 1, model, runner, opt, aug, loader, sampler, w, device, amp)
     _sync(device)
     res = {"loop": float(row["images_per_s"]), "loop_steps": steps_done[0],
            "loop_images": int(round(row["images_per_s"] * row["seconds"])), "loop_seconds": row["seconds"]}
+    if device == "cuda":  # GPU memory of training at this model, size and batch (README sizing table)
+        res["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if args.val_steps:
         n_val = min(len(ds), args.val_steps * 2 * args.batch)
         vds = SliceDataset(cache, table[:n_val], labels[:n_val])
