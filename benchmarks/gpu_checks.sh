@@ -20,6 +20,10 @@ py="${PYTHON:-python3}"
   "$py" benchmarks/train_throughput.py --model densenet121 --size 512 --batch 64 --json "$out/train_throughput_512.json"
   "$py" benchmarks/train_throughput.py --model densenet121 --size 512 --batch 64 --compile \
     --json "$out/train_throughput_512_compiled.json"
+  echo "== GPU memory and loop rate of the other two backbones (README sizing table)"
+  "$py" benchmarks/train_throughput.py --model densenet169 --json "$out/train_throughput_densenet169.json"
+  "$py" benchmarks/train_throughput.py --model seresnext101_32x4d --batch 80 \
+    --json "$out/train_throughput_seresnext101.json"
   echo "== host loading at 512 px from DICOM files, one worker"
   "$py" benchmarks/native_loading.py --json "$out/native_loading.json"
   echo "== tests marked gpu"

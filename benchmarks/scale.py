@@ -62,6 +62,8 @@ FOLDS = 5
 STAGES = ["labels_catalog_folds", "feature_assembly", "level2_inputs", "seq_epoch_host", "ensemble_submission",
           "notebook_summaries"]
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # this checkout's ichdlib, also when run without PYTHONPATH
+    sys.path.insert(0, str(REPO))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,6 +215,7 @@ def prepare_downstream(d: Path, seed: int = 1) -> None:
 # ----------------------------------------------------------------------------------------------------
 def stage_labels_catalog_folds(d: Path) -> float:
     import pandas as pd
+    import sklearn.model_selection  # noqa: F401 - ingest imports it while the header scan runs
 
     from ichdlib import catalog
 
