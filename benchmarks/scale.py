@@ -9,7 +9,7 @@ sample submission, the header table the DICOM scan would give, fold parts of the
 D = 2048, the four backbones' level-2 features (1024/1664/2048/1024 wide, float16) and every stage's
 OOF/test predictions. Then it runs each stage in a fresh Python process (so ``ru_maxrss`` is that stage's
 peak resident memory, imports included) and times the stage's work (imports excluded; the fastest of
-``--repeat`` runs, as the machine may be shared):
+``--repeat`` runs in that process, so one-time costs and a shared machine's hiccups drop out):
 
 - ``labels_catalog_folds``: label parsing, catalog assembly (z order, neighbours), patient folds, written
   (:func:`ichdlib.catalog._scan` with the header scan replaced by reading the header table; reading
@@ -28,7 +28,8 @@ peak resident memory, imports included) and times the stage's work (imports excl
 
 ``exponent`` is the least-squares slope of log(seconds) against log(fraction); ``full_seconds`` and
 ``full_peak_rss_gb`` come from a straight-line fit (a constant plus a part proportional to size) evaluated at
-fraction 1 (with a power law where the growth looks faster than linear). ``disk`` gives the DICOM folder's
+fraction 1 (with a power law where the growth looks faster than linear), never below the largest measured
+value; ``full_seconds_upper`` scales the largest fraction's seconds as if every cost grew with size. ``disk`` gives the DICOM folder's
 size (874,035 uncompressed 512 x 512 int16 slices plus the measured header bytes of an RSNA-like file) and
 the derived data of the whole run: the 256 px cache, the catalog, every backbone's features and tables, the
 checkpoints (best + last with Adam state) and the sequence/ensemble outputs; the 512 px model reads the
@@ -330,8 +331,10 @@ def stage_notebook_summaries(d: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _run_stage(name: str, d: Path) -> dict:
-    seconds = globals()[f"stage_{name}"](d)
+def _run_stage(name: str, d: Path, repeat: int = 3) -> dict:
+    """Run a stage ``repeat`` times in this process: the fastest run's seconds (one-time costs such as
+    first calls into libraries and a shared machine's hiccups drop out), the process's peak RSS."""
+    seconds = min(globals()[f"stage_{name}"](d) for _ in range(max(1, repeat)))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     return {"seconds": seconds, "peak_rss_gb": rss / 1e9}
 
@@ -362,7 +365,9 @@ def fit(fractions: list[float], seconds: list[float], rss: list[float]) -> dict:
             lin = max(lin, float(v[-1] * (1 / f[-1]) ** power))
         return max(lin, float(v.max()))
 
-    return {"exponent": round(e, 3), "full_seconds": round(at_one(s, e), 2), "full_peak_rss_gb": round(at_one(m, 1.0), 2)}
+    return {"exponent": round(e, 3), "full_seconds": round(at_one(s, e), 2),
+            "full_seconds_upper": round(float(s[-1] / f[-1]), 2),  # as if every cost grew with size
+            "full_peak_rss_gb": round(at_one(m, 1.0), 2)}
 
 
 def disk_budget(tmp: Path, measured: dict[float, dict]) -> dict:
@@ -403,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.02])
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--repeat", type=int, default=2, help="runs per stage and fraction (fastest kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per stage and fraction in one process "
+                    "(the fastest is kept)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
@@ -415,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
             prepare_downstream(args.dir)
             out = {}
         else:
-            out = _run_stage(args.stage, args.dir)
+            out = _run_stage(args.stage, args.dir, args.repeat)
         print(json.dumps(out))
         return out
     if any(not 0 < f <= 1 for f in args.fractions):
@@ -433,10 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in STAGES:
                 if name == "feature_assembly":
                     _child(["--stage", "prepare_downstream", "--dir", str(d)])
-                tries = [_child(["--stage", name, "--dir", str(d)], f) for _ in range(args.repeat)]
-                # the fastest of the repeats (the machine is shared), the largest peak memory
-                res[name] = {"seconds": min(t["seconds"] for t in tries),
-                             "peak_rss_gb": max(t["peak_rss_gb"] for t in tries)}
+                res[name] = _child(["--stage", name, "--dir", str(d), "--repeat", str(args.repeat)], f)
                 print(f"fraction {f}: {name:22s} {res[name]['seconds']:7.2f} s  "
                       f"peak RSS {res[name]['peak_rss_gb']:.2f} GB", file=sys.stderr)
             res["files_bytes"] = _table_bytes(d)

@@ -249,7 +249,8 @@ def _part_array(out: Path, k: int, name: str) -> np.ndarray:
 
 
 def _new_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> None:
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    del mm
 
 
 def assemble_parts(out: Path, folds: list[int], fold_of: np.ndarray,
@@ -276,8 +277,7 @@ def assemble_parts(out: Path, folds: list[int], fold_of: np.ndarray,
                                  f"({len(f_va)} rows for {len(sel)} fold-{k} slices); pass force=True")
             mm = np.load(tmp, mmap_mode="r+")
             mm[sel] = f_va
-            mm.flush()
-            del mm, f_va
+            del mm, f_va  # unmapped: the written pages are the page cache's, not this process's
             oof_prob[sel] = _part_array(out, k, "p_va")
 
     atomic_write(out / "oof_feat.npy", fill_oof)
@@ -295,7 +295,6 @@ def assemble_parts(out: Path, folds: list[int], fold_of: np.ndarray,
         _new_npy(tmp, (n_test, dim), np.float16)
         mm = np.load(tmp, mmap_mode="r+")
         mm[:] = acc
-        mm.flush()
         del mm
 
     atomic_write(out / "test_feat.npy", fill_test)
