@@ -9,7 +9,7 @@ sample submission, the header table the DICOM scan would give, fold parts of the
 D = 2048, the four backbones' level-2 features (1024/1664/2048/1024 wide, float16) and every stage's
 OOF/test predictions. Then it runs each stage in a fresh Python process (so ``ru_maxrss`` is that stage's
 peak resident memory, imports included) and times the stage's work (imports excluded; the fastest of
-``--repeat`` runs in that process, so one-time costs and a shared machine's hiccups drop out):
+``--repeat`` runs, the fractions interleaved so that a shared machine's slow spells hit every size):
 
 - ``labels_catalog_folds``: label parsing, catalog assembly (z order, neighbours), patient folds, written
   (:func:`ichdlib.catalog._scan` with the header scan replaced by reading the header table; reading
@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.02])
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per stage and fraction in one process "
-                    "(the fastest is kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per stage and fraction, each in a fresh "
+                    "process, fractions interleaved (the fastest is kept)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
@@ -430,21 +430,26 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[float, dict] = {}
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ichd_scale_") as tmp:
-        for f in fractions:
-            d = Path(tmp) / f"f{f}"
+        dirs = {f: Path(tmp) / f"f{f}" for f in fractions}
+        for f, d in dirs.items():
             d.mkdir()
-            t0 = time.perf_counter()
-            sizes = _child(["--stage", "prepare", "--dir", str(d), "--fraction", str(f)])
-            res: dict = {"sizes": sizes}
-            for name in STAGES:
-                if name == "feature_assembly":
+            runs[f] = {"sizes": _child(["--stage", "prepare", "--dir", str(d), "--fraction", str(f)])}
+        for name in STAGES:
+            if name == "feature_assembly":
+                for d in dirs.values():
                     _child(["--stage", "prepare_downstream", "--dir", str(d)])
-                res[name] = _child(["--stage", name, "--dir", str(d), "--repeat", str(args.repeat)], f)
-                print(f"fraction {f}: {name:22s} {res[name]['seconds']:7.2f} s  "
-                      f"peak RSS {res[name]['peak_rss_gb']:.2f} GB", file=sys.stderr)
-            res["files_bytes"] = _table_bytes(d)
-            print(f"fraction {f}: done in {time.perf_counter() - t0:.0f} s (inputs included)", file=sys.stderr)
-            runs[f] = res
+            # fractions interleaved, one process each time: a shared machine's slow spells hit both sizes
+            tries: dict[float, list[dict]] = {f: [] for f in fractions}
+            for _ in range(args.repeat):
+                for f, d in dirs.items():
+                    tries[f].append(_child(["--stage", name, "--dir", str(d), "--repeat", "1"], f))
+            for f in fractions:
+                runs[f][name] = {"seconds": min(t["seconds"] for t in tries[f]),
+                                 "peak_rss_gb": max(t["peak_rss_gb"] for t in tries[f])}
+                print(f"fraction {f}: {name:22s} {runs[f][name]['seconds']:7.2f} s  "
+                      f"peak RSS {runs[f][name]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+        for f, d in dirs.items():
+            runs[f]["files_bytes"] = _table_bytes(d)
         disk = disk_budget(Path(tmp), runs)
     stages = {}
     for name in STAGES:

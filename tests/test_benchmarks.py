@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -31,3 +32,28 @@ def test_train_throughput_measures_the_steps_it_reports(tmp_path, sampler):
     assert res["val_images"] == 2 * 2 * 4 and res["val"] > 0
     assert res["loop"] > 0 and res["model_only"] > 0 and 0 < res["loop_vs_model"]
     assert json.loads(out.read_text())["loop_steps"] == 7
+
+
+def test_scale_fit_extrapolates_fixed_plus_proportional():
+    sc = _load("scale")
+    # 2 s fixed + 100 s per unit of size, measured at 1% and 2%
+    r = sc.fit([0.01, 0.02], [3.0, 4.0], [0.5, 0.6])
+    assert r["full_seconds"] == pytest.approx(102.0) and r["full_seconds_upper"] == pytest.approx(200.0)
+    assert r["exponent"] == pytest.approx(np.log2(4 / 3), abs=1e-3)
+    assert r["full_peak_rss_gb"] == pytest.approx(10.4)
+    quad = sc.fit([0.01, 0.02], [1.0, 4.0], [0.5, 0.5])  # quadratic growth is not hidden by the line
+    assert quad["exponent"] == pytest.approx(2.0) and quad["full_seconds"] >= 4.0 * 50**2 - 1e-6
+    sizes = sc._studies(np.random.default_rng(0), 1000, 29)
+    assert sizes.sum() == 1000 and len(sizes) == 29 and sizes.min() >= 1
+
+
+@pytest.mark.slow
+def test_scale_benchmark_end_to_end(tmp_path):
+    sc = _load("scale")
+    out = sc.main(["--fractions", "0.001", "0.002", "--repeat", "1", "--json", str(tmp_path / "s.json")])
+    assert set(out["stages"]) == set(sc.STAGES) and any("seq" in n for n in out["stages"])
+    for s in out["stages"].values():
+        assert s["fractions"] == [0.001, 0.002] and len(s["seconds"]) == len(s["peak_rss_gb"]) == 2
+        assert {"exponent", "full_seconds", "full_peak_rss_gb"} <= set(s)
+    assert 0 < out["disk"]["derived_gb"] / out["disk"]["raw_dicom_gb"] < 0.3
+    assert json.loads((tmp_path / "s.json").read_text())["disk"] == out["disk"]

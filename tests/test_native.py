@@ -67,3 +67,24 @@ def test_truncated_file_names_it(tmp_path):
     open(path, "wb").write(data[:-100])
     with pytest.raises(OSError, match="ID_0000.dcm"):
         DicomSlices(cat, 32)[0]
+
+
+def test_phantom_catalog_rows_equal_the_cache(ingested):
+    """On the ingested smoke phantom (quirky encodings: about half take the one-pread path): every slice read from DICOM at the cache
+    size equals its cache row; above ingest.size open_slices reads DICOM instead of building a cache."""
+    from ichdlib.cache import cache_path, open_cache
+    from ichdlib.catalog import load_catalog
+    from ichdlib.native import open_slices
+
+    P = ingested
+    cat = load_catalog(P.work_dir)
+    cache = open_cache(P.work_dir, P.ingest.size)
+    ds = DicomSlices(cat, P.ingest.size, n_rows=len(cache))
+    rows = cat["row"].to_numpy()
+    np.testing.assert_array_equal(ds[rows], np.asarray(cache[rows]))
+    assert isinstance(open_slices(P, P.ingest.size, cat), np.memmap)
+    big = open_slices(P, 64, cat)
+    assert isinstance(big, DicomSlices) and big.shape[1:] == (64, 64) and 0 < big.fast_share < 1
+    assert not cache_path(P.work_dir, 64).exists()
+    x, _, _ = SliceDataset.from_catalog(cat.iloc[:5], big, labels=False).__getitems__([0, 4])
+    assert tuple(x.shape) == (2, 3, 64, 64)
