@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     if any(not 0 < f <= 1 for f in args.fractions):
         ap.error("--fractions must be in (0, 1]")
     fractions = sorted(set(args.fractions))
+    if len(fractions) < 2:
+        ap.error("give at least two --fractions: the fit separates fixed costs from those that grow")
     runs: dict[float, dict] = {}
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ichd_scale_") as tmp:

@@ -77,7 +77,6 @@ class DicomSlices:
         self.root = root
         cut = len(root) + 1 if root else 0
         self._paths = np.array([p[cut:].encode() for p in paths], dtype=bytes)  # compact, pickles small
-        self._meta = {c: cat[c].to_numpy() for c in DECODE_COLUMNS if c != "path"}
         off = cat["pixel_offset"].to_numpy(dtype=np.float64)
         slope = cat["slope"].to_numpy(dtype=np.float64)
         icpt = cat["intercept"].to_numpy(dtype=np.float64)
@@ -88,6 +87,11 @@ class DicomSlices:
         # the one-pread path: native 16-bit, all bits stored, the training size, integer rescale, no fixes
         self._fast = ((off >= 0) & (alloc == 16) & (stored == 16) & (r == self.size) & (c == self.size)
                       & (slope == 1.0) & (icpt == np.round(icpt)) & fixes_ok)
+        # decode metadata only for the slices off the fast path (few on RSNA): workers unpickle little
+        slow = np.flatnonzero(~self._fast)
+        self._slow = np.full(len(rows), -1, dtype=np.int64)
+        self._slow[slow] = np.arange(len(slow))
+        self._meta = {c: cat[c].to_numpy()[slow] for c in DECODE_COLUMNS if c != "path"}
         self._offset = np.where(off >= 0, off, 0).astype(np.int64)
         self._signed = cat["pixel_representation"].to_numpy(dtype=np.float64) > 0
         self._icpt = np.where(np.isfinite(icpt), icpt, 0).astype(np.int32)
@@ -130,7 +134,8 @@ class DicomSlices:
             np.clip(tmp, _I16_MIN, _I16_MAX, out=tmp)
             out[...] = tmp
             return
-        meta = {c: v[i] for c, v in self._meta.items()}
+        j = int(self._slow[i])
+        meta = {c: v[j] for c, v in self._meta.items()}
         meta["path"] = path
         out[...] = decode_resized(path, meta, self.size)
 

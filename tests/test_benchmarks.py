@@ -50,10 +50,11 @@ def test_scale_fit_extrapolates_fixed_plus_proportional():
 @pytest.mark.slow
 def test_scale_benchmark_end_to_end(tmp_path):
     sc = _load("scale")
-    out = sc.main(["--fractions", "0.001", "0.002", "--repeat", "1", "--json", str(tmp_path / "s.json")])
+    out = sc.main(["--fractions", "0.001", "0.0005", "--repeat", "1", "--json", str(tmp_path / "s.json")])
     assert set(out["stages"]) == set(sc.STAGES) and any("seq" in n for n in out["stages"])
     for s in out["stages"].values():
-        assert s["fractions"] == [0.001, 0.002] and len(s["seconds"]) == len(s["peak_rss_gb"]) == 2
+        assert s["fractions"] == [0.0005, 0.001] and len(s["seconds"]) == len(s["peak_rss_gb"]) == 2
+        assert s["full_peak_rss_gb"] >= max(s["peak_rss_gb"]) - 0.005 and min(s["peak_rss_gb"]) > 0.1
         assert {"exponent", "full_seconds", "full_peak_rss_gb"} <= set(s)
     assert 0 < out["disk"]["derived_gb"] / out["disk"]["raw_dicom_gb"] < 0.3
     assert json.loads((tmp_path / "s.json").read_text())["disk"] == out["disk"]
