@@ -11,6 +11,12 @@ sequence of slices in z order (the catalog's order). Per slice:
 
 Training uses the catalog's patient folds (the same split as the 2D stage), trains every fold, saves OOF
 and test predictions, and averages probabilities over both slice directions on validation and test alike.
+
+Off the critical path: each split is assembled once on the device (:class:`StudyTensors`, studies
+contiguous, per-batch padding by index), an epoch's training crops are drawn vectorised
+(:func:`epoch_plan`) and batches are gathered on the device, so the host work per epoch is milliseconds
+even at RSNA's size (``benchmarks/scale.py``, stage ``seq_epoch_host``). :meth:`SeqInputs.item` +
+:func:`collate` remain the reference the tensors are tested against.
 """
 
 from __future__ import annotations
