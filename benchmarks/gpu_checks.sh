@@ -28,6 +28,16 @@ py="${PYTHON:-python3}"
   done
   echo "== validation's share of a fold under rsna_gpu.yaml's cadence (measured per-image costs, densenet121 256 px)"
   "$py" benchmarks/val_cadence.py --device cuda --json "$out/val_cadence.json" || echo "val_cadence failed"
+  echo "== the same at 512 px (densenet121, batch 64), eager and compiled"
+  "$py" benchmarks/train_throughput.py --model densenet121 --size 512 --batch 64 --json "$out/train_throughput_512.json"
+  "$py" benchmarks/train_throughput.py --model densenet121 --size 512 --batch 64 --compile \
+    --json "$out/train_throughput_512_compiled.json"
+  echo "== GPU memory and loop rate of the other two backbones (README sizing table)"
+  "$py" benchmarks/train_throughput.py --model densenet169 --json "$out/train_throughput_densenet169.json"
+  "$py" benchmarks/train_throughput.py --model seresnext101_32x4d --batch 80 \
+    --json "$out/train_throughput_seresnext101.json"
+  echo "== host loading at 512 px from DICOM files, one worker"
+  "$py" benchmarks/native_loading.py --json "$out/native_loading.json"
   echo "== tests marked gpu"
   "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_cnn_phantom.py tests/test_cnn.py || true
   if "$py" -c "import pydicom" 2>/dev/null; then

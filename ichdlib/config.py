@@ -201,6 +201,9 @@ class CnnCfg(_Strict):
     val_subset: int | None = Field(None, ge=1)
     #: DataLoader worker processes (0 = load in the main process).
     num_workers: int = Field(0, ge=0)
+    #: Batches each loader worker keeps ready (DataLoader ``prefetch_factor``); with ``num_workers`` it sets
+    #: the shared and pinned memory the loaders need (``ichdlib.resources``).
+    prefetch: int = Field(4, ge=1)
     #: torch CPU threads while training / extracting on the CPU (None = torch's default). On a small shared
     #: CPU one thread avoids the many-fold slowdown of OpenMP threads competing with other processes.
     cpu_threads: int | None = Field(None, ge=1)

@@ -42,7 +42,8 @@ class SliceDataset(torch.utils.data.Dataset):
     """Slices as int16 HU stacks ``(3, H, W)`` (s-1, s, s+1) gathered from a cache, plus labels.
 
     ``rows`` is ``(n, 3)`` cache rows (the catalog's ``prev_row, row, next_row``); ``labels`` ``(n, 6)``
-    or None. ``ds[i]`` gives one item; ``ds.__getitems__(positions)`` (used by the DataLoader) gathers a
+    or None. ``cache`` is the memory-mapped cache or anything with its shape and a ``read_rows(rows, out)``
+    method (:class:`ichdlib.ingest.native.DicomSlices`: native-resolution slices read from the DICOM files). ``ds[i]`` gives one item; ``ds.__getitems__(positions)`` (used by the DataLoader) gathers a
     whole batch with one numpy take into a tensor (in shared memory inside a worker) and returns
     ``(x int16 (B, 3, H, W), y float32 (B, 6), positions int64 (B,))``.
     """
@@ -95,7 +96,10 @@ class SliceDataset(torch.utils.data.Dataset):
             x = torch.empty(0, dtype=torch.int16).set_(storage, 0, shape)
         else:
             x = torch.empty(shape, dtype=torch.int16)
-        np.take(self.cache, flat, axis=0, out=x.numpy().reshape(-1, h, w))
+        if hasattr(self.cache, "read_rows"):  # e.g. ichdlib.ingest.native.DicomSlices: slices read from DICOM files
+            self.cache.read_rows(flat, x.numpy().reshape(-1, h, w))
+        else:
+            np.take(self.cache, flat, axis=0, out=x.numpy().reshape(-1, h, w))
         if self.labels is not None:
             y = torch.from_numpy(self.labels[pos])
         else:
@@ -131,13 +135,14 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: SliceDataset, batch_sampler: Any, num_workers: int = 0, pin_memory: bool = False,
-                seed: int = 0, persistent: bool = False) -> torch.utils.data.DataLoader:
+                seed: int = 0, persistent: bool = False, prefetch: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader over whole-batch positions from ``batch_sampler`` (pinned memory for CUDA copies;
-    ``persistent`` keeps the workers between epochs; the batch order always comes from the sampler in
+    ``persistent`` keeps the workers between epochs; ``prefetch`` batches ready per worker, see
+    :mod:`ichdlib.resources` for the memory they take; the batch order always comes from the sampler in
     the main process)."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=persistent, worker_init_fn=seed_worker)
+        kwargs.update(prefetch_factor=int(prefetch), persistent_workers=persistent, worker_init_fn=seed_worker)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=_collate_batched, num_workers=num_workers,
         pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **kwargs)

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from ichdlib.cnn import distributed as D
-from ichdlib.cnn.data import SliceDataset
+from ichdlib.cnn.data import SliceDataset, TtaView
 from ichdlib.cnn.infer import eval_augment, feature_views, predict_sharded, probs_frame
 from ichdlib.cnn.models import load_cnn
 from ichdlib.cnn.train import _load_inputs, cnn_dir
@@ -61,6 +61,12 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
     paths, the feature size, ``oof_wll`` of the TTA probabilities and per-fold timing. Skipped (summary
     read back) when the outputs exist with the same settings, unless ``force``."""
     t0 = time.perf_counter()
+    if cache is None:  # the cache at the backbone's size, or the DICOM files above ingest.size (512 px)
+        from ichdlib.ingest.catalog import load_catalog
+        from ichdlib.ingest.native import open_slices
+
+        catalog = load_catalog(P.work_dir) if catalog is None else catalog
+        cache = open_slices(P, backbone_cfg.size, catalog)
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
     out = features_dir(P, backbone_cfg)
     src = cnn_dir(P, backbone_cfg)
@@ -84,7 +90,16 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
             return {**meta["summary"], "status": "skipped"}
         stale = True
         print(f"{out}: made with other settings or older fold models; recomputing")
-    if (force or stale) and D.is_main():
+    with D.main_lock(out, what=f"features {backbone_cfg.key}"):  # rank 0 holds it for all ranks
+        return _extract(P, backbone_cfg, cat, cache, out, src, train_cat, test_cat, folds, views, settings,
+                        force or stale, t0)
+
+
+def _extract(P: Params, backbone_cfg: BackboneCfg, cat: pd.DataFrame, cache: Any, out: Path, src: Path,
+             train_cat: pd.DataFrame, test_cat: pd.DataFrame, folds: list[int], views: list[TtaView],
+             settings: Any, clear: bool, t0: float) -> dict[str, Any]:
+    meta_path = out / "meta.json"
+    if clear and D.is_main():
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
         for p in out.glob("part_fold*.npz"):
@@ -100,26 +115,9 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
     if not D.is_main():  # under torchrun: rank 0 assembles and writes; the others get its summary
         return D.broadcast_object(None)
 
-    # assemble in catalog order
-    parts = {}
-    for k in folds:
-        with np.load(out / f"part_fold{k}.npz") as z:
-            parts[k] = {name: z[name] for name in z.files}
-    dim = int(parts[folds[0]]["f_va"].shape[1])
-    oof_feat = np.zeros((len(train_cat), dim), dtype=np.float16)
-    oof_prob = np.zeros((len(train_cat), len(LABELS)), dtype=np.float64)
-    fold_of = train_cat["fold"].to_numpy()
-    for k in folds:
-        sel = np.flatnonzero(fold_of == k)
-        if len(sel) != len(parts[k]["f_va"]):
-            raise ValueError(f"{out / f'part_fold{k}.npz'} does not match the catalog; pass force=True")
-        oof_feat[sel] = parts[k]["f_va"]
-        oof_prob[sel] = parts[k]["p_va"]
-    test_feat = np.mean([parts[k]["f_te"].astype(np.float32) for k in folds], axis=0).astype(np.float16)
-    test_folds = np.stack([parts[k]["p_te"].reshape(len(test_cat), len(LABELS)) for k in folds])
+    # assemble in catalog order, streaming: one fold part's array in memory at a time
+    dim, oof_prob, test_folds = assemble_parts(out, folds, train_cat["fold"].to_numpy(), len(test_cat))
     test_prob = test_folds.mean(axis=0)
-    _save_npy(oof_feat, out / "oof_feat.npy")
-    _save_npy(test_feat.reshape(len(test_cat), dim), out / "test_feat.npy")
     _save_npy(test_folds, out / "test_prob_folds.npy")
     save_parquet(probs_frame(train_cat["sop_uid"], oof_prob), out / "oof_prob.parquet")
     save_parquet(probs_frame(test_cat["sop_uid"], test_prob.reshape(len(test_cat), len(LABELS))),
@@ -154,12 +152,22 @@ def load_features(P: Params, cfg: BackboneCfg, split: str = "oof") -> tuple[np.n
     return feat, pd.read_parquet(d / f"{split}_prob.parquet")
 
 
-def plot_feature_map(feat: np.ndarray, y_any: np.ndarray, title: str = "") -> Any:
-    """The OOF features in the plane of their first two principal components, coloured by ``any``."""
+def feature_sample(feat: np.ndarray, y: np.ndarray, n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random rows (sorted) of a (memory-mapped) feature array as float32, and the same rows of ``y``:
+    what a plot needs at full size (20,000 x 2048 float32 = 164 MB instead of 6 GB)."""
+    idx = sample_rows(len(feat), n, seed)
+    return np.asarray(feat[idx], dtype=np.float32), np.asarray(y)[idx]
+
+
+def plot_feature_map(feat: np.ndarray, y_any: np.ndarray, title: str = "", max_points: int = 20000,
+                     seed: int = 0) -> Any:
+    """The OOF features in the plane of their first two principal components, coloured by ``any``; PCA on
+    at most ``max_points`` random rows (:func:`feature_sample`), so a memory-mapped full-size array is fine."""
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    xy = PCA(n_components=2, random_state=0).fit_transform(np.asarray(feat, dtype=np.float32))
+    feat, y_any = feature_sample(feat, y_any, max_points, seed)
+    xy = PCA(n_components=2, random_state=0).fit_transform(feat)
     fig, ax = plt.subplots(figsize=(5, 4.2))
     neg = y_any < 0.5
     ax.scatter(xy[neg, 0], xy[neg, 1], s=4, alpha=0.4, label="no hemorrhage")
@@ -220,3 +228,69 @@ def _fold_part(P: Params, k: int, out: Path, src: Path, train_cat: pd.DataFrame,
     atomic_write(part, write)
     D.barrier()
     return {k: round(time.perf_counter() - t0, 2)}
+
+
+def _part_array(out: Path, k: int, name: str) -> np.ndarray:
+    """One array of fold ``k``'s part (only that member is read)."""
+    with np.load(out / f"part_fold{k}.npz") as z:
+        return z[name]
+
+
+def _new_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> None:
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    del mm
+
+
+def assemble_parts(out: Path, folds: list[int], fold_of: np.ndarray,
+                   n_test: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Fold parts ``part_fold<k>.npz`` -> ``oof_feat.npy`` and ``test_feat.npy`` in ``out``, streaming.
+
+    OOF features go into a float16 ``.npy`` fold by fold (rows where ``fold_of == k``, through a memmap
+    opened per fold, so its written pages leave memory with it); the test features are the fold mean,
+    summed in float32. Memory holds one fold part's array and the test sum (``n_test x D`` float32: 1 GB
+    at RSNA's size with D = 2048). Both files appear under their final names only when complete.
+    Returns ``(dim, oof_prob (n_train, 6), test_folds (n_folds, n_test, 6))``.
+    """
+    fold_of = np.asarray(fold_of)
+    dim = int(_part_array(out, folds[0], "f_va").shape[1])
+    oof_prob = np.zeros((len(fold_of), len(LABELS)), dtype=np.float64)
+
+    def fill_oof(tmp: Path) -> None:
+        _new_npy(tmp, (len(fold_of), dim), np.float16)
+        for k in folds:
+            sel = np.flatnonzero(fold_of == k)
+            f_va = _part_array(out, k, "f_va")
+            if len(sel) != len(f_va) or (len(f_va) and f_va.shape[1] != dim):
+                raise ValueError(f"{out / f'part_fold{k}.npz'} does not match the catalog "
+                                 f"({len(f_va)} rows for {len(sel)} fold-{k} slices); pass force=True")
+            mm = np.load(tmp, mmap_mode="r+")
+            mm[sel] = f_va
+            del mm, f_va  # unmapped: the written pages are the page cache's, not this process's
+            oof_prob[sel] = _part_array(out, k, "p_va")
+
+    atomic_write(out / "oof_feat.npy", fill_oof)
+    test_folds = np.stack([_part_array(out, k, "p_te").reshape(n_test, len(LABELS)) for k in folds])
+    acc = np.zeros((n_test, dim), dtype=np.float32)
+    for k in folds:
+        f_te = _part_array(out, k, "f_te").reshape(n_test, -1)
+        if f_te.shape[1] != dim and n_test:
+            raise ValueError(f"{out / f'part_fold{k}.npz'}: test features of width {f_te.shape[1]}, not {dim}")
+        acc += f_te
+        del f_te
+    acc /= len(folds)
+
+    def fill_test(tmp: Path) -> None:
+        _new_npy(tmp, (n_test, dim), np.float16)
+        mm = np.load(tmp, mmap_mode="r+")
+        mm[:] = acc
+        del mm
+
+    atomic_write(out / "test_feat.npy", fill_test)
+    return dim, oof_prob, test_folds
+
+
+def sample_rows(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """``min(n, k)`` row indices drawn without replacement, sorted (memmap reads stay sequential)."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))

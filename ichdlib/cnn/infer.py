@@ -43,10 +43,11 @@ def subset(dataset: SliceDataset, sel: slice | np.ndarray) -> SliceDataset:
 
 
 def eval_loader(dataset: SliceDataset, batch: int, num_workers: int = 0, cuda: bool = False,
-                persistent: bool = False) -> torch.utils.data.DataLoader:
-    """A loader over ``dataset`` in order (``persistent`` keeps its workers for the next pass)."""
+                persistent: bool = False, prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """A loader over ``dataset`` in order (``persistent`` keeps its workers for the next pass; ``prefetch``
+    batches ready per worker)."""
     return make_loader(dataset, SliceBatchSampler(len(dataset), batch, shuffle=False), num_workers, cuda,
-                       persistent=persistent)
+                       persistent=persistent, prefetch=prefetch)
 
 
 @torch.no_grad()

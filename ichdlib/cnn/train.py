@@ -52,8 +52,10 @@ from ichdlib.cnn.infer import eval_loader, predict, predict_sharded, probs_frame
 from ichdlib.cnn.models import CnnNet, build_cnn
 from ichdlib.config import BackboneCfg, CnnCfg, Params
 from ichdlib.files import atomic_write, save_parquet
+from ichdlib.ingest.native import open_slices
 from ichdlib.labels import LABELS
 from ichdlib.locks import output_lock
+from ichdlib.resources import check_training_memory
 from ichdlib.runtime import amp_mode, cpu_threads, derive_seed, prepare_model, save_torch
 from ichdlib.runtime import autocast as _autocast
 from ichdlib.spec import ModelSpec
@@ -252,6 +254,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    check_training_memory(P, cfg, cuda)  # /dev/shm and pinned memory for the loaders, before any worker starts
     torch.manual_seed(derive_seed(P.seed, fold, 10**6))  # same initial weights on every rank
     # a resumed fold loads its own weights below: no need to fetch pretrained ones again
     model = build_cnn(cfg.name, pretrained=cfg.pretrained if state is None else False,
@@ -282,9 +285,8 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         global_batch = min(cfg.batch, len(ds_tr))
     if D.is_dist():
         sampler = D.ShardedBatchSampler(sampler)
-    # (issue 14: the shared-memory / pinned-memory check of the loaders goes here, before they start)
     loader = make_loader(ds_tr, sampler, P.cnn.num_workers, pin_memory=cuda, seed=sampler_seed + rank,
-                         persistent=True)
+                         persistent=True, prefetch=P.cnn.prefetch)
     # validation: this rank's block of the fold (and of the fixed subset), loaders kept across epochs
     val_sets = {"full": np.arange(len(ds_va))}
     if P.cnn.val_subset and P.cnn.val_subset < len(ds_va):
@@ -293,7 +295,8 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     val_loaders = {}
     for kind, sel in val_sets.items():
         mine = subset(ds_va, sel[D.shard_slice(len(sel))])
-        val_loaders[kind] = (mine, eval_loader(mine, cfg.batch * 2, P.cnn.num_workers, cuda, persistent=True))
+        val_loaders[kind] = (mine, eval_loader(mine, cfg.batch * 2, P.cnn.num_workers, cuda, persistent=True,
+                                              prefetch=P.cnn.prefetch))
 
     def validate(kind: str) -> tuple[np.ndarray, dict[str, Any]]:
         t0 = time.perf_counter()
@@ -466,10 +469,8 @@ def _load_inputs(P: Params, cfg: BackboneCfg, catalog: pd.DataFrame | None,
         from ichdlib.ingest.catalog import load_catalog
 
         catalog = load_catalog(P.work_dir)
-    if cache is None:
-        from ichdlib.ingest.catalog import ensure_cache
-
-        cache = ensure_cache(P, cfg.size)
+    if cache is None:  # the HU cache up to ingest.size; above it (512 px) the DICOM files themselves
+        cache = open_slices(P, cfg.size, catalog)
     if cache.shape[-1] != cfg.size:
         raise ValueError(f"cache images are {cache.shape[-1]} px but backbone {cfg.key} wants {cfg.size} px")
     return catalog, cache

@@ -364,7 +364,8 @@ class CamEngine:
 
     def __init__(self, P: Params, key: str | None = None, catalog: pd.DataFrame | None = None,
                  device: str | None = None) -> None:
-        from ichdlib.ingest.catalog import ensure_cache, load_catalog
+        from ichdlib.ingest.catalog import load_catalog
+        from ichdlib.ingest.native import open_slices
 
         self.P = P
         backbones = {b.key: b for b in P.cnn.backbones}
@@ -376,7 +377,7 @@ class CamEngine:
         self.model_dir = P.work_dir / "cnn" / key
         self.device = device or P.torch_device()
         self.catalog = catalog if catalog is not None else load_catalog(P.work_dir)
-        self.cache = ensure_cache(P, self.backbone.size)
+        self.cache = open_slices(P, self.backbone.size, self.catalog)
         self._models: dict[int, tuple[Any, dict]] = {}
         self.folds = sorted(int(p.stem[4:]) for p in self.model_dir.glob("fold*.pt") if p.stem[4:].isdigit())
         if not self.folds:

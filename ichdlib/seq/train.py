@@ -11,6 +11,12 @@ sequence of slices in z order (the catalog's order). Per slice:
 
 Training uses the catalog's patient folds (the same split as the 2D stage), trains every fold, saves OOF
 and test predictions, and averages probabilities over both slice directions on validation and test alike.
+
+Off the critical path: each split is assembled once on the device (:class:`StudyTensors`, studies
+contiguous, per-batch padding by index), an epoch's training crops are drawn vectorised
+(:func:`epoch_plan`) and batches are gathered on the device, so the host work per epoch is milliseconds
+even at RSNA's size (``benchmarks/scale.py``, stage ``seq_epoch_host``). :meth:`SeqInputs.item` +
+:func:`collate` remain the reference the tensors are tested against.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ichdlib.cnn import distributed as D
 from ichdlib.config import Params
 from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.catalog import load_catalog
@@ -114,6 +121,7 @@ class SeqInputs:
     norm: dict[str, Any] | None = None  # fold_norm_stats of the OOF inputs when seq.input_norm == "fold"
     study_rows: list[np.ndarray] = field(init=False)
     study_scale: np.ndarray = field(init=False)
+    _tensors: dict = field(init=False, default_factory=dict, repr=False)  # device -> StudyTensors
 
     def __post_init__(self) -> None:
         n = len(self.sop_uid)
@@ -147,6 +155,14 @@ class SeqInputs:
     def x_channels(self) -> int:
         return 2 * self.n_cnn + 2
 
+    def tensors(self, device: str | torch.device = "cpu") -> StudyTensors:
+        """The split pre-assembled on ``device`` (built once, reused by every epoch and prediction)."""
+        key = (str(device), id(self.probs), id(self.y))
+        if key not in self._tensors:
+            self._tensors.clear()
+            self._tensors[key] = StudyTensors(self, device)
+        return self._tensors[key]
+
     def study_fold(self) -> np.ndarray:
         """The fold of each study (its slices share one fold)."""
         return np.array([self.fold[r[0]] for r in self.study_rows], dtype=int)
@@ -166,6 +182,129 @@ class SeqInputs:
         X = np.concatenate([X, np.repeat(zc[:, None, None], len(LABELS), axis=2)], axis=1).transpose(1, 0, 2)
         y = None if self.y is None else np.asarray(self.y[rows], dtype=np.float32)
         return {"fea": fea, "X": np.ascontiguousarray(X), "y": y, "rows": np.asarray(rows)}
+
+
+class StudyTensors:
+    """A split's level-2 inputs assembled once on the device, studies contiguous in z order.
+
+    Per backbone a float16 ``(N + 1, D_k)`` feature tensor (row ``N`` is the zero padding row), the
+    ``get_X`` channels ``(N + 1, 2n+1, 6)``, labels, z and each row's study spacing. A batch is a padded
+    ``(B, L)`` matrix of packed row indices: :meth:`batch` gathers it on the device into exactly what
+    :func:`collate` of :meth:`SeqInputs.item` gives for the same rows (z steps recomputed for the order
+    fed), so an epoch's host work is drawing the crops (:func:`epoch_plan`, vectorised) and slicing index
+    matrices. On CUDA the features take ``N x sum(D_k) x 2`` bytes of GPU memory (8.7 GB at RSNA's size for
+    the four backbones); on the CPU memory-mapped features stay on disk when already in study order.
+    """
+
+    def __init__(self, inputs: SeqInputs, device: str | torch.device = "cpu", chunk: int = 65536) -> None:
+        self.device = torch.device(device)
+        rows = inputs.study_rows
+        self.lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64) if len(rows) else \
+            np.zeros(0, np.int64)
+        perm = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self.perm = perm  # packed position -> SeqInputs row
+        n = len(perm)
+        self.pad = n
+        identity = bool(np.array_equal(perm, np.arange(n)))
+        dev = self.device
+        self.dims = [int(f.shape[1]) for f in inputs.feats]
+        self.D = max(self.dims) if self.dims else 0
+        self.feats: list[Any] = []
+        for f in inputs.feats:
+            if dev.type == "cpu" and identity and isinstance(f, np.memmap):
+                self.feats.append(f)  # gathered per batch from the page cache, padding row handled there
+                continue
+            dt = np.float16 if f.dtype == np.float16 else np.float32  # the notebook-03 arrays are float16
+            t = torch.zeros(n + 1, f.shape[1], dtype=torch.from_numpy(np.zeros(0, dt)).dtype, device=dev)
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                t[a:b] = torch.from_numpy(np.asarray(f[perm[a:b]], dtype=dt)).to(dev)
+            self.feats.append(t)
+        Xb = get_X(inputs.probs[perm]) if n else np.zeros((0, 2 * inputs.n_cnn + 1, len(LABELS)), np.float32)
+        self.X = torch.zeros(n + 1, *Xb.shape[1:], dtype=torch.float32, device=dev)
+        self.X[:n] = torch.from_numpy(Xb).to(dev)
+        self.y = torch.zeros(n + 1, len(LABELS), dtype=torch.float32, device=dev)
+        if inputs.y is not None:
+            self.y[:n] = torch.from_numpy(np.asarray(inputs.y[perm], dtype=np.float32)).to(dev)
+        study_of = np.repeat(np.arange(len(rows)), self.lengths)
+        self.z = torch.zeros(n + 1, dtype=torch.float64, device=dev)
+        self.z[:n] = torch.from_numpy(np.asarray(inputs.z, dtype=np.float64)[perm]).to(dev)
+        self.scale = torch.ones(n + 1, dtype=torch.float64, device=dev)
+        self.scale[:n] = torch.from_numpy(inputs.study_scale[study_of]).to(dev)
+
+    def whole(self, studies: np.ndarray, reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Index matrix ``(len(studies), L)`` of whole studies (reversed when asked) and their lengths."""
+        studies = np.asarray(studies, dtype=np.int64)
+        lens = self.lengths[studies]
+        L = int(lens.max()) if len(lens) else 0
+        j = np.arange(L)[None, :]
+        local = (lens[:, None] - 1 - j) if reverse else np.broadcast_to(j, (len(studies), L))
+        idx = np.where(j < lens[:, None], self.starts[studies][:, None] + local, self.pad)
+        return idx.astype(np.int64), lens
+
+    def _gather_feats(self, idx: torch.Tensor, B: int, L: int) -> torch.Tensor:
+        fea = torch.zeros(B, L, len(self.feats), self.D, device=self.device)
+        for k, f in enumerate(self.feats):
+            if isinstance(f, np.ndarray):
+                flat = idx.reshape(-1).cpu().numpy()
+                vals = np.zeros((len(flat), f.shape[1]), np.float32)
+                ok = flat < self.pad
+                vals[ok] = f[flat[ok]]
+                fea[:, :, k, : f.shape[1]] = torch.from_numpy(vals).view(B, L, -1)
+            else:
+                fea[:, :, k, : f.shape[1]] = f[idx].float()
+        return fea
+
+    def batch(self, idx: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
+        """Padded batch of the rows ``idx`` ``(B, L)`` (``self.pad`` past each length), as :func:`collate`
+        gives it: ``fea (B,L,F,D)``, ``X (B,C,L,6)``, ``y``, ``mask``, ``lengths``, ``rows`` (SeqInputs rows)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        B = len(idx)
+        L = int(lengths.max()) if B else 0
+        idx = idx[:, :L]
+        it = torch.from_numpy(np.ascontiguousarray(idx)).to(self.device)
+        lt = torch.from_numpy(lengths).to(self.device)
+        mask = torch.arange(L, device=self.device)[None, :] < lt[:, None]
+        # z step to the next slice in the order fed, the last repeating the previous; 0 for a single slice
+        z = self.z[it]
+        d = torch.zeros_like(z)
+        if L > 1:
+            d[:, :-1] = z[:, 1:] - z[:, :-1]
+            last = (lt - 1).clamp(min=0)
+            prev = (lt - 2).clamp(min=0)
+            d[torch.arange(B, device=self.device), last] = torch.where(
+                lt > 1, d[torch.arange(B, device=self.device), prev], torch.zeros((), dtype=d.dtype, device=d.device))
+        zc = torch.where(mask, d / self.scale[it], torch.zeros_like(d)).float()
+        X = torch.cat([self.X[it], zc[:, :, None, None].expand(B, L, 1, len(LABELS))], dim=2).permute(0, 2, 1, 3)
+        rows = [self.perm[r[:n]] for r, n in zip(idx, lengths, strict=True)]
+        return {"fea": self._gather_feats(it, B, L), "X": X.contiguous(), "y": self.y[it], "mask": mask,
+                "lengths": lt.cpu(), "rows": rows}
+
+
+def epoch_plan(st: StudyTensors, studies: np.ndarray, rng: np.random.Generator, *, crop: int, subsample_p: float,
+               reverse_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """One training epoch's crops of ``studies`` (vectorised :class:`StudyDataset` augmentations): with p
+    ``subsample_p`` every other slice (odd or even at random) of studies over 10 slices, a random
+    contiguous crop of ``crop`` slices, with p ``reverse_p`` reversed. Returns the index matrix
+    ``(n, crop)`` in a shuffled study order and the lengths."""
+    studies = np.asarray(studies, dtype=np.int64)
+    order = studies[rng.permutation(len(studies))]
+    u = rng.random((len(order), 4))
+    n = st.lengths[order]
+    sub = (n > 10) & (u[:, 0] < subsample_p)
+    parity = np.where(sub, (u[:, 1] * 2).astype(np.int64), 0)
+    step = np.where(sub, 2, 1)
+    m = np.where(sub, (n - parity + 1) // 2, n)
+    length = np.minimum(m, crop)
+    start = np.where(m > crop, np.floor(u[:, 2] * (m - crop + 1)).astype(np.int64), 0)
+    rev = u[:, 3] < reverse_p
+    j = np.arange(int(length.max()) if len(length) else 0)[None, :]
+    jj = np.where(rev[:, None], length[:, None] - 1 - j, j)
+    local = (start[:, None] + jj) * step[:, None] + parity[:, None]
+    idx = np.where(j < length[:, None], st.starts[order][:, None] + local, st.pad)
+    return idx.astype(np.int64), length
 
 
 def _load_catalog(P: Params) -> pd.DataFrame:
@@ -320,10 +459,12 @@ def predict_studies(models: list[torch.nn.Module], inputs: SeqInputs, studies: n
     seen = np.zeros(len(inputs.sop_uid), dtype=bool)
     for m in models:
         m.eval()
+    st = inputs.tensors(device)
+    studies = np.asarray(studies, dtype=np.int64)
     for reverse in (False, True):
-        loader = DataLoader(StudyDataset(inputs, studies, reverse=reverse), batch_size=batch, collate_fn=collate)
-        for b in loader:
-            b = _to(b, device)
+        for a in range(0, len(studies), batch):
+            idx, lens = st.whole(studies[a:a + batch], reverse=reverse)
+            b = st.batch(idx, lens)
             for m in models:
                 p = torch.sigmoid(model_logits(m, b)[0]).double().cpu().numpy()
                 for j, rows in enumerate(b["rows"]):
@@ -442,20 +583,19 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
             history, start = list(ck["history"]), ck["epoch"] + 1
             best = (ck["best_wll"], ck["best_state"])
     y_va = inputs.y
+    st = inputs.tensors(device)  # pre-assembled once: an epoch's host work is drawing the crops
     bar = tqdm(range(start, cfg.epochs), desc=f"{model_name} fold {fold}", leave=False)
     for epoch in bar:
         t0 = time.time()
         eseed = _epoch_seed(P.seed, fold, epoch, model_name)
         torch.manual_seed(eseed)
-        ds = StudyDataset(inputs, tr, train=True, crop=cfg.crop, subsample_p=cfg.subsample_p,
-                          reverse_p=cfg.reverse_p, seed=eseed)
-        loader = DataLoader(ds, batch_size=cfg.batch, shuffle=True, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(eseed))
+        idx, lens = epoch_plan(st, tr, np.random.default_rng(eseed), crop=cfg.crop, subsample_p=cfg.subsample_p,
+                               reverse_p=cfg.reverse_p)
         model.train()
         losses = []
         lr = opt.param_groups[0]["lr"]
-        for b in loader:
-            b = _to(b, device)
+        for a in range(0, len(idx), cfg.batch):
+            b = st.batch(idx[a:a + cfg.batch], lens[a:a + cfg.batch])
             loss = sum(masked_weighted_bce(lg, b["y"], b["mask"]) for lg in model_logits(model, b))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -509,7 +649,8 @@ def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown sequence model {model_name!r}: expected one of {MODELS}")
-    with torch_threads(P.seq.cpu_threads, P.torch_device()):
+    with D.main_lock(P.work_dir / "seq" / model_name, what=f"seq {model_name}"), \
+            torch_threads(P.seq.cpu_threads, P.torch_device()):
         return _train_seq(P, model_name, force)
 
 
@@ -528,8 +669,6 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
         hist = pd.concat([pd.read_csv(out_dir / f"fold{k}_log.csv") for k in folds], ignore_index=True)
         return SeqResult(model_name, pd.read_parquet(out_dir / "oof.parquet"),
                          pd.read_parquet(out_dir / "test.parquet"), hist, out_dir)
-    from ichdlib.cnn import distributed as D
-
     for k in D.shard_list(folds):  # under torchrun the folds fan out across ranks (all of them alone)
         train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature)
     D.barrier()
