@@ -8,11 +8,14 @@ interruption resumes where it stopped. On a failure the notebook and the failing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,51 @@ def export_html(ipynb: Path) -> Path | None:
         return None
 
 
+#: Environment of a headless notebook kernel: static figures instead of widgets, no progress bars
+#: (the training loops print one line per epoch), no library chatter.
+KERNEL_ENV = {"ICHD_HEADLESS": "1", "TQDM_DISABLE": "1"}
+
+
+@contextlib.contextmanager
+def kernel_environment(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """Set :data:`KERNEL_ENV` (the kernel inherits it at start) and restore the caller's environment after.
+
+    ``MPLBACKEND`` is removed: the notebooks pick the inline backend themselves, so figures land in the
+    executed notebook (``ichdlib.nb.setup``).
+    """
+    env = {**KERNEL_ENV, **(extra or {})}
+    saved = {k: os.environ.get(k) for k in [*env, "MPLBACKEND"]}
+    os.environ.update(env)
+    os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def quiet_kernel_config(ipc_dir: Path) -> Any:
+    """nbclient config: talk to the kernel over local IPC sockets in ``ipc_dir`` instead of TCP.
+
+    Nothing listens on a network port, and ipykernel has no reason to print its "running over TCP without
+    encryption" warning once per notebook. Stream outputs of a cell are merged into one block.
+    """
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.KernelManager.transport = "ipc"
+    cfg.KernelManager.ip = str(ipc_dir / "k")
+    # the kernel's own log (e.g. "KeyboardInterrupt caught" when the shutdown's SIGINT lands in a message
+    # handler) is not the user's business; a failing cell still fails the run with its traceback
+    cfg.NotebookClient.extra_arguments = ["--IPKernelApp.log_level=CRITICAL"]
+    # one stream block per cell and stream (the per-epoch lines of 02/04 read as one log)
+    cfg.NotebookClient.coalesce_streams = True
+    return cfg
+
+
 def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, Any], *,
                  html: bool = True, log_output: bool = False) -> Path:
     """Execute one notebook with papermill into ``reports/<run>/``; raises :class:`NotebookFailed`."""
@@ -104,14 +152,14 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
 
     out = P.reports_dir / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.environ["ICHD_HEADLESS"] = "1"
-    os.environ.setdefault("MPLBACKEND", "Agg")
     try:
-        pm.execute_notebook(
-            str(nb), str(out),
-            parameters={"params_path": str(params_path), "overrides": overrides},
-            cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
-        )
+        with kernel_environment(), tempfile.TemporaryDirectory(prefix="ichd-kernel-") as ipc:
+            pm.execute_notebook(
+                str(nb), str(out),
+                parameters={"params_path": str(params_path), "overrides": overrides},
+                cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
+                config=quiet_kernel_config(Path(ipc)),
+            )
     except pm.PapermillExecutionError as exc:
         raise NotebookFailed(_failure_message(nb.name, exc, out)) from None
     if html:
@@ -135,10 +183,12 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
         stamp = _stamp_path(P, stage)
         head = f"[{i}/{len(chosen)}] {nb.stem}"
         if not force and stamp.is_file() and stamp.read_text().strip() == fp and (P.reports_dir / nb.name).is_file():
-            print(f"{head}: done earlier with the same params, skipped (--force to rerun)", flush=True)
-            results.append(StageResult(stage, nb.name, "skipped"))
+            last = last_timings(P).get(nb.name)
+            note = f"; last ran in {last:.0f} s" if last is not None else ""
+            print(f"{head}: skipped, done earlier with the same params{note} (--force to rerun)", flush=True)
+            results.append(StageResult(stage, nb.name, "skipped", 0.0, f"last ran in {last:.0f} s" if last else ""))
             continue
-        print(f"{head} ...", flush=True)
+        print(f"{head} ...", end="\n" if log_output else "", flush=True)
         t0 = time.perf_counter()
         nb_over = dict(overrides)
         if force:
@@ -146,17 +196,45 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
         try:
             run_notebook(nb, P, params_path, nb_over, html=html, log_output=log_output)
         except NotebookFailed as exc:
+            print(" failed", flush=True)
             results.append(StageResult(stage, nb.name, "failed", time.perf_counter() - t0, str(exc)))
             raise
         dt = time.perf_counter() - t0
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(fp)
-        print(f"{head}: done in {dt:.0f} s", flush=True)
+        record_timing(P, nb.name, dt)
+        print(f"{head}: done in {dt:.0f} s" if log_output else f" {dt:.0f} s", flush=True)
         results.append(StageResult(stage, nb.name, "ran", dt))
     summary = write_summary(P, results)
     if summary:
         print(f"summary: {summary}", flush=True)
     return results
+
+
+TIMINGS = "timings.json"
+
+
+def last_timings(P: Params) -> dict[str, float]:
+    """Seconds each notebook took the last time it really ran (``reports/<run>/timings.json``)."""
+    path = P.reports_dir / TIMINGS
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v["seconds"]) for k, v in data.items() if isinstance(v, dict) and "seconds" in v}
+
+
+def record_timing(P: Params, notebook: str, seconds: float) -> None:
+    """Merge one notebook's wall time into ``reports/<run>/timings.json`` (other entries kept)."""
+    from ichdlib.files import write_json
+
+    path = P.reports_dir / TIMINGS
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[notebook] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(path, data)
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -213,13 +291,22 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
             lines.append(f"- [{nb.name}]({nb.name}){link}")
     if results:
         lines += ["", "## This run", "", "| notebook | status | seconds |", "|---|---|---|"]
-        lines += [f"| {r.notebook} | {r.status} | {r.seconds:.0f} |" for r in results]
+        lines += [_timing_row(r, last_timings(P)) for r in results]
     if (rep / "submission.csv").is_file():
         lines += ["", "Submission: [submission.csv](submission.csv)"]
     rep.mkdir(parents=True, exist_ok=True)
     out = rep / "summary.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _timing_row(r: StageResult, last: dict[str, float]) -> str:
+    """A summary row; a skipped notebook shows when it last really ran instead of 0 s."""
+    if r.status == "skipped":
+        t = last.get(r.notebook)
+        status = f"skipped; last ran in {t:.0f} s" if t is not None else "skipped"
+        return f"| {r.notebook} | {status} | {'' if t is None else f'{t:.0f}'} |"
+    return f"| {r.notebook} | {r.status} | {r.seconds:.0f} |"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ichdlib.config import BackboneCfg, CnnCfg, Params
 from ichdlib.data import (
@@ -47,6 +46,7 @@ from ichdlib.data import (
 from ichdlib.files import atomic_write
 from ichdlib.labels import LABELS
 from ichdlib.models import CnnNet, build_cnn
+from ichdlib.progress import TrainingProgress, track
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
                "images_per_s", "seconds"]
@@ -167,7 +167,7 @@ def predict(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, 
     probs = np.zeros((len(dataset), len(LABELS)), dtype=np.float32)
     feats: np.ndarray | None = None
     model = getattr(runner, "_orig_mod", runner)
-    for x, _, pos in tqdm(loader, desc=desc, leave=False, disable=desc is None, mininterval=2):
+    for x, _, pos in track(loader, desc, mininterval=2):
         x, pos = to_device((x, pos), device)
         p_sum, f_sum = 0.0, 0.0
         for view in views or [None]:
@@ -268,7 +268,7 @@ def _read_last(path: Path) -> dict[str, Any] | None:
 
 
 def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache: np.ndarray,
-               force: bool = False) -> dict[str, Any]:
+               force: bool = False, progress: TrainingProgress | None = None) -> dict[str, Any]:
     """Train (or resume, or skip) one fold; returns its summary (``status``, ``best_epoch``, ``best_wll``)."""
     out = cnn_dir(P, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,10 +346,11 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         status = "resumed"
     start = int(meta["epoch"]) + 1
 
-    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.key} fold {fold}", initial=start, total=cfg.epochs,
-               mininterval=1)
-    for epoch in bar:
-        row = run_epoch(P, cfg, fold, epoch, model, runner, opt, aug, loader, sampler, weights, device, amp)
+    progress = progress or TrainingProgress(cfg.key)
+    progress.fold(fold, cfg.epochs, start, best=meta["best_wll"])
+    for epoch in range(start, cfg.epochs):
+        row = run_epoch(P, cfg, fold, epoch, model, runner, opt, aug, loader, sampler, weights, device, amp,
+                        progress=progress)
         t0 = time.perf_counter()
         p_va, _ = predict(runner, aug, ds_va, cfg.batch * 2, device, amp, P.cnn.num_workers,
                           channels_last=cuda and P.cnn.channels_last)
@@ -367,8 +368,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         atomic_write(files.log, lambda t, h=history: h.to_csv(t, index=False))
         save_torch({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta},
                    files.last)
-        bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_wll=f"{row['val_wll']:.4f}",
-                        img_s=f"{row['images_per_s']:.0f}")
+        progress.epoch(epoch, row["train_loss"], row["val_wll"], row["images_per_s"], row["seconds"])
 
     # test probabilities from the best epoch, then mark the fold finished
     best = torch.load(files.best, map_location="cpu", weights_only=True)
@@ -396,7 +396,8 @@ def _recipe_windows(P: Params) -> list[tuple[float, float]]:
 
 def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet, runner: torch.nn.Module,
                  opt: torch.optim.Optimizer, aug: DeviceAugment, loader: Any, sampler: Any,
-                 weights: torch.Tensor, device: str, amp: bool) -> dict[str, Any]:
+                 weights: torch.Tensor, device: str, amp: bool,
+                 progress: TrainingProgress | None = None) -> dict[str, Any]:
     """One training epoch; every random stream is seeded from (seed, fold, epoch) so a resume repeats it."""
     cuda = torch.device(device).type == "cuda"
     model.train()
@@ -408,7 +409,8 @@ def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet,
     loss_sum = torch.zeros((), device=device)
     n_img, t0 = 0, time.perf_counter()
     lr = cfg.lr
-    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2)):
+    batches = progress.batches(loader, steps) if progress is not None else loader
+    for step, batch in enumerate(batches):
         lr = lr_at(P.cnn, cfg.lr, cfg.epochs, epoch, step, steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -521,9 +523,9 @@ def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str |
     t0 = time.perf_counter()
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
     summary: dict[str, Any] = {"key": backbone_cfg.key, "dir": str(cnn_dir(P, backbone_cfg)), "folds": {}}
-    with cpu_threads(P):
+    with cpu_threads(P), TrainingProgress(backbone_cfg.key) as progress:
         for k in fold_numbers(P, cat, folds):
-            summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force)
+            summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force, progress=progress)
     summary.update(assemble_predictions(P, backbone_cfg, cat))
     if summary.get("oof"):
         oof = pd.read_parquet(summary["oof"])
