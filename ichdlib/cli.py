@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("ichdlib.run", "run notebooks 01-06 headless with papermill from one params file"),
     "export": ("ichdlib.bundle", "write a self-contained model bundle from a finished run"),
     "predict": ("ichdlib.predict", "predict on a folder of DICOM studies with a model bundle"),
+    "compare": ("ichdlib.compare", "compare two or more runs: stage scores, per-class losses, times, params"),
 }
 
 

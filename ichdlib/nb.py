@@ -57,9 +57,12 @@ def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = Non
     P.work_dir.mkdir(parents=True, exist_ok=True)
     (P.reports_dir / "figures").mkdir(parents=True, exist_ok=True)
     # The validated params travel with the run, so `ichd export --run work/<run>` can find them.
-    tmp = P.work_dir / "params.yaml.tmp"
-    tmp.write_text(dump_params(P))
-    tmp.replace(P.work_dir / "params.yaml")
+    # ... and a copy next to the reports, so `ichd compare` can list the params that differ between runs.
+    text = dump_params(P)
+    for folder in (P.work_dir, P.reports_dir):
+        tmp = folder / "params.yaml.tmp"
+        tmp.write_text(text)
+        tmp.replace(folder / "params.yaml")
     use_inline_backend()
     import matplotlib.pyplot as plt
 
