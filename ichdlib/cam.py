@@ -620,7 +620,7 @@ def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence
             ax_img.imshow(overlay(hu[i], None, window)[box])
             ax_cam.imshow(overlay(hu[i], cams[i], window, opacity=0.6, outline=mask)[box])
             ax_img.set_title(f"{group.upper()} p={r['prob']:.2f}", fontsize=8)
-            ax_cam.set_title(f"{str(r['study_uid'])[-6:]} s{int(r['slice_index'])}", fontsize=8)
+            ax_cam.set_title(f"…{str(r['study_uid'])[-6:]} slice {int(r['slice_index']) + 1}", fontsize=8)
     if none:
         title = f"{title}  (no {', '.join(none)} cases)" if title else f"no {', '.join(none)} cases"
     if title:
