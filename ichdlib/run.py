@@ -130,19 +130,36 @@ def quiet_kernel_config(ipc_dir: Path) -> Any:
     """nbclient config: talk to the kernel over local IPC sockets in ``ipc_dir`` instead of TCP.
 
     Nothing listens on a network port, and ipykernel has no reason to print its "running over TCP without
-    encryption" warning once per notebook. Stream outputs of a cell are merged into one block.
+    encryption" warning once per notebook.
     """
     from traitlets.config import Config
 
     cfg = Config()
     cfg.KernelManager.transport = "ipc"
     cfg.KernelManager.ip = str(ipc_dir / "k")
-    # the kernel's own log (e.g. "KeyboardInterrupt caught" when the shutdown's SIGINT lands in a message
-    # handler) is not the user's business; a failing cell still fails the run with its traceback
-    cfg.NotebookClient.extra_arguments = ["--IPKernelApp.log_level=CRITICAL"]
-    # one stream block per cell and stream (the per-epoch lines of 02/04 read as one log)
-    cfg.NotebookClient.coalesce_streams = True
     return cfg
+
+
+def kernel_manager_class(log_path: Path) -> type:
+    """A kernel manager whose kernel writes its own stdout/stderr (start-up and shutdown chatter such as
+    "KeyboardInterrupt caught in kernel" or asyncio's "Task was destroyed") to ``log_path``, not the console.
+
+    Cell outputs are unaffected: they travel as messages into the executed notebook.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class FileLoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "ab")  # noqa: SIM115 - the kernel process owns it; closed when we exit
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            try:
+                await super()._async_launch_kernel(kernel_cmd, **kw)
+            finally:
+                log.close()  # the child holds its own copy of the descriptor
+
+    return FileLoggedKernelManager
 
 
 def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, Any], *,
@@ -159,6 +176,8 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
                 parameters={"params_path": str(params_path), "overrides": overrides},
                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
                 config=quiet_kernel_config(Path(ipc)),
+                coalesce_streams=True,  # one stream block per cell: the per-epoch lines read as one log
+                kernel_manager_class=kernel_manager_class(P.work_dir / "logs" / f"{nb.stem}.kernel.log"),
             )
     except pm.PapermillExecutionError as exc:
         raise NotebookFailed(_failure_message(nb.name, exc, out)) from None
@@ -266,6 +285,10 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
         for name, s in (m.get("stages") or {}).items():
             lines.append(f"| {name} | {_fmt(_get(s, 'oof', 'wll'))} | {_fmt(_get(s, 'test', 'wll'))} | "
                          f"{_fmt(_get(s, 'oof', 'auc', 'any'))} | {_fmt(_get(s, 'test', 'auc', 'any'))} |")
+        if any(str(name).startswith("cnn:") for name in (m.get("stages") or {})):
+            lines += ["", f"`cnn:` rows score the test-time-augmented (TTA) probabilities of notebook 03 "
+                          f"(`features.tta` = {P.features.tta} views); notebook 02 reports the single-view OOF loss "
+                          f"of the same models, which differs slightly."]
         pg = m.get("pointing_game") or {}
         if pg.get("per_class"):
             std = pg.get("standard_tolerance") or {}
