@@ -234,7 +234,8 @@ def study_browser(cat: pd.DataFrame, cache: np.ndarray, study_uid: str | None = 
     wide = {"description_width": "initial"}
     study = W.Dropdown(options=studies, value=study_uid or studies[0], description="study", style=wide,
                        layout=W.Layout(width=f"{min(640, 80 + 8 * max(len(s) for s in studies))}px"))
-    win = W.ToggleButtons(options=list(WINDOWS), value="brain", description="window", style=wide)
+    win = W.ToggleButtons(options=list(WINDOWS), value="brain", description="window",
+                          style={"button_width": "84px", **wide})
     slider = W.IntSlider(min=1, max=1, value=1, description="slice", continuous_update=True, style=wide,
                          layout=W.Layout(width="420px"))
     image = W.Image(format="png", layout=W.Layout(margin="0 12px 0 0"))

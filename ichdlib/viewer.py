@@ -317,7 +317,7 @@ class SliceViewer:
         self.slider = W.IntSlider(value=s.index + 1, min=1, max=s.study_obj().n, description="slice",
                                   continuous_update=True, style=wide, layout=W.Layout(width="440px"))
         self.window = W.ToggleButtons(options=list(PRESETS), value=s.window_name, description="window",
-                                      style={"button_width": "72px", **wide})
+                                      style={"button_width": "84px", **wide})
         self.level = W.IntSlider(value=int(s.window[0]), min=-200, max=1000, step=5, description="level",
                                  disabled=True, style=wide, layout=W.Layout(width="250px"))
         self.width_ = W.IntSlider(value=int(s.window[1]), min=10, max=4000, step=10, description="width",
