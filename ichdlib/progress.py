@@ -4,8 +4,8 @@ Headless (``ichd run``, papermill, scripts): one compact line per epoch,
 ``<model> fold <k> epoch <e>/<n>  train loss ..  val wLL ..  <img/s>  <s>``, and no progress bars, so that a
 full schedule (5 folds x 4 backbones x tens of epochs) still gives a report a person can scroll.
 
-In JupyterLab: tqdm.auto widget bars (one epoch bar per fold and one batch bar, reset and reused every
-epoch rather than stacked) and a training curve that updates in place while a fold trains.
+In JupyterLab: tqdm.auto widget bars (an epoch bar reset for each fold and a batch bar reset every epoch, reused
+rather than stacked) and a training curve that updates in place while a fold trains.
 
 The training loops call :class:`TrainingProgress`; nothing here knows about models.
 """
@@ -46,8 +46,8 @@ class TrainingProgress:
     """Progress of one model's folds: call :meth:`fold`, then per epoch :meth:`batches` and :meth:`epoch`.
 
     ``live=None`` decides by :func:`live`. Headless, each epoch prints one :func:`epoch_line` to ``stream``
-    (stdout by default), ``*`` marking a new best validation loss. Live, an epoch bar per fold and a reused
-    batch bar (tqdm.auto), and a figure of train loss / val wLL per fold updated in place.
+    (stdout by default), ``*`` marking a new best validation loss. Live, an epoch bar and a batch bar
+    (tqdm.auto, reset rather than recreated), and a figure of train loss / val wLL per fold updated in place.
     """
 
     def __init__(self, model: str, *, live: bool | None = None, stream: TextIO | None = None,
@@ -74,9 +74,12 @@ class TrainingProgress:
         if self.live:
             from tqdm.auto import tqdm
 
-            if self._epoch_bar is not None:
-                self._epoch_bar.close()
-            self._epoch_bar = tqdm(total=epochs, initial=start, desc=f"{self.model} fold {fold}", unit="epoch")
+            if self._epoch_bar is None:
+                self._epoch_bar = tqdm(total=epochs, initial=start, desc=f"{self.model} fold {fold}", unit="epoch")
+            else:  # one epoch bar reused fold after fold: bars stay together above the live curve
+                self._epoch_bar.reset(total=epochs)
+                self._epoch_bar.update(start)
+                self._epoch_bar.set_description(f"{self.model} fold {fold}")
         elif start:
             self._print(f"{self.model} fold {fold}: resuming at epoch {start + 1}/{epochs}")
 
@@ -127,10 +130,7 @@ class TrainingProgress:
             if bar is not None:
                 bar.close()
         self._batch_bar = self._epoch_bar = None
-        if self._fig is not None:
-            import matplotlib.pyplot as plt
-
-            plt.close(self._fig)
+        self._fig = None  # not a pyplot figure: nothing to close, and nothing the inline backend shows again
 
     def __enter__(self) -> TrainingProgress:
         return self
@@ -169,13 +169,20 @@ class TrainingProgress:
         return fig
 
     def _draw(self) -> None:
-        from IPython.display import display
+        """Show the curve as PNG in one output that is updated in place (whatever matplotlib backend is active)."""
+        import io
+
+        from IPython.display import Image, display
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         fig = self.figure()
+        buf = io.BytesIO()
+        FigureCanvasAgg(fig).print_png(buf)
+        img = Image(data=buf.getvalue(), format="png")
         if self._handle is None:
-            self._handle = display(fig, display_id=True)
+            self._handle = display(img, display_id=True)
         else:
-            self._handle.update(fig)
+            self._handle.update(img)
 
 
 def track(iterable: Iterable[T], desc: str | None = None, total: int | None = None, **kw: Any) -> Iterable[T]:
