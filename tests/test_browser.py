@@ -66,7 +66,14 @@ for s, split in enumerate(["train", "test"]):
                         ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]}})
 cat = pd.DataFrame(rows)
 rr, cc = np.mgrid[:96, :96]
-cache = np.stack([np.where(np.hypot(rr - 48, cc - 30 - 3 * i) < 30, 40, -1000) for i in range(len(cat))]).astype(np.int16)
+def head(i):  # skull ring, brain, a bright lesion that moves along z
+    d = np.hypot(rr - 48, cc - 48)
+    img = np.where(d < 34, 35.0, -1000.0)
+    img[(d >= 30) & (d < 34)] = 1200.0
+    img[np.hypot(rr - 36 - i, cc - 56) < 7] = 75.0
+    return img
+
+cache = np.stack([head(i % 12) for i in range(len(cat))]).astype(np.int16)
 browser = study_browser(cat, cache)
 display(browser)
 """
@@ -87,6 +94,21 @@ for (let i = 0; i < d.length; i += 4) {
   if (d[i] > 190 && d[i + 1] < 60 && d[i + 2] < 60) { redX += (i / 4) % c.width; redN += 1; }
 }
 return {hash: h, redX: redN ? redX / redN : null, w: c.width, src: img.src};
+"""
+
+#: The training loops' progress in a live front end: widget bars and a curve updated in place.
+PROGRESS_CODE = """\
+import time
+from ichdlib.progress import TrainingProgress
+
+with TrainingProgress("demo_cnn") as p:
+    assert p.live, "JupyterLab is a live front end"
+    for fold in (0, 1):
+        p.fold(fold, 3)
+        for e in range(3):
+            for _ in p.batches(range(4)):
+                time.sleep(0.02)
+            p.epoch(e, 0.3 - 0.05 * e, 0.25 - 0.02 * e - 0.01 * fold, 100.0, 0.1)
 """
 
 
@@ -113,7 +135,9 @@ def _write_notebook(path: Path) -> None:
         "cells": [{"cell_type": "code", "execution_count": None, "id": "viewer", "metadata": {},
                    "outputs": [], "source": NOTEBOOK_CODE},
                   {"cell_type": "code", "execution_count": None, "id": "browser", "metadata": {},
-                   "outputs": [], "source": BROWSER_CODE}],
+                   "outputs": [], "source": BROWSER_CODE},
+                  {"cell_type": "code", "execution_count": None, "id": "progress", "metadata": {},
+                   "outputs": [], "source": PROGRESS_CODE}],
         "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
                                     "name": "python3"}},
         "nbformat": 4, "nbformat_minor": 5,
@@ -353,6 +377,19 @@ def test_viewer_in_jupyterlab(lab, browser):
     assert "1.2.826.0.1.3680043.8.498.00000000001" in driver.find_element(
         By.CSS_SELECTOR, ".ichd-browser-study select").get_attribute("innerText"), "full study names"
     _screenshot(driver, lab["tmp"], "browser_01")
+
+    # live progress: one epoch bar (reset per fold, not one per fold) and the curve as an image output
+    def progress_done(d):
+        cells = d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")
+        if len(cells) < 3:
+            return False
+        text = cells[2].text
+        return "demo_cnn fold 1" in text and "3/3" in text and cells[2]
+
+    cell = wait(progress_done, "the live progress of the third cell", cap=30)
+    assert cell.text.count("demo_cnn fold") == 1, cell.text
+    assert cell.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img"), "no live training curve"
+    assert "train loss" not in cell.text  # the headless per-epoch lines are not printed in a live front end
     assert deadline.left() > 0.5, "browser test exceeded its time budget"
 
 
@@ -375,6 +412,7 @@ def test_html_report_shows_its_figures(smoke_run, tmp_path, monkeypatch):
         text = driver.find_element(By.TAG_NAME, "body").text
         assert "PosixPath(" not in text and "<Figure size" not in text
         assert "epoch 1/1" in text and "val wLL" in text  # the compact per-epoch log
+        driver.execute_script("document.getElementById('Training').scrollIntoView({block: 'start'});")
         _screenshot(driver, tmp_path, "report_02")
     finally:
         driver.quit()
