@@ -160,8 +160,11 @@ class TrainingProgress:
                 ax_va.plot(*zip(*val, strict=True), ".-", color=colour, label=f"fold {fold}")
         ax_tr.set(xlabel="epoch", ylabel="train loss", title=f"{self.model}: training loss")
         ax_va.set(xlabel="epoch", ylabel="weighted log loss", title="validation (competition metric)")
+        from matplotlib.ticker import MaxNLocator
+
         for ax in (ax_tr, ax_va):
             ax.set_xlim(0.5, max(self._epochs, 1) + 0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if ax.lines:
                 ax.legend(fontsize=7)
         fig.tight_layout()
