@@ -253,7 +253,7 @@ class ViewerState:
             from matplotlib.figure import Figure
 
             study, k = self.study_obj(), LABELS.index(self.label)
-            x = np.arange(study.n)
+            x = np.arange(1, study.n + 1)  # slices numbered 1..n, as on the slider and in the caption
             fig = Figure(figsize=(6.0, 1.5), dpi=80)
             canvas = FigureCanvasAgg(fig)
             ax = fig.add_axes((0.07, 0.22, 0.78, 0.7))
@@ -261,7 +261,10 @@ class ViewerState:
                 ax.bar(x, np.asarray(study.truth)[:, k], width=1.0, color="0.85", label="truth")
             for (name, p), colour in zip(study.probs.items(), _STRIP_COLOURS, strict=False):
                 ax.plot(x, np.asarray(p)[:, k], ".-", color=colour, lw=1.2, ms=3, label=name)
-            ax.set_xlim(-0.5, study.n - 0.5)
+            ax.set_xlim(0.5, study.n + 0.5)
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylim(0, 1.02)
             ax.set_xlabel("slice", fontsize=7, labelpad=1)
             ax.set_ylabel(f"p({self.label})", fontsize=7)
