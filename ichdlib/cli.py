@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ichdlib.cnn.train_cli", "run one stage (cnn, features, seq) alone or under torchrun (DDP, fold jobs)"),
     "export": ("ichdlib.serve.bundle", "write a self-contained model bundle from a finished run"),
     "predict": ("ichdlib.serve.predict", "predict on a folder of DICOM studies with a model bundle"),
+    "compare": ("ichdlib.review.compare", "compare two or more runs: stage scores, per-class losses, times, params"),
 }
 
 

@@ -43,13 +43,13 @@ def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = Non
     P.work_dir.mkdir(parents=True, exist_ok=True)
     (P.reports_dir / "figures").mkdir(parents=True, exist_ok=True)
     # The validated params travel with the run, so `ichd export --run work/<run>` can find them.
-    tmp = P.work_dir / "params.yaml.tmp"
-    tmp.write_text(dump_params(P))
-    tmp.replace(P.work_dir / "params.yaml")
-    import matplotlib
-
-    if not interactive() and "inline" not in matplotlib.get_backend().lower():
-        matplotlib.use("Agg")
+    # ... and a copy next to the reports, so `ichd compare` can list the params that differ between runs.
+    text = dump_params(P)
+    for folder in (P.work_dir, P.reports_dir):
+        tmp = folder / "params.yaml.tmp"
+        tmp.write_text(text)
+        tmp.replace(folder / "params.yaml")
+    use_inline_backend()
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"figure.dpi": 90, "savefig.dpi": 110, "figure.max_open_warning": 0})
@@ -66,9 +66,62 @@ def forced(P: Params, stage: str) -> bool:
     return stage in set(map(str, f))
 
 
-def save_figure(fig: Any, P: Params, name: str) -> Path:
-    """Save a matplotlib figure as ``reports/<run>/figures/<name>.png`` and return the path."""
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, papermill, nbclient), whether or not a front end watches."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    ip = get_ipython()
+    return ip is not None and "IPKernelApp" in ip.config
+
+
+def use_inline_backend() -> str:
+    """Figures inline in a kernel (also under papermill, so executed notebooks carry them); Agg elsewhere.
+
+    A kernel's inline (or ipympl ``widget``) backend is kept; a forced non-interactive backend such as
+    ``MPLBACKEND=Agg`` inherited from the shell is replaced by ``inline``. Returns the backend in use.
+    """
+    import matplotlib
+
+    backend = matplotlib.get_backend().lower()
+    if in_kernel():
+        if not any(k in backend for k in ("inline", "widget", "ipympl")):
+            from IPython import get_ipython
+
+            get_ipython().run_line_magic("matplotlib", "inline")
+    elif backend not in {"agg", "pdf", "svg", "cairo", "ps"}:
+        matplotlib.use("Agg")
+    return matplotlib.get_backend()
+
+
+class SavedFigure(type(Path())):  # type: ignore[misc]
+    """The path of a saved figure; a notebook cell ending in ``save_figure(...)`` shows no path repr."""
+
+    def _ipython_display_(self) -> None:
+        return None
+
+
+def show_figure(fig: Any) -> None:
+    """Show ``fig`` once in the cell's output (a kernel only) and close it, so it is not drawn again."""
+    if not in_kernel():
+        return
+    from IPython.display import display
+
+    display(fig)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def save_figure(fig: Any, P: Params, name: str, show: bool = True) -> Path:
+    """Save ``fig`` as ``reports/<run>/figures/<name>.png``, show it inline once (in a kernel) and close it.
+
+    Returns the path (whose notebook repr is empty, so it does not clutter the report).
+    """
     out = P.reports_dir / "figures" / f"{name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
-    return out
+    if show:
+        show_figure(fig)
+    return SavedFigure(out)

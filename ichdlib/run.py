@@ -11,10 +11,13 @@ named.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,68 @@ def export_html(ipynb: Path) -> Path | None:
         return None
 
 
+#: Environment of a headless notebook kernel: static figures instead of widgets, no progress bars
+#: (the training loops print one line per epoch), no library chatter.
+KERNEL_ENV = {"ICHD_HEADLESS": "1", "TQDM_DISABLE": "1"}
+
+
+@contextlib.contextmanager
+def kernel_environment(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """Set :data:`KERNEL_ENV` (the kernel inherits it at start) and restore the caller's environment after.
+
+    ``MPLBACKEND`` is removed: the notebooks pick the inline backend themselves, so figures land in the
+    executed notebook (``ichdlib.nb.setup``).
+    """
+    env = {**KERNEL_ENV, **(extra or {})}
+    saved = {k: os.environ.get(k) for k in [*env, "MPLBACKEND"]}
+    os.environ.update(env)
+    os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def quiet_kernel_config(ipc_dir: Path) -> Any:
+    """nbclient config: talk to the kernel over local IPC sockets in ``ipc_dir`` instead of TCP.
+
+    Nothing listens on a network port, and ipykernel has no reason to print its "running over TCP without
+    encryption" warning once per notebook.
+    """
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.KernelManager.transport = "ipc"
+    cfg.KernelManager.ip = str(ipc_dir / "k")
+    return cfg
+
+
+def kernel_manager_class(log_path: Path) -> type:
+    """A kernel manager whose kernel writes its own stdout/stderr (start-up and shutdown chatter such as
+    "KeyboardInterrupt caught in kernel" or asyncio's "Task was destroyed") to ``log_path``, not the console.
+
+    Cell outputs are unaffected: they travel as messages into the executed notebook.
+    """
+    from ichdlib.procs import kernel_manager_class as group_kernel_manager
+
+    class FileLoggedKernelManager(group_kernel_manager()):
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "ab")  # noqa: SIM115 - the kernel process owns it; closed when we exit
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            try:
+                await super()._async_launch_kernel(kernel_cmd, **kw)
+            finally:
+                log.close()  # the child holds its own copy of the descriptor
+
+    return FileLoggedKernelManager
+
+
 def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, Any], *,
                  html: bool = True, log_output: bool = False) -> Path:
     """Execute one notebook with papermill into ``reports/<run>/``; raises :class:`NotebookFailed`."""
@@ -95,17 +160,19 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
 
     out = P.reports_dir / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.environ["ICHD_HEADLESS"] = "1"
-    os.environ.setdefault("MPLBACKEND", "Agg")
     from ichdlib.locks import output_lock
     from ichdlib.procs import execute_notebook  # the kernel in its own process group, ended with this runner
 
     try:
-        with output_lock(out, what="run"):  # one runner writes this executed notebook at a time
+        with output_lock(out, what="run"), kernel_environment(), \
+                tempfile.TemporaryDirectory(prefix="ichd-kernel-") as ipc:
             execute_notebook(
                 str(nb), str(out),
                 parameters={"params_path": str(params_path), "overrides": overrides},
                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
+                config=quiet_kernel_config(Path(ipc)),
+                coalesce_streams=True,  # one stream block per cell: the per-epoch lines read as one log
+                kernel_manager_class=kernel_manager_class(P.work_dir / "logs" / f"{nb.stem}.kernel.log"),
             )
     except pm.PapermillExecutionError as exc:
         raise NotebookFailed(_failure_message(nb.name, exc, out)) from None
@@ -163,12 +230,15 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
         d = stages.decide(store, stage, nb, known, force=force,
                           report_exists=(P.reports_dir / nb.name).is_file())
         if not d.run:
-            last = store.read(stage.number).get("seconds")
-            when = f"; last ran in {last:.0f} s" if isinstance(last, int | float) else ""
-            print(f"{head}: up to date, skipped{when} (--force to rerun)", flush=True)
-            results.append(StageResult(stage.number, nb.name, "skipped", message=d.explain()))
+            last = last_timings(P).get(nb.name)
+            if last is None:
+                last = store.read(stage.number).get("seconds")
+            note = f"; last ran in {last:.0f} s" if isinstance(last, int | float) else ""
+            print(f"{head}: skipped, up to date{note} (--force to rerun)", flush=True)
+            results.append(StageResult(stage.number, nb.name, "skipped", 0.0,
+                                       f"last ran in {last:.0f} s" if isinstance(last, int | float) else ""))
             continue
-        print(f"{head}: {d.explain()} ...", flush=True)
+        print(f"{head}: {d.explain()} ...", end="\n" if log_output else "", flush=True)
         t0 = time.perf_counter()
         nb_over = dict(overrides)
         if d.force:
@@ -177,13 +247,15 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
         try:
             run_notebook(nb, P, params_path, nb_over, html=html, log_output=log_output)
         except NotebookFailed as exc:
+            print(" failed", flush=True)
             store.mark_failed(stage.number, time.perf_counter() - t0, str(exc))
             results.append(StageResult(stage.number, nb.name, "failed", time.perf_counter() - t0, str(exc)))
             raise
         dt = time.perf_counter() - t0
         # Recomputed after the run: a stage may create what it reads (notebook 01 generates the phantom).
         store.mark_done(stage.number, store.parts(stage, nb, known), dt)
-        print(f"{head}: done in {dt:.0f} s", flush=True)
+        record_timing(P, nb.name, dt)
+        print(f"{head}: done in {dt:.0f} s" if log_output else f" {dt:.0f} s", flush=True)
         results.append(StageResult(stage.number, nb.name, "ran", dt))
     if only or start:
         later = [d for d in plan(params_path, overrides=overrides, notebooks=notebooks)
@@ -205,6 +277,32 @@ def dry_run(params_path: str | Path, **kwargs: Any) -> str:
         lines.append(f"{d.stage.number} {d.stage.name:<9} {verb:<15} "
                      f"{'; '.join(d.reasons) if d.run else 'up to date'}")
     return "\n".join(lines)
+
+
+TIMINGS = "timings.json"
+
+
+def last_timings(P: Params) -> dict[str, float]:
+    """Seconds each notebook took the last time it really ran (``reports/<run>/timings.json``)."""
+    path = P.reports_dir / TIMINGS
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v["seconds"]) for k, v in data.items() if isinstance(v, dict) and "seconds" in v}
+
+
+def record_timing(P: Params, notebook: str, seconds: float) -> None:
+    """Merge one notebook's wall time into ``reports/<run>/timings.json`` (other entries kept)."""
+    from ichdlib.files import write_json
+
+    path = P.reports_dir / TIMINGS
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[notebook] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(path, data)
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -236,6 +334,10 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
         for name, s in (m.get("stages") or {}).items():
             lines.append(f"| {name} | {_fmt(_get(s, 'oof', 'wll'))} | {_fmt(_get(s, 'test', 'wll'))} | "
                          f"{_fmt(_get(s, 'oof', 'auc', 'any'))} | {_fmt(_get(s, 'test', 'auc', 'any'))} |")
+        if any(str(name).startswith("cnn:") for name in (m.get("stages") or {})):
+            lines += ["", f"`cnn:` rows score the test-time-augmented (TTA) probabilities of notebook 03 "
+                          f"(`features.tta` = {P.features.tta} views); notebook 02 reports the single-view OOF loss "
+                          f"of the same models, which differs slightly."]
         pg = m.get("pointing_game") or {}
         if pg.get("per_class"):
             std = pg.get("standard_tolerance") or {}
@@ -261,13 +363,22 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
             lines.append(f"- [{nb.name}]({nb.name}){link}")
     if results:
         lines += ["", "## This run", "", "| notebook | status | seconds |", "|---|---|---|"]
-        lines += [f"| {r.notebook} | {r.status} | {r.seconds:.0f} |" for r in results]
+        lines += [_timing_row(r, last_timings(P)) for r in results]
     if (rep / "submission.csv").is_file():
         lines += ["", "Submission: [submission.csv](submission.csv)"]
     rep.mkdir(parents=True, exist_ok=True)
     out = rep / "summary.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _timing_row(r: StageResult, last: dict[str, float]) -> str:
+    """A summary row; a skipped notebook shows when it last really ran instead of 0 s."""
+    if r.status == "skipped":
+        t = last.get(r.notebook)
+        status = f"skipped; last ran in {t:.0f} s" if t is not None else "skipped"
+        return f"| {r.notebook} | {status} | {'' if t is None else f'{t:.0f}'} |"
+    return f"| {r.notebook} | {r.status} | {r.seconds:.0f} |"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -83,3 +83,40 @@ def trained(ingested):
         train_seq(P, name)
     run_ensemble(P)
     return P
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """``ichd run params/smoke.yaml`` once per session (HTML included) in a fresh root, with what the run
+    printed on the console at the file-descriptor level (kernel subprocesses included).
+
+    Shared by the pipeline, report and browser tests so the six notebooks run once (~60 s on 2 cores).
+    """
+    import sys
+    from types import SimpleNamespace
+
+    from ichdlib.run import run_pipeline
+
+    root = tmp_path_factory.mktemp("smoke_run")
+    over = {"root": str(root)}
+    console = root / "console.txt"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    import contextlib
+
+    with open(console, "w", buffering=1) as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                results = run_pipeline(REPO / "params" / "smoke.yaml", overrides=over, html=True)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    P = load_params(REPO / "params" / "smoke.yaml", over)
+    return SimpleNamespace(P=P, results=results, overrides=over, console=console.read_text(errors="replace"))

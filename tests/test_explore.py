@@ -38,10 +38,20 @@ def test_study_browser_state_follows_its_controls(ingested):
     box = study_browser(cat, cache)
     c = box.controls
     first = c["image"].value
-    c["slider"].value = 0 if c["slider"].value else 1
+    c["slider"].value = 1 if c["slider"].value > 1 else 2  # slices numbered 1..n, as notebook 06's viewer
     assert c["image"].value != first and f"slice {c['slider'].value}/" in c["caption"].value
     before = c["image"].value
     c["window"].value = "bone"
     assert c["image"].value != before
     c["study"].value = c["study"].options[-1]
-    assert c["slider"].max == (cat.study_uid == c["study"].value).sum() - 1
+    assert c["slider"].max == (cat.study_uid == c["study"].value).sum() and c["slider"].min == 1
+    # a test study is captioned as unlabelled, not as "no hemorrhage"
+    test_uid = cat.loc[cat.split == "test", "study_uid"].iloc[0]
+    c["study"].value = test_uid
+    assert "unlabelled" in c["caption"].value and "no hemorrhage" not in c["caption"].value
+    train_neg = cat[(cat.split == "train")].groupby("study_uid")["any"].max()
+    if (train_neg == 0).any():
+        c["study"].value = train_neg[train_neg == 0].index[0]
+        assert "no hemorrhage" in c["caption"].value
+    # native pixels at most 4x: a 48 px cache row is shown 192 px wide, not stretched to the page
+    assert c["image"].layout.width == f"{min(400, 4 * cache.shape[-1])}px"

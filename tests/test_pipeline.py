@@ -1,8 +1,12 @@
-"""Every notebook executes under papermill with params/smoke.yaml, in order, as `ichd run` does."""
+"""Every notebook executes under papermill with params/smoke.yaml, in order, as `ichd run` does, and the
+executed notebooks read as reports: figures inline (.ipynb and .html), no stray reprs, compact logs, a quiet
+console."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,15 +14,44 @@ import pytest
 from ichdlib.labels import LABELS
 from ichdlib.run import list_notebooks, run_pipeline
 
+#: Inline figures each executed notebook must carry at least (the issue's "done when").
+MIN_FIGURES = {"01": 3, "02": 2, "03": 1, "04": 1, "05": 3, "06": 3}
+#: A cell output that is only the repr of a path or a figure object is clutter, not a result.
+STRAY_REPR = re.compile(r"^(PosixPath\(|WindowsPath\(|<Figure size|<matplotlib\.|<Axes|<ipywidgets)")
+#: Stream output (stdout + stderr) of the training notebooks stays small enough to scroll.
+MAX_STREAM_CHARS = 8000
+
+
+def report_outputs(ipynb: Path) -> dict:
+    """Inline images, stream characters, widget outputs and stray reprs of an executed notebook."""
+    nb = json.loads(ipynb.read_text())
+    out = {"images": 0, "stream": 0, "widgets": 0, "stray": [], "control_chars": 0}
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            if o["output_type"] == "stream":
+                text = "".join(o["text"])
+                out["stream"] += len(text)
+                out["control_chars"] += len(re.findall(r"[\r\x1b]", text))
+                continue
+            data = o.get("data", {})
+            out["images"] += "image/png" in data
+            out["widgets"] += "application/vnd.jupyter.widget-view+json" in data
+            plain = "".join(data.get("text/plain", ""))
+            if set(data) == {"text/plain"} and STRAY_REPR.match(plain):
+                out["stray"].append(plain[:80])
+    return out
+
+
+def html_images(html: Path) -> int:
+    """Inline PNGs inside the output areas of an nbconvert HTML report."""
+    text = html.read_text(encoding="utf-8")
+    return len(re.findall(r'<div class="jp-RenderedImage[^"]*"[^>]*>\s*<img[^>]+src="data:image/png;base64,', text))
+
 
 @pytest.mark.slow
-def test_all_notebooks_run_headless_with_smoke_params(repo, tmp_path):
+def test_all_notebooks_run_headless_with_smoke_params(smoke_run):
     """A fresh root: notebook 01 generates the phantom and ingests it, 02-06 train and review."""
-    from ichdlib.config import load_params
-
-    over = {"root": str(tmp_path)}
-    P = load_params(repo / "params" / "smoke.yaml", over)
-    results = run_pipeline(repo / "params" / "smoke.yaml", overrides=over, html=False)
+    P, results = smoke_run.P, smoke_run.results
     expected = [p.name for p in list_notebooks()]
     assert [r.notebook for r in results] == expected
     assert all(r.status == "ran" for r in results), results
@@ -27,22 +60,59 @@ def test_all_notebooks_run_headless_with_smoke_params(repo, tmp_path):
         assert (rep / name).is_file()
     figs = list((rep / "figures").glob("*.png"))
     assert any(f.name.startswith("01_") for f in figs)
-    if (rep / "metrics.json").is_file():
-        m = json.loads((rep / "metrics.json").read_text())
-        assert "stages" in m and m["stages"]
-    if (rep / "submission.csv").is_file():
-        sub = pd.read_csv(rep / "submission.csv")
-        assert list(sub.columns) == ["ID", "Label"] and sub.Label.between(0, 1).all()
-        assert len(sub) % len(LABELS) == 0
+    m = json.loads((rep / "metrics.json").read_text())
+    assert "stages" in m and m["stages"]
+    sub = pd.read_csv(rep / "submission.csv")
+    assert list(sub.columns) == ["ID", "Label"] and sub.Label.between(0, 1).all()
+    assert len(sub) % len(LABELS) == 0
     summary = (rep / "summary.md").read_text()
-    assert "Executed notebooks" in summary
-    # a second run skips every stage: nothing recomputed
-    again = run_pipeline(repo / "params" / "smoke.yaml", overrides=over, html=False)
-    assert all(r.status == "skipped" for r in again)
+    assert "Executed notebooks" in summary and "TTA" in summary
+    assert (rep / "params.yaml").is_file() and (rep / "timings.json").is_file()
 
 
 @pytest.mark.slow
-def test_stage_dag_reruns_what_changed_and_keeps_the_rest(repo, tmp_path):
+def test_reports_carry_inline_figures_and_little_else(smoke_run):
+    rep = smoke_run.P.reports_dir
+    for nb in list_notebooks():
+        ipynb, html = rep / nb.name, (rep / nb.name).with_suffix(".html")
+        got = report_outputs(ipynb)
+        need = MIN_FIGURES[nb.name[:2]]
+        assert got["images"] >= need, f"{nb.name}: {got['images']} inline figures, expected >= {need}"
+        assert html.is_file() and html_images(html) >= need, f"{html.name}: {html_images(html)} figures"
+        assert not got["stray"], f"{nb.name}: stray reprs {got['stray']}"
+        assert got["widgets"] == 0, f"{nb.name}: {got['widgets']} widget outputs in a headless report"
+        assert got["control_chars"] == 0, f"{nb.name}: progress-bar control characters in the report"
+        if nb.name[:2] in {"02", "04"}:
+            assert got["stream"] < MAX_STREAM_CHARS, f"{nb.name}: {got['stream']} characters of stream output"
+    # the per-epoch lines of 02: fold, epoch, train loss, val wLL, img/s
+    text = "".join("".join(o.get("text", "")) for c in json.loads((rep / "02_cnn_training.ipynb").read_text())["cells"]
+                   for o in c.get("outputs", []) if o["output_type"] == "stream")
+    assert re.search(r"fold 0 epoch 1/1 +train loss \d\.\d{4} +val wLL \d\.\d{4} \*? +\d+ img/s", text), text
+
+
+@pytest.mark.slow
+def test_console_is_one_line_per_notebook(smoke_run):
+    console = smoke_run.console
+    assert "WARNING" not in console and "IPKernelApp" not in console and "Traceback" not in console, console
+    lines = [ln for ln in console.splitlines() if re.match(r"\[\d/\d\] ", ln)]
+    assert len(lines) == len(list_notebooks()), console
+    assert all(re.search(r"\d+ s$", ln) for ln in lines), lines
+
+
+@pytest.mark.slow
+def test_rerun_skips_and_keeps_the_last_real_timings(smoke_run, repo, capsys):
+    again = run_pipeline(repo / "params" / "smoke.yaml", overrides=smoke_run.overrides, html=False)
+    assert all(r.status == "skipped" for r in again)
+    out = capsys.readouterr().out
+    assert out.count("last ran in") == len(again), out
+    summary = (smoke_run.P.reports_dir / "summary.md").read_text()
+    ran = {r.notebook: round(r.seconds, 1) for r in smoke_run.results}  # timings.json keeps 0.1 s
+    for name, secs in ran.items():
+        assert f"| {name} | skipped; last ran in {secs:.0f} s | {secs:.0f} |" in summary, summary
+
+
+@pytest.mark.slow
+def test_stage_dag_reruns_what_changed_and_keeps_the_rest(repo, smoke_run, tmp_path):
     """The stage contract end to end: a copied checkout keeps its stages; a retrained CNN makes 03-06 stale;
     corrected labels rerun ingest and everything after it, and the final metrics change."""
     import shutil
@@ -54,11 +124,8 @@ def test_stage_dag_reruns_what_changed_and_keeps_the_rest(repo, tmp_path):
     from ichdlib.run import plan
 
     smoke = repo / "params" / "smoke.yaml"
-    first = tmp_path / "a"
-    over = {"root": str(first)}
-    assert all(r.status == "ran" for r in run_pipeline(smoke, overrides=over, html=False))
-    P = load_params(smoke, over)
-    metrics_before = json.loads((P.reports_dir / "metrics.json").read_text())
+    first = Path(smoke_run.overrides["root"])  # the shared smoke run, left as it is
+    metrics_before = json.loads((smoke_run.P.reports_dir / "metrics.json").read_text())
 
     # A plain copy (new mtimes) of the whole root keeps every finished stage.
     second = tmp_path / "b"

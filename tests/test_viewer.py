@@ -114,10 +114,13 @@ def test_widgets_drive_the_state(state):
     v = SliceViewer(state)
     png0, strip0 = v.image.value, v.strip.value
     assert png0[:4] == b"\x89PNG"
-    v.slider.value = (v.slider.value + 3) % 8
-    assert state.index == v.slider.value
+    v.slider.value = (v.slider.value + 3) % 8 + 1  # the slider numbers slices 1..n, as the caption does
+    assert state.index == v.slider.value - 1 and (v.slider.min, v.slider.max) == (1, 8)
     assert v.image.value != png0 and v.strip.value != strip0
-    assert f"slice {state.index + 1}/8" in v.status.value
+    assert f"slice {v.slider.value}/8" in v.status.value
+    # full study names in the picker; the image is not stretched past 4x its pixels
+    assert all(uid in label for label, uid in v.study.options)
+    assert int(v.image.layout.width.removesuffix("px")) <= 4 * state.image().shape[1]
     v.window.value = "bone"
     assert state.window == (600.0, 2800.0) and v.level.disabled
     v.window.value = "custom"
@@ -131,7 +134,7 @@ def test_widgets_drive_the_state(state):
     v.sort.value = "study_uid"
     assert [o[1] for o in v.study.options] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]
     v.study.value = "1.2.3.0"
-    assert state.uid == "1.2.3.0" and v.slider.value == state.index and v.slider.max == 7
+    assert state.uid == "1.2.3.0" and v.slider.value == state.index + 1 and v.slider.max == 8
     assert "ichd-slice-slider" in v.slider._dom_classes and "ichd-image" in v.image._dom_classes
 
 
@@ -151,3 +154,10 @@ def test_study_validation():
         Study("x", hu=[np.zeros((4, 4))] * 2, probs={"final": np.zeros((3, 6))})
     with pytest.raises(ValueError, match="at least one study"):
         ViewerState([], lambda u: None)
+
+
+def test_caption_of_an_unlabelled_study():
+    studies, cams = fabricated_studies(n_studies=1, n=4, size=32)
+    studies[0].truth = None
+    st = ViewerState.from_studies(studies, cams)
+    assert "unlabelled" in st.caption() and "truth" not in st.caption()

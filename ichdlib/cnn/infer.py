@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ichdlib.cnn import distributed as D
 from ichdlib.cnn.data import (
@@ -27,6 +26,7 @@ from ichdlib.cnn.data import (
 )
 from ichdlib.config import Params
 from ichdlib.labels import LABELS
+from ichdlib.progress import track
 from ichdlib.runtime import autocast, derive_seed
 from ichdlib.spec import ModelSpec
 
@@ -70,7 +70,7 @@ def predict(runner: torch.nn.Module, aug: DeviceAugment, dataset: SliceDataset, 
     probs = np.zeros((len(dataset), len(LABELS)), dtype=np.float32)
     feats: np.ndarray | None = None
     model = getattr(runner, "_orig_mod", runner)
-    for x, _, pos in tqdm(loader, desc=desc, leave=False, disable=desc is None, mininterval=2):
+    for x, _, pos in track(loader, desc, mininterval=2):
         x, pos = to_device((x, pos), device)
         p_sum, f_sum = 0.0, 0.0
         for view in views or [None]:

@@ -25,6 +25,7 @@ under a lock (``fold<k>.lock``), so independent fold jobs can share one work fol
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import socket
@@ -37,7 +38,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ichdlib.cnn import distributed as D
 from ichdlib.cnn.data import (
@@ -55,6 +55,7 @@ from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.native import open_slices
 from ichdlib.labels import LABELS
 from ichdlib.locks import output_lock
+from ichdlib.progress import TrainingProgress
 from ichdlib.resources import check_training_memory
 from ichdlib.runtime import amp_mode, cpu_threads, derive_seed, prepare_model, save_torch
 from ichdlib.runtime import autocast as _autocast
@@ -215,7 +216,8 @@ def describe_provenance(prov: dict[str, Any] | None) -> str:
 
 
 def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache: np.ndarray,
-               force: bool = False, origin: str = "train_cnn") -> dict[str, Any]:
+               force: bool = False, origin: str = "train_cnn",
+               progress: TrainingProgress | None = None) -> dict[str, Any]:
     """Train (or resume, or skip) one fold; returns its summary (``status``, ``best_epoch``, ``best_wll``,
     ``provenance``). Under torchrun every rank calls it; rank 0 writes the files."""
     out = cnn_dir(P, cfg)
@@ -325,11 +327,12 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         status = "resumed"
     start = int(meta["epoch"]) + 1
 
-    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.key} fold {fold}", initial=start, total=cfg.epochs,
-               mininterval=1, disable=not main)
-    for epoch in bar:
+    if progress is None:  # under torchrun only rank 0 reports
+        progress = TrainingProgress(cfg.key) if main else TrainingProgress(cfg.key, live=False, stream=io.StringIO())
+    progress.fold(fold, cfg.epochs, start, best=meta["best_wll"])
+    for epoch in range(start, cfg.epochs):
         row = run_epoch(P, cfg, fold, epoch, model, train_runner, opt, aug, loader, sampler, weights, device,
-                        amp, scaler=scaler, global_batch=global_batch)
+                        amp, scaler=scaler, global_batch=global_batch, progress=progress if main else None)
         t0 = time.perf_counter()
         full = (epoch + 1) % P.cnn.val_every == 0 or epoch == cfg.epochs - 1
         kind = "full" if full else ("subset" if "subset" in val_sets else None)
@@ -359,7 +362,9 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
                 last["scaler"] = scaler.state_dict()
             save_torch(last, files.last)
         D.barrier()
-        _progress(bar, row)
+        if main:  # the subset score between full validations is not comparable with the best: not shown
+            progress.epoch(epoch, row["train_loss"], row["val_wll"] if row["val_kind"] == "full" else None,
+                           row["images_per_s"], row["seconds"])
 
     # test probabilities from the best epoch, then mark the fold finished
     best_state = torch.load(files.best, map_location="cpu", weights_only=True)
@@ -381,17 +386,10 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
             "epochs_run": meta["epoch"] + 1, "provenance": meta["provenance"]}
 
 
-def _progress(bar: Any, row: dict[str, Any]) -> None:
-    """The one place the loop reports an epoch (the bar's postfix; rank 0 only)."""
-    val = "-" if row.get("val_wll") is None else f"{row['val_wll']:.4f}" + ("*" if row["val_kind"] == "subset" else "")
-    bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_wll=val, img_s=f"{row['images_per_s']:.0f}",
-                    val_img_s=f"{row.get('val_images_per_s') or 0:.0f}")
-
-
 def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet, runner: torch.nn.Module,
               opt: torch.optim.Optimizer, aug: DeviceAugment, loader: Any, sampler: Any,
               weights: torch.Tensor, device: str, amp: bool | torch.dtype, *, scaler: Any = None,
-              global_batch: int | None = None) -> dict[str, Any]:
+              global_batch: int | None = None, progress: TrainingProgress | None = None) -> dict[str, Any]:
     """One training epoch; every random stream is seeded from (seed, fold, epoch[, rank]) so a resume
     repeats it. Under DDP each rank's loss is scaled by its share of the global batch (``global_batch``),
     so the averaged gradient is the one-process gradient; loss and image counts are all-reduced."""
@@ -408,8 +406,8 @@ def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet,
     loss_sum = torch.zeros((), device=device)
     n_img, t0 = 0, time.perf_counter()
     lr = cfg.lr
-    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2,
-                                      disable=not D.is_main())):
+    batches = progress.batches(loader, steps) if progress is not None else loader
+    for step, batch in enumerate(batches):
         D.fault_point(epoch, step)
         lr = lr_at(P.cnn, cfg.lr, cfg.epochs, epoch, step, steps)
         for group in opt.param_groups:
@@ -530,11 +528,12 @@ def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str |
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
     out = cnn_dir(P, backbone_cfg)
     summary: dict[str, Any] = {"key": backbone_cfg.key, "dir": str(out), "folds": {}}
-    with cpu_threads(P):
+    with cpu_threads(P), TrainingProgress(backbone_cfg.key) as progress:
         for k in fold_numbers(P, cat, folds):
             # one writer per fold: a second job on the same fold stops at once and names the holder
             with D.main_lock(out / f"fold{k}", what=f"train {backbone_cfg.key} fold {k}"):
-                summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force, origin=origin)
+                summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force, origin=origin,
+                                                 progress=progress)
     # fold jobs sharing the folder assemble one at a time; the one that sees every fold writes oof.parquet
     assembled = None
     if D.is_main():

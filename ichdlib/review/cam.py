@@ -599,14 +599,15 @@ def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence
     import matplotlib.pyplot as plt
 
     cases = cases.reset_index(drop=True)
+    # only the groups that have cases get a row: no large empty panels; the others are named in the title
+    groups = [g for g in GROUPS if (cases["group"] == g).any()] or [GROUPS[0]]
+    none = [g.upper() for g in GROUPS if g not in groups or not (cases["group"] == g).any()]
     k = max([1, *cases.groupby("group").size().tolist()])
-    fig, axes = plt.subplots(len(GROUPS), 2 * k, figsize=(2.1 * 2 * k, 2.3 * len(GROUPS)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 2 * k, figsize=(2.1 * 2 * k, 2.3 * len(groups) + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for gi, group in enumerate(GROUPS):
+    for gi, group in enumerate(groups):
         sel = cases.index[cases["group"] == group]
-        if not len(sel):
-            axes[gi, 0].text(0.0, 0.5, f"{group.upper()}: none", fontsize=9, transform=axes[gi, 0].transAxes)
         for j, i in enumerate(sel):
             r = cases.loc[i]
             box = head_box(hu[i])
@@ -615,7 +616,9 @@ def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence
             ax_img.imshow(overlay(hu[i], None, window)[box])
             ax_cam.imshow(overlay(hu[i], cams[i], window, opacity=0.6, outline=mask)[box])
             ax_img.set_title(f"{group.upper()} p={r['prob']:.2f}", fontsize=8)
-            ax_cam.set_title(f"{str(r['study_uid'])[-6:]} s{int(r['slice_index'])}", fontsize=8)
+            ax_cam.set_title(f"…{str(r['study_uid'])[-6:]} slice {int(r['slice_index']) + 1}", fontsize=8)
+    if none:
+        title = f"{title}  (no {', '.join(none)} cases)" if title else f"no {', '.join(none)} cases"
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -623,11 +626,14 @@ def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence
 
 
 def gallery(engine: CamEngine, cases: pd.DataFrame, labels: Sequence[str] = LABELS) -> dict[str, Any]:
-    """One :func:`gallery_figure` per label (its TP / FP / FN rows of ``cases``), maps from ``engine``."""
+    """One :func:`gallery_figure` per label with cases (its TP / FP / FN rows of ``cases``), maps from
+    ``engine``; labels without any case get no figure (the notebook names them)."""
     figs = {}
     for lab in labels:
         sel = cases[cases["label"] == lab].reset_index(drop=True)
-        maps = [m[0] for m in engine.cams(sel, [lab])] if len(sel) else []
+        if not len(sel):
+            continue
+        maps = [m[0] for m in engine.cams(sel, [lab])]
         masks = [load_mask(engine.P.data_root, u) for u in sel["sop_uid"]]
         figs[lab] = gallery_figure(sel, engine.hu(sel), maps, masks,
                                    title=f"{lab}: {engine.key}, {engine.P.cam.method}")
@@ -661,9 +667,8 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
     without them. The result goes to ``reports/<run>/metrics.json`` under ``pointing_game`` (other keys
     kept); an existing result for the same settings is reused unless ``force``.
     """
-    from tqdm.auto import tqdm
-
     from ichdlib.ensemble.blend import update_metrics
+    from ichdlib.progress import track
 
     threshold, tolerance = P.cam.threshold, P.cam.tolerance_px
     metrics_path = P.reports_dir / "metrics.json"
@@ -681,7 +686,7 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
     tp: dict[str, np.ndarray] = {}
     chance: dict[str, np.ndarray] = {}
     missing = 0
-    for lab in tqdm(LABELS, desc="pointing game"):
+    for lab in track(LABELS, desc="pointing game"):
         pos = table[table[f"y_{lab}"] == 1]
         if max_per_class is not None:
             pos = pos.head(max_per_class)

@@ -165,74 +165,110 @@ def plot_subtype_examples(cat: pd.DataFrame, cache: np.ndarray, picks: pd.DataFr
     return fig
 
 
+def slice_caption(row: Any, n: int) -> str:
+    """How every view names a slice: ``slice k/n`` (1-based, z order), z, and its labels.
+
+    A test (or otherwise unlabelled) slice is captioned ``unlabelled``, never "no hemorrhage"."""
+    labelled = row.get("split", "train") != "test" and pd.notna(row.get("any", np.nan))
+    if not labelled:
+        what = "unlabelled (test split)" if row.get("split") == "test" else "unlabelled"
+    else:
+        what = ", ".join(s for s in SUBTYPES if row.get(s, 0) == 1) or "no hemorrhage"
+    return f"slice {int(row['slice_index']) + 1}/{n}, z = {float(row['z']):.1f} mm: {what}"
+
+
+def display_width(native: int, max_px: int = 400, max_zoom: int = 4) -> int:
+    """On-screen width of an image ``native`` pixels wide: at most ``max_zoom`` x, at most ``max_px``."""
+    return int(min(max_px, max_zoom * max(1, native)))
+
+
 def study_montage(cat: pd.DataFrame, cache: np.ndarray, study_uid: str, window_name: str = "brain",
                   max_slices: int = 16) -> Any:
-    """Static view of a study: evenly spaced slices in z order with their labels (the headless browser)."""
+    """Static view of a study: evenly spaced slices in z order with their labels (the headless browser).
+
+    Slices are numbered 1..n as in the interactive browser and in notebook 06's viewer."""
     import matplotlib.pyplot as plt
 
     g = cat[cat.study_uid == study_uid]
     idx = np.unique(np.linspace(0, len(g) - 1, min(max_slices, len(g))).round().astype(int))
     cols = min(8, len(idx))
     rows = int(np.ceil(len(idx) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.3 * rows + 0.3), squeeze=False)
     c, w = WINDOWS[window_name]
+    test = bool((g["split"] == "test").all()) if "split" in g else False
     for ax, k in zip(axes.ravel(), idx, strict=False):
         r = g.iloc[k]
         ax.imshow(window(np.asarray(cache[int(r.row)], np.float32), c, w), cmap="gray")
-        labs = [s[:5] for s in SUBTYPES if r.get(s, 0) == 1]
-        ax.set_title(f"{k}: z={r.z:.0f}" + ("\n" + ",".join(labs) if labs else ""), fontsize=8,
+        labs = [] if test else [s for s in SUBTYPES if r.get(s, 0) == 1]
+        ax.set_title(f"{k + 1}/{len(g)}: z={r.z:.0f}" + ("\n" + ",\n".join(labs) if labs else ""), fontsize=7,
                      color="red" if labs else "black")
     for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle(f"study {study_uid} ({window_name} window)")
+    state = "unlabelled test study" if test else "labels in red"
+    fig.suptitle(f"study {study_uid} ({window_name} window; {state})", fontsize=9)
+    fig.tight_layout()
     return fig
+
+
+def window_png(hu: np.ndarray, center: float, width: float) -> bytes:
+    """One slice under a window as 8-bit grey PNG bytes at its native size (the browser scales it)."""
+    import cv2
+
+    img = np.round(window(hu, center, width) * 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:  # pragma: no cover
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
 
 
 def study_browser(cat: pd.DataFrame, cache: np.ndarray, study_uid: str | None = None) -> Any:
     """An ipywidgets control to scroll a study's slices and switch windows (JupyterLab).
 
-    Returns the widget box; its ``.state`` dict and ``.render()`` are exposed for tests.
+    Laid out for a 1366x768 screen: the image (native pixels, at most 4x / 400 px) beside the controls and
+    caption. Slider and caption number slices 1..n in z order, as notebook 06's viewer does; test studies
+    are captioned as unlabelled. Returns the widget box; ``.controls`` and ``.render()`` serve tests.
     """
-    import io
-
     import ipywidgets as W
-    import matplotlib.pyplot as plt
 
     studies = list(dict.fromkeys(cat.study_uid))
-    study = W.Dropdown(options=studies, value=study_uid or studies[0], description="study")
-    win = W.Dropdown(options=list(WINDOWS), value="brain", description="window")
-    slider = W.IntSlider(min=0, max=0, value=0, description="slice", continuous_update=True)
-    image = W.Image(format="png")
+    wide = {"description_width": "initial"}
+    study = W.Dropdown(options=studies, value=study_uid or studies[0], description="study", style=wide,
+                       layout=W.Layout(width=f"{min(640, 80 + 8 * max(len(s) for s in studies))}px"))
+    win = W.ToggleButtons(options=list(WINDOWS), value="brain", description="window",
+                          style={"button_width": "84px", **wide})
+    slider = W.IntSlider(min=1, max=1, value=1, description="slice", continuous_update=True, style=wide,
+                         layout=W.Layout(width="420px"))
+    image = W.Image(format="png", layout=W.Layout(margin="0 12px 0 0"))
     caption = W.HTML()
+    for w_, css in [(study, "ichd-browser-study"), (win, "ichd-browser-window"), (slider, "ichd-browser-slider"),
+                    (image, "ichd-browser-image"), (caption, "ichd-browser-caption")]:
+        w_.add_class(css)
 
     def rows_of(s: str) -> pd.DataFrame:
         return cat[cat.study_uid == s]
 
     def render(*_: Any) -> None:
         g = rows_of(study.value)
-        r = g.iloc[min(slider.value, len(g) - 1)]
+        r = g.iloc[min(max(slider.value, 1), len(g)) - 1]
         hu = np.asarray(cache[int(r.row)], np.float32)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.imshow(window(hu, *WINDOWS[win.value]), cmap="gray")
-        ax.axis("off")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", bbox_inches="tight")
-        plt.close(fig)
-        image.value = buf.getvalue()
-        labs = [s for s in SUBTYPES if r.get(s, 0) == 1]
-        caption.value = (f"<b>{r.sop_uid}</b> slice {int(r.slice_index)}/{len(g) - 1}, z = {r.z:.1f} mm"
-                         f" &mdash; {', '.join(labs) or 'no hemorrhage label'}")
+        image.value = window_png(hu, *WINDOWS[win.value])
+        image.layout.width = f"{display_width(hu.shape[1])}px"
+        caption.value = f"<b>{r.sop_uid}</b><br>{slice_caption(r, len(g))}"
 
     def on_study(*_: Any) -> None:
-        slider.max = len(rows_of(study.value)) - 1
-        slider.value = slider.max // 2
+        n = len(rows_of(study.value))
+        slider.value = 1
+        slider.max = n
+        slider.value = (n + 1) // 2
         render()
 
     study.observe(on_study, names="value")
     slider.observe(render, names="value")
     win.observe(render, names="value")
     on_study()
-    box = W.VBox([W.HBox([study, win]), slider, image, caption])
+    side = W.VBox([study, win, slider, caption], layout=W.Layout(min_width="440px"))
+    box = W.HBox([image, side], layout=W.Layout(align_items="flex-start"))
+    box.add_class("ichd-browser")
     box.render = render  # type: ignore[attr-defined]
     box.controls = {"study": study, "window": win, "slider": slider, "image": image,  # type: ignore[attr-defined]
                     "caption": caption}

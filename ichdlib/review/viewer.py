@@ -253,7 +253,7 @@ class ViewerState:
             from matplotlib.figure import Figure
 
             study, k = self.study_obj(), LABELS.index(self.label)
-            x = np.arange(study.n)
+            x = np.arange(1, study.n + 1)  # slices numbered 1..n, as on the slider and in the caption
             fig = Figure(figsize=(6.0, 1.5), dpi=80)
             canvas = FigureCanvasAgg(fig)
             ax = fig.add_axes((0.07, 0.22, 0.78, 0.7))
@@ -261,7 +261,10 @@ class ViewerState:
                 ax.bar(x, np.asarray(study.truth)[:, k], width=1.0, color="0.85", label="truth")
             for (name, p), colour in zip(study.probs.items(), _STRIP_COLOURS, strict=False):
                 ax.plot(x, np.asarray(p)[:, k], ".-", color=colour, lw=1.2, ms=3, label=name)
-            ax.set_xlim(-0.5, study.n - 0.5)
+            ax.set_xlim(0.5, study.n + 0.5)
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylim(0, 1.02)
             ax.set_xlabel("slice", fontsize=7, labelpad=1)
             ax.set_ylabel(f"p({self.label})", fontsize=7)
@@ -292,36 +295,43 @@ class ViewerState:
         parts = [f"study {self.uid}", f"slice {self.index + 1}/{study.n}",
                  f"window {self.window_name} {self.window[0]:g}/{self.window[1]:g}", f"class {self.label}"]
         parts += [f"{name} {np.asarray(p)[self.index, k]:.3f}" for name, p in study.probs.items()]
-        if study.truth is not None:
-            parts.append(f"truth {int(np.asarray(study.truth)[self.index, k])}")
+        truth = None if study.truth is None else np.asarray(study.truth, float)[self.index, k]
+        parts.append("unlabelled" if truth is None or np.isnan(truth) else f"truth {int(truth)}")
         return " | ".join(parts)
 
 
 class SliceViewer:
     """ipywidgets front end of a :class:`ViewerState` (display it, or its ``widget``, in a notebook)."""
 
-    def __init__(self, state: ViewerState, width: int = 420) -> None:
+    def __init__(self, state: ViewerState, width: int = 400) -> None:
         import ipywidgets as W
 
         self.state = state
         self._busy = False
+        self.max_width = width
         s = state
-        self.sort = W.Dropdown(options=list(SORT_KEYS.items()), value=s.sort_by, description="sort by")
-        self.study = W.Dropdown(options=self._study_options(), value=s.uid, description="study",
-                                layout=W.Layout(width="420px"))
-        self.slider = W.IntSlider(value=s.index, min=0, max=s.study_obj().n - 1, description="slice",
-                                  continuous_update=True, layout=W.Layout(width=f"{width}px"))
+        wide = {"description_width": "initial"}
+        self.sort = W.Dropdown(options=list(SORT_KEYS.items()), value=s.sort_by, description="sort by",
+                               style=wide, layout=W.Layout(width="200px"))
+        options = self._study_options()
+        self.study = W.Dropdown(options=options, value=s.uid, description="study", style=wide,
+                                layout=W.Layout(width=f"{min(700, 90 + 7 * max(len(o[0]) for o in options))}px"))
+        # slices are numbered 1..n on the slider, in the caption and in notebook 01's browser
+        self.slider = W.IntSlider(value=s.index + 1, min=1, max=s.study_obj().n, description="slice",
+                                  continuous_update=True, style=wide, layout=W.Layout(width="440px"))
         self.window = W.ToggleButtons(options=list(PRESETS), value=s.window_name, description="window",
-                                      style={"button_width": "70px"})
+                                      style={"button_width": "84px", **wide})
         self.level = W.IntSlider(value=int(s.window[0]), min=-200, max=1000, step=5, description="level",
-                                 disabled=True)
+                                 disabled=True, style=wide, layout=W.Layout(width="250px"))
         self.width_ = W.IntSlider(value=int(s.window[1]), min=10, max=4000, step=10, description="width",
-                                  disabled=True)
-        self.label = W.Dropdown(options=list(LABELS), value=s.label, description="class")
-        self.opacity = W.FloatSlider(value=s.opacity, min=0.0, max=1.0, step=0.05, description="CAM opacity")
-        self.image = W.Image(format="png", layout=W.Layout(width=f"{width}px"))
-        self.strip = W.Image(format="png", layout=W.Layout(width=f"{int(width * 1.2)}px"))
-        self.status = W.HTML()
+                                  disabled=True, style=wide, layout=W.Layout(width="250px"))
+        self.label = W.Dropdown(options=list(LABELS), value=s.label, description="class", style=wide,
+                                layout=W.Layout(width="230px"))
+        self.opacity = W.FloatSlider(value=s.opacity, min=0.0, max=1.0, step=0.05, description="CAM opacity",
+                                     style=wide, layout=W.Layout(width="270px"))
+        self.image = W.Image(format="png", layout=W.Layout(margin="0 12px 0 0"))
+        self.strip = W.Image(format="png", layout=W.Layout(width="480px"))
+        self.status = W.HTML(layout=W.Layout(width="500px"))
         for w, css in [(self.sort, "ichd-sort"), (self.study, "ichd-study-picker"),
                        (self.slider, "ichd-slice-slider"), (self.window, "ichd-window"),
                        (self.level, "ichd-level"), (self.width_, "ichd-width"),
@@ -336,9 +346,13 @@ class SliceViewer:
         self.width_.observe(self._on_custom, "value")
         self.label.observe(self._on_label, "value")
         self.opacity.observe(self._on_opacity, "value")
-        controls = W.VBox([W.HBox([self.sort, self.study]), self.slider, self.window,
-                           W.HBox([self.level, self.width_]), W.HBox([self.label, self.opacity])])
-        self.widget = W.VBox([controls, W.HBox([self.image]), self.strip, self.status])
+        # 1366x768: the study picker on top, then the image beside controls, caption and strip, so that
+        # all of them are visible together without scrolling
+        side = W.VBox([self.slider, self.window, W.HBox([self.level, self.width_]),
+                       W.HBox([self.label, self.opacity]), self.status, self.strip],
+                      layout=W.Layout(min_width="500px"))
+        self.widget = W.VBox([W.HBox([self.sort, self.study]),
+                              W.HBox([self.image, side], layout=W.Layout(align_items="flex-start"))])
         self.widget.add_class("ichd-viewer")
         self.refresh()
 
@@ -352,21 +366,26 @@ class SliceViewer:
         out = []
         for uid in s.study_ids:
             r = s.summary.loc[uid]
-            out.append((f"{uid[-12:]}  any={r['pred_any']:.2f}  err={r['error']:.3f}", uid))
+            err = "" if pd.isna(r["error"]) else f"  err={r['error']:.3f}"
+            out.append((f"{uid}  any={r['pred_any']:.2f}{err}", uid))
         return out
 
     def refresh(self, strip: bool = True) -> None:
         """Re-render the image (and the strip) from the state."""
-        self.image.value = self.state.image_png()
+        img = self.state.image()
+        self.image.value = _png(img)
+        from ichdlib.review.explore import display_width
+
+        self.image.layout.width = f"{display_width(img.shape[1], self.max_width)}px"
         if strip:
             self.strip.value = self.state.strip_png()
-        self.status.value = f"<code>{self.state.caption()}</code>"
+        self.status.value = f"<span style='font-family: monospace; font-size: 12px'>{self.state.caption()}</span>"
 
     def _sync_slider(self) -> None:
         self._busy = True
         try:
-            self.slider.max = self.state.study_obj().n - 1
-            self.slider.value = self.state.index
+            self.slider.max = self.state.study_obj().n
+            self.slider.value = self.state.index + 1
         finally:
             self._busy = False
 
@@ -389,7 +408,7 @@ class SliceViewer:
     def _on_slice(self, ch: dict) -> None:
         if self._busy:
             return
-        self.state.set_slice(ch["new"])
+        self.state.set_slice(ch["new"] - 1)
         self.refresh()
 
     def _on_window(self, ch: dict) -> None:
@@ -440,11 +459,12 @@ def static_figure(state: ViewerState, studies: Sequence[str] | None = None, slic
             if c < len(order):
                 state.set_slice(int(order[c]))
                 ax.imshow(state.image())
-                txt = f"s{state.index}" + (f" p={p[state.index, k]:.2f}" if p is not None else "")
-                ax.set_title(f"{uid[-8:]} {txt}", fontsize=7)
+                txt = f"slice {state.index + 1}/{study.n}" + (f" p={p[state.index, k]:.2f}" if p is not None else "")
+                ax.set_title(txt, fontsize=7)
         state.set_slice(int(order[0]) if len(order) else 0)
         axes[r, -1].imshow(state.strip())
         axes[r, -1].axis("off")
+        axes[r, -1].set_title(f"study {uid}", fontsize=7)
     fig.suptitle(f"class {state.label}, CAM opacity {state.opacity:.2f}", fontsize=9)
     fig.tight_layout()
     state.set_study(cur[0])

@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from ichdlib.cnn import distributed as D
 from ichdlib.config import Params
@@ -40,6 +39,7 @@ from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.catalog import load_catalog
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
+from ichdlib.progress import TrainingProgress
 from ichdlib.runtime import derive_seed, save_torch, torch_threads
 from ichdlib.seq.models import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
 
@@ -540,16 +540,17 @@ def _epoch_seed(seed: int, fold: int, epoch: int, model_name: str) -> int:
 
 
 def train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir: Path, *,
-               force: bool = False, signature: dict | None = None) -> pd.DataFrame:
+               force: bool = False, signature: dict | None = None,
+               progress: TrainingProgress | None = None) -> pd.DataFrame:
     """Train one fold (resuming from ``fold<k>_last.pt``; skipped when ``fold<k>.pt`` is finished and
     current). Writes ``fold<k>.pt`` (``{"state_dict", "meta"}``), ``fold<k>_last.pt`` each epoch and
     ``fold<k>_log.csv``. Returns the per-epoch log."""
     with torch_threads(P.seq.cpu_threads, P.torch_device()):
-        return _train_fold(P, model_name, inputs, fold, out_dir, force, signature)
+        return _train_fold(P, model_name, inputs, fold, out_dir, force, signature, progress)
 
 
 def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_dir: Path, force: bool,
-                signature: dict | None) -> pd.DataFrame:
+                signature: dict | None, progress: TrainingProgress | None = None) -> pd.DataFrame:
     cfg, device = P.seq, P.torch_device()
     signature = signature or _signature(P, model_name, inputs)
     final, last, log_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}_last.pt", out_dir / f"fold{fold}_log.csv"
@@ -584,8 +585,9 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
             best = (ck["best_wll"], ck["best_state"])
     y_va = inputs.y
     st = inputs.tensors(device)  # pre-assembled once: an epoch's host work is drawing the crops
-    bar = tqdm(range(start, cfg.epochs), desc=f"{model_name} fold {fold}", leave=False)
-    for epoch in bar:
+    progress = progress or TrainingProgress(model_name)
+    progress.fold(fold, cfg.epochs, start, best=best[0] if history else None)
+    for epoch in range(start, cfg.epochs):
         t0 = time.time()
         eseed = _epoch_seed(P.seed, fold, epoch, model_name)
         torch.manual_seed(eseed)
@@ -594,7 +596,8 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
         model.train()
         losses = []
         lr = opt.param_groups[0]["lr"]
-        for a in range(0, len(idx), cfg.batch):
+        starts = range(0, len(idx), cfg.batch)
+        for a in progress.batches(starts, total=len(starts)):
             b = st.batch(idx[a:a + cfg.batch], lens[a:a + cfg.batch])
             loss = sum(masked_weighted_bce(lg, b["y"], b["mask"]) for lg in model_logits(model, b))
             opt.zero_grad(set_to_none=True)
@@ -607,7 +610,7 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
         wll = weighted_log_loss(y_va[rows], p[rows])
         history.append({"fold": fold, "epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)),
                         "val_wll": wll, "seconds": time.time() - t0})
-        bar.set_postfix(train=f"{np.mean(losses):.4f}", val=f"{wll:.4f}")
+        progress.epoch(epoch, float(np.mean(losses)), wll, seconds=history[-1]["seconds"])
         if cfg.select == "best" and wll < best[0]:
             best = (wll, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         save_torch({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
@@ -669,8 +672,9 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
         hist = pd.concat([pd.read_csv(out_dir / f"fold{k}_log.csv") for k in folds], ignore_index=True)
         return SeqResult(model_name, pd.read_parquet(out_dir / "oof.parquet"),
                          pd.read_parquet(out_dir / "test.parquet"), hist, out_dir)
-    for k in D.shard_list(folds):  # under torchrun the folds fan out across ranks (all of them alone)
-        train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature)
+    with TrainingProgress(model_name) as progress:
+        for k in D.shard_list(folds):  # under torchrun the folds fan out across ranks (all of them alone)
+            train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature, progress=progress)
     D.barrier()
     logs = [train_fold(P, model_name, tr_in, k, out_dir, signature=signature) for k in folds]  # read back
     device = P.torch_device()
