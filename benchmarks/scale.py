@@ -125,7 +125,7 @@ def prepare(d: Path, fraction: float, seed: int = 0) -> dict:
             "pixel_representation": 1, "photometric": "MONOCHROME2", "transfer_syntax": "1.2.840.10008.1.2",
             "window_center": 40.0, "window_width": 80.0, "instance_number": idx + 1, "image_type": "ORIGINAL",
             "samples_per_pixel": 1, "frames": 1, "has_pixels": True, "pixel_offset": 1250, "pixel_nbytes": 524288,
-            "fixes": "", "path": [str(data / f"stage_2_{split}" / f"{s}.dcm") for s in sop], "_split": split}))
+            "fixes": "", "invalid": "", "path": [str(data / f"stage_2_{split}" / f"{s}.dcm") for s in sop], "_split": split}))
         if split == "train":  # positive runs inside 40% of the studies, subtypes at RSNA's prevalence
             y = np.zeros((n, len(LABELS)), dtype=np.int8)
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])

@@ -205,9 +205,31 @@ def test_figures(fake_run):
     rep = run_ensemble(P)
     y = rep.y_oof.to_numpy()
     p = rep.blend.oof.loc[rep.y_oof.index, L].to_numpy()
-    for fig in (plot_stages(rep.table), plot_roc(y, {"ensemble": p}), plot_reliability(y, p)):
-        assert fig.axes
     import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score
+
+    from ichdlib.metrics import calibration
+
+    # stages: one OOF bar per stage at its loss, the prior as a dashed line at its loss
+    fig = plot_stages(rep.table)
+    ax = fig.axes[0]
+    stages = rep.table.drop(index="prior")
+    oof_bars = ax.containers[0]
+    np.testing.assert_allclose([b.get_height() for b in oof_bars], stages["oof_wll"].astype(float), rtol=1e-9)
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(stages.index)
+    assert any(np.allclose(line.get_ydata(), rep.table.loc["prior", "oof_wll"]) for line in ax.lines)
+    # ROC: per label with both classes, a curve from (0, 0) to (1, 1) whose area is the reported AUC
+    fig = plot_roc(y, {"ensemble": p})
+    for k, ax in enumerate(fig.axes):
+        if 0 < y[:, k].sum() < len(y):
+            fpr, tpr = (np.asarray(a, float) for a in ax.lines[1].get_data())
+            assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+            assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(y[:, k], p[:, k]), abs=1e-9)
+            assert ax.get_legend().get_texts()[0].get_text().endswith(f"{roc_auc_score(y[:, k], p[:, k]):.3f}")
+    # reliability: the title carries the ECE the metrics module computes; one curve per label
+    ece, _ = calibration(y, p, 10)
+    fig = plot_reliability(y, p)
+    assert f"ECE {ece:.4f}" in fig.axes[0].get_title() and len(fig.axes[0].lines) == 1 + len(L)
 
     plt.close("all")
 
