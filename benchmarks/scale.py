@@ -16,10 +16,10 @@ peak resident memory, imports included) and times the stage's work (imports excl
   DICOM headers is I/O timed by ``benchmarks/ingest.py``);
 - ``feature_assembly``: one backbone's (D = 2048) five fold parts -> ``oof_feat.npy``/``test_feat.npy``
   and probability tables (:func:`ichdlib.cnn.features.assemble_parts`);
-- ``level2_inputs``: the sequence stage's one-time loading and pre-assembly (:func:`ichdlib.seq.train.load_inputs`,
-  :class:`ichdlib.seq.train.StudyTensors`; on a GPU the features then live in GPU memory);
+- ``level2_inputs``: the sequence stage's one-time loading and pre-assembly (:func:`ichdlib.seq.inputs.load_inputs`,
+  :class:`ichdlib.seq.inputs.StudyTensors`; on a GPU the features then live in GPU memory);
 - ``seq_epoch_host``: the host work of one sequence-model epoch of one fold (the training crops drawn with
-  :func:`ichdlib.seq.train.epoch_plan` and cut into batch index matrices, and the validation batches of both
+  :func:`ichdlib.seq.inputs.epoch_plan` and cut into batch index matrices, and the validation batches of both
   slice directions); the gathers themselves run on the device;
 - ``ensemble_submission``: :func:`ichdlib.ensemble.blend.run_ensemble` (load 6 stages, blend, write and validate
   the submission, score, metrics.json);
@@ -161,7 +161,7 @@ def prepare_downstream(d: Path, seed: int = 1) -> None:
     stage's OOF/test tables, aligned with the catalog."""
     import pandas as pd
 
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
     from ichdlib.labels import LABELS
 
     rng = np.random.default_rng(seed)
@@ -237,7 +237,7 @@ def stage_feature_assembly(d: Path) -> float:
     from ichdlib.cnn.features import assemble_parts
     from ichdlib.cnn.infer import probs_frame
     from ichdlib.cnn.train import save_parquet
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
 
     work = d / "work"
     cat = load_catalog(work)
@@ -252,8 +252,8 @@ def stage_feature_assembly(d: Path) -> float:
 
 
 def _level2(d: Path):
-    from ichdlib.ingest.catalog import load_catalog
-    from ichdlib.seq.train import load_inputs
+    from ichdlib.ingest.table import load_catalog
+    from ichdlib.seq.inputs import load_inputs
 
     P = _params(d)
     cat = load_catalog(P.work_dir)
@@ -271,7 +271,8 @@ def stage_level2_inputs(d: Path) -> float:
 
 
 def stage_seq_epoch_host(d: Path) -> float:
-    from ichdlib.seq.train import epoch_plan, fold_split
+    from ichdlib.seq.inputs import epoch_plan
+    from ichdlib.seq.train import fold_split
 
     P, inputs, st = _level2(d)
     cfg = P.seq
@@ -310,7 +311,7 @@ def stage_notebook_summaries(d: Path) -> float:
     import sklearn.decomposition  # noqa: F401 - imported before the clock starts
 
     from ichdlib.cnn.features import plot_feature_map
-    from ichdlib.ingest.catalog import load_catalog, load_quarantine
+    from ichdlib.ingest.table import load_catalog, load_quarantine
     from ichdlib.labels import LABELS
     from ichdlib.metrics import calibration, per_class_auc, weighted_log_loss
     from ichdlib.review.explore import catalog_summary

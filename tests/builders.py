@@ -157,7 +157,7 @@ def series_files(folder: Path, n: int, *, study: str = "1.2.826.0.1.1", series: 
 def study_folder(P, out: Path, split: str = "test", k: int = 0, keep: int | None = None) -> Path:
     """A copy of the ``k``-th catalog study of ``split`` (its files only; the first ``keep`` slices) under
     ``out``."""
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
 
     cat = load_catalog(P.work_dir)
     cat = cat[cat["split"] == split]

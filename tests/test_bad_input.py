@@ -18,7 +18,7 @@ import pytest
 
 from ichdlib.cli import main as ichd
 from ichdlib.config import ParamsError, load_params
-from ichdlib.ingest import catalog
+from ichdlib.ingest import table
 from ichdlib.ingest.cache import cache_path, open_cache
 from ichdlib.ingest.validity import list_files
 from ichdlib.labels import KAGGLE_ROW_ORDER, LABELS, LabelFileError, read_labels
@@ -238,8 +238,8 @@ def _ingest_proc(root: Path, work: Path, *extra: str) -> subprocess.Popen:
 
 def _check_work(work: Path) -> None:
     """A consistent result: the cut slice quarantined, every catalog row a real image in the cache."""
-    cat = catalog.load_catalog(work)
-    q = catalog.load_quarantine(work)
+    cat = table.load_catalog(work)
+    q = table.load_quarantine(work)
     assert "ID_cut" not in set(cat["sop_uid"]) and "ID_cut" in set(q["sop_uid"])
     assert len(cat) == 9 and not cache_path(work, 32).with_suffix(".npy.partial").exists()
     cache = open_cache(work, 32)

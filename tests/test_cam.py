@@ -15,7 +15,9 @@ from torch import nn  # noqa: E402
 
 from ichdlib.cnn.data import center_crop_box  # noqa: E402
 from ichdlib.labels import LABELS  # noqa: E402
-from ichdlib.review import cam  # noqa: E402
+from ichdlib.review import cam, plots, pointing  # noqa: E402
+from ichdlib.review import cases as review_cases  # noqa: E402
+from ichdlib.review import engine as cam_engine  # noqa: E402
 
 
 def _resnet() -> nn.Module:
@@ -87,13 +89,13 @@ def test_geometry_round_trip():
     cached = cv2.resize(orig, (64, 64), interpolation=cv2.INTER_AREA)
     x = cam.preprocess(np.stack([cached] * 3)[None], size=48, crop=0.8).numpy()
     assert x.shape == (1, 3, 48, 48)
-    r, c = cam.cam_peak(x[0, 1])
+    r, c = pointing.cam_peak(x[0, 1])
     # a map peaking there at the input, brought back to the slice's geometry
     m = np.zeros((1, 1, 48, 48), np.float32)
     m[0, 0] = np.exp(-((np.arange(48)[:, None] - r) ** 2 + (np.arange(48)[None] - c) ** 2) / 4.0)
     back = cam.undo_geometry(m, (64, 64), 0.8, (h0, w0))
     assert back.shape == (1, 1, h0, w0)
-    pr, pc = cam.cam_peak(back[0, 0])
+    pr, pc = pointing.cam_peak(back[0, 0])
     assert abs(pr - spot[0]) <= 5 and abs(pc - spot[1]) <= 5, (pr, pc)
     # nothing outside the crop the network saw
     top, left, ch, cw = center_crop_box(h0, w0, 0.8)
@@ -110,9 +112,9 @@ def test_compute_cams_peak_end_to_end():
     maps = cam.compute_cams(Spot(), stack, ["any", "subdural"], size=48, crop=0.8, out_size=(h0, w0))
     assert maps.shape == (1, 2, h0, w0) and maps.dtype == np.float32
     assert 0.0 <= maps.min() and maps.max() <= 1.0 and maps.max() > 0.99
-    pr, pc = cam.cam_peak(maps[0, 0])
+    pr, pc = pointing.cam_peak(maps[0, 0])
     assert abs(pr - spot[0]) <= 6 and abs(pc - spot[1]) <= 6, (pr, pc)
-    assert cam.pointing_game(maps[:, 0], [_blob(h0, w0, spot, 8) > 0]) == 1.0
+    assert pointing.pointing_game(maps[:, 0], [_blob(h0, w0, spot, 8) > 0]) == 1.0
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam"])
@@ -160,23 +162,23 @@ def test_pointing_game():
     c[1, 8, 8] = 1.0
     m = np.zeros((2, 10, 10), bool)
     m[:, 2:4, 2:5] = True
-    assert cam.pointing_hits(c, m).tolist() == [True, False]
-    assert cam.pointing_game(c, m) == 0.5
+    assert pointing.pointing_hits(c, m).tolist() == [True, False]
+    assert pointing.pointing_game(c, m) == 0.5
     m[1, 6, 6] = True  # 2 * sqrt(2) = 2.83 px from the second peak
-    assert cam.pointing_game(c, m, tolerance=2) == 0.5 and cam.pointing_game(c, m, tolerance=2.9) == 1.0
-    np.testing.assert_allclose(cam.peak_distances(c, m), [0.0, np.sqrt(8)], rtol=1e-3)
-    assert not cam.pointing_hits(np.zeros((1, 4, 4)), np.ones((1, 4, 4)))[0]  # empty map is a miss
-    assert np.isnan(cam.pointing_game([], []))
+    assert pointing.pointing_game(c, m, tolerance=2) == 0.5 and pointing.pointing_game(c, m, tolerance=2.9) == 1.0
+    np.testing.assert_allclose(pointing.peak_distances(c, m), [0.0, np.sqrt(8)], rtol=1e-3)
+    assert not pointing.pointing_hits(np.zeros((1, 4, 4)), np.ones((1, 4, 4)))[0]  # empty map is a miss
+    assert np.isnan(pointing.pointing_game([], []))
     with pytest.raises(ValueError, match="shape"):
-        cam.pointing_game(c, m[:, :5])
+        pointing.pointing_game(c, m[:, :5])
 
 
 def test_class_mask_bits():
     bm = np.array([[0, 1, 2, 16 | 4]], np.uint8)
-    assert cam.class_mask(bm, "any").tolist() == [[False, True, True, True]]
-    assert cam.class_mask(bm, "epidural").tolist() == [[False, True, False, False]]
-    assert cam.class_mask(bm, "intraparenchymal").tolist() == [[False, False, True, False]]
-    assert cam.class_mask(bm, "subdural").tolist() == [[False, False, False, True]]
+    assert pointing.class_mask(bm, "any").tolist() == [[False, True, True, True]]
+    assert pointing.class_mask(bm, "epidural").tolist() == [[False, True, False, False]]
+    assert pointing.class_mask(bm, "intraparenchymal").tolist() == [[False, False, True, False]]
+    assert pointing.class_mask(bm, "subdural").tolist() == [[False, False, False, True]]
 
 
 def _table() -> pd.DataFrame:
@@ -193,7 +195,7 @@ def _table() -> pd.DataFrame:
 
 def test_select_cases():
     tab = _table()
-    sel = cam.select_cases(tab, 2, threshold=0.5)
+    sel = review_cases.select_cases(tab, 2, threshold=0.5)
     for lab in LABELS:
         y, p = tab[f"y_{lab}"], tab[f"p2d_{lab}"]
         tp = sel[(sel.label == lab) & (sel.group == "tp")]
@@ -204,8 +206,8 @@ def test_select_cases():
         assert len(tp) == len(fp) == len(fn) == 2
         assert (fn["truth"] == 1).all() and list(fn["prob"]) == sorted(p[(y == 1) & (p < 0.5)])[:2]
     # an empty group stays empty (no rows invented)
-    assert len(cam.select_cases(tab.assign(y_any=1.0), 2, labels=["any"]).query("group == 'fp'")) == 0
-    summ = cam.study_summary(tab)
+    assert len(review_cases.select_cases(tab.assign(y_any=1.0), 2, labels=["any"]).query("group == 'fp'")) == 0
+    summ = review_cases.study_summary(tab)
     assert list(summ["study_uid"]) == [f"S{i}" for i in range(6)]
     assert np.allclose(summ["pred_any"], tab.groupby("study_uid")["p_any"].max().to_numpy())
 
@@ -213,22 +215,22 @@ def test_select_cases():
 def test_overlay_and_gallery():
     hu = _blob(32, 32, (10, 10), 4, value=60.0)
     cmap = np.zeros((32, 32), np.float32)
-    plain = cam.overlay(hu, None)
+    plain = plots.overlay(hu, None)
     assert plain.shape == (32, 32, 3) and plain.dtype == np.uint8
     cmap[20:25, 20:25] = 1.0
-    over = cam.overlay(hu, cmap, opacity=0.8)
+    over = plots.overlay(hu, cmap, opacity=0.8)
     assert (over[22, 22] != plain[22, 22]).any() and (over[5, 5] == plain[5, 5]).all()
-    outlined = cam.overlay(hu, None, outline=hu > 0)
+    outlined = plots.overlay(hu, None, outline=hu > 0)
     assert tuple(outlined[6, 10]) == cam.OUTLINE_RGB and tuple(outlined[10, 10]) != cam.OUTLINE_RGB
-    cases = cam.select_cases(_table(), 2, labels=["any"])
+    cases = review_cases.select_cases(_table(), 2, labels=["any"])
     n = len(cases)
-    fig = cam.gallery_figure(cases, [hu] * n, [cmap] * n, masks=[(hu > 0).astype(np.uint8)] * n, title="t")
+    fig = plots.gallery_figure(cases, [hu] * n, [cmap] * n, masks=[(hu > 0).astype(np.uint8)] * n, title="t")
     assert len(fig.axes) == 3 * 2 * 2 and sum(bool(ax.images) for ax in fig.axes) == 2 * n
-    empty = cam.gallery_figure(cases.iloc[:0], [], [], title="none")
+    empty = plots.gallery_figure(cases.iloc[:0], [], [], title="none")
     assert not any(ax.images for ax in empty.axes)
     head = np.full((20, 30), -1000.0)
     head[5:9, 10:20] = 40.0
-    rows, cols = cam.head_box(head, margin=1)
+    rows, cols = plots.head_box(head, margin=1)
     assert (rows.start, rows.stop, cols.start, cols.stop) == (4, 10, 9, 21)
 
 
@@ -239,7 +241,7 @@ def test_overlay_and_gallery():
 def cam_run(ingested, tmp_path_factory):
     """The ingested smoke phantom with random-weight fold checkpoints and OOF probabilities near the truth."""
     from ichdlib.cnn.models import build_cnn
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
 
     P = ingested.model_copy(deep=True)
     P.paths.reports = tmp_path_factory.mktemp("cam_reports")
@@ -276,9 +278,9 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
     P = cam_run
     P.reports_dir.mkdir(parents=True, exist_ok=True)
     (P.reports_dir / "metrics.json").write_text(_json.dumps({"prior": {"oof": {"wll": 0.3}}}))
-    table = cam.review_table(P)  # no sequence models yet: final = the 2D CNN's
+    table = review_cases.review_table(P)  # no sequence models yet: final = the 2D CNN's
     assert len(table) and np.allclose(table["p_any"], table["p2d_any"])
-    engine = cam.CamEngine(P)
+    engine = cam_engine.CamEngine(P)
     assert engine.target_layer() == "backbone.blocks.1"  # lcnet at 48 px: the 2 x 2 trunk steps back to 12 x 12
     rows = table.head(3)
     maps = engine.cams(rows)
@@ -286,11 +288,11 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
         assert m.shape == (6, r["rows"], r["cols"])
     hu = engine.hu(rows)
     assert [h.shape for h in hu] == [m.shape[1:] for m in maps]
-    cases = cam.select_cases(table, 1, labels=["any", "subdural"])
-    figs = cam.gallery(engine, cases, ["any", "subdural"])
+    cases = review_cases.select_cases(table, 1, labels=["any", "subdural"])
+    figs = plots.gallery(engine, cases, ["any", "subdural"])
     # a label without any case gets no (empty) figure
     assert set(figs) == {c for c in ("any", "subdural") if (cases["label"] == c).any()} and "any" in figs
-    pg = cam.pointing_game_run(P, engine, table, max_per_class=4)
+    pg = pointing.pointing_game_run(P, engine, table, max_per_class=4)
     n_pos = {c: min(4, int((table[f"y_{c}"] == 1).sum())) for c in LABELS}
     assert pg["positives"]["n"] == n_pos and pg["method"] == P.cam.method and pg["backbone"] == engine.key
     assert pg["target_layer"] == "backbone.blocks.1"
@@ -312,9 +314,9 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
 
 def test_gallery_draws_only_groups_with_cases():
     hu = _blob(32, 32, (10, 10), 4, value=60.0)
-    cases = cam.select_cases(_table(), 2, labels=["any"])
+    cases = review_cases.select_cases(_table(), 2, labels=["any"])
     tp = cases[cases["group"] == "tp"]
     n = len(tp)
-    fig = cam.gallery_figure(tp, [hu] * n, [np.zeros((32, 32), np.float32)] * n, title="any")
+    fig = plots.gallery_figure(tp, [hu] * n, [np.zeros((32, 32), np.float32)] * n, title="any")
     assert len(fig.axes) == 1 * 2 * n  # one row (TP), no empty FP/FN rows
     assert "no FP, FN cases" in fig._suptitle.get_text()

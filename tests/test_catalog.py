@@ -14,7 +14,7 @@ from builders import hu_image, variant_files, write_slice
 
 from ichdlib.cli import main
 from ichdlib.files import read_json
-from ichdlib.ingest import cache, catalog
+from ichdlib.ingest import cache, catalog, table
 from ichdlib.ingest.dicom import read_hu
 from ichdlib.labels import LABELS, SUBTYPES
 
@@ -129,13 +129,13 @@ def data(tmp_path_factory):
     plan = make_rsna(root)
     work = root / "work"
     cat = ingest(root, work, workers=2)  # the process-pool path
-    return plan, root, work, cat, catalog.load_quarantine(work)
+    return plan, root, work, cat, table.load_quarantine(work)
 
 
 def test_catalog_columns_and_order(data):
     plan, root, work, cat, _ = data
-    assert list(cat.columns[: len(catalog.CATALOG_COLUMNS)]) == catalog.CATALOG_COLUMNS
-    pd.testing.assert_frame_equal(cat, catalog.load_catalog(work))
+    assert list(cat.columns[: len(table.CATALOG_COLUMNS)]) == table.CATALOG_COLUMNS
+    pd.testing.assert_frame_equal(cat, table.load_catalog(work))
     n_train = int((cat["split"] == "train").sum())
     assert (cat["split"].iloc[:n_train] == "train").all() and (cat["split"].iloc[n_train:] == "test").all()
     for study, slices in plan["studies"].items():
@@ -201,7 +201,7 @@ def test_labels_with_duplicate_and_conflicting_rows(data):
 
 def test_quarantine_names_every_file_left_out(data):
     plan, root, _, cat, q = data
-    assert list(q.columns) == catalog.QUARANTINE_COLUMNS
+    assert list(q.columns) == table.QUARANTINE_COLUMNS
     by_path = q.set_index("path")
     corrupt = str(root / "stage_2_train" / "ID_corrupt.dcm")
     assert by_path.loc[corrupt, "reason"].startswith(f"unreadable: {corrupt}: not a DICOM file")
@@ -353,7 +353,7 @@ def test_interrupted_while_dropping_failed_slices(data, tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "_fill_chunk", lambda task: pytest.fail("nothing left to decode"))
     cat2 = ingest(root, work2)
     pd.testing.assert_frame_equal(cat2.drop(columns="path"), cat.drop(columns="path"))
-    q2 = catalog.load_quarantine(work2)
+    q2 = table.load_quarantine(work2)
     assert (q2["sop_uid"] == plan["cut"][0]).sum() == 1 and len(q2) == len(q)
     assert sorted(p.name for p in work2.glob("cache_*")) == [f"cache_{SIZE}.npy"]
 
@@ -414,7 +414,7 @@ def test_missing_cache_and_catalog_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="ichd ingest"):
         cache.open_cache(tmp_path, 64)
     with pytest.raises(FileNotFoundError, match="ichd ingest"):
-        catalog.load_catalog(tmp_path)
+        table.load_catalog(tmp_path)
     with pytest.raises(FileNotFoundError, match="no files in stage_2_train/ or stage_2_test/"):
         catalog.build_catalog(tmp_path, tmp_path / "w")
 
@@ -471,7 +471,7 @@ def test_phantom_quirks_are_handled(ingested):
     import json
 
     P = ingested
-    cat, q = catalog.load_catalog(P.work_dir), catalog.load_quarantine(P.work_dir)
+    cat, q = table.load_catalog(P.work_dir), table.load_quarantine(P.work_dir)
     quirks = json.loads((P.data_root / "phantom_manifest.json").read_text())["quirks"]
     checked = (
         "corrupt",

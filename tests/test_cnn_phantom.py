@@ -17,7 +17,7 @@ def test_train_and_features_on_the_smoke_phantom(ingested):
     from ichdlib.cnn.features import extract_features, load_features
     from ichdlib.cnn.models import load_cnn
     from ichdlib.cnn.train import train_cnn
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
 
     P = ingested
     cfg = P.cnn.backbones[0]

@@ -193,7 +193,7 @@ def ddp(base, tmp_path_factory):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_writes_complete_aligned_outputs_close_to_one_process(ddp, one_process):
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
     from ichdlib.metrics import weighted_log_loss
 
     P, res = ddp
@@ -248,7 +248,7 @@ def test_a_rank_killed_mid_epoch_resumes_to_the_uninterrupted_result(ddp, base, 
 
 @pytest.mark.slow
 def test_two_fold_jobs_side_by_side_share_the_folder_and_assemble_once(base, tmp_path_factory):
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
 
     root = _fresh(base, tmp_path_factory, "fanout")
     jobs = [_ichd_train(root, base[1], "--folds", str(k), popen=True) for k in (0, 1)]
@@ -277,7 +277,7 @@ def test_features_sharded_and_seq_folds_fanned_out_match_one_process(ddp, base):
     from ichdlib.cnn.features import load_features
     from ichdlib.cnn.infer import eval_augment, feature_views, predict
     from ichdlib.cnn.models import load_cnn
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
     from ichdlib.runtime import prepare_model
     from ichdlib.seq.train import train_seq
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.ingest.cache import open_cache
-from ichdlib.ingest.catalog import load_catalog
+from ichdlib.ingest.table import load_catalog
 from ichdlib.review.explore import catalog_summary, neighbours, study_browser, subtype_examples
 
 

@@ -24,6 +24,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from ichdlib.ingest import catalog
+from ichdlib.ingest import table as catalog_table
 from ichdlib.ingest.cache import open_cache
 from ichdlib.ingest.dicom import DicomReadError, read_header
 from ichdlib.ingest.validity import slice_problem
@@ -244,7 +245,7 @@ def test_ingest_and_predict_agree_and_never_give_nan(fuzz_root, smoke_params, tm
     work = tmp_path / "work"
     with deadline(40, "ingest of the fuzz folder"), contextlib.redirect_stderr(io.StringIO()):
         cat = catalog.build_catalog(root, work, size=PX, workers=1, folds=2, progress=False)
-    q = catalog.load_quarantine(work).set_index("path")
+    q = catalog_table.load_quarantine(work).set_index("path")
     cache = open_cache(work, PX)
     bundle = Bundle.untrained(smoke_params, folds=1)
     with deadline(40, "predict of the fuzz folder"):

@@ -89,3 +89,44 @@ def test_the_checker_finds_a_cycle():
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def _reach(graph: dict[str, set[str]], module: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_inference_never_imports_training_code():
+    """``ichd predict`` and bundles reach the models, the inference paths and the runtime helpers, never the
+    training loops (lazy imports included)."""
+    graph = import_graph()
+    training = {"ichdlib.cnn.train", "ichdlib.cnn.train_cli", "ichdlib.seq.train", "ichdlib.phantom.synth"}
+    for module in (m for m in graph if m.startswith("ichdlib.serve.")):
+        assert not (_reach(graph, module) & training), f"{module} reaches {sorted(_reach(graph, module) & training)}"
+
+
+def test_real_data_ingest_does_not_load_the_phantom(ingested, tmp_path):
+    """With ``synth.enabled: false`` (real data) ingest runs without importing the phantom generator."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ichdlib.config import load_params\n"
+        "from ichdlib.ingest.catalog import ingest\n"
+        f"P = load_params({str(PKG.parent / 'params' / 'smoke.yaml')!r}, {{'root': {str(ingested.root)!r},"
+        f" 'synth': {{'enabled': False}}, 'paths': {{'work': {str(tmp_path / 'work')!r}}}}})\n"
+        "cat = ingest(P, progress=False)\n"
+        "print(len(cat), sorted(m for m in sys.modules if m.startswith('ichdlib.phantom')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=PKG.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n, loaded = out.stdout.split(" ", 1)
+    assert int(n) > 0 and loaded.strip() == "[]", out.stdout

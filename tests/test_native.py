@@ -73,8 +73,8 @@ def test_phantom_catalog_rows_equal_the_cache(ingested):
     """On the ingested smoke phantom (quirky encodings: about half take the one-pread path): every slice read from DICOM at the cache
     size equals its cache row; above ingest.size open_slices reads DICOM instead of building a cache."""
     from ichdlib.ingest.cache import cache_path, open_cache
-    from ichdlib.ingest.catalog import load_catalog
     from ichdlib.ingest.native import open_slices
+    from ichdlib.ingest.table import load_catalog
 
     P = ingested
     cat = load_catalog(P.work_dir)

@@ -178,7 +178,7 @@ def bundle_dir(trained, tmp_path_factory) -> Path:
 def test_matches_notebook_05_on_the_test_split(trained, bundle_dir):
     """Predicting the phantom's test folder (quirky files included) gives notebook 05's submission, and each
     stage gives what its notebook wrote for the test rows."""
-    from ichdlib.ingest.catalog import load_catalog
+    from ichdlib.ingest.table import load_catalog
     from ichdlib.labels import LABELS, read_labels
 
     P = trained

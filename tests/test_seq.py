@@ -13,24 +13,20 @@ from builders import fabricate_level1, smoke, two_backbones
 
 from ichdlib.config import Params
 from ichdlib.labels import LABELS
-from ichdlib.seq.models import SeqModel2, build_seq_model, init_output_bias, masked_weighted_bce, model_logits
-from ichdlib.seq.train import (
+from ichdlib.seq.infer import predict_studies
+from ichdlib.seq.inputs import (
     SeqInputs,
     StudyDataset,
-    _signature,
     apply_fold_norm,
-    check_level2_folds,
     collate,
     fold_norm_stats,
-    fold_split,
     get_X,
     load_inputs,
     normalize_test,
-    predict_studies,
-    train_fold,
-    train_seq,
     z_steps,
 )
+from ichdlib.seq.models import SeqModel2, build_seq_model, init_output_bias, masked_weighted_bce, model_logits
+from ichdlib.seq.train import _signature, check_level2_folds, fold_split, train_fold, train_seq
 
 REPO = Path(__file__).resolve().parents[1]
 

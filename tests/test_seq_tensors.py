@@ -1,4 +1,4 @@
-"""Pre-assembled study tensors (ichdlib.seq.train.StudyTensors, epoch_plan) give what item + collate give."""
+"""Pre-assembled study tensors (ichdlib.seq.inputs.StudyTensors, epoch_plan) give what item + collate give."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ichdlib.seq.train import SeqInputs, collate, epoch_plan
+from ichdlib.seq.inputs import SeqInputs, collate, epoch_plan
 
 
 def _inputs(lengths=(5, 12, 1, 30, 9), seed=0, shuffle=True):

@@ -62,8 +62,8 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
     read back) when the outputs exist with the same settings, unless ``force``."""
     t0 = time.perf_counter()
     if cache is None:  # the cache at the backbone's size, or the DICOM files above ingest.size (512 px)
-        from ichdlib.ingest.catalog import load_catalog
         from ichdlib.ingest.native import open_slices
+        from ichdlib.ingest.table import load_catalog
 
         catalog = load_catalog(P.work_dir) if catalog is None else catalog
         cache = open_slices(P, backbone_cfg.size, catalog)

@@ -464,7 +464,7 @@ def fold_numbers(P: Params, cat: pd.DataFrame, folds: Iterable[int] | str | None
 def _load_inputs(P: Params, cfg: BackboneCfg, catalog: pd.DataFrame | None,
                  cache: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray]:
     if catalog is None:
-        from ichdlib.ingest.catalog import load_catalog
+        from ichdlib.ingest.table import load_catalog
 
         catalog = load_catalog(P.work_dir)
     if cache is None:  # the HU cache up to ingest.size; above it (512 px) the DICOM files themselves

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ichdlib.config import Params
 from ichdlib.files import json_ready, write_text
-from ichdlib.ingest.catalog import load_catalog
+from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS, LabelFileError, long_to_wide, read_labels, split_id, write_long_csv
 from ichdlib.metrics import calibration, prior_baseline, score_arrays, score_frames, weighted_log_loss
 

@@ -35,6 +35,19 @@ from tqdm.auto import tqdm
 from ichdlib.files import atomic_write, read_json, write_json
 from ichdlib.ingest import cache as _cache
 from ichdlib.ingest.dicom import read_headers
+from ichdlib.ingest.table import (
+    _SPLITS,
+    CATALOG,
+    CATALOG_COLUMNS,
+    HEADER_COLUMNS,
+    QUARANTINE,
+    QUARANTINE_COLUMNS,
+    REPORT,
+    STATE,
+    load_catalog,
+    load_quarantine,
+    order_slices,
+)
 from ichdlib.ingest.validity import list_files, slice_problem
 from ichdlib.labels import LABELS, read_labels
 from ichdlib.locks import output_lock
@@ -46,68 +59,10 @@ INGEST_MODULES = ("ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.inges
 if TYPE_CHECKING:
     from ichdlib.config import Params
 
-CATALOG_COLUMNS = [
-    "sop_uid",
-    "patient_id",
-    "study_uid",
-    "series_uid",
-    "z",
-    "slice_index",
-    "n_slices",
-    "rows",
-    "cols",
-    "pixel_spacing",
-    "spacing_z",
-    "path",
-    "split",
-    "fold",
-    *LABELS,
-    "row",
-    "prev_row",
-    "next_row",
-    "dup_z",
-]
-#: Header fields kept after the contract columns: what the cache pass decodes with
-#: (``cache.DECODE_COLUMNS``, one source of truth) plus a few for people and reports.
-HEADER_COLUMNS = [
-    "modality",
-    "instance_number",
-    *(c for c in _cache.DECODE_COLUMNS if c not in CATALOG_COLUMNS),
-    "window_center",
-    "window_width",
-    "pixel_nbytes",
-]
-QUARANTINE_COLUMNS = ["sop_uid", "path", "split", "reason"]
-CATALOG, QUARANTINE, REPORT, STATE = (
-    "catalog.parquet",
-    "quarantine.csv",
-    "ingest_report.json",
-    "ingest_state.json",
-)
 _VERSION = 1
-_SPLITS = ("train", "test")
 
 
 # -- small I/O helpers ------------------------------------------------------------------------------
-def load_catalog(work: str | os.PathLike) -> pd.DataFrame:
-    """Read ``WORK/catalog.parquet``; ``FileNotFoundError`` saying what to run when missing."""
-    path = Path(work) / CATALOG
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no catalog at {path}: run `ichd ingest --root DATA --work {Path(work)}` "
-            "or ichdlib.ingest.catalog.ingest(params)"
-        )
-    return pd.read_parquet(path)
-
-
-def load_quarantine(work: str | os.PathLike) -> pd.DataFrame:
-    """Read ``WORK/quarantine.csv`` (empty frame with the columns when there is none)."""
-    path = Path(work) / QUARANTINE
-    if not path.is_file():
-        return pd.DataFrame(columns=QUARANTINE_COLUMNS)
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
-
-
 def _save(work: Path, cat: pd.DataFrame, quarantine: pd.DataFrame) -> None:
     atomic_write(work / CATALOG, lambda t: cat.to_parquet(t, index=False))
     atomic_write(work / QUARANTINE, lambda t: quarantine.to_csv(t, index=False))
@@ -162,43 +117,6 @@ def _scan_headers(paths: list[str], pool: LazyPool, progress: bool) -> tuple[pd.
 
 
 # -- ordering, neighbours, folds ----------------------------------------------------------------------
-def order_slices(cat: pd.DataFrame) -> pd.DataFrame:
-    """Sort by split (train first), study, z (missing z last), sop_uid; fill the within-study columns.
-
-    ``slice_index``, ``n_slices``, ``prev_row``/``next_row`` (itself at a study's edge), ``spacing_z``
-    (gap to the next slice; the last slice repeats the previous gap; 0 for a single slice) and ``dup_z``.
-    ``row`` is kept as it is (it points into the cache).
-    """
-    cat = cat.assign(_split=cat["split"].map({s: i for i, s in enumerate(_SPLITS)}))
-    cat = cat.sort_values(["_split", "study_uid", "z", "sop_uid"], na_position="last", kind="mergesort")
-    cat = cat.drop(columns="_split").reset_index(drop=True)
-    n = len(cat)
-    if n == 0:
-        return cat.assign(slice_index=[], n_slices=[], prev_row=[], next_row=[], spacing_z=[], dup_z=[])
-    key = cat["split"] + "\x00" + cat["study_uid"]
-    start = (key != key.shift()).to_numpy()
-    group = np.cumsum(start) - 1
-    first = np.flatnonzero(start)
-    sizes = np.diff(np.append(first, n))
-    pos = np.arange(n)
-    idx = pos - first[group]
-    count = sizes[group]
-    prev_i = np.where(idx == 0, pos, pos - 1)
-    next_i = np.where(idx == count - 1, pos, pos + 1)
-    row = cat["row"].to_numpy()
-    z = cat["z"].to_numpy(dtype=np.float64)
-    gap_next = z[next_i] - z
-    gap_prev = z - z[prev_i]
-    spacing = np.where(idx == count - 1, gap_prev, gap_next)
-    cat["slice_index"] = idx
-    cat["n_slices"] = count
-    cat["prev_row"] = row[prev_i]
-    cat["next_row"] = row[next_i]
-    cat["spacing_z"] = np.nan_to_num(spacing, nan=0.0)
-    cat["dup_z"] = cat.duplicated(["split", "study_uid", "z"], keep=False) & cat["z"].notna()
-    return cat
-
-
 def assign_folds(cat: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     """Fold per row: StratifiedGroupKFold over studies grouped by patient, stratified on study-level ``any``.
 

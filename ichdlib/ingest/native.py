@@ -171,7 +171,7 @@ def open_slices(P: Params, size: int, catalog: pd.DataFrame | None = None) -> An
     if int(size) <= int(P.ingest.size):
         return ensure_cache(P, size)
     if catalog is None:
-        from ichdlib.ingest.catalog import load_catalog
+        from ichdlib.ingest.table import load_catalog
 
         catalog = load_catalog(P.work_dir)
     return DicomSlices(catalog, size)

@@ -26,7 +26,7 @@ from ichdlib.windows import WINDOWS
 
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.config import Params
-    from ichdlib.review.cam import CamEngine
+    from ichdlib.review.engine import CamEngine
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class ViewerState:
     # -- rendering -----------------------------------------------------------------------------------
     def _box(self) -> tuple[slice, slice]:
         """The part of the current slice shown: around the head, one box per study so slices line up."""
-        from ichdlib.review.cam import head_box
+        from ichdlib.review.plots import head_box
 
         study = self.study_obj()
         if self.uid not in self._boxes:
@@ -233,7 +233,8 @@ class ViewerState:
 
     def image(self) -> np.ndarray:
         """The current slice as RGB uint8, cropped to the head: window, CAM of the class, lesion outline."""
-        from ichdlib.review.cam import class_mask, overlay
+        from ichdlib.review.plots import overlay
+        from ichdlib.review.pointing import class_mask
 
         study = self.study_obj()
         maps = self.cams()
@@ -493,7 +494,8 @@ def run_state(P: Params, engine: CamEngine, table: pd.DataFrame, studies: Sequen
     """A viewer over a run's training studies: the review table's probabilities (2D, final, truth),
     HU from the DICOM files at each slice's own geometry (:meth:`CamEngine.hu`), the phantom's lesion
     masks when present, and CAMs from ``engine`` (computed on first view)."""
-    from ichdlib.review.cam import load_mask, study_summary
+    from ichdlib.review.cases import study_summary
+    from ichdlib.review.pointing import load_mask
 
     if summary is None:
         summary = study_summary(table)

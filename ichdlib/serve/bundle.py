@@ -359,7 +359,7 @@ def _build_cnn(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str
 def _build_seq(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
     from ichdlib.seq.models import build_seq_model
 
-    # the same arguments as ichdlib.seq.train.load_seq_model (checkpoints keep the widths under "arch")
+    # the same arguments as ichdlib.seq.infer.load_seq_model (checkpoints keep the widths under "arch")
     arch = meta.get("arch") or {k: meta[k] for k in ("reduce_dim", "hidden", "dropout") if k in meta}
     model = build_seq_model(meta["model"], meta["in_dim"], meta["n_cnn"], meta["x_channels"], **arch)
     model.load_state_dict(state)
@@ -430,7 +430,7 @@ class Bundle:
     @classmethod
     def from_run(cls, P: Params) -> Bundle:
         """Collect a finished run's checkpoints, recipe and blend (nothing is written)."""
-        from ichdlib.seq.train import backbone_keys
+        from ichdlib.seq.inputs import backbone_keys
 
         work = P.work_dir
         seq_keys = backbone_keys(P)
@@ -466,8 +466,8 @@ class Bundle:
         import torch
 
         from ichdlib.cnn.models import build_cnn
+        from ichdlib.seq.inputs import backbone_keys, seq_arch
         from ichdlib.seq.models import build_seq_model
-        from ichdlib.seq.train import backbone_keys, seq_arch
 
         n_folds = folds or (len(P.cnn.folds) if P.cnn.folds != "all" else P.ingest.folds)
         torch.manual_seed(P.seed)

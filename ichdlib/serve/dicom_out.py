@@ -277,7 +277,8 @@ def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
     reaches it), computed as ``ichd predict --cam`` does (first backbone's first fold model); ``cam`` is the
     map in [0, 1] at the slice's size, ``rgb`` its overlay on the brain-window slice."""
     from ichdlib.labels import LABELS
-    from ichdlib.review.cam import compute_cams, overlay
+    from ichdlib.review.cam import compute_cams
+    from ichdlib.review.plots import overlay
     from ichdlib.serve.pipeline import study_cache
 
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)

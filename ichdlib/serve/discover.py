@@ -135,10 +135,10 @@ class StudyScan:
 
 
 def order_slices(table: pd.DataFrame) -> pd.DataFrame:
-    """Order one series exactly as the catalog orders a study (:func:`ichdlib.ingest.catalog.order_slices`: z, ties
+    """Order one series exactly as the catalog orders a study (:func:`ichdlib.ingest.table.order_slices`: z, ties
     by ``sop_uid``) and add ``slice_index``, ``prev_index``/``next_index`` (positions of the z-neighbours in
     the returned table; a slice at the edge is its own neighbour), ``spacing_z`` and ``dup_z``."""
-    from ichdlib.ingest.catalog import order_slices as catalog_order
+    from ichdlib.ingest.table import order_slices as catalog_order
 
     t = table.drop(columns=["slice_index", "prev_index", "next_index", "spacing_z", "dup_z", "n_slices"],
                    errors="ignore").assign(split="test", row=0)

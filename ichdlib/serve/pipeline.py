@@ -103,7 +103,8 @@ class Predictor:
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
         from ichdlib.labels import LABELS
-        from ichdlib.seq.train import SeqInputs, normalize_test, predict_studies
+        from ichdlib.seq.infer import predict_studies
+        from ichdlib.seq.inputs import SeqInputs, normalize_test
 
         sl = loaded.slices
         n = len(sl)
@@ -278,7 +279,8 @@ def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, o
     explains test slices), at the slice's own size."""
     import cv2
 
-    from ichdlib.review.cam import compute_cams, overlay
+    from ichdlib.review.cam import compute_cams
+    from ichdlib.review.plots import overlay
 
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:
