@@ -17,12 +17,13 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO, TypeVar
 
+from ichdlib.nb import interactive
+
 T = TypeVar("T")
 
 
 def live() -> bool:
     """True where widget bars and live figures make sense: a live Jupyter front end (see ``nb.interactive``)."""
-    from ichdlib.nb import interactive
 
     return interactive()
 

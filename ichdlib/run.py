@@ -24,6 +24,10 @@ from typing import Any
 
 from ichdlib import stages
 from ichdlib.config import Params, load_params, parse_overrides
+from ichdlib.files import write_json
+from ichdlib.locks import output_lock
+from ichdlib.procs import execute_notebook  # the kernel in its own process group, ended with this runner
+from ichdlib.procs import kernel_manager_class as group_kernel_manager
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 #: Figure name prefixes listed in summary.md (everything else stays one click away in figures/).
@@ -137,7 +141,6 @@ def kernel_manager_class(log_path: Path) -> type:
 
     Cell outputs are unaffected: they travel as messages into the executed notebook.
     """
-    from ichdlib.procs import kernel_manager_class as group_kernel_manager
 
     class FileLoggedKernelManager(group_kernel_manager()):
         async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
@@ -160,8 +163,6 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
 
     out = P.reports_dir / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    from ichdlib.locks import output_lock
-    from ichdlib.procs import execute_notebook  # the kernel in its own process group, ended with this runner
 
     try:
         with output_lock(out, what="run"), kernel_environment(), \
@@ -294,7 +295,6 @@ def last_timings(P: Params) -> dict[str, float]:
 
 def record_timing(P: Params, notebook: str, seconds: float) -> None:
     """Merge one notebook's wall time into ``reports/<run>/timings.json`` (other entries kept)."""
-    from ichdlib.files import write_json
 
     path = P.reports_dir / TIMINGS
     try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ichdlib import __version__
 from ichdlib.labels import LABELS
+from ichdlib.windows import RECIPES, recipe_windows
 
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.cnn.data import DeviceAugment
@@ -50,8 +51,6 @@ class ModelSpec:
     library_version: str = __version__
 
     def __post_init__(self) -> None:
-        from ichdlib.windows import RECIPES
-
         if self.recipe not in RECIPES:
             raise SpecError(f"model spec: unknown recipe {self.recipe!r} (one of {', '.join(RECIPES)})")
         if not 16 <= int(self.size) <= 2048:
@@ -67,8 +66,6 @@ class ModelSpec:
     @classmethod
     def from_params(cls, P: Params, cfg: BackboneCfg, feature_dim: int | None = None) -> ModelSpec:
         """The spec a backbone of ``P`` is trained with."""
-        from ichdlib.windows import recipe_windows
-
         single = tuple(float(v) for v in P.windows.single_window)
         return cls(name=cfg.name, size=int(cfg.size), recipe=P.windows.recipe,
                    windows=tuple(tuple(float(v) for v in w) for w in recipe_windows(P.windows.recipe, single)),
@@ -116,8 +113,6 @@ class ModelSpec:
         which follows from the recipe; a missing ``learnable_window`` means False (the default then)."""
         if isinstance(meta.get("spec"), dict):
             return cls.from_dict(meta["spec"])
-        from ichdlib.windows import recipe_windows
-
         try:
             recipe = meta["recipe"]
             single = tuple(float(v) for v in meta.get("single_window", (40.0, 80.0)))

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ichdlib.locks import LockHeld, output_lock
+
 __all__ = ["DistInfo", "info", "session", "is_dist", "rank", "world_size", "is_main", "barrier",
            "all_reduce_sum", "broadcast_object", "shard_slice", "shard_list", "gather_rows",
            "ShardedBatchSampler", "fault_point", "main_lock", "sync_buffers"]
@@ -210,7 +212,6 @@ def fault_point(epoch: int, step: int) -> None:
 def main_lock(target: Any, what: str = "") -> Iterator[None]:
     """:func:`ichdlib.locks.output_lock` on ``target`` held by rank 0 for the block; when another job holds
     it, every rank raises :class:`ichdlib.locks.LockHeld` (one process: the plain lock)."""
-    from ichdlib.locks import LockHeld, output_lock
 
     with contextlib.ExitStack() as stack:
         err = None

@@ -35,7 +35,10 @@ from ichdlib.cnn.models import load_cnn
 from ichdlib.cnn.train import _load_inputs, cnn_dir
 from ichdlib.config import BackboneCfg, Params
 from ichdlib.files import atomic_write, save_parquet
+from ichdlib.ingest.native import open_slices
+from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
+from ichdlib.metrics import prior_baseline, weighted_log_loss
 from ichdlib.runtime import amp_mode, cpu_threads, prepare_model
 
 OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parquet", "test_prob_folds.npy",
@@ -62,8 +65,6 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
     read back) when the outputs exist with the same settings, unless ``force``."""
     t0 = time.perf_counter()
     if cache is None:  # the cache at the backbone's size, or the DICOM files above ingest.size (512 px)
-        from ichdlib.ingest.native import open_slices
-        from ichdlib.ingest.table import load_catalog
 
         catalog = load_catalog(P.work_dir) if catalog is None else catalog
         cache = open_slices(P, backbone_cfg.size, catalog)
@@ -123,7 +124,6 @@ def _extract(P: Params, backbone_cfg: BackboneCfg, cat: pd.DataFrame, cache: Any
     save_parquet(probs_frame(test_cat["sop_uid"], test_prob.reshape(len(test_cat), len(LABELS))),
                  out / "test_prob.parquet")
 
-    from ichdlib.metrics import prior_baseline, weighted_log_loss
 
     y = train_cat[list(LABELS)].to_numpy(dtype=np.float64)
     summary = {

@@ -22,6 +22,7 @@ from torch import nn
 
 from ichdlib.labels import LABELS
 from ichdlib.spec import ModelSpec
+from ichdlib.windows import LearnableWindow
 
 #: The original's input normalisation (albumentations ``Normalize(mean=0.456, std=0.224)`` on [0, 1]).
 NORM_MEAN = 0.456
@@ -197,7 +198,6 @@ def build_cnn(
         backbone = timm.create_model(name, pretrained=False, **kwargs)
     window = None
     if learnable_window:
-        from ichdlib.windows import LearnableWindow
 
         rec = recipe if learnable_window is True else str(learnable_window)
         window = LearnableWindow(rec, tuple(single_window))

@@ -53,8 +53,10 @@ from ichdlib.cnn.models import CnnNet, build_cnn
 from ichdlib.config import BackboneCfg, CnnCfg, Params
 from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.native import open_slices
+from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
 from ichdlib.locks import output_lock
+from ichdlib.metrics import per_class_auc, prior_baseline, weighted_log_loss
 from ichdlib.progress import TrainingProgress
 from ichdlib.resources import check_training_memory
 from ichdlib.runtime import amp_mode, cpu_threads, derive_seed, prepare_model, save_torch
@@ -125,7 +127,6 @@ def ddp_wrap(model: CnnNet, P: Params, device: str) -> torch.nn.Module:
 
 
 def _val_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-    from ichdlib.metrics import per_class_auc, weighted_log_loss
 
     auc = per_class_auc(y, p)
     vals = [v for v in auc.values() if v is not None]
@@ -464,7 +465,6 @@ def fold_numbers(P: Params, cat: pd.DataFrame, folds: Iterable[int] | str | None
 def _load_inputs(P: Params, cfg: BackboneCfg, catalog: pd.DataFrame | None,
                  cache: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray]:
     if catalog is None:
-        from ichdlib.ingest.table import load_catalog
 
         catalog = load_catalog(P.work_dir)
     if cache is None:  # the HU cache up to ingest.size; above it (512 px) the DICOM files themselves
@@ -522,7 +522,6 @@ def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str |
     checkpoints' provenance. Under torchrun every rank calls it (DDP); fold jobs may run side by side.
     ``catalog``/``cache`` default to ``work/<run>/catalog.parquet`` and the cache at the backbone's size.
     """
-    from ichdlib.metrics import per_class_auc, prior_baseline, weighted_log_loss
 
     t0 = time.perf_counter()
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)

@@ -16,6 +16,11 @@ import argparse
 import sys
 from typing import Any
 
+from ichdlib.config import load_params, parse_overrides
+from ichdlib.ingest.catalog import ensure_cache, ingest
+from ichdlib.locks import output_lock
+from ichdlib.runtime import cpu_threads
+
 STAGES = ("cnn", "features", "seq")
 ORIGIN = "ichd train"
 
@@ -58,8 +63,6 @@ def prepare_inputs(P: Any, backbones: list[Any]) -> None:
     from ichdlib.cnn import distributed as D
 
     if D.is_main():
-        from ichdlib.ingest.catalog import ensure_cache, ingest
-        from ichdlib.locks import output_lock
 
         # fold jobs started side by side: the first prepares, the others wait and then find it done
         with output_lock(P.work_dir / "inputs", what="ichd train: prepare inputs", wait=True):
@@ -122,8 +125,6 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
 def cli(args: argparse.Namespace) -> int:
     """``ichd train``: load params, join the torchrun job (if any), run the stage."""
     from ichdlib.cnn import distributed as D
-    from ichdlib.config import load_params, parse_overrides
-    from ichdlib.runtime import cpu_threads
 
     P = load_params(args.params, parse_overrides(args.overrides))
     folds = parse_folds(args.folds)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ichdlib.config import IngestCfg, check_values, load_params
 from ichdlib.files import atomic_write, read_json, write_json
 from ichdlib.ingest import cache as _cache
 from ichdlib.ingest.dicom import read_headers
@@ -366,7 +367,6 @@ def build_catalog(
     while this runs (:func:`ichdlib.locks.output_lock`): a second ingest of the same work folder raises
     :class:`ichdlib.locks.LockHeld` naming the holder, or waits with ``wait=True`` (seconds with a number).
     """
-    from ichdlib.config import IngestCfg, check_values
 
     check_values(IngestCfg, {"size": size, "workers": workers, "folds": folds, "skip_ids": list(skip_ids)},
                  "ingest settings")
@@ -504,7 +504,6 @@ def cli(args: argparse.Namespace) -> int:
     """Run ``ichd ingest``."""
     skip = [s.strip() for s in args.skip_ids.split(",") if s.strip()] if args.skip_ids else None
     if args.params:
-        from ichdlib.config import load_params
 
         over: dict[str, Any] = {
             "ingest": {

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.ingest.cache import DECODE_COLUMNS, decode_resized
+from ichdlib.ingest.catalog import ensure_cache
+from ichdlib.ingest.table import load_catalog
 
 if TYPE_CHECKING:
     from ichdlib.config import Params
@@ -166,12 +168,10 @@ def open_slices(P: Params, size: int, catalog: pd.DataFrame | None = None) -> An
     """What the 2D datasets read for a backbone at ``size``: the HU cache ``cache_<size>.npy`` (built when
     missing) for sizes up to ``ingest.size``; above it (the 512 px model) the DICOM files at native
     resolution through :class:`DicomSlices`, with no copy on disk."""
-    from ichdlib.ingest.catalog import ensure_cache
 
     if int(size) <= int(P.ingest.size):
         return ensure_cache(P, size)
     if catalog is None:
-        from ichdlib.ingest.table import load_catalog
 
         catalog = load_catalog(P.work_dir)
     return DicomSlices(catalog, size)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ichdlib.labels import LABELS
-from ichdlib.windows import WINDOWS
+from ichdlib.windows import WINDOWS, stack_channels_torch
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -175,7 +175,6 @@ def preprocess(
     import torch
 
     from ichdlib.cnn.data import eval_view
-    from ichdlib.windows import stack_channels_torch
 
     x = stack_hu if isinstance(stack_hu, torch.Tensor) else torch.from_numpy(np.asarray(stack_hu))
     if x.ndim != 4 or x.shape[1] != 3:

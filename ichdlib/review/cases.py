@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from ichdlib.ensemble.blend import blend, load_stage, read_truth, resolve_members
+from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
+from ichdlib.metrics import weighted_log_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.config import Params
@@ -31,7 +34,6 @@ log = logging.getLogger(__name__)
 def final_oof(P: Params, catalog: pd.DataFrame) -> pd.DataFrame | None:
     """The final OOF prediction (wide, by ``sop_uid``): notebook 05's blend of ``ensemble.members``, or
     None while a member's predictions are missing."""
-    from ichdlib.ensemble.blend import blend, load_stage, read_truth, resolve_members
 
     try:
         stages = [load_stage(P, m) for m in resolve_members(P)]
@@ -50,7 +52,6 @@ def review_table(P: Params, key: str | None = None, catalog: pd.DataFrame | None
     ``cols``, ``path``, ``row``, ``prev_row``, ``next_row``.
     """
     if catalog is None:
-        from ichdlib.ingest.table import load_catalog
 
         catalog = load_catalog(P.work_dir)
     key = key or P.cnn.backbones[0].key
@@ -101,7 +102,6 @@ def select_cases(table: pd.DataFrame, k: int, prob: str = "p2d_", labels: Sequen
 
 def study_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per study: ``pred_any`` (max final ``any``), ``true_any`` and ``error`` (weighted log loss), by study."""
-    from ichdlib.metrics import weighted_log_loss
 
     rows = []
     for uid, g in table.groupby("study_uid", sort=False):

@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from ichdlib.config import load_params
 from ichdlib.labels import LABELS
 
 #: (split, metric path in metrics.json, column label) of the stage table.
@@ -60,13 +61,11 @@ def resolve_reports(spec: str | Path) -> Path:
     """The reports folder of ``spec``: a reports folder, a params YAML, or a run name under ``reports/``."""
     p = Path(spec)
     if p.is_file() and p.suffix in {".yaml", ".yml"}:
-        from ichdlib.config import load_params
 
         return load_params(p).reports_dir
     if p.is_dir() and (p / "metrics.json").is_file():
         return p
     if p.is_dir() and (p / "params.yaml").is_file() and not (p / "metrics.json").exists():
-        from ichdlib.config import load_params  # a work folder: its params name the reports folder
 
         return load_params(p / "params.yaml").reports_dir
     if not p.exists() and len(p.parts) == 1 and (Path("reports") / p / "metrics.json").is_file():

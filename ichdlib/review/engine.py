@@ -11,8 +11,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.ingest.dicom import read_hu
+from ichdlib.ingest.native import open_slices
+from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
 from ichdlib.review.cam import compute_cams, find_target_layer
+from ichdlib.runtime import cpu_threads
 from ichdlib.spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,8 +38,6 @@ class CamEngine:
 
     def __init__(self, P: Params, key: str | None = None, catalog: pd.DataFrame | None = None,
                  device: str | None = None) -> None:
-        from ichdlib.ingest.native import open_slices
-        from ichdlib.ingest.table import load_catalog
 
         self.P = P
         backbones = {b.key: b for b in P.cnn.backbones}
@@ -79,7 +81,6 @@ class CamEngine:
         that cannot be read now, its cache row resized to that geometry (a warning says which)."""
         import cv2
 
-        from ichdlib.ingest.dicom import read_hu
 
         out = []
         for _, r in rows.iterrows():
@@ -100,7 +101,6 @@ class CamEngine:
         ``out="original"``: at the slice's rows x cols (to overlay the DICOM or a lesion mask);
         ``out="cache"``: at the cache size (to overlay the cached HU).
         """
-        from ichdlib.runtime import cpu_threads
 
         cfg = self.P.cam
         cls = list(classes) if classes is not None else list(LABELS)

@@ -12,6 +12,7 @@ from ichdlib.labels import LABELS
 from ichdlib.review.cam import GROUPS, OUTLINE_RGB
 from ichdlib.review.pointing import class_mask, load_mask
 from ichdlib.windows import WINDOWS
+from ichdlib.windows import window as apply_window
 
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.review.engine import CamEngine
@@ -26,7 +27,6 @@ def overlay(hu: np.ndarray, cam: np.ndarray | None, window: tuple[float, float] 
     mask's border in magenta (a colour neither the grey image nor the jet map uses)."""
     from matplotlib import colormaps
 
-    from ichdlib.windows import window as apply_window
 
     gray = apply_window(hu, *window)[..., None].repeat(3, axis=-1)
     img = gray

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.ensemble.blend import update_metrics
 from ichdlib.labels import LABELS
+from ichdlib.progress import track
 from ichdlib.review.cam import STANDARD_TOLERANCE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,8 +111,6 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
     without them. The result goes to ``reports/<run>/metrics.json`` under ``pointing_game`` (other keys
     kept); an existing result for the same settings is reused unless ``force``.
     """
-    from ichdlib.ensemble.blend import update_metrics
-    from ichdlib.progress import track
 
     threshold, tolerance = P.cam.threshold, P.cam.tolerance_px
     metrics_path = P.reports_dir / "metrics.json"

@@ -22,6 +22,12 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.labels import LABELS
+from ichdlib.metrics import weighted_log_loss
+from ichdlib.nb import interactive
+from ichdlib.review.cases import study_summary
+from ichdlib.review.explore import display_width
+from ichdlib.review.plots import head_box, overlay
+from ichdlib.review.pointing import class_mask, load_mask
 from ichdlib.windows import WINDOWS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,7 +81,6 @@ class Study:
 
 def summarize(study: Study) -> dict[str, Any]:
     """Study row for sorting: ``pred_any`` (max final ``any``) and ``error`` (weighted log loss)."""
-    from ichdlib.metrics import weighted_log_loss
 
     p = study.final()
     out: dict[str, Any] = {"study_uid": study.uid, "n_slices": study.n,
@@ -223,7 +228,6 @@ class ViewerState:
     # -- rendering -----------------------------------------------------------------------------------
     def _box(self) -> tuple[slice, slice]:
         """The part of the current slice shown: around the head, one box per study so slices line up."""
-        from ichdlib.review.plots import head_box
 
         study = self.study_obj()
         if self.uid not in self._boxes:
@@ -233,8 +237,6 @@ class ViewerState:
 
     def image(self) -> np.ndarray:
         """The current slice as RGB uint8, cropped to the head: window, CAM of the class, lesion outline."""
-        from ichdlib.review.plots import overlay
-        from ichdlib.review.pointing import class_mask
 
         study = self.study_obj()
         maps = self.cams()
@@ -375,7 +377,6 @@ class SliceViewer:
         """Re-render the image (and the strip) from the state."""
         img = self.state.image()
         self.image.value = _png(img)
-        from ichdlib.review.explore import display_width
 
         self.image.layout.width = f"{display_width(img.shape[1], self.max_width)}px"
         if strip:
@@ -475,7 +476,6 @@ def static_figure(state: ViewerState, studies: Sequence[str] | None = None, slic
 
 def show(state: ViewerState, studies: Sequence[str] | None = None, slices: int = 3) -> Any:
     """The interactive viewer in a live notebook; a static gallery figure under papermill / headless."""
-    from ichdlib.nb import interactive
 
     if interactive():
         from IPython.display import display
@@ -494,8 +494,6 @@ def run_state(P: Params, engine: CamEngine, table: pd.DataFrame, studies: Sequen
     """A viewer over a run's training studies: the review table's probabilities (2D, final, truth),
     HU from the DICOM files at each slice's own geometry (:meth:`CamEngine.hu`), the phantom's lesion
     masks when present, and CAMs from ``engine`` (computed on first view)."""
-    from ichdlib.review.cases import study_summary
-    from ichdlib.review.pointing import load_mask
 
     if summary is None:
         summary = study_summary(table)

@@ -35,6 +35,7 @@ import torch
 
 from ichdlib.cnn import distributed as D
 from ichdlib.config import Params
+from ichdlib.ensemble.blend import load_stage
 from ichdlib.files import atomic_write, save_parquet
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
@@ -327,7 +328,6 @@ def plot_studies(inputs: SeqInputs, preds: dict[str, pd.DataFrame], n: int = 3, 
 
 def oof_comparison(P: Params, results: dict[str, SeqResult]) -> pd.DataFrame:
     """OOF weighted log loss of each 2D backbone (its OOF as fed to this stage) and each sequence model."""
-    from ichdlib.ensemble.blend import load_stage
 
     cat = _load_catalog(P)
     y = cat[cat["split"] == "train"].set_index("sop_uid")[list(LABELS)].astype(float)

@@ -55,9 +55,12 @@ from pydantic import (
     model_validator,
 )
 
+from ichdlib.config import Params, dump_params, load_params
+from ichdlib.ensemble.blend import resolve_members, stage_files
 from ichdlib.files import json_ready
 from ichdlib.labels import LABELS
 from ichdlib.spec import ModelSpec
+from ichdlib.windows import WINDOWS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -276,7 +279,6 @@ def validate_manifest(path: Path, raw: Any) -> dict[str, Any]:
     if manifest_digest(raw) != raw["integrity"]:
         raise BundleError(f"{path}: manifest checksum differs from its 'integrity' entry (edited or damaged "
                           "bundle.json)")
-    from ichdlib.config import Params
 
     try:
         Params.model_validate(raw["params"])
@@ -422,7 +424,6 @@ class Bundle:
 
     def params(self) -> Params:
         """The run's params (validated again; paths point to where the run was made)."""
-        from ichdlib.config import Params
 
         return Params.model_validate(self.manifest["params"])
 
@@ -502,7 +503,6 @@ class Bundle:
         """Write the bundle folder atomically (a temporary folder renamed into place)."""
         from safetensors.torch import save_file
 
-        from ichdlib.config import Params, dump_params
 
         out = Path(out)
         if out.exists():
@@ -617,7 +617,6 @@ def _collect(folder: Path, kind: str, key: str, folds: Any, advice: str) -> Memb
 
 def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_keys: list[str],
               ensemble: dict[str, Any] | None = None) -> dict[str, Any]:
-    from ichdlib.windows import WINDOWS
 
     backbones = []
     for key, m in cnn.items():
@@ -653,7 +652,6 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
 def ensemble_spec(P: Params) -> dict[str, Any]:
     """Blend method, members and weights: equal for ``mean``; for ``fit`` the weights notebook 05 fitted
     (``reports/<run>/metrics.json``, ``submission.weights``)."""
-    from ichdlib.ensemble.blend import resolve_members, stage_files
 
     members = resolve_members(P)
     # which table notebook 05 blended for each 2D member: notebook 03's TTA probabilities ("features") or
@@ -678,7 +676,6 @@ def ensemble_spec(P: Params) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 def resolve_run(spec: str | os.PathLike) -> Params:
     """``--run``: a params YAML, or a run's work folder / reports folder holding ``params.yaml``."""
-    from ichdlib.config import load_params
 
     p = Path(spec)
     if p.is_file():
@@ -697,7 +694,6 @@ def resolve_run(spec: str | os.PathLike) -> Params:
 
 def export(run: str | os.PathLike | Params, out: str | os.PathLike, force: bool = False) -> Path:
     """Write the bundle of a finished run (a Params object, a params file or a run folder) to ``out``."""
-    from ichdlib.config import Params
 
     P = run if isinstance(run, Params) else resolve_run(run)
     return Bundle.from_run(P).save(out, force=force)

@@ -41,6 +41,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ichdlib import __version__
+from ichdlib.files import write_bytes
+from ichdlib.labels import LABELS
+from ichdlib.locks import output_lock
+from ichdlib.review.cam import compute_cams
+from ichdlib.review.plots import overlay
+from ichdlib.serve.discover import WARNING, problem, safe_name
+from ichdlib.serve.pipeline import study_cache
+
 #: Said on every series written here.
 NOT_CLINICAL = "not for clinical use"
 SR_SERIES_DESCRIPTION = f"ICH model findings - {NOT_CLINICAL}"
@@ -276,10 +285,6 @@ def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
     """``(row, label, prob, rgb, cam)`` for each slice and label at or above ``threshold`` (slices whose ``any``
     reaches it), computed as ``ichd predict --cam`` does (first backbone's first fold model); ``cam`` is the
     map in [0, 1] at the slice's size, ``rgb`` its overlay on the brain-window slice."""
-    from ichdlib.labels import LABELS
-    from ichdlib.review.cam import compute_cams
-    from ichdlib.review.plots import overlay
-    from ichdlib.serve.pipeline import study_cache
 
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:
@@ -318,7 +323,6 @@ def build_cam_pmap(sources: Sequence[Any], maps: np.ndarray, *, label: str, seri
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=f"CAM {label}"[:16], lut_explanation=f"{method} for {label} (0 = no evidence, 1 = strongest)",
         unit=codes.UCUM.NoUnits, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)
-    from ichdlib import __version__
 
     with lenient_uids():
         pm = hd.pm.ParametricMap(
@@ -362,7 +366,6 @@ def _safe(uid: str) -> str:
 def _save(ds: Any, path: Path) -> Path:
     import io
 
-    from ichdlib.files import write_bytes
 
     buf = io.BytesIO()
     with lenient_uids():
@@ -380,7 +383,6 @@ def write_study(out: str | os.PathLike, frame: pd.DataFrame, *, identity: dict[s
     also ``pmap_<label>.dcm`` per label (a Parametric Map of the raw maps; skipped with a note in
     ``result.notes`` when the sources lack a FrameOfReferenceUID)."""
 
-    from ichdlib.locks import output_lock
 
     study = str(frame["study_uid"].iloc[0])
     folder = Path(out) / _safe(study)
@@ -401,7 +403,6 @@ def _clear_previous(folder: Path) -> None:
 def _write_study(folder: Path, frame: pd.DataFrame, *, identity: dict[str, str], threshold: float,
                  overlays: Sequence[tuple[int, str, float, np.ndarray, np.ndarray]], method: str,
                  pmap: bool) -> StudyOutputs:
-    from ichdlib.labels import LABELS
 
     study = str(frame["study_uid"].iloc[0])
     sources = [read_source(p) for p in frame["path"]]
@@ -448,7 +449,6 @@ class DicomWriter:
         if self.png_dir is not None and overlays:  # the PNGs of 'ichd predict --cam', from the same maps
             import cv2
 
-            from ichdlib.serve.discover import safe_name
 
             folder = self.png_dir / safe_name(loaded.scan.study_uid)
             folder.mkdir(parents=True, exist_ok=True)
@@ -461,7 +461,6 @@ class DicomWriter:
         result = write_study(self.out, frame, identity=self.identity, threshold=self.threshold,
                              overlays=overlays, method=method, pmap=self.pmap)
         self.written.append(result)
-        from ichdlib.serve.discover import WARNING, problem
 
         return [problem(note, study_uid=result.study_uid, series_uid=str(frame["series_uid"].iloc[0]),
                         severity=WARNING) for note in result.notes]

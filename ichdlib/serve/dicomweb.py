@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ichdlib.files import write_json
+from ichdlib.serve.dicom_out import lenient_uids
+
 #: Seconds before a request counts as failed.
 TIMEOUT = 60.0
 #: Tries per request (dicomweb-client's retry with exponential back-off).
@@ -145,7 +148,6 @@ def select_studies(server: Server, studies: Sequence[str] = (), since: str | Non
 
 def retrieve_ct(server: Server, study_uid: str, dest: str | os.PathLike) -> list[Path]:
     """Download the study's CT series (WADO-RS) as ``dest/<study>/<series>/<k>.dcm``; returns the files."""
-    from ichdlib.serve.dicom_out import lenient_uids
 
     series = server.ct_series(study_uid)
     if not series:
@@ -188,7 +190,6 @@ def store(server: Server, study_uid: str, paths: Iterable[str | os.PathLike]) ->
     the server neither confirmed nor refused count as failed ("no answer for this instance")."""
     import pydicom
 
-    from ichdlib.serve.dicom_out import lenient_uids
 
     with lenient_uids():
         datasets = [pydicom.dcmread(p) for p in paths]
@@ -249,7 +250,6 @@ def fetch(args: Any, dest: str | os.PathLike) -> tuple[Server, list[str]]:
 def store_outputs(server: Server, written: Sequence[Any], out: str | os.PathLike) -> int:
     """STOW-RS each study's outputs (:class:`ichdlib.serve.dicom_out.StudyOutputs`) back to ``server``; print and
     write ``out/stored.json`` (per study: stored and failed SOPInstanceUIDs). 0 when everything was stored."""
-    from ichdlib.files import write_json
 
     reports = [store(server, w.study_uid, w.paths) for w in written]
     doc = {"server": server.url, "studies": [{"study_uid": r.study_uid, "stored": r.stored, "failed": r.failed,

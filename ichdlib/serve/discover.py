@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.ingest.dicom import DicomReadError, read_header, read_hu
+from ichdlib.ingest.table import order_slices as catalog_order
 from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re-exported for callers of predict)
     AXIAL_MIN_COS,
     GAP_FACTOR,
@@ -88,7 +90,6 @@ def scan_headers(paths: Sequence[str | os.PathLike], progress: bool = False) -> 
     """Header of every file (no pixels): a table with one row per DICOM file, and the unreadable files."""
     from tqdm import tqdm
 
-    from ichdlib.ingest.dicom import DicomReadError, read_header
 
     metas, problems = [], []
     for p in tqdm(paths, desc="headers", unit="file", disable=not progress, leave=False):
@@ -138,7 +139,6 @@ def order_slices(table: pd.DataFrame) -> pd.DataFrame:
     """Order one series exactly as the catalog orders a study (:func:`ichdlib.ingest.table.order_slices`: z, ties
     by ``sop_uid``) and add ``slice_index``, ``prev_index``/``next_index`` (positions of the z-neighbours in
     the returned table; a slice at the edge is its own neighbour), ``spacing_z`` and ``dup_z``."""
-    from ichdlib.ingest.table import order_slices as catalog_order
 
     t = table.drop(columns=["slice_index", "prev_index", "next_index", "spacing_z", "dup_z", "n_slices"],
                    errors="ignore").assign(split="test", row=0)
@@ -315,7 +315,6 @@ class LoadedStudy:
 
 def load_study(scan: StudyScan) -> LoadedStudy:
     """Decode every slice of a chosen series to HU; undecodable slices are dropped with a message."""
-    from ichdlib.ingest.dicom import DicomReadError, read_hu
 
     problems: list[dict] = []
     keep, images = [], []

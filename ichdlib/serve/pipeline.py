@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re-exported for callers of predict)
     AXIAL_MIN_COS,
     GAP_FACTOR,
@@ -21,7 +22,11 @@ from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re
     slice_normal,
     slice_problem,
 )
-from ichdlib.runtime import resolve_device
+from ichdlib.labels import LABELS
+from ichdlib.review.cam import compute_cams
+from ichdlib.review.plots import overlay
+from ichdlib.runtime import amp_enabled, prepare_model, resolve_device
+from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.discover import (
     WARNING,
     LoadedStudy,
@@ -41,7 +46,6 @@ from ichdlib.spec import ModelSpec
 def study_cache(loaded: LoadedStudy, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A study's slices as the training pipeline sees them: the HU cache rows at ``size``
     (:func:`ichdlib.ingest.cache.resize_hu`) and the ``(n, 3)`` stack rows (s-1, s, s+1)."""
-    from ichdlib.ingest.cache import resize_hu
 
     cache = np.stack([resize_hu(h, size) for h in loaded.hu]) if loaded.hu else np.zeros((0, size, size), np.int16)
     rows = loaded.slices[["prev_index", "slice_index", "next_index"]].to_numpy(dtype=np.int64)
@@ -65,7 +69,6 @@ class Predictor:
 
     def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None) -> None:
         from ichdlib.cnn.infer import eval_augment, feature_views
-        from ichdlib.runtime import amp_enabled, prepare_model
 
         self.bundle = bundle
         self.device = resolve_device(device)
@@ -102,7 +105,6 @@ class Predictor:
 
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
-        from ichdlib.labels import LABELS
         from ichdlib.seq.infer import predict_studies
         from ichdlib.seq.inputs import SeqInputs, normalize_test
 
@@ -166,7 +168,6 @@ class Prediction:
 def summarize_studies(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
     """One row per study: slices, max final probability per label, findings (subtypes whose max reaches
     ``threshold``, with it) and the slices involved as index ranges."""
-    from ichdlib.labels import LABELS
 
     cols = ["study_uid", "series_uid", "n_slices", "max_any", "positive", "findings",
             *[f"max_{c}" for c in LABELS[1:]], *[f"slices_{c}" for c in LABELS]]
@@ -203,7 +204,6 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
 
     t0 = time.perf_counter()
     if not hasattr(bundle, "cnn"):
-        from ichdlib.serve.bundle import Bundle
 
         bundle = Bundle.load(bundle)
     predictor = predictor or Predictor(bundle, device)
@@ -254,7 +254,6 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
 
 
 def _labels() -> list[str]:
-    from ichdlib.labels import LABELS
 
     return list(LABELS)
 
@@ -279,8 +278,6 @@ def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, o
     explains test slices), at the slice's own size."""
     import cv2
 
-    from ichdlib.review.cam import compute_cams
-    from ichdlib.review.plots import overlay
 
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:

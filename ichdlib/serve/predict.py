@@ -30,6 +30,9 @@ from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re
     slice_problem,
 )
 from ichdlib.labels import LABELS
+from ichdlib.serve.bundle import Bundle
+from ichdlib.serve.dicom_out import DicomWriter
+from ichdlib.serve.dicomweb import fetch, store_outputs
 from ichdlib.serve.discover import PROBLEM_COLUMNS, discover, problem
 from ichdlib.serve.pipeline import Prediction, Predictor, predict_dir, predict_study
 
@@ -109,7 +112,6 @@ def cli(args: argparse.Namespace) -> int:
     """``ichd predict``: exit 0 when at least one study was predicted, 1 when none could be."""
     import tempfile
 
-    from ichdlib.serve.bundle import Bundle
 
     dicomweb = getattr(args, "dicomweb", None)
     if dicomweb and args.dir is not None:
@@ -129,7 +131,6 @@ def cli(args: argparse.Namespace) -> int:
     folder, server, tmp = args.dir, None, None
     fetched: list[str] = []
     if dicomweb:
-        from ichdlib.serve.dicomweb import fetch
 
         tmp = tempfile.TemporaryDirectory(prefix="ichd-dicomweb-")
         folder = Path(tmp.name)
@@ -141,7 +142,6 @@ def cli(args: argparse.Namespace) -> int:
     dicom_out = getattr(args, "dicom_out", None) or (args.out / "dicom" if getattr(args, "store", False) else None)
     writer = None
     if dicom_out is not None:
-        from ichdlib.serve.dicom_out import DicomWriter
 
         # with --cam the writer also writes the PNGs, so that each Grad-CAM is computed once
         writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam,
@@ -171,7 +171,6 @@ def cli(args: argparse.Namespace) -> int:
         print(f"DICOM outputs: {len(writer.paths)} file(s) for {len(writer.written)} stud"
               f"{'y' if len(writer.written) == 1 else 'ies'} in {dicom_out}")
     if server is not None and args.store:
-        from ichdlib.serve.dicomweb import store_outputs
 
         rc = store_outputs(server, writer.written, args.out)
         done = {w.study_uid for w in writer.written}
