@@ -165,7 +165,8 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
     out.parent.mkdir(parents=True, exist_ok=True)
 
     try:
-        with output_lock(out, what="run"), kernel_environment(), \
+        # one runner per notebook of a run at a time (the lock file lives in work/, not beside the report)
+        with output_lock(P.work_dir / "stages" / nb.stem, what="run"), kernel_environment(), \
                 tempfile.TemporaryDirectory(prefix="ichd-kernel-") as ipc:
             execute_notebook(
                 str(nb), str(out),

@@ -126,6 +126,17 @@ class Blend:
     note: str = ""
 
 
+def apply_weights(stage_probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """The blend of per-stage probabilities ``(N, 6)`` with fixed weights: what notebook 05 applies to the test
+    rows and ``ichd predict`` to a new study (float64, clipped to [0, 1] against rounding)."""
+    missing = sorted(set(weights) - set(stage_probs))
+    if missing:
+        raise ValueError(f"blend members without predictions: {', '.join(missing)}")
+    names = list(weights)
+    stacked = np.stack([np.asarray(stage_probs[m], dtype=np.float64) for m in names])
+    return np.clip(np.tensordot(np.array([weights[m] for m in names], dtype=np.float64), stacked, axes=1), 0.0, 1.0)
+
+
 def blend(stages: list[Stage], method: str = "mean", y_oof: pd.DataFrame | None = None) -> Blend:
     """Blend stages on their common images. ``fit`` needs ``y_oof`` (wide truth of the OOF images); its
     OOF predictions are cross-fitted: fold k uses weights fitted on the other folds' OOF rows. When that
@@ -166,7 +177,7 @@ def blend(stages: list[Stage], method: str = "mean", y_oof: pd.DataFrame | None 
             w, oof, fold_w = np.eye(len(stages))[best], po[best].copy(), {}
     else:
         raise ValueError(f"ensemble.method {method!r}: expected 'mean' or 'fit'")
-    test = np.tensordot(w, pt, axes=1)
+    test = apply_weights(dict(zip(names, pt, strict=True)), dict(zip(names, map(float, w), strict=True)))
     oof_df = pd.DataFrame(oof, index=oof_ids, columns=L)
     oof_df["fold"] = fold
     return Blend(oof_df, pd.DataFrame(test, index=test_ids, columns=L),

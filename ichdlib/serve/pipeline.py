@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.ensemble.blend import apply_weights
 from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re-exported for callers of predict)
     AXIAL_MIN_COS,
@@ -128,8 +129,7 @@ class Predictor:
                 z=capped_z(sl["z"].to_numpy(np.float64)), feats=[outs[k].feat for k in keys], probs=probs)
             for name, models in self.seq.items():
                 stage[name] = predict_studies(models, inputs, device=self.device, batch=self.P.seq.batch)
-        weights = self.bundle.ensemble["weights"]
-        final = np.clip(sum(w * stage[m].astype(np.float64) for m, w in weights.items()), 0.0, 1.0)
+        final = apply_weights(stage, self.bundle.ensemble["weights"])  # notebook 05's blend of the test rows
         p2d = np.mean([o.tta_prob for o in outs.values()], axis=0)
         frame = pd.DataFrame({
             "study_uid": loaded.scan.study_uid, "series_uid": loaded.scan.series_uid,
