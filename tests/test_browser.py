@@ -2,7 +2,7 @@
 at a 1366x768 window.
 
 A small notebook is written to a temporary root and run through JupyterLab's UI ("Run All Cells"): notebook 06's
-slice viewer on fabricated studies (``test_viewer.fabricated_studies``) and notebook 01's study browser on a
+slice viewer on fabricated studies (``builders.fabricated_studies``) and notebook 01's study browser on a
 fabricated catalog and cache. The slice slider is moved with the keyboard and the test checks that the image's
 pixels, the strip's slice marker and the caption follow; then, for both viewers, that image, slider and caption
 are visible together on the 1366x768 screen, numbered the same way. A second test opens an executed HTML report
@@ -41,7 +41,7 @@ SCREEN = (1366, 768)
 NOTEBOOK_CODE = f"""\
 import sys
 sys.path.insert(0, {str(TESTS_DIR)!r})
-from test_viewer import fabricated_studies
+from builders import fabricated_studies
 from ichdlib.review.viewer import SliceViewer, ViewerState, show
 
 studies, cams = fabricated_studies(n_studies=2, n=10, size=96)

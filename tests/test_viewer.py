@@ -4,40 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import fabricated_studies
 
-from ichdlib.labels import LABELS
 from ichdlib.review.viewer import SliceViewer, Study, ViewerState, static_figure
-
-
-def fabricated_studies(n_studies: int = 3, n: int = 8, size: int = 48, seed: int = 0):
-    """Small studies: a skull ring with a bright lesion that moves across slices, maps peaking on it.
-
-    Also used by tests/test_browser.py (imported into the notebook it generates).
-    """
-    rng = np.random.default_rng(seed)
-    rr, cc = np.mgrid[:size, :size]
-    d = np.hypot(rr - size / 2, cc - size / 2)
-    studies, cams = [], {}
-    for s in range(n_studies):
-        hu, maps = [], []
-        truth = np.zeros((n, len(LABELS)))
-        for i in range(n):
-            img = np.where(d < size * 0.34, 30.0, -1000.0)
-            img[(d >= size * 0.30) & (d < size * 0.34)] = 1200.0
-            r0, c0 = size * 0.3 + i * size * 0.4 / n, size * 0.5
-            lesion = np.hypot(rr - r0, cc - c0) < size * 0.08
-            if 2 <= i < n - 2:
-                img[lesion] = 70.0
-                truth[i, [0, 5]] = 1
-            hu.append(img.astype(np.int16))
-            m = np.exp(-((rr - r0) ** 2 + (cc - c0) ** 2) / (2 * (size * 0.1) ** 2))
-            maps.append(np.stack([m * (0.5 + 0.5 * k / 5) for k in range(len(LABELS))]).astype(np.float32))
-        p2d = np.clip(truth * 0.7 + rng.random((n, len(LABELS))) * 0.3, 0, 1)
-        final = np.clip(truth * (0.6 + 0.1 * s) + rng.random((n, len(LABELS))) * 0.2, 0, 1)
-        uid = f"1.2.3.{s}"
-        studies.append(Study(uid=uid, hu=hu, probs={"2D": p2d, "final": final}, truth=truth))
-        cams[uid] = maps
-    return studies, cams
 
 
 @pytest.fixture
