@@ -137,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    truth, tprob = read_labels(args.truth)
+    truth, tprob = read_labels(args.truth, values="binary")
     pred, pprob = read_labels(args.pred)
     if len(pprob):
         raise ValueError(f"{args.pred}: {len(pprob)} image(s) with missing/conflicting rows, "

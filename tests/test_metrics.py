@@ -91,3 +91,17 @@ def test_score_command_reads_kaggle_files(tmp_path, capsys):
     write_long_csv(pred.iloc[:10], tmp_path / "short.csv")
     assert main(["score", "--truth", str(tmp_path / "t.csv"), "--pred", str(tmp_path / "short.csv")]) == 2
     assert "40 image(s) have no prediction" in capsys.readouterr().err
+
+
+def test_score_refuses_a_truth_file_that_is_not_0_or_1(tmp_path, capsys):
+    """An answer key is labels: 0.5 or 'yes' there is a one-line error naming the file and row, not a score."""
+    from ichdlib.cli import main
+
+    truth = tmp_path / "truth.csv"
+    truth.write_text("ID,Label\nID_a_epidural,0\nID_a_intraparenchymal,0\nID_a_intraventricular,0\n"
+                     "ID_a_subarachnoid,0\nID_a_subdural,0.5\nID_a_any,1\n")
+    pred = tmp_path / "pred.csv"
+    pred.write_text(truth.read_text().replace(",0.5\n", ",0.4\n"))
+    assert main(["score", "--truth", str(truth), "--pred", str(pred)]) == 2
+    err = capsys.readouterr().err
+    assert "truth.csv" in err and "0.5" in err and len(err.strip().splitlines()) == 1

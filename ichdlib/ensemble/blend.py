@@ -305,7 +305,7 @@ def read_truth(P: Params, catalog: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataF
     if P.paths.answer_key:
         key = P.data_root / P.paths.answer_key
         if key.is_file():
-            test, _ = read_labels(key)
+            test, _ = read_labels(key, values="binary")
             test = test.dropna()
     return tr, test
 
