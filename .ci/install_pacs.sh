@@ -11,24 +11,9 @@ if command -v Orthanc >/dev/null 2>&1 && command -v dciodvfy >/dev/null 2>&1 && 
     exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then
-        SUDO="sudo"
-    else
-        echo "install_pacs: need root (or sudo) to apt-get install orthanc orthanc-dicomweb dicom3tools" >&2
-        exit 1
-    fi
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install_pacs: apt-get not found; install Orthanc (+ DICOMweb plugin) and dicom3tools by hand" >&2
-    exit 1
-fi
-
-export DEBIAN_FRONTEND=noninteractive
+source "$(dirname "$0")/apt_install.sh"
 # The orthanc package's postinst tries to start its service; in containers policy-rc.d may refuse, which is fine.
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb dicom3tools
+apt_install install_pacs orthanc orthanc-dicomweb dicom3tools
 Orthanc --version | head -1
 plugin_present && echo "install_pacs: DICOMweb plugin at $(ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so*)"
 command -v dciodvfy

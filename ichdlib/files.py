@@ -69,3 +69,12 @@ def read_json(path: str | os.PathLike) -> dict:
 def save_parquet(df: Any, path: str | os.PathLike) -> Path:
     """Atomically write a DataFrame as parquet (no index)."""
     return atomic_write(path, lambda t: df.to_parquet(t, index=False))
+
+
+def nested_get(d: Any, *keys: str) -> Any:
+    """``d[k1][k2]...`` where any level may be missing or null (metrics.json has nulls without truth)."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d

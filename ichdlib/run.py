@@ -24,6 +24,7 @@ from typing import Any
 
 from ichdlib import stages
 from ichdlib.config import Params, load_params, parse_overrides
+from ichdlib.files import nested_get as _get
 from ichdlib.files import write_json
 from ichdlib.locks import output_lock
 from ichdlib.procs import execute_notebook  # the kernel in its own process group, ended with this runner
@@ -304,15 +305,6 @@ def record_timing(P: Params, notebook: str, seconds: float) -> None:
         data = {}
     data[notebook] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(path, data)
-
-
-def _get(d: Any, *keys: str) -> Any:
-    """``d[k1][k2]...`` where any level may be missing or null (metrics.json has nulls without truth)."""
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _fmt(v: Any) -> str:

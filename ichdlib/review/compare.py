@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from ichdlib.config import load_params
+from ichdlib.files import nested_get as _get
 from ichdlib.labels import LABELS
 
 #: (split, metric path in metrics.json, column label) of the stage table.
@@ -99,14 +100,6 @@ def load_run(spec: str | Path) -> Run:
     if (rep / "params.yaml").is_file():
         params = _flatten(yaml.safe_load((rep / "params.yaml").read_text()) or {})
     return Run(rep.resolve().name, rep, metrics, timings, params)
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _num(v: Any) -> float | None:

@@ -14,15 +14,7 @@ import pandas as pd
 
 from ichdlib.ensemble.blend import apply_weights
 from ichdlib.ingest.cache import resize_hu
-from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re-exported for callers of predict)
-    AXIAL_MIN_COS,
-    GAP_FACTOR,
-    capped_z,
-    is_axial,
-    list_files,
-    slice_normal,
-    slice_problem,
-)
+from ichdlib.ingest.validity import capped_z
 from ichdlib.labels import LABELS
 from ichdlib.review.cam import compute_cams
 from ichdlib.review.plots import overlay

@@ -20,15 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ichdlib.files import json_ready, write_text
-from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re-exported for callers of predict)
-    AXIAL_MIN_COS,
-    GAP_FACTOR,
-    capped_z,
-    is_axial,
-    list_files,
-    slice_normal,
-    slice_problem,
-)
 from ichdlib.labels import LABELS
 from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.dicom_out import DicomWriter
