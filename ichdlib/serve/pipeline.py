@@ -79,7 +79,7 @@ class Predictor:
 
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
-        blend used its table, notebook 02) does for test slices (:func:`ichdlib.cnn.train.predict`)."""
+        blend used its table, notebook 02) does for test slices (:func:`ichdlib.cnn.infer.predict`)."""
         from ichdlib.cnn.data import SliceDataset
         from ichdlib.cnn.infer import predict as cnn_predict
 
