@@ -225,6 +225,7 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     known = [p.name[:2] for p in all_nbs]
     chosen = select(all_nbs, only, start)
     store = stages.StampStore(P)
+    timings = last_timings(P)  # the skip lines say how long each skipped notebook took when it last ran
     results: list[StageResult] = []
     print(f"ichd run: {P.run}: {len(chosen)} notebook(s) -> {P.reports_dir}", flush=True)
     for i, nb in enumerate(chosen, 1):
@@ -233,13 +234,10 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
         d = stages.decide(store, stage, nb, known, force=force,
                           report_exists=(P.reports_dir / nb.name).is_file())
         if not d.run:
-            last = last_timings(P).get(nb.name)
-            if last is None:
-                last = store.read(stage.number).get("seconds")
-            note = f"; last ran in {last:.0f} s" if isinstance(last, int | float) else ""
-            print(f"{head}: skipped, up to date{note} (--force to rerun)", flush=True)
-            results.append(StageResult(stage.number, nb.name, "skipped", 0.0,
-                                       f"last ran in {last:.0f} s" if isinstance(last, int | float) else ""))
+            last = timings.get(nb.name)
+            note = "" if last is None else f"last ran in {last:.0f} s"
+            print(f"{head}: skipped, up to date{'; ' + note if note else ''} (--force to rerun)", flush=True)
+            results.append(StageResult(stage.number, nb.name, "skipped", 0.0, note))
             continue
         print(f"{head}: {d.explain()} ...", end="\n" if log_output else "", flush=True)
         t0 = time.perf_counter()

@@ -99,11 +99,11 @@ class ModelSpec:
             kw["learnable_window"] = bool(kw["learnable_window"])
             kw["val_center_crop"] = float(kw["val_center_crop"])
             return cls(**kw)
+        except SpecError:
+            raise
         except KeyError as exc:
             raise SpecError(f"model spec: missing key {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
-            if isinstance(exc, SpecError):
-                raise
             raise SpecError(f"model spec: {exc}") from None
 
     @classmethod

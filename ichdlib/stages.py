@@ -38,9 +38,10 @@ import yaml
 from ichdlib import __version__
 from ichdlib.config import Params
 from ichdlib.files import read_json, write_json
+from ichdlib.phantom import PHANTOM_VERSION
 
 __all__ = ["Stage", "STAGES", "stage_for", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
-           "file_digest", "params_digest", "decide"]
+           "params_digest", "decide"]
 
 #: Files at the top of the data folder larger than this are fingerprinted by size, not content.
 _CONTENT_LIMIT = 2 << 30
@@ -139,11 +140,6 @@ class _HashCache:
             self.dirty = False
 
 
-def file_digest(path: str | Path) -> str:
-    """Content digest of one file (16 hex characters)."""
-    return _HashCache(None).digest(Path(path), str(path))
-
-
 def data_fingerprint(root: Path, cache: _HashCache | None = None) -> str:
     """The data folder: top-level files by content (label CSVs, answer key, manifests), everything below by
     relative name and size. ``missing`` when the folder does not exist yet (a phantom still to generate)."""
@@ -220,6 +216,14 @@ class StampStore:
         self.P = P
         self.dir = P.work_dir / "stages"
         self.cache = _HashCache(self.dir / "digests.json")
+        #: data fingerprint and upstream output digests, computed once until a stage starts running (which may
+        #: change them): a full-size data folder is walked once per `ichd run`, not once per stage.
+        self._memo: dict[str, str] = {}
+
+    def _once(self, key: str, compute: Any) -> str:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def read(self, number: str) -> dict[str, Any]:
         return read_json(self.dir / f"{number}.json") or {}
@@ -235,18 +239,17 @@ class StampStore:
         if notebook is not None and notebook.is_file():
             parts["notebook"] = self.cache.digest(notebook, "notebook:" + notebook.name)
         if stage.reads_data:
-            parts["data"] = data_fingerprint(self.P.data_root, self.cache)
+            parts["data"] = self._once("data", lambda: data_fingerprint(self.P.data_root, self.cache))
             if self.P.synth.enabled:
-                from ichdlib.phantom.synth import PHANTOM_VERSION
-
                 parts["phantom_version"] = str(PHANTOM_VERSION)
         known = set(known)
         for up in stage.upstream:
             upstage = stage_for(up, known)
-            parts[f"upstream:{up}"] = outputs_digest(self.P, upstage, self.cache)
+            parts[f"upstream:{up}"] = self._once(f"outputs:{up}", lambda s=upstage: outputs_digest(self.P, s, self.cache))
         return parts
 
     def mark_started(self, number: str, decision: Decision) -> None:
+        self._memo.clear()  # the stage about to run may change the data (the phantom) or outputs
         rec = self.read(number)
         rec.update({"stage": number, "name": decision.stage.name, "started": decision.stamp,
                     "started_parts": decision.parts, "started_at": time.time(), "status": "running"})

@@ -30,7 +30,7 @@ import torch
 
 from ichdlib.cnn import distributed as D
 from ichdlib.cnn.data import SliceDataset, TtaView
-from ichdlib.cnn.infer import eval_augment, feature_views, predict_sharded, probs_frame
+from ichdlib.cnn.infer import eval_augment, feature_views, fold_feature_mean, predict_sharded, probs_frame
 from ichdlib.cnn.models import load_cnn
 from ichdlib.cnn.train import _load_inputs, cnn_dir
 from ichdlib.config import BackboneCfg, Params
@@ -270,14 +270,14 @@ def assemble_parts(out: Path, folds: list[int], fold_of: np.ndarray,
 
     atomic_write(out / "oof_feat.npy", fill_oof)
     test_folds = np.stack([_part_array(out, k, "p_te").reshape(n_test, len(LABELS)) for k in folds])
-    acc = np.zeros((n_test, dim), dtype=np.float32)
-    for k in folds:
-        f_te = _part_array(out, k, "f_te").reshape(n_test, -1)
-        if f_te.shape[1] != dim and n_test:
-            raise ValueError(f"{out / f'part_fold{k}.npz'}: test features of width {f_te.shape[1]}, not {dim}")
-        acc += f_te
-        del f_te
-    acc /= len(folds)
+    def test_parts():
+        for k in folds:
+            f_te = _part_array(out, k, "f_te").reshape(n_test, -1)
+            if f_te.shape[1] != dim and n_test:
+                raise ValueError(f"{out / f'part_fold{k}.npz'}: test features of width {f_te.shape[1]}, not {dim}")
+            yield f_te
+
+    acc = fold_feature_mean(test_parts()).reshape(n_test, dim)
 
     def fill_test(tmp: Path) -> None:
         _new_npy(tmp, (n_test, dim), np.float16)

@@ -118,3 +118,15 @@ def eval_augment(P: Params, meta: dict[str, Any]) -> DeviceAugment:
     return ModelSpec.from_meta(meta).eval_augment(P.cnn.augment)
 
 
+def fold_feature_mean(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """The test-row features notebook 03 stores and ``ichd predict`` feeds the sequence models: each fold
+    model's features as float16, summed in float32 one fold at a time (only one fold's array in memory),
+    divided by the number of folds, stored as float16."""
+    acc, n = None, 0
+    for part in parts:
+        f = np.asarray(part).astype(np.float16).astype(np.float32)
+        acc = f if acc is None else acc + f
+        n += 1
+    if acc is None:
+        raise ValueError("no fold features to average")
+    return (acc / n).astype(np.float16)

@@ -81,6 +81,7 @@ class Predictor:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
         blend used its table, notebook 02) does for test slices (:func:`ichdlib.cnn.infer.predict`)."""
         from ichdlib.cnn.data import SliceDataset
+        from ichdlib.cnn.infer import fold_feature_mean
         from ichdlib.cnn.infer import predict as cnn_predict
 
         ds = SliceDataset(cache, rows)
@@ -94,7 +95,8 @@ class Predictor:
             if val_view:
                 probs.append(cnn_predict(runner, aug, ds, **kw)[0])
         tta = np.mean(tta_probs, axis=0)
-        return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, _feature_mean(feats), np.stack(tta_probs))
+        feat = fold_feature_mean(feats).astype(np.float32)  # as notebook 03 stores test rows
+        return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, feat, np.stack(tta_probs))
 
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
@@ -135,12 +137,6 @@ class Predictor:
             for k, c in enumerate(LABELS):
                 frame[f"{name}:{c}"] = p[:, k]
         return frame
-
-
-def _feature_mean(feats: list[np.ndarray]) -> np.ndarray:
-    """Fold-mean features exactly as notebook 03 stores test rows: each fold's features in float16, their
-    float32 mean stored as float16 (read back as float32 by the sequence stage)."""
-    return np.mean([f.astype(np.float16).astype(np.float32) for f in feats], axis=0).astype(np.float16).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
