@@ -37,7 +37,7 @@ import yaml
 
 from ichdlib import __version__
 from ichdlib.config import Params
-from ichdlib.files import read_json, write_json
+from ichdlib.files import nested_get, read_json, write_json
 from ichdlib.phantom import PHANTOM_VERSION
 
 __all__ = ["Stage", "STAGES", "stage_for", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
@@ -96,20 +96,13 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _section(dump: dict[str, Any], path: str) -> Any:
-    node: Any = dump
-    for key in path.split("."):
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
-
-
-def params_digest(P: Params, sections: Iterable[str]) -> str:
+def params_digest(P: Params, sections: Iterable[str], dump: dict[str, Any] | None = None) -> str:
     """Digest of the named params sections (dotted paths such as ``cnn.backbones`` allowed; ``*`` = all but
-    paths, root, device and run)."""
-    dump = P.model_dump(mode="json")
+    paths, root, device and run). ``dump``: ``P.model_dump(mode="json")`` when the caller has it already."""
+    dump = P.model_dump(mode="json") if dump is None else dump
     skip = {"paths", "root", "device", "run"}
     keys = sorted(k for k in dump if k not in skip) if "*" in sections else sorted(sections)
-    return _sha(yaml.safe_dump({k: _section(dump, k) for k in keys}, sort_keys=True).encode())
+    return _sha(yaml.safe_dump({k: nested_get(dump, *k.split(".")) for k in keys}, sort_keys=True).encode())
 
 
 class _HashCache:
@@ -234,7 +227,8 @@ class StampStore:
 
     def parts(self, stage: Stage, notebook: Path | None, known: Iterable[str]) -> dict[str, str]:
         """What the stage reads, digested part by part (compared part by part to explain a rerun)."""
-        parts = {f"params:{sec}": params_digest(self.P, [sec]) for sec in stage.sections}
+        dump = self.P.model_dump(mode="json")
+        parts = {f"params:{sec}": params_digest(self.P, [sec], dump) for sec in stage.sections}
         parts["library"] = __version__
         if notebook is not None and notebook.is_file():
             parts["notebook"] = self.cache.digest(notebook, "notebook:" + notebook.name)
