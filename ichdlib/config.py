@@ -275,6 +275,10 @@ class EnsembleCfg(_Strict):
     method: Literal["mean", "fit"] = "mean"
     #: Stages to blend: ``seq1``, ``seq2``, ``cnn:<key>`` or ``cnn:*`` (every backbone).
     members: list[str] = Field(default_factory=lambda: ["seq1", "seq2"])
+    #: 95% intervals in metrics.json: bootstrap replicates over patients, and the seed of their draws (one fixed
+    #: seed, so that runs with different ``seed`` values are scored with the same draws).
+    bootstrap: int = Field(1000, ge=100)
+    bootstrap_seed: int = 0
 
 
 class CamCfg(_Strict):
@@ -296,6 +300,16 @@ class CamCfg(_Strict):
     tolerance_px: int = Field(0, ge=0)
 
 
+class TrackingCfg(_Strict):
+    """MLflow tracking (``ichdlib.tracking``; the ``track`` extra). Off unless ``enabled`` or ``ichd run --track``."""
+
+    enabled: bool = False
+    #: Store: a URI (``sqlite:///...``, ``http://lab-server:5000``) or a path (a ``.db`` file, relative to
+    #: ``root``); empty: ``MLFLOW_TRACKING_URI`` if set, else ``reports/<run>/mlflow.db``.
+    uri: str | None = None
+    experiment: str = "ichd"
+
+
 class Params(_Strict):
     """A whole experiment."""
 
@@ -312,6 +326,7 @@ class Params(_Strict):
     seq: SeqCfg = Field(default_factory=SeqCfg)
     ensemble: EnsembleCfg = Field(default_factory=EnsembleCfg)
     cam: CamCfg = Field(default_factory=CamCfg)
+    tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     #: Set by ``ichdlib.nb.setup`` from ``overrides["force"]``: True, or a list of stage numbers to recompute.
     _force: Any = PrivateAttr(default=False)
 

@@ -240,7 +240,7 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
         hist = pd.concat([pd.read_csv(out_dir / f"fold{k}_log.csv") for k in folds], ignore_index=True)
         return SeqResult(model_name, pd.read_parquet(out_dir / "oof.parquet"),
                          pd.read_parquet(out_dir / "test.parquet"), hist, out_dir)
-    with TrainingProgress(model_name) as progress:
+    with TrainingProgress(model_name, lines_per_fold=0) as progress:
         for k in D.shard_list(folds):  # under torchrun the folds fan out across ranks (all of them alone)
             train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature, progress=progress)
     D.barrier()
