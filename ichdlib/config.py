@@ -477,6 +477,16 @@ def check_values(model: type[BaseModel], values: dict[str, Any], source: str) ->
         raise ParamsError(f"{source}: invalid value: " + "; ".join(parts)) from None
 
 
-def dump_params(params: Params) -> str:
-    """The validated params as YAML (for reports and bundles)."""
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+def dump_params(params: Params, at: str | Path | None = None) -> str:
+    """The validated params as YAML (for reports and bundles), with no absolute path of this machine: ``root``
+    is written relative to where the file goes (``at``, read back by :func:`load_params` to the same root) or,
+    without ``at`` (a bundle, which travels), left out."""
+    data = params.model_dump(mode="json")
+    root = data.get("root")
+    if at is None or root is None:
+        data.pop("root", None)
+    else:
+        import os
+
+        data["root"] = os.path.relpath(Path(root).resolve(), Path(at).resolve().parent.parent)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -44,10 +44,9 @@ def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = Non
     (P.reports_dir / "figures").mkdir(parents=True, exist_ok=True)
     # The validated params travel with the run, so `ichd export --run work/<run>` can find them.
     # ... and a copy next to the reports, so `ichd compare` can list the params that differ between runs.
-    text = dump_params(P)
     for folder in (P.work_dir, P.reports_dir):
         tmp = folder / "params.yaml.tmp"
-        tmp.write_text(text)
+        tmp.write_text(dump_params(P, folder / "params.yaml"))  # root relative to the copy: no absolute path
         tmp.replace(folder / "params.yaml")
     use_inline_backend()
     import matplotlib.pyplot as plt

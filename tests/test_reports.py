@@ -88,3 +88,20 @@ def test_summary_keeps_the_last_real_timings(smoke_params):
 def test_kernels_talk_over_ipc(tmp_path):
     cfg = quiet_kernel_config(tmp_path)
     assert cfg.KernelManager.transport == "ipc" and cfg.KernelManager.ip.startswith(str(tmp_path))
+
+
+def test_html_reports_link_to_html(tmp_path):
+    """The previous/next links of an HTML report open the other HTML reports, not raw notebook JSON."""
+    import nbformat
+
+    from ichdlib.run import export_html
+
+    nb_ = nbformat.v4.new_notebook()
+    nb_.cells.append(nbformat.v4.new_markdown_cell(
+        "← [01 · data](01_windowing_exploration.ipynb) · [03 · features](03_feature_extraction.ipynb#top) →\n\n"
+        "[elsewhere](https://example.org/x.ipynb)"))
+    path = tmp_path / "02_cnn_training.ipynb"
+    nbformat.write(nb_, path)
+    html = export_html(path).read_text()
+    assert 'href="01_windowing_exploration.html"' in html and 'href="03_feature_extraction.html#top"' in html
+    assert "01_windowing_exploration.ipynb" not in html and 'href="https://example.org/x.ipynb"' in html

@@ -644,7 +644,7 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
         "seq": {"backbones": seq_keys,
                 "models": [{"key": k, "folds": m.folds, "metas": m.metas} for k, m in seq.items()]},
         "ensemble": ensemble or ensemble_spec(P),
-        "params": json.loads(json.dumps(P.model_dump(mode="json"))),
+        "params": {**json.loads(json.dumps(P.model_dump(mode="json"))), "root": None},  # a bundle travels
         "versions": library_versions(),
     }
 
@@ -696,7 +696,11 @@ def export(run: str | os.PathLike | Params, out: str | os.PathLike, force: bool 
     """Write the bundle of a finished run (a Params object, a params file or a run folder) to ``out``."""
 
     P = run if isinstance(run, Params) else resolve_run(run)
-    return Bundle.from_run(P).save(out, force=force)
+    path = Bundle.from_run(P).save(out, force=force)
+    from ichdlib.tracking import log_bundle  # a tracked run (reports/<run>/mlflow_run.json) gets the manifest
+
+    log_bundle(P, path)
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,7 +48,7 @@ from ichdlib.locks import output_lock
 from ichdlib.review.cam import compute_cams
 from ichdlib.review.plots import overlay
 from ichdlib.serve.discover import WARNING, problem, safe_name
-from ichdlib.serve.pipeline import study_cache
+from ichdlib.serve.pipeline import cam_png, study_cache
 
 #: Said on every series written here.
 NOT_CLINICAL = "not for clinical use"
@@ -299,7 +299,7 @@ def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
         hu = loaded.hu[i]
         maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
                             recipe=meta.get("recipe", P.windows.recipe),
-                            crop=float(meta.get("val_center_crop", P.cnn.augment.val_center_crop)),
+                            crop=1.0,  # the map over the whole slice, not a hard-edged centre-crop rectangle
                             size=int(spec["size"]), out_size=hu.shape, single_window=tuple(P.windows.single_window),
                             learnable=bool(meta.get("learnable_window", False)), batch=P.cam.batch,
                             target_layer=P.cam.target_layer)[0]
@@ -447,15 +447,10 @@ class DicomWriter:
     def __call__(self, predictor: Any, loaded: Any, frame: pd.DataFrame) -> list[dict[str, str]]:
         overlays = list(iter_cam_overlays(predictor, loaded, frame, self.threshold)) if self.cam else []
         if self.png_dir is not None and overlays:  # the PNGs of 'ichd predict --cam', from the same maps
-            import cv2
-
-
             folder = self.png_dir / safe_name(loaded.scan.study_uid)
             folder.mkdir(parents=True, exist_ok=True)
-            for row, label, _, rgb, _ in overlays:
-                path = folder / f"slice{int(frame['slice_index'].iloc[row]):03d}_{label}.png"
-                cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-                self.pngs.append(str(path))
+            for row, label, _, _, cam in overlays:
+                self.pngs.append(cam_png(folder, frame, row, label, loaded.hu[row], cam, predictor.P.cam.method))
         method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}.get(str(predictor.P.cam.method).lower(),
                                                                         str(predictor.P.cam.method))
         result = write_study(self.out, frame, identity=self.identity, threshold=self.threshold,

@@ -17,7 +17,7 @@ from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import capped_z
 from ichdlib.labels import LABELS
 from ichdlib.review.cam import compute_cams
-from ichdlib.review.plots import overlay
+from ichdlib.review.plots import annotated_overlay
 from ichdlib.runtime import amp_enabled, prepare_model, resolve_device
 from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.discover import (
@@ -128,6 +128,7 @@ class Predictor:
         frame = pd.DataFrame({
             "study_uid": loaded.scan.study_uid, "series_uid": loaded.scan.series_uid,
             "sop_uid": sl["sop_uid"].to_numpy(str), "slice_index": sl["slice_index"].to_numpy(int),
+            "slice": sl["slice_index"].to_numpy(int) + 1,  # what people read: 1..n in z order (0-based above)
             "z": sl["z"].to_numpy(float), "path": sl["path"].to_numpy(str)})
         for k, c in enumerate(LABELS):
             frame[f"p2d_{c}"] = p2d[:, k]
@@ -169,7 +170,7 @@ def summarize_studies(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFr
         for c in LABELS:
             p = g[f"p_{c}"]
             row[f"max_{c}"] = float(p.max())
-            row[f"slices_{c}"] = index_ranges(g.loc[p >= threshold, "slice_index"])
+            row[f"slices_{c}"] = index_ranges(g.loc[p >= threshold, "slice_index"] + 1)  # 1-based, as `slice`
             if c != "any" and p.max() >= threshold:
                 findings.append((float(p.max()), c))
         row["findings"] = "; ".join(f"{c} ({m:.2f})" for m, c in sorted(findings, reverse=True))
@@ -259,14 +260,26 @@ def predict_study(dicom_dir: str | os.PathLike, bundle: Any, **kwargs: Any) -> p
 # --------------------------------------------------------------------------------------------------
 # Grad-CAM overlays
 # --------------------------------------------------------------------------------------------------
-def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, out: Path,
-               threshold: float = 0.5) -> list[str]:
-    """Overlay PNGs ``<out>/<study>/slice<k>_<label>.png`` for slices whose final ``any`` reaches
-    ``threshold``, one per label found there, from the first backbone's first fold model (as notebook 06
-    explains test slices), at the slice's own size."""
+def cam_png(folder: Path, frame: pd.DataFrame, row: int, label: str, hu: np.ndarray, cam: np.ndarray,
+            method: str) -> str:
+    """Write one ``ichd predict --cam`` PNG: ``slice<k>_<label>.png`` with ``k`` counted 1..n as people number
+    slices, the annotated overlay (label, probability, slice, colour scale) at 512 px or more."""
     import cv2
 
+    k = int(frame["slice_index"].iloc[row]) + 1
+    name = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM"}.get(str(method).lower(), method)
+    img = annotated_overlay(hu, cam, label, float(frame[f"p_{label}"].iloc[row]), method=name,
+                            caption=f"slice {k}/{len(frame)}")
+    path = folder / f"slice{k:03d}_{label}.png"
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return str(path)
 
+
+def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, out: Path,
+               threshold: float = 0.5) -> list[str]:
+    """Overlay PNGs ``<out>/<study>/slice<k>_<label>.png`` (``k`` = 1..n in z order) for slices whose final
+    ``any`` reaches ``threshold``, one per label found there, from the first backbone's first fold model (as
+    notebook 06 explains test slices): the map over the whole slice (:func:`cam_png`)."""
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:
         return []
@@ -281,13 +294,11 @@ def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, o
     for i in pos:
         labels = [c for c in _labels() if frame[f"p_{c}"].iloc[i] >= threshold]
         hu = loaded.hu[i]
+        kw = {**ModelSpec.from_meta(meta).cam_kwargs(), "crop": 1.0}  # the whole slice, not the centre crop
         maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
-                            out_size=hu.shape, **ModelSpec.from_meta(meta).cam_kwargs(), batch=P.cam.batch,
-                            target_layer=P.cam.target_layer)[0]
+                            out_size=hu.shape, **kw, batch=P.cam.batch, target_layer=P.cam.target_layer)[0]
         for c, m in zip(labels, maps, strict=True):
-            path = folder / f"slice{int(frame['slice_index'].iloc[i]):03d}_{c}.png"
-            cv2.imwrite(str(path), cv2.cvtColor(overlay(hu, m), cv2.COLOR_RGB2BGR))
-            written.append(str(path))
+            written.append(cam_png(folder, frame, int(i), c, hu, m, P.cam.method))
     return written
 
 
