@@ -278,20 +278,19 @@ class RunTracker:
         for k in (ENV_RUN, ENV_URI):
             os.environ.pop(k, None)
         stamps = stage_stamps(self.P)
-        record = read_json(self.P.reports_dir / RUN_FILE) or {}
+        prev = read_json(self.P.reports_dir / RUN_FILE) or {}
         try:
             if self.run_id is None:
                 if failed:
                     return None
-                if record.get("stamps") == stamps and record.get("uri") == self.uri and self._exists(record):
-                    print(f"tracking: up to date; MLflow run {record['run_id']} records these outputs", flush=True)
-                    return str(record["run_id"])
+                if prev.get("stamps") == stamps and prev.get("uri") == self.uri and self._exists(prev):
+                    print(f"tracking: up to date; MLflow run {prev['run_id']} records these outputs", flush=True)
+                    return str(prev["run_id"])
                 self.begin()
                 if self.run_id is None:
                     return None
-                self._log_curves(done=set())
-            elif record:
-                self._log_curves(done={n for n, s in self.stages.items() if s.startswith("ran")})
+            if record:
+                self._log_curves()
             self._log_run(stamps, outputs=record)
             self._client().set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
         except Exception as exc:
@@ -309,26 +308,26 @@ class RunTracker:
         except Exception:
             return False
 
-    def _log_curves(self, done: set[str]) -> None:
-        """Step metrics of the stages that did not run live here (02 and 04 skipped: read from their logs)."""
+    def _log_curves(self) -> None:
+        """Step metrics from the per-fold logs for every epoch the run lacks: stages that did not run here,
+        folds reused or resumed (their earlier epochs), a finished run tracked afterwards."""
         from mlflow.entities import Metric
 
-        stage_of = {"cnn": "02", "seq": "04"}
+        c = self._client()
+        have = set(c.get_run(self.run_id).data.metrics)
         metrics = []
         now = int(time.time() * 1000)
         for model, fold, log in logged_curves(self.P):
-            kind = "seq" if model in self.P.seq.models else "cnn"
-            if stage_of[kind] in done:
-                continue
-            for row in log.itertuples(index=False):
-                step = int(row.epoch) + 1
-                metrics.append(Metric(metric_key(model, f"fold{fold}", "train_loss"), float(row.train_loss), now,
-                                      step))
-                val = getattr(row, "val_wll", None)
-                if val is not None and val == val:
-                    metrics.append(Metric(metric_key(model, f"fold{fold}", "val_wll"), float(val), now, step))
+            for col in ("train_loss", "val_wll"):
+                if col not in log.columns:
+                    continue
+                key = metric_key(model, f"fold{fold}", col)
+                steps = {m.step for m in c.get_metric_history(self.run_id, key)} if key in have else set()
+                for epoch, val in zip(log["epoch"], log[col], strict=True):
+                    if val == val and int(epoch) + 1 not in steps:
+                        metrics.append(Metric(key, float(val), now, int(epoch) + 1))
         for chunk in _batches(metrics, 1000):
-            self._client().log_batch(self.run_id, metrics=chunk)
+            c.log_batch(self.run_id, metrics=chunk)
 
     def _log_run(self, stamps: dict[str, str], outputs: bool = True) -> None:
         from mlflow.entities import Metric, Param, RunTag
