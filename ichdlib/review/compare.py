@@ -91,15 +91,6 @@ def resolve_reports(spec: str | Path, tracking_uri: str | None = None) -> Path:
     raise FileNotFoundError(f"{spec}: {what}; give a reports folder (reports/<run>), a params file or a run name")
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 _FETCHED: dict[str, tuple[Path, str]] = {}
 
 
@@ -131,7 +122,7 @@ def load_run(spec: str | Path, tracking_uri: str | None = None) -> Run:
         timings = {k: float(v["seconds"]) for k, v in raw.items() if isinstance(v, dict) and "seconds" in v}
     params = None
     if (rep / "params.yaml").is_file():
-        params = _flatten(yaml.safe_load((rep / "params.yaml").read_text()) or {})
+        params = tracking.flatten(yaml.safe_load((rep / "params.yaml").read_text()) or {})
     preds = read_predictions(rep / PREDICTIONS) if (rep / PREDICTIONS).is_file() else None
     fetched = _FETCHED.get(str(spec))
     name = f"{fetched[1]}@{str(spec)[:8]}" if fetched else rep.resolve().name
