@@ -87,11 +87,12 @@ def _rank() -> int:
 def client(uri: str) -> Any:
     """An ``MlflowClient`` for ``uri`` (imports MLflow; its start-up chatter silenced), one per process."""
     if uri not in _clients:
-        for name in ("mlflow", "alembic", "sqlalchemy"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="mlflow.*")
         warnings.filterwarnings("ignore", message=".*noload.*")
         from mlflow.tracking import MlflowClient
+
+        for name in ("mlflow", "alembic", "sqlalchemy"):  # after the import: MLflow sets its level when imported
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         _clients[uri] = MlflowClient(uri)
     return _clients[uri]
