@@ -78,7 +78,7 @@ def start_watchdog(pgid: int) -> subprocess.Popen:
 
 
 def _kernel_manager_class() -> type:
-    from jupyter_client import AsyncKernelManager
+    from jupyter_client import AsyncKernelManager  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
 
     class GroupKernelManager(AsyncKernelManager):
         """A kernel in its own process group, ended with the runner (see the module docstring)."""
@@ -138,7 +138,7 @@ def kernel_manager_class() -> type:
 
 def execute_notebook(*args: Any, **kwargs: Any) -> Any:
     """``papermill.execute_notebook`` with each kernel in its own process group, ended with the runner."""
-    import papermill as pm
+    import papermill as pm  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
 
     kwargs.setdefault("kernel_manager_class", kernel_manager_class())
     return pm.execute_notebook(*args, **kwargs)

@@ -84,8 +84,8 @@ def _failure_message(nb_name: str, exc: Exception, out_path: Path) -> str:
 def export_html(ipynb: Path) -> Path | None:
     """Write an HTML copy next to an executed notebook (best effort; returns None on failure)."""
     try:
-        import nbformat
-        from nbconvert import HTMLExporter
+        import nbformat  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
+        from nbconvert import HTMLExporter  # noqa: PLC0415
 
         body, _ = HTMLExporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
         out = ipynb.with_suffix(".html")
@@ -128,7 +128,7 @@ def quiet_kernel_config(ipc_dir: Path) -> Any:
     Nothing listens on a network port, and ipykernel has no reason to print its "running over TCP without
     encryption" warning once per notebook.
     """
-    from traitlets.config import Config
+    from traitlets.config import Config  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
 
     cfg = Config()
     cfg.KernelManager.transport = "ipc"
@@ -160,14 +160,14 @@ def kernel_manager_class(log_path: Path) -> type:
 def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, Any], *,
                  html: bool = True, log_output: bool = False) -> Path:
     """Execute one notebook with papermill into ``reports/<run>/``; raises :class:`NotebookFailed`."""
-    import papermill as pm
+    import papermill as pm  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
 
-    out = P.reports_dir / nb.name
+    out = P.layout.report(nb.name)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     try:
         # one runner per notebook of a run at a time (the lock file lives in work/, not beside the report)
-        with output_lock(P.work_dir / "stages" / nb.stem, what="run"), kernel_environment(), \
+        with output_lock(P.layout.stage_lock(nb.stem), what="run"), kernel_environment(), \
                 tempfile.TemporaryDirectory(prefix="ichd-kernel-") as ipc:
             execute_notebook(
                 str(nb), str(out),
@@ -175,7 +175,7 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
                 config=quiet_kernel_config(Path(ipc)),
                 coalesce_streams=True,  # one stream block per cell: the per-epoch lines read as one log
-                kernel_manager_class=kernel_manager_class(P.work_dir / "logs" / f"{nb.stem}.kernel.log"),
+                kernel_manager_class=kernel_manager_class(P.layout.kernel_log(nb.stem)),
             )
     except pm.PapermillExecutionError as exc:
         raise NotebookFailed(_failure_message(nb.name, exc, out)) from None
@@ -201,7 +201,7 @@ def plan(params_path: str | Path, *, only: list[str] | None = None, start: str |
     pending: set[str] = set()
     for nb in chosen:
         st = stages.stage_for(nb.name[:2], known)
-        d = stages.decide(store, st, nb, known, force=force, report_exists=(P.reports_dir / nb.name).is_file())
+        d = stages.decide(store, st, nb, known, force=force, report_exists=P.layout.report(nb.name).is_file())
         waiting = sorted(set(st.upstream) & pending)
         if waiting and not d.run:
             d.run, d.reasons = True, [f"after upstream {', '.join(waiting)} reruns (if its outputs change)"]
@@ -227,12 +227,12 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     store = stages.StampStore(P)
     timings = last_timings(P)  # the skip lines say how long each skipped notebook took when it last ran
     results: list[StageResult] = []
-    print(f"ichd run: {P.run}: {len(chosen)} notebook(s) -> {P.reports_dir}", flush=True)
+    print(f"ichd run: {P.run}: {len(chosen)} notebook(s) -> {P.layout.reports}", flush=True)
     for i, nb in enumerate(chosen, 1):
         stage = stages.stage_for(nb.name[:2], known)
         head = f"[{i}/{len(chosen)}] {nb.stem}"
         d = stages.decide(store, stage, nb, known, force=force,
-                          report_exists=(P.reports_dir / nb.name).is_file())
+                          report_exists=P.layout.report(nb.name).is_file())
         if not d.run:
             last = timings.get(nb.name)
             note = "" if last is None else f"last ran in {last:.0f} s"
@@ -280,12 +280,9 @@ def dry_run(params_path: str | Path, **kwargs: Any) -> str:
     return "\n".join(lines)
 
 
-TIMINGS = "timings.json"
-
-
 def last_timings(P: Params) -> dict[str, float]:
     """Seconds each notebook took the last time it really ran (``reports/<run>/timings.json``)."""
-    path = P.reports_dir / TIMINGS
+    path = P.layout.timings
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -295,8 +292,7 @@ def last_timings(P: Params) -> dict[str, float]:
 
 def record_timing(P: Params, notebook: str, seconds: float) -> None:
     """Merge one notebook's wall time into ``reports/<run>/timings.json`` (other entries kept)."""
-
-    path = P.reports_dir / TIMINGS
+    path = P.layout.timings
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -311,8 +307,9 @@ def _fmt(v: Any) -> str:
 
 def write_summary(P: Params, results: list[StageResult] | None = None) -> Path | None:
     """``reports/<run>/summary.md``: the stage table from metrics.json, key figures, executed notebooks."""
-    rep = P.reports_dir
-    metrics_path = rep / "metrics.json"
+    L = P.layout
+    rep = L.reports
+    metrics_path = L.metrics
     lines = [f"# Run `{P.run}`", ""]
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
@@ -340,7 +337,7 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
                 lines.append(f"| {k} | {_fmt(v)} | {_fmt(_get(std, 'per_class', k))} | {_fmt(_get(pg, 'n', k))} |")
             lines.append(f"| **all** | {_fmt(pg.get('overall'))} | {_fmt(std.get('overall'))} | "
                          f"{sum(v for v in (pg.get('n') or {}).values() if isinstance(v, int))} |")
-    figs = sorted((rep / "figures").glob("*.png")) if (rep / "figures").is_dir() else []
+    figs = sorted(L.figures.glob("*.png")) if L.figures.is_dir() else []
     key = [f for f in figs if f.stem.startswith(KEY_FIGURES)]
     if figs:
         lines += ["", "## Key figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in key or figs]
@@ -355,10 +352,10 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
     if results:
         lines += ["", "## This run", "", "| notebook | status | seconds |", "|---|---|---|"]
         lines += [_timing_row(r, last_timings(P)) for r in results]
-    if (rep / "submission.csv").is_file():
+    if L.submission.is_file():
         lines += ["", "Submission: [submission.csv](submission.csv)"]
     rep.mkdir(parents=True, exist_ok=True)
-    out = rep / "summary.md"
+    out = L.summary
     out.write_text("\n".join(lines) + "\n")
     return out
 

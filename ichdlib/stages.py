@@ -38,6 +38,7 @@ import yaml
 from ichdlib import __version__
 from ichdlib.config import Params
 from ichdlib.files import nested_get, read_json, write_json
+from ichdlib.layout import STAGE_OUTPUTS
 from ichdlib.phantom import PHANTOM_VERSION
 
 __all__ = ["Stage", "STAGES", "stage_for", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
@@ -69,16 +70,14 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.number: s for s in (
     Stage("01", "ingest", ("seed", "synth", "ingest"), reads_data=True,
-          outputs=("catalog.parquet", "quarantine.csv"), force_on_change=False),
-    Stage("02", "cnn", ("seed", "windows", "cnn"), ("01",),
-          outputs=("cnn/*/fold*.pt", "cnn/*/oof.parquet", "cnn/*/test.parquet")),
-    Stage("03", "features", ("seed", "windows", "cnn", "features"), ("01", "02"),
-          outputs=("features/*/meta.json", "features/*/*_prob.parquet", "features/*/test_prob_folds.npy")),
-    Stage("04", "seq", ("seed", "cnn.backbones", "seq"), ("01", "03"),
-          outputs=("seq/*/oof.parquet", "seq/*/test.parquet", "seq/*/fold*.pt")),
+          outputs=STAGE_OUTPUTS["ingest"], force_on_change=False),
+    Stage("02", "cnn", ("seed", "windows", "cnn"), ("01",), outputs=STAGE_OUTPUTS["cnn"]),
+    Stage("03", "features", ("seed", "windows", "cnn", "features"), ("01", "02"), outputs=STAGE_OUTPUTS["features"]),
+    Stage("04", "seq", ("seed", "cnn.backbones", "seq"), ("01", "03"), outputs=STAGE_OUTPUTS["seq"]),
     Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble"), ("01", "03", "04"), reads_data=True,
-          outputs=("reports:submission.csv",)),
-    Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True),
+          outputs=STAGE_OUTPUTS["ensemble"]),
+    Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True,
+          outputs=STAGE_OUTPUTS["review"]),
 )}
 
 
@@ -159,19 +158,13 @@ def data_fingerprint(root: Path, cache: _HashCache | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _resolve_outputs(P: Params, pattern: str) -> tuple[Path, str]:
-    if pattern.startswith("reports:"):
-        return P.reports_dir, pattern.split(":", 1)[1]
-    return P.work_dir, pattern
-
-
 def outputs_digest(P: Params, stage: Stage, cache: _HashCache | None = None) -> str:
     """Digest of a stage's declared outputs as they are on disk now (``none`` when there are none)."""
     cache = cache or _HashCache(None)
     h = hashlib.sha256()
     found = 0
     for pattern in stage.outputs:
-        base, pat = _resolve_outputs(P, pattern)
+        base, pat = P.layout.outputs_root(pattern)
         for f in sorted(base.glob(pat)):
             if f.is_file():
                 rel = f.relative_to(base).as_posix()
@@ -207,8 +200,9 @@ class StampStore:
 
     def __init__(self, P: Params):
         self.P = P
-        self.dir = P.work_dir / "stages"
-        self.cache = _HashCache(self.dir / "digests.json")
+        self.layout = P.layout
+        self.dir = self.layout.stages
+        self.cache = _HashCache(self.layout.digests)
         #: data fingerprint and upstream output digests, computed once until a stage starts running (which may
         #: change them): a full-size data folder is walked once per `ichd run`, not once per stage.
         self._memo: dict[str, str] = {}
@@ -219,10 +213,10 @@ class StampStore:
         return self._memo[key]
 
     def read(self, number: str) -> dict[str, Any]:
-        return read_json(self.dir / f"{number}.json") or {}
+        return read_json(self.layout.stamp(number)) or {}
 
     def write(self, number: str, record: dict[str, Any]) -> None:
-        write_json(self.dir / f"{number}.json", record)
+        write_json(self.layout.stamp(number), record)
         self.cache.save()
 
     def parts(self, stage: Stage, notebook: Path | None, known: Iterable[str]) -> dict[str, str]:

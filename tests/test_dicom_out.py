@@ -100,7 +100,7 @@ def test_synth_cli_valid_uids(tmp_path, capsys):
     from ichdlib.cli import main as ichd
 
     assert ichd(["synth", "--out", str(tmp_path / "p"), "--studies", "2", "--size", "32", "--workers", "1",
-                 "--valid-uids"]) == 0
+                 "--no-quirks", "--no-masks", "--valid-uids"]) == 0
     names = [p.stem for p in (tmp_path / "p").glob("stage_2_*/*.dcm")]
     assert names and all(n.startswith("2.25.") for n in names)
     assert json.loads((tmp_path / "p" / ".phantom_complete").read_text())["valid_uids"] is True

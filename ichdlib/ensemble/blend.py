@@ -1,8 +1,7 @@
 """Blending, the Kaggle submission and its validator, ``metrics.json`` and the report figures (notebook 05).
 
-Stages are named ``cnn:<key>`` (one per 2D backbone, ``work/cnn/<key>/``), ``seq1`` and ``seq2``
-(``work/seq/<model>/``); each has an OOF frame (``sop_uid, fold`` + six labels, training slices) and a test
-frame (``sop_uid`` + six labels). The ensemble blends ``ensemble.members`` by a plain mean or by
+The stages' predictions are read by :mod:`ichdlib.predictions` (``cnn:<key>`` and the sequence models,
+each an OOF and a test frame). The ensemble blends ``ensemble.members`` by a plain mean or by
 non-negative weights fitted on OOF weighted log loss (cross-fitted over the folds for an honest OOF score).
 """
 
@@ -21,80 +20,16 @@ from ichdlib.files import json_ready, write_text
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS, LabelFileError, long_to_wide, read_labels, split_id, write_long_csv
 from ichdlib.metrics import calibration, prior_baseline, score_arrays, score_frames, weighted_log_loss
+from ichdlib.predictions import (  # noqa: F401  (the stage IO, re-exported under its old names)
+    StagePredictions,
+    load_stage,
+    resolve_members,
+    stage_dir,
+    stage_files,
+    stage_names,
+)
 
 L = list(LABELS)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stages
-# ----------------------------------------------------------------------------------------------------
-def stage_names(P: Params) -> list[str]:
-    """Every stage this run produces: ``cnn:<key>`` per backbone, then the sequence models."""
-    return [f"cnn:{b.key}" for b in P.cnn.backbones] + list(P.seq.models)
-
-
-def stage_dir(P: Params, name: str) -> Path:
-    """Folder holding a stage's ``oof.parquet`` and ``test.parquet``."""
-    if name.startswith("cnn:"):
-        return P.work_dir / "cnn" / name[4:]
-    if name in ("seq1", "seq2"):
-        return P.work_dir / "seq" / name
-    raise ValueError(f"unknown stage {name!r}: expected 'cnn:<key>', 'seq1' or 'seq2'")
-
-
-@dataclass
-class Stage:
-    """One stage's predictions as wide frames indexed by ``sop_uid`` (``oof`` also has ``fold``)."""
-
-    name: str
-    oof: pd.DataFrame
-    test: pd.DataFrame
-    source: str = ""
-
-
-def stage_files(P: Params, name: str) -> tuple[Path, Path]:
-    """A stage's OOF and test files. For a 2D backbone these are notebook 03's TTA probabilities (what the
-    sequence models read, and the stronger 2D baseline) when they exist, else notebook 02's tables."""
-    if name.startswith("cnn:"):
-        f = P.work_dir / "features" / name[4:]
-        if (f / "oof_prob.parquet").is_file() and (f / "test_prob.parquet").is_file():
-            return f / "oof_prob.parquet", f / "test_prob.parquet"
-    d = stage_dir(P, name)
-    return d / "oof.parquet", d / "test.parquet"
-
-
-def load_stage(P: Params, name: str, catalog: pd.DataFrame | None = None) -> Stage:
-    """Read a stage's OOF and test predictions; a missing file names the notebook that writes it. An OOF
-    table without ``fold`` gets it from ``catalog``."""
-    frames = []
-    paths = stage_files(P, name)
-    for path in paths:
-        if not path.is_file():
-            nb = "02 (2D CNN)" if name.startswith("cnn:") else "04 (sequence models)"
-            raise FileNotFoundError(f"{path}: missing; run notebook {nb} first")
-        df = pd.read_parquet(path)
-        missing = [c for c in ["sop_uid", *L] if c not in df.columns]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing}")
-        if df["sop_uid"].duplicated().any():
-            raise ValueError(f"{path}: duplicate sop_uid, e.g. {df.sop_uid[df.sop_uid.duplicated()].iloc[0]!r}")
-        frames.append(df.set_index("sop_uid"))
-    oof = frames[0]
-    if "fold" not in oof.columns and catalog is not None:
-        oof["fold"] = catalog.set_index("sop_uid")["fold"].reindex(oof.index).to_numpy()
-    source = str(paths[0].parent.relative_to(P.work_dir)) if paths[0].is_relative_to(P.work_dir) else str(paths[0])
-    return Stage(name, oof, frames[1], source)
-
-
-def resolve_members(P: Params) -> list[str]:
-    """``ensemble.members`` with ``cnn:*`` expanded to every backbone."""
-    out: list[str] = []
-    for m in P.ensemble.members:
-        names = [f"cnn:{b.key}" for b in P.cnn.backbones] if m == "cnn:*" else [m]
-        out += [n for n in names if n not in out]
-    if not out:
-        raise ValueError("ensemble.members is empty")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,7 +37,7 @@ def resolve_members(P: Params) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 def fit_weights(preds: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative weights summing to 1 for ``preds (M, N, 6)`` minimising the weighted log loss."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # noqa: PLC0415  (scikit-learn/SciPy load only to fit)
 
     M = preds.shape[0]
     if M == 1:
@@ -137,7 +72,7 @@ def apply_weights(stage_probs: dict[str, np.ndarray], weights: dict[str, float])
     return np.clip(np.tensordot(np.array([weights[m] for m in names], dtype=np.float64), stacked, axes=1), 0.0, 1.0)
 
 
-def blend(stages: list[Stage], method: str = "mean", y_oof: pd.DataFrame | None = None) -> Blend:
+def blend(stages: list[StagePredictions], method: str = "mean", y_oof: pd.DataFrame | None = None) -> Blend:
     """Blend stages on their common images. ``fit`` needs ``y_oof`` (wide truth of the OOF images); its
     OOF predictions are cross-fitted: fold k uses weights fitted on the other folds' OOF rows. When that
     cross-fitted blend scores worse than its best member alone (weights fitted on few studies need not
@@ -201,7 +136,7 @@ def read_sample_ids(sample_path: str | Path) -> pd.Index:
 def train_prior(P: Params, catalog: pd.DataFrame | None = None) -> np.ndarray:
     """Each label's frequency over the catalog's training slices (the prior-only prediction)."""
     if catalog is None:
-        catalog = load_catalog(P.work_dir)
+        catalog = load_catalog(P.layout.work)
     y = catalog.loc[catalog["split"] == "train", L].to_numpy(float)
     return prior_baseline(y, 1)[0]
 
@@ -270,7 +205,7 @@ def write_submission(P: Params, test: pd.DataFrame, prior: np.ndarray) -> tuple[
     if len(extra):
         raise ValueError(f"{len(extra)} predicted test image(s) are not in {sample_path}, e.g. {list(extra[:3])}")
     wide, filled = fill_prior(test, ids, prior)
-    path = write_long_csv(np.clip(wide, 0.0, 1.0), P.reports_dir / "submission.csv")
+    path = write_long_csv(np.clip(wide, 0.0, 1.0), P.layout.submission)
     validate_submission(path, sample_path)
     return path, filled
 
@@ -281,7 +216,7 @@ def write_submission(P: Params, test: pd.DataFrame, prior: np.ndarray) -> tuple[
 def update_metrics(P: Params, updates: dict[str, Any]) -> dict:
     """Merge ``updates`` into ``reports/<run>/metrics.json`` (dicts merged one level deep, other keys such as
     ``pointing_game`` kept) and write it atomically. Returns the merged content."""
-    path = P.reports_dir / "metrics.json"
+    path = P.layout.metrics
     data: dict[str, Any] = {}
     if path.is_file():
         try:
@@ -319,7 +254,7 @@ class EnsembleReport:
     submission: Path
     filled_with_prior: list[str]
     blend: Blend
-    stages: dict[str, Stage]
+    stages: dict[str, StagePredictions]
     y_oof: pd.DataFrame
     y_test: pd.DataFrame | None
 
@@ -346,7 +281,7 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     """Score every stage, blend ``ensemble.members``, write and validate the submission, score it with the
     ``ichd score`` code against the answer key when there is one, and merge-update ``metrics.json``.
     (Cheap, so it always recomputes; ``force`` is accepted for the common stage signature.)"""
-    cat = load_catalog(P.work_dir)
+    cat = load_catalog(P.layout.work)
     y_oof, y_test = read_truth(P, cat)
     prior = train_prior(P, cat)
     sample_ids = read_sample_ids(P.data_root / P.paths.sample_submission)
@@ -355,7 +290,7 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     bl = blend([stages[m] for m in members], P.ensemble.method, y_oof)
     sub_path, filled = write_submission(P, bl.test, prior)
     out: dict[str, dict] = {}
-    for name, st in [*stages.items(), ("ensemble", Stage("ensemble", bl.oof, bl.test))]:
+    for name, st in [*stages.items(), ("ensemble", StagePredictions("ensemble", bl.oof, bl.test))]:
         test_scores = None
         if y_test is not None:
             if name == "ensemble":  # the submission file itself, read back as `ichd score` does
@@ -367,7 +302,7 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     prior_scores = {"oof": score_arrays(yo, prior_baseline(yo, len(yo))),
                     "test": None if y_test is None else score_frames(
                         y_test, pd.DataFrame(np.tile(prior, (len(y_test), 1)), index=y_test.index, columns=L))}
-    submission = {"path": str(sub_path.relative_to(P.reports_dir)), "images": len(sample_ids),
+    submission = {"path": str(sub_path.relative_to(P.layout.reports)), "images": len(sample_ids),
                   "rows": 6 * len(sample_ids), "filled_with_prior": filled, "method": P.ensemble.method,
                   "members": members, "weights": bl.weights, "fold_weights": bl.fold_weights, "note": bl.note,
                   "scored_against": None if y_test is None else P.paths.answer_key,
@@ -397,7 +332,7 @@ def stage_table(metrics: dict) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------
 def plot_stages(table: pd.DataFrame):
     """Bar chart of OOF and test weighted log loss per stage, with the prior-only baseline as a line."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     t = table.drop(index="prior", errors="ignore")
     fig, ax = plt.subplots(figsize=(1.3 * len(t) + 3, 3.8))
@@ -419,8 +354,8 @@ def plot_stages(table: pd.DataFrame):
 
 def plot_roc(y: np.ndarray, preds: dict[str, np.ndarray], title: str = "ROC per class"):
     """One ROC panel per label, one curve per named prediction array ``(N, 6)``."""
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
+    from sklearn.metrics import roc_auc_score, roc_curve  # noqa: PLC0415  (scikit-learn/SciPy load only to fit)
 
     fig, axes = plt.subplots(2, 3, figsize=(11, 6.8), sharex=True, sharey=True)
     for k, (ax, c) in enumerate(zip(axes.ravel(), L, strict=True)):
@@ -445,7 +380,7 @@ def plot_roc(y: np.ndarray, preds: dict[str, np.ndarray], title: str = "ROC per 
 
 def plot_reliability(y: np.ndarray, p: np.ndarray, bins: int = 10, title: str = "Reliability"):
     """Reliability curves per label (observed frequency vs mean predicted probability) and the pooled ECE."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     ece, curve = calibration(y, p, bins)
     fig, ax = plt.subplots(figsize=(5.2, 4.6))

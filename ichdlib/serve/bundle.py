@@ -42,6 +42,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -55,17 +56,20 @@ from pydantic import (
     model_validator,
 )
 
+from ichdlib.cnn.models import build_cnn
 from ichdlib.config import Params, dump_params, load_params
-from ichdlib.ensemble.blend import resolve_members, stage_files
 from ichdlib.files import json_ready
 from ichdlib.labels import LABELS
+from ichdlib.layout import PARAMS_FILE, ModelDir
+from ichdlib.predictions import resolve_members, stage_files
+from ichdlib.seq.inputs import backbone_keys, seq_arch
+from ichdlib.seq.models import build_seq_model
 from ichdlib.spec import ModelSpec
 from ichdlib.windows import WINDOWS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ichdlib.config import Params
 
 FORMAT = "ichd-bundle"
 #: 2: ``integrity`` (the manifest's own checksum) added; format 1 bundles are refused (export again).
@@ -317,7 +321,6 @@ def _sha256(path: Path) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the numbers (recorded in the manifest, compared at load)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for name in ("ichdlib", "torch", "timm", "numpy", "pydicom", "safetensors", "opencv-python-headless"):
@@ -329,43 +332,18 @@ def library_versions() -> dict[str, str]:
 
 
 def _fold_files(folder: Path) -> dict[int, Path]:
-    """``fold<k>.pt`` files of a stage folder (``fold<k>_last.pt`` resume files are not models)."""
-    out = {}
-    for p in folder.glob("fold*.pt"):
-        k = p.stem[4:]
-        if k.isdigit():
-            out[int(k)] = p
-    return dict(sorted(out.items()))
+    """``fold<k>.pt`` files of a stage folder (:meth:`ichdlib.layout.ModelDir.folds`)."""
+    d = ModelDir(folder)
+    return {k: d.checkpoint(k) for k in d.folds()}
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from ichdlib.cnn.models import read_checkpoint
+    from ichdlib.checkpoints import read_checkpoint  # noqa: PLC0415  (torch stays out of light imports)
 
     try:
         return read_checkpoint(path)
     except (ValueError, FileNotFoundError) as exc:
         raise BundleError(str(exc)) from exc
-
-
-# --------------------------------------------------------------------------------------------------
-# Building the models from meta (the same constructors the stages use)
-# --------------------------------------------------------------------------------------------------
-def _build_cnn(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
-    from ichdlib.cnn.models import build_from_meta
-
-    model = build_from_meta(meta)
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
-def _build_seq(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
-    from ichdlib.seq.models import build_seq_model
-
-    # the same arguments as ichdlib.seq.infer.load_seq_model (checkpoints keep the widths under "arch")
-    arch = meta.get("arch") or {k: meta[k] for k in ("reduce_dim", "hidden", "dropout") if k in meta}
-    model = build_seq_model(meta["model"], meta["in_dim"], meta["n_cnn"], meta["x_channels"], **arch)
-    model.load_state_dict(state)
-    return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,10 +361,12 @@ class Member:
     models: list[torch.nn.Module] = field(default_factory=list)
 
     def build(self, device: str) -> list[torch.nn.Module]:
-        """The fold models in eval mode on ``device`` (built once, moved when the device changes)."""
-        build = _build_cnn if self.kind == "cnn" else _build_seq
+        """The fold models in eval mode on ``device``, each carrying ``.spec`` (built once by the one loader,
+        :func:`ichdlib.checkpoints.build_model`; moved when the device changes)."""
+        from ichdlib.checkpoints import build_model  # noqa: PLC0415  (torch stays out of light imports)
+
         if not self.models:
-            self.models = [build(m, s, device) for m, s in zip(self.metas, self.states, strict=True)]
+            self.models = [build_model(m, s, device) for m, s in zip(self.metas, self.states, strict=True)]
         else:
             self.models = [m.to(device) for m in self.models]
         return self.models
@@ -431,9 +411,9 @@ class Bundle:
     @classmethod
     def from_run(cls, P: Params) -> Bundle:
         """Collect a finished run's checkpoints, recipe and blend (nothing is written)."""
-        from ichdlib.seq.inputs import backbone_keys
 
-        work = P.work_dir
+        L = P.layout
+        work = L.work
         seq_keys = backbone_keys(P)
         members = list(P.ensemble.members)
         want_cnn = list(seq_keys)
@@ -448,14 +428,14 @@ class Bundle:
         for key in want_cnn:
             if key not in by_key:
                 raise BundleError(f"backbone {key!r} is not among cnn.backbones ({', '.join(by_key)})")
-            cnn[key] = _collect(work / "cnn" / key, "cnn", key, P.cnn.folds, "run notebook 02 (2D CNN) first")
+            cnn[key] = _collect(L.cnn(key).path, "cnn", key, P.cnn.folds, "run notebook 02 (2D CNN) first")
         seq: dict[str, Member] = {}
         seq_models = [m for m in members if not m.startswith("cnn:")]
         for name in seq_models:
-            seq[name] = _collect(work / "seq" / name, "seq", name, "all", "run notebook 04 (sequence models) first")
+            seq[name] = _collect(L.seq(name).path, "seq", name, "all", "run notebook 04 (sequence models) first")
             used = seq[name].metas[0].get("backbones")
             if used is not None and list(used) != seq_keys:
-                raise BundleError(f"{work / 'seq' / name}: trained on backbones {used}, but the params name "
+                raise BundleError(f"{L.seq(name).path}: trained on backbones {used}, but the params name "
                                   f"{seq_keys}; rerun notebook 04")
         manifest = _manifest(P, cnn, seq, seq_keys)
         return cls(manifest, cnn, seq, source=str(work))
@@ -464,11 +444,7 @@ class Bundle:
     def untrained(cls, P: Params, folds: int | None = None) -> Bundle:
         """Randomly initialised models with the architectures, sizes and folds of ``P`` (every backbone,
         every sequence model, an equal-weight blend): for timing and smoke checks, never for predictions."""
-        import torch
-
-        from ichdlib.cnn.models import build_cnn
-        from ichdlib.seq.inputs import backbone_keys, seq_arch
-        from ichdlib.seq.models import build_seq_model
+        import torch  # noqa: PLC0415  (torch stays out of light modules)
 
         n_folds = folds or (len(P.cnn.folds) if P.cnn.folds != "all" else P.ingest.folds)
         torch.manual_seed(P.seed)
@@ -501,8 +477,7 @@ class Bundle:
     # -- saving and loading -------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, force: bool = False) -> Path:
         """Write the bundle folder atomically (a temporary folder renamed into place)."""
-        from safetensors.torch import save_file
-
+        from safetensors.torch import save_file  # noqa: PLC0415  (model libraries load only to build or save a model)
 
         out = Path(out)
         if out.exists():
@@ -535,7 +510,7 @@ class Bundle:
                 Manifest.model_validate(manifest)
             except ValidationError as exc:
                 raise _schema_error(tmp / MANIFEST, exc) from None
-            (tmp / "params.yaml").write_text(dump_params(Params.model_validate(manifest["params"])))
+            (tmp / PARAMS_FILE).write_text(dump_params(Params.model_validate(manifest["params"])))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             _normal_permissions(tmp)
             if out.exists():
@@ -550,7 +525,7 @@ class Bundle:
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:
         """Read a bundle folder (weights through safetensors; no pickle) and check its files."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # noqa: PLC0415  (model libraries load only to build or save a model)
 
         path = Path(path)
         mpath = path / MANIFEST
@@ -661,7 +636,7 @@ def ensemble_spec(P: Params) -> dict[str, Any]:
     if P.ensemble.method == "mean":
         weights = {m: 1.0 / len(members) for m in members}
     else:
-        path = P.reports_dir / "metrics.json"
+        path = P.layout.metrics
         sub = json.loads(path.read_text()).get("submission", {}) if path.is_file() else {}
         weights = sub.get("weights") or {}
         if sorted(weights) != sorted(members) or sub.get("method") != P.ensemble.method:
@@ -681,7 +656,7 @@ def resolve_run(spec: str | os.PathLike) -> Params:
     if p.is_file():
         return load_params(p)
     if p.is_dir():
-        for name in ("params.yaml", "params_used.yaml"):
+        for name in (PARAMS_FILE, "params_used.yaml"):
             if (p / name).is_file():
                 return load_params(p / name)
         raise BundleError(f"{p}: no params.yaml in this folder; pass the params file the run was made with "

@@ -4,14 +4,20 @@ the inputs notebook 04 gives them, the blend of notebook 05; then folders of stu
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
+from ichdlib.cnn.data import SliceDataset
+from ichdlib.cnn.infer import eval_augment, feature_views, fold_feature_mean
+from ichdlib.cnn.infer import predict as cnn_predict
 from ichdlib.ensemble.blend import apply_weights
 from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import capped_z
@@ -19,6 +25,8 @@ from ichdlib.labels import LABELS
 from ichdlib.review.cam import compute_cams
 from ichdlib.review.plots import overlay
 from ichdlib.runtime import amp_enabled, prepare_model, resolve_device
+from ichdlib.seq.infer import predict_studies
+from ichdlib.seq.inputs import SeqInputs, normalize_test
 from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.discover import (
     WARNING,
@@ -61,7 +69,6 @@ class Predictor:
     """A bundle's models on one device, ready to predict studies."""
 
     def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None) -> None:
-        from ichdlib.cnn.infer import eval_augment, feature_views
 
         self.bundle = bundle
         self.device = resolve_device(device)
@@ -80,9 +87,6 @@ class Predictor:
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
         blend used its table, notebook 02) does for test slices (:func:`ichdlib.cnn.infer.predict`)."""
-        from ichdlib.cnn.data import SliceDataset
-        from ichdlib.cnn.infer import fold_feature_mean
-        from ichdlib.cnn.infer import predict as cnn_predict
 
         ds = SliceDataset(cache, rows)
         kw = {"batch": self.batch, "device": self.device, "amp": self.amp, "channels_last": self.channels_last}
@@ -100,8 +104,6 @@ class Predictor:
 
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
-        from ichdlib.seq.infer import predict_studies
-        from ichdlib.seq.inputs import SeqInputs, normalize_test
 
         sl = loaded.slices
         n = len(sl)
@@ -186,9 +188,6 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
     overlays of the positive slices are written there. ``on_study(predictor, loaded, frame)`` is called after
     each study is predicted (e.g. :class:`ichdlib.serve.dicom_out.DicomWriter`); the problem rows it returns and what
     it raises go to ``problems``."""
-    import time
-
-    from tqdm import tqdm
 
     t0 = time.perf_counter()
     if not hasattr(bundle, "cnn"):
@@ -264,8 +263,6 @@ def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, o
     """Overlay PNGs ``<out>/<study>/slice<k>_<label>.png`` for slices whose final ``any`` reaches
     ``threshold``, one per label found there, from the first backbone's first fold model (as notebook 06
     explains test slices), at the slice's own size."""
-    import cv2
-
 
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:
