@@ -34,8 +34,7 @@ from ichdlib.registry import CAM_METHODS
 from ichdlib.windows import WINDOWS, stack_channels_torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
-
+    from ichdlib.config import CamCfg
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +276,11 @@ def compute_cams(
     return undo_geometry(np.nan_to_num(out, nan=0.0), in_hw, crop, out_size)
 
 
+def explain(model: nn.Module, stack_hu: np.ndarray | torch.Tensor, classes: Iterable[str | int] | None,
+            cam: CamCfg, out_size: tuple[int, int] | None = None) -> np.ndarray:
+    """The one way slices are explained (notebook 06, ``ichd predict --cam``, the DICOM outputs): the
+    preprocessing the model was trained with, from the spec it carries (``model.spec``, see
+    :func:`ichdlib.checkpoints.load_checkpoint`), and the method, batch, target layer and coarsest map of the
+    ``cam`` params section. Returns :func:`compute_cams`' ``(B, n_classes, H, W)`` maps."""
+    return compute_cams(model, stack_hu, classes, method=cam.method, out_size=out_size, **model.spec.cam_kwargs(),
+                        batch=cam.batch, target_layer=cam.target_layer, min_map=cam.min_map)

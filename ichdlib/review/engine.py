@@ -17,7 +17,7 @@ from ichdlib.ingest.dicom import read_hu
 from ichdlib.ingest.native import open_slices
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
-from ichdlib.review.cam import compute_cams, find_target_layer
+from ichdlib.review.cam import explain, find_target_layer
 from ichdlib.runtime import cpu_threads
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -115,10 +115,7 @@ class CamEngine:
         for (fold, hw), pos in groups.items():
             model, _ = self.model(int(fold))
             with cpu_threads(self.P):  # cnn.cpu_threads on the CPU, as in training
-                maps = compute_cams(
-                    model, self.stacks(rows.iloc[pos]), cls, method=cfg.method, out_size=tuple(hw),
-                    **model.spec.cam_kwargs(), batch=cfg.batch, target_layer=cfg.target_layer, min_map=cfg.min_map,
-                )
+                maps = explain(model, self.stacks(rows.iloc[pos]), cls, cfg, out_size=tuple(hw))
             for j, p in enumerate(pos):
                 result[p] = maps[j]
         return result  # type: ignore[return-value]

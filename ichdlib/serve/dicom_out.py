@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import highdicom as hd
 import numpy as np
 import pandas as pd
@@ -68,10 +67,8 @@ from ichdlib.files import write_bytes
 from ichdlib.labels import LABELS
 from ichdlib.locks import output_lock
 from ichdlib.registry import CAM_METHODS
-from ichdlib.review.cam import compute_cams
-from ichdlib.review.plots import overlay
-from ichdlib.serve.discover import WARNING, problem, safe_name
-from ichdlib.serve.pipeline import study_cache
+from ichdlib.serve.discover import WARNING, problem
+from ichdlib.serve.pipeline import CamOverlay, explain_study, write_cam_pngs
 
 #: Said on every series written here.
 NOT_CLINICAL = "not for clinical use"
@@ -279,31 +276,10 @@ def build_cam_image(source: Any, rgb: np.ndarray, *, series_uid: str, instance_n
     return sc
 
 
-def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
-                      threshold: float) -> Iterator[tuple[int, str, float, np.ndarray, np.ndarray]]:
-    """``(row, label, prob, rgb, cam)`` for each slice and label at or above ``threshold`` (slices whose ``any``
-    reaches it), computed as ``ichd predict --cam`` does (first backbone's first fold model); ``cam`` is the
-    map in [0, 1] at the slice's size, ``rgb`` its overlay on the brain-window slice."""
-
-    pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
-    if len(pos) == 0:
-        return
-    P, key = predictor.P, next(iter(predictor.cnn))
-    spec = predictor.bundle.backbone(key)
-    meta = spec["metas"][0]
-    model = predictor.bundle.cnn[key].models[0]
-    cache, rows = study_cache(loaded, int(spec["size"]))
-    for i in pos:
-        labels = [c for c in LABELS if frame[f"p_{c}"].iloc[i] >= threshold]
-        hu = loaded.hu[i]
-        maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
-                            recipe=meta.get("recipe", P.windows.recipe),
-                            crop=float(meta.get("val_center_crop", P.cnn.augment.val_center_crop)),
-                            size=int(spec["size"]), out_size=hu.shape, single_window=tuple(P.windows.single_window),
-                            learnable=bool(meta.get("learnable_window", False)), batch=P.cam.batch,
-                            target_layer=P.cam.target_layer)[0]
-        for c, m in zip(labels, maps, strict=True):
-            yield int(i), c, float(frame[f"p_{c}"].iloc[i]), overlay(hu, m), np.asarray(m, dtype=np.float32)
+def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame, threshold: float) -> list[CamOverlay]:
+    """``(row, label, prob, rgb, cam)`` for each slice and label at or above ``threshold``: the study explained
+    by :func:`ichdlib.serve.pipeline.explain_study`, the same path as ``ichd predict --cam``'s PNGs."""
+    return explain_study(predictor, loaded, frame, threshold)
 
 
 def build_cam_pmap(sources: Sequence[Any], maps: np.ndarray, *, label: str, series_uid: str, instance_number: int,
@@ -439,15 +415,9 @@ class DicomWriter:
         self.pngs: list[str] = []
 
     def __call__(self, predictor: Any, loaded: Any, frame: pd.DataFrame) -> list[dict[str, str]]:
-        overlays = list(iter_cam_overlays(predictor, loaded, frame, self.threshold)) if self.cam else []
-        if self.png_dir is not None and overlays:  # the PNGs of 'ichd predict --cam', from the same maps
-
-            folder = self.png_dir / safe_name(loaded.scan.study_uid)
-            folder.mkdir(parents=True, exist_ok=True)
-            for row, label, _, rgb, _ in overlays:
-                path = folder / f"slice{int(frame['slice_index'].iloc[row]):03d}_{label}.png"
-                cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-                self.pngs.append(str(path))
+        overlays = explain_study(predictor, loaded, frame, self.threshold) if self.cam else []
+        if self.png_dir is not None:  # the PNGs of 'ichd predict --cam', from the same maps (computed once)
+            self.pngs += write_cam_pngs(overlays, frame, loaded.scan.study_uid, self.png_dir)
         method = CAM_METHODS[predictor.P.cam.method].label
         result = write_study(self.out, frame, identity=self.identity, threshold=self.threshold,
                              overlays=overlays, method=method, pmap=self.pmap)
