@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ichdlib.config import Params, dump_params, load_params
+from ichdlib.config import Params, ParamsError, dump_params, load_params
 from ichdlib.runtime import seed_everything
+from ichdlib.stages import forced as _forced
 
 
 def interactive() -> bool:
@@ -32,13 +33,15 @@ def interactive() -> bool:
 def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = None) -> Params:
     """Load and validate params, seed everything, prepare output folders and plotting.
 
-    ``overrides`` is a nested dict merged over the file, e.g. ``{"cnn": {"backbones": [...]}}``. A top-level
-    ``force`` key is accepted and exposed as ``params_force(P)``; it is not part of the schema.
+    ``overrides`` is a nested dict merged over the file, e.g. ``{"cnn": {"backbones": [...]}}``. Whether to
+    recompute is not an override but the notebook's own ``force`` parameter (papermill ``-p force true``),
+    passed to its stage's ``run(P, force)``.
     """
     overrides = dict(overrides or {})
-    force = overrides.pop("force", False)
+    if "force" in overrides:
+        raise ParamsError("overrides: 'force' is a notebook parameter of its own (force = True in the parameters "
+                          "cell, or papermill -p force true), not a params override")
     P = load_params(params_path, overrides)
-    P._force = force
     seed_everything(P.seed)
     L = P.layout
     L.work.mkdir(parents=True, exist_ok=True)
@@ -57,14 +60,10 @@ def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = Non
     return P
 
 
-def forced(P: Params, stage: str) -> bool:
-    """Whether the notebook was asked to recompute ``stage`` (``force: true`` or ``force: ["02", ...]``)."""
-    f = P._force
-    if isinstance(f, bool):
-        return f
-    if isinstance(f, str):
-        return f in {stage, "all"}
-    return stage in set(map(str, f))
+def forced(force: bool | str | list[str] | None, stage: str) -> bool:
+    """Whether the notebook's ``force`` parameter (``True``, ``"all"``, a stage number or a list of them) asks
+    ``stage`` to recompute (:func:`ichdlib.stages.forced`; a stage's ``run(P, force)`` applies it itself)."""
+    return _forced(force, stage)
 
 
 def in_kernel() -> bool:

@@ -157,9 +157,10 @@ def kernel_manager_class(log_path: Path) -> type:
     return FileLoggedKernelManager
 
 
-def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, Any], *,
+def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, Any], *, force: bool = False,
                  html: bool = True, log_output: bool = False) -> Path:
-    """Execute one notebook with papermill into ``reports/<run>/``; raises :class:`NotebookFailed`."""
+    """Execute one notebook with papermill into ``reports/<run>/`` with the parameters ``params_path``,
+    ``overrides`` and ``force`` (whether its stage recomputes); raises :class:`NotebookFailed`."""
     import papermill as pm  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
 
     out = P.layout.report(nb.name)
@@ -171,7 +172,7 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
                 tempfile.TemporaryDirectory(prefix="ichd-kernel-") as ipc:
             execute_notebook(
                 str(nb), str(out),
-                parameters={"params_path": str(params_path), "overrides": overrides},
+                parameters={"params_path": str(params_path), "overrides": overrides, "force": bool(force)},
                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
                 config=quiet_kernel_config(Path(ipc)),
                 coalesce_streams=True,  # one stream block per cell: the per-epoch lines read as one log
@@ -241,12 +242,9 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
             continue
         print(f"{head}: {d.explain()} ...", end="\n" if log_output else "", flush=True)
         t0 = time.perf_counter()
-        nb_over = dict(overrides)
-        if d.force:
-            nb_over["force"] = True
         store.mark_started(stage.number, d)
         try:
-            run_notebook(nb, P, params_path, nb_over, html=html, log_output=log_output)
+            run_notebook(nb, P, params_path, dict(overrides), force=d.force, html=html, log_output=log_output)
         except NotebookFailed as exc:
             print(" failed", flush=True)
             store.mark_failed(stage.number, time.perf_counter() - t0, str(exc))

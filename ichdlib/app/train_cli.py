@@ -17,15 +17,13 @@ import sys
 from typing import Any
 
 from ichdlib.cnn import distributed as D
-from ichdlib.cnn.features import extract_features
-from ichdlib.cnn.train import train_cnn
 from ichdlib.config import load_params, parse_overrides
 from ichdlib.ingest.catalog import ensure_cache, ingest
 from ichdlib.locks import output_lock
 from ichdlib.runtime import cpu_threads
-from ichdlib.seq.train import train_seq
+from ichdlib.stages import stage_named
 
-#: The stages ``ichd train --stage`` runs (not :data:`ichdlib.stages.STAGES`, the notebook DAG).
+#: The stages ``ichd train --stage`` runs, by their names in :data:`ichdlib.stages.STAGES`.
 TRAIN_STAGES = ("cnn", "features", "seq")
 ORIGIN = "ichd train"
 
@@ -85,12 +83,21 @@ def _say(*args: Any) -> None:
 
 def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None = None,
               force: bool = False) -> list[dict[str, Any]]:
-    """Run one stage in this process (one rank of a torchrun job or alone); returns the summaries."""
+    """Run one stage in this process (one rank of a torchrun job or alone) through its one entry,
+    ``STAGES[...].run`` (what the notebooks call); returns the summaries."""
+    if stage not in TRAIN_STAGES:
+        raise ValueError(f"--stage {stage!r}: expected one of {', '.join(TRAIN_STAGES)}")
+    if stage in ("cnn", "features"):  # ranks must not build caches at once (a no-op when already made)
+        prepare_inputs(P, backbones)
+    options: dict[str, Any] = {}
+    if stage == "cnn":
+        options = {"backbones": backbones, "folds": folds, "origin": ORIGIN}
+    elif stage == "features":
+        options = {"backbones": backbones}
+    report = stage_named(stage).run(P, force, **options)
     out: list[dict[str, Any]] = []
     if stage == "cnn":
-        prepare_inputs(P, backbones)
-        for b in backbones:
-            s = train_cnn(P, b, folds=folds, force=force, origin=ORIGIN)
+        for b, s in zip(backbones, report.result, strict=True):
             for k, f in s["folds"].items():
                 _say(f"{b.key} fold {k}: {f['status']}, best epoch {f['best_epoch']}, val wLL {f['best_wll']:.4f}")
             _say(f"{b.key}: " + (f"OOF wLL {s['oof_wll']:.4f} (prior {s['prior_wll']:.4f}) -> {s['oof']}"
@@ -98,18 +105,13 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
                                                       "fold is in"))
             out.append(s)
     elif stage == "features":
-        prepare_inputs(P, backbones)  # (a no-op when the cnn stage ran here; ranks must not build caches at once)
-        for b in backbones:
-            s = extract_features(P, b, force=force)
-            _say(f"{b.key}: features {s['status']}, dim {s['dim']}, OOF wLL (TTA) {s['oof_wll']:.4f} -> {s['dir']}")
+        for s in report.result:
+            _say(f"{s['key']}: features {s['status']}, dim {s['dim']}, OOF wLL (TTA) {s['oof_wll']:.4f} -> {s['dir']}")
             out.append(s)
-    elif stage == "seq":
-        for m in P.seq.models:
-            r = train_seq(P, m, force=force)
+    else:
+        for m, r in report.result.items():
             _say(f"{m}: {len(r.oof)} OOF rows, {len(r.test)} test rows -> {r.out_dir}")
             out.append({"model": m, "dir": str(r.out_dir)})
-    else:
-        raise ValueError(f"--stage {stage!r}: expected one of {', '.join(TRAIN_STAGES)}")
     D.barrier()
     return out
 

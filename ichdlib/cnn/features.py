@@ -43,6 +43,7 @@ from ichdlib.labels import LABELS
 from ichdlib.layout import FeaturesDir, ModelDir
 from ichdlib.metrics import prior_baseline, weighted_log_loss
 from ichdlib.runtime import amp_mode, cpu_threads, prepare_model
+from ichdlib.stages import StageReport
 
 
 def features_dir(P: Params, cfg: BackboneCfg) -> Path:
@@ -144,6 +145,15 @@ def _extract(P: Params, backbone_cfg: BackboneCfg, cat: pd.DataFrame, cache: Any
 def extract_all(P: Params, force: bool = False) -> list[dict[str, Any]]:
     """:func:`extract_features` for every backbone in ``P.cnn.backbones``."""
     return [extract_features(P, cfg, force=force) for cfg in P.cnn.backbones]
+
+
+def run_stage(P: Params, force: bool = False, *, backbones: list[BackboneCfg] | None = None) -> StageReport:
+    """Stage 03 (:data:`ichdlib.stages.STAGES`): :func:`extract_features` for ``backbones`` (default every
+    one of ``cnn.backbones``); the report's ``result`` is the list of their summaries."""
+    summaries = [extract_features(P, b, force=force) for b in (backbones or P.cnn.backbones)]
+    rows = [{"backbone": s["key"], "status": s["status"], "dim": s["dim"], "TTA views": s["tta"],
+             "oof wLL (TTA)": s["oof_wll"], "seconds": s["seconds"]} for s in summaries]
+    return StageReport("features", rows, result=summaries)
 
 
 def load_features(P: Params, cfg: BackboneCfg, split: str = "oof") -> tuple[np.ndarray, pd.DataFrame]:

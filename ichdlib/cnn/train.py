@@ -65,6 +65,7 @@ from ichdlib.resources import check_training_memory
 from ichdlib.runtime import amp_mode, cpu_threads, derive_seed, prepare_model, save_torch
 from ichdlib.runtime import autocast as _autocast
 from ichdlib.spec import ModelSpec
+from ichdlib.stages import StageReport
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
                "images_per_s", "seconds", "val_kind", "val_images", "val_images_per_s"]
@@ -243,7 +244,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         if diff:
             raise ValueError(
                 f"{files.last} was trained with other settings ({'; '.join(diff)}). Pass force=True "
-                f"(notebook: overrides={{'force': ['02']}}) to retrain, or give the backbone a new `tag`.")
+                f"(notebook 02: force = True) to retrain, or give the backbone a new `tag`.")
         if _fold_finished(files):
             m = state["meta"]
             return {"fold": fold, "status": "skipped", "best_epoch": m["best_epoch"],
@@ -557,6 +558,16 @@ def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str |
 def train_all(P: Params, force: bool = False) -> list[dict[str, Any]]:
     """:func:`train_cnn` for every backbone in ``P.cnn.backbones``."""
     return [train_cnn(P, cfg, force=force) for cfg in P.cnn.backbones]
+
+
+def run_stage(P: Params, force: bool = False, *, backbones: list[BackboneCfg] | None = None,
+              folds: Iterable[int] | str | None = None, origin: str = "train_cnn") -> StageReport:
+    """Stage 02 (:data:`ichdlib.stages.STAGES`): :func:`train_cnn` for ``backbones`` (default every one of
+    ``cnn.backbones``); the report's ``result`` is the list of their summaries."""
+    summaries = [train_cnn(P, b, folds=folds, force=force, origin=origin) for b in (backbones or P.cnn.backbones)]
+    rows = [{"backbone": s["key"], "folds done": len(s.get("folds_done", s["folds"])), "oof wLL": s.get("oof_wll"),
+             "prior wLL": s.get("prior_wll"), "seconds": s["seconds"]} for s in summaries]
+    return StageReport("cnn", rows, result=summaries)
 
 
 def read_logs(P: Params, cfg: BackboneCfg) -> pd.DataFrame:

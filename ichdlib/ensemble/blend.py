@@ -28,6 +28,7 @@ from ichdlib.predictions import (  # noqa: F401  (the stage IO, re-exported unde
     stage_files,
     stage_names,
 )
+from ichdlib.stages import StageReport
 
 L = list(LABELS)
 
@@ -309,6 +310,13 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
                   "sources": {n: st.source for n, st in stages.items()}}
     metrics = update_metrics(P, {"stages": out, "prior": prior_scores, "submission": submission})
     return EnsembleReport(stage_table(metrics), metrics, sub_path, filled, bl, stages, y_oof, y_test)
+
+
+def run_stage(P: Params, force: bool = False) -> StageReport:
+    """Stage 05 (:data:`ichdlib.stages.STAGES`): :func:`run_ensemble`; the report's ``result`` is the
+    :class:`EnsembleReport`, its rows the stage table."""
+    rep = run_ensemble(P, force=force)
+    return StageReport("ensemble", rep.table.reset_index().to_dict("records"), result=rep)
 
 
 def stage_table(metrics: dict) -> pd.DataFrame:

@@ -53,6 +53,7 @@ from ichdlib.ingest.validity import list_files, slice_problem
 from ichdlib.labels import LABELS, read_labels
 from ichdlib.locks import output_lock
 from ichdlib.runtime import LazyPool, run_tasks
+from ichdlib.stages import StageReport
 
 #: Modules the ingest pool's workers import once (forkserver preload).
 INGEST_MODULES = ("ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.ingest.catalog")
@@ -468,6 +469,16 @@ def ingest(
         progress=progress,
         wait=wait,
     )
+
+
+def run_stage(P: Params, force: bool = False, *, progress: bool = True) -> StageReport:
+    """Stage 01 (:data:`ichdlib.stages.STAGES`): :func:`ingest`; the report's ``result`` is the catalog."""
+    cat = ingest(P, force=force, progress=progress)
+    q = load_quarantine(P.layout.work)
+    rows = [{"split": split, "slices": int((cat["split"] == split).sum()),
+             "studies": int(cat.loc[cat["split"] == split, "study_uid"].nunique())} for split in ("train", "test")]
+    rows.append({"split": "quarantined", "slices": len(q), "studies": None})
+    return StageReport("ingest", rows, result=cat)
 
 
 def ensure_cache(params: Params, size: int, force: bool = False) -> np.memmap:

@@ -54,6 +54,7 @@ from ichdlib.seq.inputs import (
     seq_arch,
 )
 from ichdlib.seq.models import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
+from ichdlib.stages import StageReport
 
 # ----------------------------------------------------------------------------------------------------
 # Inputs
@@ -226,6 +227,15 @@ def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
     with D.main_lock(P.layout.seq(model_name).path, what=f"seq {model_name}"), \
             torch_threads(P.seq.cpu_threads, P.torch_device()):
         return _train_seq(P, model_name, force)
+
+
+def run_stage(P: Params, force: bool = False) -> StageReport:
+    """Stage 04 (:data:`ichdlib.stages.STAGES`): :func:`train_seq` for every model of ``seq.models``; the
+    report's ``result`` is ``{model: SeqResult}``."""
+    results = {m: train_seq(P, m, force=force) for m in P.seq.models}
+    rows = [{"model": m, "oof rows": len(r.oof), "test rows": len(r.test), "folder": str(r.out_dir)}
+            for m, r in results.items()]
+    return StageReport("seq", rows, result=results)
 
 
 def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
