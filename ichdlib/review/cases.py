@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from ichdlib.ensemble.blend import blend, load_stage, read_truth, resolve_members
+from ichdlib.ensemble.outputs import read_truth
+from ichdlib.ensemble.weights import blend
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
+from ichdlib.predictions import load_stage, resolve_members
 
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.config import Params

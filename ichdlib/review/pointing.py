@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ichdlib.ensemble.blend import update_metrics
+from ichdlib.ensemble.outputs import update_metrics
 from ichdlib.labels import LABELS
 from ichdlib.layout import RunLayout
 from ichdlib.progress import track

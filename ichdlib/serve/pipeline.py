@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ichdlib.cnn.data import SliceDataset
 from ichdlib.cnn.infer import eval_augment, feature_views, fold_feature_mean
 from ichdlib.cnn.infer import predict as cnn_predict
-from ichdlib.ensemble.blend import apply_weights
+from ichdlib.ensemble.weights import apply_weights
 from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import capped_z
 from ichdlib.labels import LABELS
