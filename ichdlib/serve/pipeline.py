@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ichdlib.cnn import infer as cnn_infer  # cnn_infer.predict looked up per call (tests wrap it)
 from ichdlib.cnn.data import SliceDataset
 from ichdlib.cnn.infer import eval_augment, feature_views, fold_feature_mean
-from ichdlib.cnn.infer import predict as cnn_predict
 from ichdlib.ensemble.blend import apply_weights
 from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import capped_z
@@ -93,11 +93,11 @@ class Predictor:
         val_view = self.bundle.ensemble.get("sources", {}).get(f"cnn:{key}") == "cnn"
         probs, tta_probs, feats = [], [], []
         for runner, aug in zip(self.cnn[key], self.aug[key], strict=True):
-            tp, f = cnn_predict(runner, aug, ds, pooled=True, views=self.views, **kw)
+            tp, f = cnn_infer.predict(runner, aug, ds, pooled=True, views=self.views, **kw)
             tta_probs.append(tp)
             feats.append(f)
             if val_view:
-                probs.append(cnn_predict(runner, aug, ds, **kw)[0])
+                probs.append(cnn_infer.predict(runner, aug, ds, **kw)[0])
         tta = np.mean(tta_probs, axis=0)
         feat = fold_feature_mean(feats).astype(np.float32)  # as notebook 03 stores test rows
         return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, feat, np.stack(tta_probs))
