@@ -32,16 +32,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from ichdlib import __version__, layout
 from ichdlib.config import Params
 from ichdlib.files import read_json, write_json
 
 ENV_RUN = "ICHD_MLFLOW_RUN_ID"
 ENV_URI = "ICHD_MLFLOW_URI"
-RUN_FILE = "mlflow_run.json"
-DEFAULT_DB = "mlflow.db"
-ARTIFACT_DIR = "mlartifacts"
 #: Report files that are the store itself or its bookkeeping (never logged as artifacts).
-NOT_ARTIFACTS = {DEFAULT_DB, ARTIFACT_DIR, RUN_FILE}
+NOT_ARTIFACTS = {layout.MLFLOW_DB, layout.MLFLOW_ARTIFACTS, layout.MLFLOW_RUN}
 REPO = Path(__file__).resolve().parents[1]
 _warned: set[str] = set()
 _clients: dict[str, Any] = {}
@@ -56,13 +56,13 @@ def store_uri(P: Params) -> str:
     """The tracking store: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``reports/<run>/mlflow.db``."""
     uri = P.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return sqlite_uri(P.reports_dir / DEFAULT_DB)
+        return sqlite_uri(P.layout.mlflow_db)
     if "://" in uri or uri.startswith("sqlite:"):
         return uri
     path = Path(uri).expanduser()
     if not path.is_absolute() and P.root is not None:
         path = P.root / path
-    return sqlite_uri(path if path.suffix == ".db" else path / DEFAULT_DB)
+    return sqlite_uri(path if path.suffix == ".db" else path / layout.MLFLOW_DB)
 
 
 def sqlite_uri(path: Path) -> str:
@@ -89,7 +89,7 @@ def client(uri: str) -> Any:
     if uri not in _clients:
         warnings.filterwarnings("ignore", module="mlflow.*")
         warnings.filterwarnings("ignore", message=".*noload.*")
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # noqa: PLC0415  (MLflow loads only when tracking is on)
 
         for name in ("mlflow", "alembic", "sqlalchemy"):  # after the import: MLflow sets its level when imported
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -104,7 +104,7 @@ def _experiment(c: Any, name: str, uri: str) -> str:
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # artifacts beside the database (not in the working directory)
-        location = (Path(uri[len("sqlite:///"):]).parent / ARTIFACT_DIR).resolve().as_uri()
+        location = (Path(uri[len("sqlite:///"):]).parent / layout.MLFLOW_ARTIFACTS).resolve().as_uri()
     return c.create_experiment(name, artifact_location=location)
 
 
@@ -123,7 +123,7 @@ def log_epoch(model: str, fold: Any, epoch: int, train_loss: float, val_wll: flo
     if not run_id or _rank() != 0:
         return
     try:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # noqa: PLC0415  (MLflow loads only when tracking is on)
 
         now = int(time.time() * 1000)
         metrics = [Metric(metric_key(model, f"fold{fold}", "train_loss"), float(train_loss), now, epoch + 1)]
@@ -134,18 +134,18 @@ def log_epoch(model: str, fold: Any, epoch: int, train_loss: float, val_wll: flo
         _warn("logging an epoch", exc)
 
 
-def logged_curves(P: Params) -> list[tuple[str, int, Any]]:
+def logged_curves(P: Params) -> list[tuple[str, int, pd.DataFrame]]:
     """The per-fold logs of notebooks 02 and 04 as (model, fold, frame with epoch/train_loss/val_wll)."""
-    import pandas as pd
-
     out = []
-    for kind in ("cnn", "seq"):
-        for log in sorted((P.work_dir / kind).glob("*/fold*_log.csv")):
-            try:
-                fold = int(log.stem.removeprefix("fold").removesuffix("_log"))
-                out.append((log.parent.name, fold, pd.read_csv(log)))
-            except (ValueError, OSError):
-                continue
+    models = [(b.key, P.layout.cnn(b.key)) for b in P.cnn.backbones] + [(m, P.layout.seq(m)) for m in P.seq.models]
+    for name, folder in models:
+        for fold in range(P.ingest.folds):
+            path = folder.log(fold)
+            if path.is_file():
+                try:
+                    out.append((name, fold, pd.read_csv(path)))
+                except (ValueError, OSError):
+                    continue
     return out
 
 
@@ -184,17 +184,19 @@ def git_commit(repo: Path = REPO) -> tuple[str, bool] | None:
 def stage_stamps(P: Params) -> dict[str, str]:
     """The finished stamp of every stage (``work/<run>/stages/NN.json``)."""
     out = {}
-    for f in sorted((P.work_dir / "stages").glob("[0-9][0-9].json")):
-        rec = read_json(f) or {}
+    for number in (f"{k:02d}" for k in range(1, 100)):
+        path = P.layout.stamp(number)
+        if not path.is_file():
+            continue
+        rec = read_json(path)
         if rec.get("done"):
-            out[f.stem] = str(rec["done"])
+            out[number] = str(rec["done"])
     return out
 
 
 def data_fingerprint(P: Params) -> str | None:
     """The data fingerprint stage 01 was stamped with (no walk over the data folder)."""
-    rec = read_json(P.work_dir / "stages" / "01.json") or {}
-    return (rec.get("parts") or {}).get("data")
+    return (read_json(P.layout.stamp("01")).get("parts") or {}).get("data")
 
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -279,7 +281,7 @@ class RunTracker:
         for k in (ENV_RUN, ENV_URI):
             os.environ.pop(k, None)
         stamps = stage_stamps(self.P)
-        prev = read_json(self.P.reports_dir / RUN_FILE) or {}
+        prev = read_json(self.P.layout.mlflow_run) or {}
         try:
             if self.run_id is None:
                 if failed:
@@ -298,7 +300,7 @@ class RunTracker:
             _warn("finishing the run", exc)
             return None
         if record and not failed:
-            write_json(self.P.reports_dir / RUN_FILE, {"run_id": self.run_id, "uri": self.uri,
+            write_json(self.P.layout.mlflow_run, {"run_id": self.run_id, "uri": self.uri,
                                                        "experiment": self.P.tracking.experiment, "stamps": stamps})
         print(f"tracking: MLflow run {self.run_id} ({self.uri})", flush=True)
         return self.run_id
@@ -312,7 +314,7 @@ class RunTracker:
     def _log_curves(self) -> None:
         """Step metrics from the per-fold logs for every epoch the run lacks: stages that did not run here,
         folds reused or resumed (their earlier epochs), a finished run tracked afterwards."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # noqa: PLC0415  (MLflow loads only when tracking is on)
 
         c = self._client()
         have = set(c.get_run(self.run_id).data.metrics)
@@ -331,10 +333,10 @@ class RunTracker:
             c.log_batch(self.run_id, metrics=chunk)
 
     def _log_run(self, stamps: dict[str, str], outputs: bool = True) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag  # noqa: PLC0415  (only when tracking is on)
 
         c, P = self._client(), self.P
-        tags = {"ichd.run": P.run, "ichd.library": _version()}
+        tags = {"ichd.run": P.run, "ichd.library": __version__}
         git = git_commit()
         if git:
             tags.update({"mlflow.source.git.commit": git[0], "ichd.git_commit": git[0], "ichd.git_dirty": str(git[1])})
@@ -350,14 +352,14 @@ class RunTracker:
             c.log_batch(self.run_id, params=chunk)
         if not outputs:  # `ichd train`: one stage's curves; the reports belong to `ichd run`
             return
-        metrics = read_json(P.reports_dir / "metrics.json") or {}
+        metrics = read_json(P.layout.metrics) or {}
         flat = [Metric(k, v, now, 0) for k, v in final_metrics(metrics).items()]
         for chunk in _batches(flat, 1000):
             c.log_batch(self.run_id, metrics=chunk)
         self._log_reports()
 
     def _log_reports(self) -> None:
-        rep = self.P.reports_dir
+        rep = self.P.layout.reports
         if not rep.is_dir():
             return
         c = self._client()
@@ -367,14 +369,8 @@ class RunTracker:
             if f.is_file():
                 sub = "notebooks" if f.suffix in (".ipynb", ".html") else None
                 c.log_artifact(self.run_id, str(f), sub)
-            elif f.is_dir() and f.name == "figures":
-                c.log_artifacts(self.run_id, str(f), "figures")
-
-
-def _version() -> str:
-    from ichdlib import __version__
-
-    return __version__
+            elif f.is_dir() and f == self.P.layout.figures:
+                c.log_artifacts(self.run_id, str(f), f.name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -382,7 +378,7 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------------------------
 def tracked_run(P: Params) -> dict[str, Any] | None:
     """``reports/<run>/mlflow_run.json`` when this run was tracked, else None."""
-    rec = read_json(P.reports_dir / RUN_FILE)
+    rec = read_json(P.layout.mlflow_run)
     return rec if isinstance(rec, dict) and rec.get("run_id") and rec.get("uri") else None
 
 
@@ -391,7 +387,7 @@ def log_bundle(P: Params, bundle: Path) -> str | None:
     rec = tracked_run(P)
     if rec is None or _rank() != 0:
         return None
-    manifest = Path(bundle) / "bundle.json"
+    manifest = Path(bundle) / "bundle.json"  # serve.bundle.MANIFEST (the core may not import serve)
     try:
         c = client(str(rec["uri"]))
         c.log_artifact(str(rec["run_id"]), str(manifest), "bundle")
@@ -405,7 +401,7 @@ def log_bundle(P: Params, bundle: Path) -> str | None:
 
 
 #: What ``ichd compare`` needs of a run.
-COMPARE_FILES = ("metrics.json", "params.yaml", "timings.json", "predictions.parquet")
+COMPARE_FILES = (layout.METRICS, layout.PARAMS_FILE, layout.TIMINGS, layout.PREDICTIONS)
 
 
 def is_run_id(spec: str) -> bool:
@@ -417,7 +413,7 @@ def candidate_stores(uri: str | None = None, reports: Path = Path("reports")) ->
     """Where to look for a run id: ``uri``, ``MLFLOW_TRACKING_URI``, then every ``reports/*/mlflow.db`` and
     ``reports/mlflow.db``."""
     out = [u for u in (uri, os.environ.get("MLFLOW_TRACKING_URI")) if u]
-    for db in [reports / DEFAULT_DB, *sorted(reports.glob(f"*/{DEFAULT_DB}"))]:
+    for db in [reports / layout.MLFLOW_DB, *sorted(reports.glob(f"*/{layout.MLFLOW_DB}"))]:
         if db.is_file():
             out.append(sqlite_uri(db))
     return list(dict.fromkeys(out))
@@ -439,7 +435,7 @@ def download_run(run_id: str, dest: Path, uri: str | None = None) -> tuple[Path,
         for name in COMPARE_FILES:
             if name in have:
                 c.download_artifacts(run_id, name, str(folder))
-        if not (folder / "metrics.json").is_file():
+        if not (folder / layout.METRICS).is_file():
             raise FileNotFoundError(f"MLflow run {run_id} ({store}) has no metrics.json artifact")
         return folder, str(run.info.run_name or run_id[:8])
     where = ", ".join(stores) or "no store found (set MLFLOW_TRACKING_URI or --tracking-uri)"

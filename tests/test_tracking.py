@@ -52,7 +52,7 @@ def test_tracking_off_imports_no_mlflow(smoke_run, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
     for rep in (smoke_run.P.reports_dir, root / "reports" / "smoke"):
-        assert not {tracking.DEFAULT_DB, tracking.ARTIFACT_DIR, tracking.RUN_FILE} & {p.name for p in rep.iterdir()}
+        assert not tracking.NOT_ARTIFACTS & {p.name for p in rep.iterdir()}
     assert not list(tmp_path.rglob("mlflow.db")) and not list(tmp_path.rglob("mlruns"))
 
 
@@ -106,7 +106,7 @@ def test_tracked_runs_in_a_real_store(smoke_run, tmp_path, monkeypatch, capsys):
     assert {"metrics.json", "summary.md", "submission.csv", "predictions.parquet", "figures", "notebooks"} <= arts
     nbs = {a.path for a in c.list_artifacts(first.info.run_id, "notebooks")}
     assert "notebooks/05_ensemble_submission.ipynb" in nbs
-    assert json.loads((P.reports_dir / tracking.RUN_FILE).read_text())["run_id"] == first.info.run_id
+    assert json.loads(P.layout.mlflow_run.read_text())["run_id"] == first.info.run_id
 
     # nothing changed: no duplicate run
     run_pipeline(SMOKE, overrides=over, html=False, track=True)

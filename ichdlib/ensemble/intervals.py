@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from ichdlib import stats
+from ichdlib.files import save_parquet
 from ichdlib.labels import LABELS
 from ichdlib.metrics import score_arrays
 
 L = list(LABELS)
-PREDICTIONS = "predictions.parquet"
 #: How the intervals were made (stored in metrics.json under ``intervals``).
 METHOD = "95% percentile bootstrap over patients (studies where no patient id); AUC ties count one half"
 
@@ -69,8 +69,6 @@ def write_predictions(path: Path, truth: dict[str, pd.DataFrame | None], preds: 
                       groups: pd.Series) -> Path:
     """``predictions.parquet``: one row per scored image (``sop_uid``, ``split``, ``group``), the truth as
     ``y|<label>`` and each stage's probabilities as ``<stage>|<label>`` (float32), for splits with truth."""
-    from ichdlib.files import save_parquet
-
     parts = []
     for split, y in truth.items():
         if y is None:

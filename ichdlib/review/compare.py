@@ -19,20 +19,25 @@ the differences. In a notebook::
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from ichdlib import stats, tracking
 from ichdlib.config import load_params
-from ichdlib.ensemble.intervals import PREDICTIONS, read_predictions, stage_arrays, stages_in
+from ichdlib.ensemble.intervals import read_predictions, stage_arrays, stages_in
 from ichdlib.files import nested_get as _get
 from ichdlib.labels import LABELS
+from ichdlib.layout import RunLayout
 
 #: (split, metric path in metrics.json, column label) of the stage table.
 STAGE_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -77,15 +82,14 @@ def resolve_reports(spec: str | Path, tracking_uri: str | None = None) -> Path:
     p = Path(spec)
     if not p.exists() and tracking.is_run_id(str(spec)):
         return _fetched(str(spec), tracking_uri)
+    here = RunLayout.of_reports(p)
     if p.is_file() and p.suffix in {".yaml", ".yml"}:
-
-        return load_params(p).reports_dir
-    if p.is_dir() and (p / "metrics.json").is_file():
+        return load_params(p).layout.reports
+    if p.is_dir() and here.metrics.is_file():
         return p
-    if p.is_dir() and (p / "params.yaml").is_file() and not (p / "metrics.json").exists():
-
-        return load_params(p / "params.yaml").reports_dir
-    if not p.exists() and len(p.parts) == 1 and (Path("reports") / p / "metrics.json").is_file():
+    if p.is_dir() and here.params_copies()[1].is_file() and not here.metrics.exists():
+        return load_params(here.params_copies()[1]).layout.reports
+    if not p.exists() and len(p.parts) == 1 and RunLayout.of_reports(Path("reports") / p).metrics.is_file():
         return Path("reports") / p
     what = "has no metrics.json (run notebook 05 first)" if p.is_dir() else "does not exist"
     raise FileNotFoundError(f"{spec}: {what}; give a reports folder (reports/<run>), a params file or a run name")
@@ -97,10 +101,6 @@ _FETCHED: dict[str, tuple[Path, str]] = {}
 def _fetched(run_id: str, uri: str | None) -> Path:
     """An MLflow run's artifacts in a temporary folder (removed when the process ends)."""
     if run_id not in _FETCHED:
-        import atexit
-        import shutil
-        import tempfile
-
         tmp = Path(tempfile.mkdtemp(prefix="ichd-compare-"))
         atexit.register(shutil.rmtree, tmp, True)
         _FETCHED[run_id] = tracking.download_run(run_id, tmp, uri)
@@ -110,20 +110,21 @@ def _fetched(run_id: str, uri: str | None) -> Path:
 def load_run(spec: str | Path, tracking_uri: str | None = None) -> Run:
     """Read a run's ``metrics.json``, ``timings.json``, ``params.yaml`` and ``predictions.parquet`` (the last
     three optional)."""
-    import yaml
 
     rep = resolve_reports(spec, tracking_uri)
-    metrics = _read_json(rep / "metrics.json")
+    L = RunLayout.of_reports(rep)
+    metrics = _read_json(L.metrics)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("stages"), dict):
-        raise ValueError(f"{rep / 'metrics.json'}: no 'stages' table (not written by notebook 05?)")
+        raise ValueError(f"{L.metrics}: no 'stages' table (not written by notebook 05?)")
     timings: dict[str, float] = {}
-    if (rep / "timings.json").is_file():
-        raw = _read_json(rep / "timings.json")
+    if L.timings.is_file():
+        raw = _read_json(L.timings)
         timings = {k: float(v["seconds"]) for k, v in raw.items() if isinstance(v, dict) and "seconds" in v}
     params = None
-    if (rep / "params.yaml").is_file():
-        params = tracking.flatten(yaml.safe_load((rep / "params.yaml").read_text()) or {})
-    preds = read_predictions(rep / PREDICTIONS) if (rep / PREDICTIONS).is_file() else None
+    params_file = L.params_copies()[1]
+    if params_file.is_file():
+        params = tracking.flatten(yaml.safe_load(params_file.read_text()) or {})
+    preds = read_predictions(L.predictions) if L.predictions.is_file() else None
     fetched = _FETCHED.get(str(spec))
     name = f"{fetched[1]}@{str(spec)[:8]}" if fetched else rep.resolve().name
     return Run(name, rep, metrics, timings, params, preds)
@@ -214,8 +215,7 @@ class Comparison:
     def figure(self) -> Any:
         """OOF and test weighted log loss per stage, one point per run with its 95% interval (the axis spans the
         data, not 0), and the paired differences with their intervals against a line at 0."""
-        import matplotlib.pyplot as plt
-        import numpy as np
+        import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
         metric = self.stages.index.str.split(" | ", regex=False).str[1]
         stage = self.stages.index.str.split(" | ", regex=False).str[0]
@@ -242,7 +242,7 @@ class Comparison:
         if not has_diff:
             fig.tight_layout()
             return fig
-        from matplotlib.ticker import MaxNLocator
+        from matplotlib.ticker import MaxNLocator  # noqa: PLC0415  (plotting loads only to draw)
 
         ax = axes[-1]
         d = self.differences[self.differences["metric"].str.contains("wLL")]
@@ -438,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     matplotlib.use("Agg")
     cmp = compare_runs(*args.runs, tracking_uri=args.tracking_uri, n_boot=args.n_boot)
