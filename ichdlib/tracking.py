@@ -87,6 +87,7 @@ def _rank() -> int:
 def client(uri: str) -> Any:
     """An ``MlflowClient`` for ``uri`` (imports MLflow; its start-up chatter silenced), one per process."""
     if uri not in _clients:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in our output
         warnings.filterwarnings("ignore", module="mlflow.*")
         warnings.filterwarnings("ignore", message=".*noload.*")
         from mlflow.tracking import MlflowClient  # noqa: PLC0415  (MLflow loads only when tracking is on)
