@@ -194,7 +194,10 @@ def test_cam_series_references_its_slices(written):
         label = ds.ImageComments.split(":")[0]
         got.append((str(item.ReferencedSOPInstanceUID), label))
         src = next(f for f in written["src"].iterdir() if f.stem == item.ReferencedSOPInstanceUID)
-        assert pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID == item.ReferencedSOPInstanceUID
+        head = pydicom.dcmread(src, stop_before_pixels=True)
+        assert head.SOPInstanceUID == item.ReferencedSOPInstanceUID
+        for key in ("ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID"):  # viewers line it up
+            assert key not in head or ds[key].value == head[key].value, key
         assert ds.pixel_array.std() > 0
     assert len(series) == 1 and sorted(got) == want
     # the PNGs of --cam are the same overlays (computed once for both)

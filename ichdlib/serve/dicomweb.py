@@ -78,10 +78,12 @@ class Server:
             raise self.error(what, exc) from None
 
     def find_studies(self, filters: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        """QIDO-RS studies matching ``filters`` (attribute keyword -> value), as DICOM JSON."""
-        what = "QIDO study search" + (f" for study {filters['StudyInstanceUID']}"
-                                      if filters and "StudyInstanceUID" in filters else "")
-        return self._call(what, self.client.search_for_studies, search_filters=filters or {}) or []
+        """QIDO-RS studies matching ``filters`` (attribute keyword -> value), as DICOM JSON; every page of
+        the answer (servers cap each answer, e.g. at 100 studies) unless one study is asked for."""
+        one = bool(filters and "StudyInstanceUID" in filters)
+        what = "QIDO study search" + (f" for study {filters['StudyInstanceUID']}" if one and filters else "")
+        return self._call(what, self.client.search_for_studies, search_filters=filters or {},
+                          get_remaining=not one) or []
 
     def ct_series(self, study_uid: str) -> list[str]:
         """SeriesInstanceUIDs of the study's CT series (QIDO-RS)."""

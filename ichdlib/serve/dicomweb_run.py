@@ -263,8 +263,11 @@ def run(args: Any, bundle: Any) -> RunResult:
                 table.append((uid, "stored" if do_store else "predicted", f"{n} instance(s)"))
             except DicomWebError as exc:
                 counts["failed"] += 1
-                if ledger.state(uid) not in ("store_failed",):
+                now = ledger.state(uid)
+                if now in (None, "failed"):  # nothing predicted: the next run predicts it again
                     ledger.record(uid, "failed", message=str(exc))
+                elif now != "store_failed":  # predicted: the next run stores these outputs, never new ones
+                    ledger.record(uid, "store_failed", message=str(exc))
                 if not _parts(out, uid).joinpath("slices.csv").exists():
                     _write_parts(out, uid, pd.DataFrame(), problems_frame(
                         [problem(str(exc), study_uid=uid, path=f"{server.url}/studies/{uid}")]))
