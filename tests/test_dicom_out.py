@@ -138,6 +138,9 @@ def test_sr_holds_predictions_json(written):
     # patient/study from the source, new series/instance UIDs, the disclaimer
     assert sr.StudyInstanceUID == ref.StudyInstanceUID == study["study_uid"] and sr.PatientID == ref.PatientID
     assert sr.SeriesInstanceUID not in {str(d.SeriesInstanceUID) for d in src.values()}
+    raw = pydicom.dcmread(sr_path)  # every container SEPARATE: SR viewers list items with their names, not as prose
+    containers = [raw, *(i for g in raw.ContentSequence for i in [g, *g.get("ContentSequence", [])])]
+    assert all(c.ContinuityOfContent == "SEPARATE" for c in containers if c.get("ValueType") == "CONTAINER")
     assert "not for clinical use" in sr.SeriesDescription
     evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
