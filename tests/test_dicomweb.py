@@ -44,7 +44,7 @@ def upload(url: str, files) -> int:
 
 @pytest.fixture(scope="module")
 def pacs(orthanc, tmp_path_factory, smoke_params):
-    """Orthanc holding four --valid-uids phantom studies (6 slices each; the last one also has a second, 2-image
+    """Orthanc holding six --valid-uids phantom studies (6 slices each; the fourth also has a second, 2-image
     CT series that discovery leaves out), and an untrained bundle."""
     import io
 
@@ -55,13 +55,13 @@ def pacs(orthanc, tmp_path_factory, smoke_params):
     from ichdlib.serve.bundle import Bundle
 
     root = tmp_path_factory.mktemp("pacs_phantom")
-    generate_phantom(root / "p", studies=4, seed=11, size=64, workers=1, progress=False, valid_uids=True)
+    generate_phantom(root / "p", studies=6, seed=11, size=64, workers=1, progress=False, valid_uids=True)
     studies: dict[str, list[tuple[float, Path]]] = {}
     for f in sorted((root / "p").glob("stage_2_*/*.dcm")):
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         studies.setdefault(str(ds.StudyInstanceUID), []).append((float(ds.ImagePositionPatient[2]), f))
     chosen = {}
-    for uid in sorted(studies)[:4]:
+    for uid in sorted(studies)[:6]:
         files = [f for _, f in sorted(studies[uid])]
         mid = len(files) // 2
         chosen[uid] = files[mid - 3: mid + 3]
@@ -269,7 +269,7 @@ def test_resume_after_kill_stores_nothing_twice(pacs, creds, tmp_path, capsys, m
     import ichdlib.serve.dicomweb_run as run_mod
     from ichdlib.cli import main as ichd
 
-    uid_c, uid_d = sorted(pacs["studies"])[2:]
+    uid_c, uid_d = sorted(pacs["studies"])[2:4]
     out = tmp_path / "out"
     cmd = ["predict", "--dicomweb", pacs["web"], "--study", uid_c, "--study", uid_d, "--bundle", str(pacs["bundle"]),
            "--out", str(out), "--cam", "--threshold", "0.3", "--store", "--device", "cpu"]
@@ -309,6 +309,45 @@ def test_resume_after_kill_stores_nothing_twice(pacs, creds, tmp_path, capsys, m
                                                    "/instances/") for p in left_out["path"])
     assert not any(Path(p).exists() or "/tmp" in p for p in problems["path"])
     assert_no_secret(out, printed.out, printed.err)
+
+
+def test_sigkill_and_rerun_store_nothing_twice(pacs, creds, tmp_path):
+    """A real kill: ``ichd predict --dicomweb`` over two studies in a subprocess, SIGKILLed as soon as the ledger
+    shows the first study's outputs (wherever it is then: predicting, storing or stored), then the same command
+    again: both studies end with exactly one SR on the server, and the second run says what it skipped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ichdlib.serve.dicomweb_run import LEDGER
+
+    uid_e, uid_f = sorted(pacs["studies"])[4:6]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ichdlib", "predict", "--dicomweb", pacs["web"], "--study", uid_e, "--study", uid_f,
+           "--bundle", str(pacs["bundle"]), "--out", str(out), "--threshold", "0.3", "--store", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / LEDGER).exists() and '"predicted"' in (out / LEDGER).read_text():
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    first = proc.stdout.read().decode()
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "failed 0 of 2 studies" in rerun.stdout
+    for uid in (uid_e, uid_f):
+        (sr,) = on_server(pacs, uid)["SR"]
+        assert sr["instances"] == 1
+    ledger = [json.loads(line) for line in (out / LEDGER).read_text().splitlines()[1:] if line.strip()]
+    assert sum(1 for r in ledger if r["study_uid"] == uid_e and r["state"] == "predicted") == 1  # never redone
+    assert_no_secret(out, first, rerun.stdout, rerun.stderr)
 
 
 def test_tls_with_ca_bundle_or_insecure(pacs, creds, tmp_path, capsys):

@@ -278,7 +278,8 @@ def run(args: Any, bundle: Any) -> RunResult:
         bar.close()
         seconds = {"load_models": 0.0, **ctx["seconds"], "total": time.perf_counter() - t0, "studies": len(uids)}
         cams = sorted(str(p) for p in (out / "cam").rglob("*.png")) if args.cam and (out / "cam").is_dir() else []
-        pred = _gather(out, [u for u in ledger.last if u in set(uids) or ledger.state(u) != "failed"],
+        selected = set(uids)  # this run's studies, and earlier runs' that did not fail
+        pred = _gather(out, [u for u in ledger.last if u in selected or ledger.state(u) != "failed"],
                        args.threshold, seconds, cams)
         if do_store:
             _write_stored(out, server.url, ledger, uids)
