@@ -1,18 +1,15 @@
-"""A PACS round trip over DICOMweb (QIDO-RS, WADO-RS, STOW-RS) with dicomweb-client.
+"""A PACS over DICOMweb (QIDO-RS, WADO-RS, STOW-RS) with dicomweb-client: the requests of
+``ichd predict --dicomweb URL --study UID [--since YYYYMMDD] [--filter KEY=VALUE] ... [--store]``.
 
-``ichd predict --dicomweb URL --study UID [--study UID ...] [--since YYYYMMDD] [--filter KEY=VALUE] --bundle B
---out OUT [--cam] [--store]``:
+- :func:`select_studies` finds the studies (QIDO-RS): each ``--study`` must exist on the server; ``--since``
+  and ``--filter`` add the studies that match (StudyDate from that day on, any QIDO attribute).
+- :func:`retrieve_ct` downloads one study's CT series (WADO-RS, streamed) into a folder, one file per instance.
+- :func:`store` sends one study's outputs back (STOW-RS) and reads the server's answer instance by instance:
+  what was stored, what was refused and why. Nothing is reported as stored that the server did not confirm.
 
-1. :func:`select_studies` finds the studies (QIDO-RS): each ``--study`` must exist on the server; ``--since``
-   and ``--filter`` add the studies that match (StudyDate from that day on, any QIDO attribute).
-2. :func:`retrieve_ct` downloads each study's CT series (WADO-RS) into a folder, one file per instance.
-3. ``ichd predict`` predicts that folder as any other and writes ``--dicom-out`` objects.
-4. :func:`store` sends them back to the same server (STOW-RS), one request per study, and reads the server's
-   answer instance by instance: what was stored, what was refused and why. Nothing is reported as stored
-   that the server did not confirm.
-
-Every failure (server unreachable, HTTP error, unknown study, refused store) raises :class:`DicomWebError`
-whose message is one line naming the URL and the study.
+Credentials, TLS, timeouts and retries are the session's (:mod:`ichdlib.serve.transport`); the run over many
+studies (one at a time, resumable) is :mod:`ichdlib.serve.dicomweb_run`. Every failure raises
+:class:`DicomWebError` whose message is one line naming the URL and the study.
 """
 
 from __future__ import annotations
