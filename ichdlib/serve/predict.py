@@ -111,8 +111,10 @@ def cli(args: argparse.Namespace) -> int:
     if getattr(args, "pmap", False) and not (args.cam and (args.dicom_out or getattr(args, "store", False))):
         raise ValueError("--pmap needs --cam and --dicom-out (or --store)")
     if not dicomweb:
-        if args.store or args.study or args.since or args.filter:
-            raise ValueError("--store, --study, --since and --filter need --dicomweb URL")
+        if (args.store or args.study or args.since or args.filter or getattr(args, "netrc", None)
+                or getattr(args, "ca_bundle", None) or getattr(args, "insecure", False)):
+            raise ValueError("--store, --study, --since, --filter, --netrc, --ca-bundle and --insecure need "
+                             "--dicomweb URL")
         if args.dir is None:
             raise ValueError("give a folder of DICOM files, or --dicomweb URL --study UID")
         if not args.dir.exists():
