@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+
 from ichdlib.serve.dicom_out import lenient_uids
 from ichdlib.serve.transport import Transport, describe, is_fatal, make_session
 
@@ -52,8 +56,6 @@ class Server:
     timeout and retries (:mod:`ichdlib.serve.transport`)."""
 
     def __init__(self, url: str, transport: Transport | None = None) -> None:
-        from dicomweb_client.api import DICOMwebClient
-
         self.url = url.rstrip("/")
         self.transport = transport or Transport()
         session, self.credentials = make_session(self.url, self.transport)
@@ -152,8 +154,6 @@ def retrieve_ct(server: Server, study_uid: str, dest: str | os.PathLike) -> Retr
     """Download the study's CT series (WADO-RS, streamed: one instance in memory at a time) as
     ``dest/<study>/<series>/<SOPInstanceUID>.dcm``. A download that breaks after the server began answering
     (dropped connection, fewer instances than QIDO-RS announced) is tried again, ``retries`` times."""
-    import requests
-
     series = [s for s in server.series(study_uid) if s["modality"] == "CT"]
     if not series:
         raise DicomWebError(f"{server.url}: study {study_uid} has no CT series")
@@ -212,8 +212,6 @@ class StoreReport:
 def store(server: Server, study_uid: str, paths: Iterable[str | os.PathLike]) -> StoreReport:
     """Send the files (one study's outputs) in one STOW-RS request and report instance by instance. Files that
     the server neither confirmed nor refused count as failed ("no answer for this instance")."""
-    import pydicom
-
     with lenient_uids():
         datasets = [pydicom.dcmread(p) for p in paths]
     report = StoreReport(study_uid)

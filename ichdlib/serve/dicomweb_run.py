@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pydicom
+from tqdm import tqdm
 
 from ichdlib.files import write_json, write_text
 from ichdlib.locks import output_lock
@@ -146,8 +148,6 @@ def _gather(out: Path, uids: list[str], threshold: float, seconds: dict[str, flo
 
 def _sops(paths: list[Path]) -> list[list[str]]:
     """[path, SeriesInstanceUID, SOPInstanceUID] of each output file."""
-    import pydicom
-
     with lenient_uids():
         heads = [pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
                  for p in paths]
@@ -218,8 +218,6 @@ class _Study:
 
 def run(args: Any, bundle: Any) -> RunResult:
     """``ichd predict --dicomweb``: select, then retrieve / predict / store study by study (see the module doc)."""
-    from tqdm import tqdm
-
     base, in_url = split_url(args.dicomweb)
     server = Server(base, from_args(args))
     studies = list(args.study or []) + ([in_url] if in_url else [])

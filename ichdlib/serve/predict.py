@@ -15,6 +15,7 @@ severity, message) and the readable slices are still predicted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,18 +25,20 @@ from ichdlib.files import json_ready, write_text
 from ichdlib.labels import LABELS
 from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.dicom_out import DicomWriter
+from ichdlib.serve.dicomweb_run import run as run_dicomweb
 from ichdlib.serve.discover import PROBLEM_COLUMNS, discover, problem
 from ichdlib.serve.pipeline import Prediction, Predictor, predict_dir, predict_study
+from ichdlib.serve.transport import add_arguments as add_transport_arguments
 
 __all__ = ["predict_dir", "predict_study", "Predictor", "Prediction", "discover", "write_outputs", "PROBLEM_COLUMNS",
            "problem"]
+
 
 # --------------------------------------------------------------------------------------------------
 # Output files and command line
 # --------------------------------------------------------------------------------------------------
 def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, threshold: float = 0.5) -> dict[str, Path]:
     """``slices.csv``, ``studies.csv``, ``problems.csv`` and ``predictions.json`` under ``out``."""
-    import json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,8 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dicom.add_argument("--store", action="store_true",
                        help="send the DICOM outputs back to the --dicomweb server (STOW-RS); default --dicom-out "
                             "OUT/dicom")
-    from ichdlib.serve.transport import add_arguments as add_transport_arguments
-
     add_transport_arguments(dicom)
 
 
@@ -123,9 +124,7 @@ def cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--threshold {args.threshold}: expected a probability between 0 and 1")
     bundle = Bundle.load(args.bundle)
     if dicomweb:  # study by study from the PACS, resumable (ichdlib.serve.dicomweb_run)
-        from ichdlib.serve.dicomweb_run import run
-
-        result = run(args, bundle)
+        result = run_dicomweb(args, bundle)
         pred, writer = result.pred, result.writer
     else:
         dicom_out = getattr(args, "dicom_out", None)

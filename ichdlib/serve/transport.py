@@ -28,6 +28,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
 ENV_USER = "ICHD_DICOMWEB_USER"
 ENV_PASSWORD = "ICHD_DICOMWEB_PASSWORD"
 ENV_TOKEN = "ICHD_DICOMWEB_TOKEN"
@@ -65,33 +70,25 @@ class Credentials:
         return f"Credentials(source={self.source!r})"
 
 
-def _bearer_auth(token: str) -> Any:
-    import requests
+class BearerAuth(requests.auth.AuthBase):
+    """``Authorization: Bearer <token>``; its repr hides the token."""
 
-    class BearerAuth(requests.auth.AuthBase):
-        """``Authorization: Bearer <token>``; its repr hides the token."""
+    def __init__(self, token: str) -> None:
+        self._token = token
 
-        def __init__(self, token: str) -> None:
-            self._token = token
+    def __call__(self, r: Any) -> Any:
+        r.headers["Authorization"] = f"Bearer {self._token}"
+        return r
 
-        def __call__(self, r: Any) -> Any:
-            r.headers["Authorization"] = f"Bearer {self._token}"
-            return r
-
-        def __repr__(self) -> str:
-            return "BearerAuth(***)"
-
-    return BearerAuth(token)
+    def __repr__(self) -> str:
+        return "BearerAuth(***)"
 
 
-def _basic_auth(user: str, password: str) -> Any:
-    import requests
+class BasicAuth(requests.auth.HTTPBasicAuth):
+    """HTTP basic; its repr hides the password."""
 
-    class BasicAuth(requests.auth.HTTPBasicAuth):
-        def __repr__(self) -> str:
-            return f"BasicAuth({self.username!r}, ***)"
-
-    return BasicAuth(user, password)
+    def __repr__(self) -> str:
+        return f"BasicAuth({self.username!r}, ***)"
 
 
 def credentials(url: str, netrc_path: str | os.PathLike | None = None,
@@ -101,13 +98,13 @@ def credentials(url: str, netrc_path: str | os.PathLike | None = None,
     ``ICHD_DICOMWEB_NETRC``, else ``~/.netrc`` when it exists), else none."""
     env = os.environ if environ is None else environ
     if env.get(ENV_TOKEN):
-        return Credentials(_bearer_auth(env[ENV_TOKEN]), f"bearer token from {ENV_TOKEN}")
+        return Credentials(BearerAuth(env[ENV_TOKEN]), f"bearer token from {ENV_TOKEN}")
     user, password = env.get(ENV_USER), env.get(ENV_PASSWORD)
     if user or password:
         if not (user and password):
             missing = ENV_PASSWORD if user else ENV_USER
             raise ValueError(f"{ENV_USER} and {ENV_PASSWORD} go together: {missing} is not set")
-        return Credentials(_basic_auth(user, password), f"basic auth from {ENV_USER}/{ENV_PASSWORD}")
+        return Credentials(BasicAuth(user, password), f"basic auth from {ENV_USER}/{ENV_PASSWORD}")
     explicit = netrc_path or env.get(ENV_NETRC)
     path = Path(explicit).expanduser() if explicit else Path("~/.netrc").expanduser()
     if not path.is_file():
@@ -125,20 +122,19 @@ def credentials(url: str, netrc_path: str | os.PathLike | None = None,
         return Credentials(None, "no credentials")
     login, _, password = entry
     if not login:  # "machine host password TOKEN": a bearer token
-        return Credentials(_bearer_auth(password), f"bearer token from {path} (machine {host})")
-    return Credentials(_basic_auth(login, password), f"basic auth from {path} (machine {host})")
+        return Credentials(BearerAuth(password), f"bearer token from {path} (machine {host})")
+    return Credentials(BasicAuth(login, password), f"basic auth from {path} (machine {host})")
 
 
-def _retry(transport: Transport) -> Any:
-    from urllib3.util.retry import Retry
+class CappedRetry(Retry):
+    """urllib3's Retry with a server's ``Retry-After`` capped (a PACS asking for an hour stops the run)."""
 
-    class CappedRetry(Retry):
-        """urllib3's Retry with a server's ``Retry-After`` capped (a PACS asking for an hour stops the run)."""
+    def get_retry_after(self, response: Any) -> float | None:
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, MAX_RETRY_AFTER)
 
-        def get_retry_after(self, response: Any) -> float | None:
-            seconds = super().get_retry_after(response)
-            return None if seconds is None else min(seconds, MAX_RETRY_AFTER)
 
+def _retry(transport: Transport) -> Retry:
     n = max(0, int(transport.retries))
     # POST (STOW-RS) is retried too: storing the same SOP instances again is idempotent on a PACS
     return CappedRetry(total=n, connect=n, read=n, status=n, other=0, backoff_factor=transport.backoff,
@@ -147,15 +143,22 @@ def _retry(transport: Transport) -> Any:
                        raise_on_status=False)
 
 
+class Session(requests.Session):
+    """A Session whose own ``verify`` wins: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a
+    session's CA bundle or ``verify=False`` (psf/requests#3829), so it is passed with every request."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        if self.verify is not True:
+            kwargs.setdefault("verify", self.verify)
+        return super().request(method, url, **kwargs)
+
+
 _WARNED_INSECURE: set[str] = set()
 
 
 def make_session(url: str, transport: Transport = Transport()) -> tuple[Any, Credentials]:
     """A requests Session for the DICOMweb service at ``url``: credentials, TLS, retries (see the module doc).
     The per-request timeout is for the caller to pass (``DICOMwebClient(timeout=...)``)."""
-    import requests
-    from requests.adapters import HTTPAdapter
-
     parts = urlsplit(url)
     if parts.username or parts.password:
         raise ValueError(f"{parts.scheme}://{parts.hostname}: credentials in the URL end up in shell history and "
@@ -165,16 +168,6 @@ def make_session(url: str, transport: Transport = Transport()) -> tuple[Any, Cre
     if transport.ca_bundle and transport.insecure:
         raise ValueError("--ca-bundle and --insecure contradict each other: give one")
     creds = credentials(url, transport.netrc)
-
-    class Session(requests.Session):
-        """A Session whose own ``verify`` wins: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a
-        session's CA bundle or ``verify=False`` (psf/requests#3829), so it is passed with every request."""
-
-        def request(self, method: str, url: str, **kwargs: Any) -> Any:
-            if self.verify is not True:
-                kwargs.setdefault("verify", self.verify)
-            return super().request(method, url, **kwargs)
-
     session = Session()
     adapter = HTTPAdapter(max_retries=_retry(transport))
     session.mount("http://", adapter)
@@ -183,8 +176,6 @@ def make_session(url: str, transport: Transport = Transport()) -> tuple[Any, Cre
     if creds.auth is None:
         session.trust_env = False  # no silent ~/.netrc lookup by requests behind our back (it was checked above)
     if transport.insecure:
-        import urllib3
-
         session.verify = False
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # one warning of ours instead
         if parts.scheme == "https" and url not in _WARNED_INSECURE:
@@ -198,8 +189,6 @@ def make_session(url: str, transport: Transport = Transport()) -> tuple[Any, Cre
 
 def is_fatal(exc: BaseException) -> bool:
     """Errors that every further request would repeat (credentials, TLS, server gone): stop the run."""
-    import requests
-
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         return exc.response.status_code in (401, 403)
     return isinstance(exc, (requests.ConnectionError, requests.Timeout))
@@ -207,8 +196,6 @@ def is_fatal(exc: BaseException) -> bool:
 
 def describe(exc: BaseException, creds: Credentials | None = None, timeout: float | None = None) -> str:
     """One line for a requests/HTTP error; no secret (response bodies of 401/403 are left out)."""
-    import requests
-
     how = creds.source if creds is not None else "no credentials"
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         r = exc.response
