@@ -267,6 +267,18 @@ def affine_resample(hu: torch.Tensor, theta: torch.Tensor, size: int, fill: floa
                          align_corners=False) + fill
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)`` with ``sigma`` pixels (replicated borders; same shape)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    y = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
 @dataclass(frozen=True)
 class TtaView:
     """One deterministic test-time view: flips, slice swap, and a crop (scale, centre in [-1, 1] coords);
@@ -297,7 +309,7 @@ class DeviceAugment(nn.Module):
 
     In ``train()`` mode, per image with the probabilities of ``augment`` (an ``AugmentCfg``): slice-order
     swap (before windowing), h-flip, shift/scale/rotate, random crop resized back (all one affine
-    resample), random erasing. In ``eval()`` mode: :func:`eval_view`. Then the recipe's windows, unless
+    resample), another scanner (kernel blur/sharpening, noise, HU calibration drift), random erasing. In ``eval()`` mode: :func:`eval_view`. Then the recipe's windows, unless
     ``learnable`` (the model windows its own input; HU are returned). Random numbers come from an own
     generator on the input's device, set with :meth:`reseed`.
     """
@@ -364,7 +376,30 @@ class DeviceAugment(nn.Module):
         geometry = crop_on | ssr_on[:, 0, 0] | (flip < 0)
         if bool(geometry.any()) or x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = affine_resample(x, torch.cat([a, t[..., None]], -1), self.size)
+        x = self._scanner(x, g)
         return self._erase(x, u[:, 12:17])
+
+    def _scanner(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Another scanner, per image: reconstruction kernel, noise, HU calibration drift (in HU). Draws
+        random numbers only when one of them is on, so the other augmentations' stream stays the same."""
+        cfg = self.cfg
+        if not (cfg.kernel > 0 or cfg.noise > 0 or cfg.intensity > 0):
+            return x
+        b, dev = x.shape[0], x.device
+        u = torch.rand(b, 7, generator=g, device=dev, dtype=torch.float32)
+        if cfg.kernel > 0:
+            lo, hi = cfg.kernel_range
+            amount = torch.where(u[:, 0] < cfg.kernel, lo + (hi - lo) * u[:, 1], torch.zeros_like(u[:, 1]))
+            x = x + amount.view(-1, 1, 1, 1) * (x - gaussian_blur(x, cfg.kernel_sigma))
+        if cfg.noise > 0:
+            std = torch.where(u[:, 2] < cfg.noise, cfg.noise_std * u[:, 3], torch.zeros_like(u[:, 3]))
+            x = x + std.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=g, device=dev, dtype=x.dtype)
+        if cfg.intensity > 0:
+            on = u[:, 4] < cfg.intensity
+            scale = torch.where(on, 1 + cfg.hu_scale * (2 * u[:, 5] - 1), torch.ones_like(u[:, 5]))
+            offset = torch.where(on, cfg.hu_offset * (2 * u[:, 6] - 1), torch.zeros_like(u[:, 6]))
+            x = x * scale.view(-1, 1, 1, 1) + offset.view(-1, 1, 1, 1)
+        return x
 
     def _erase(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         cfg, size, dev = self.cfg, self.size, x.device
