@@ -18,6 +18,7 @@ import pandas as pd
 
 from ichdlib.labels import LABELS, read_labels
 from ichdlib.metrics import weighted_log_loss
+from ichdlib.stats import auc_ci
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -27,23 +28,18 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
 
 
 def _ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray | None) -> list[float] | None:
-    """95% bootstrap CI of the AUC (over ``groups`` when given) from :mod:`ichdlib.stats`, when it is there."""
-    try:
-        from ichdlib.stats import auc_ci  # type: ignore[import-not-found]
-    except ImportError:
-        return None
+    """95% bootstrap interval of the AUC (resampling ``groups`` when given; :mod:`ichdlib.stats`)."""
     if not 0 < y.sum() < len(y):
         return None
-    lo, hi = auc_ci(y, p, groups=groups, n_boot=1000, seed=0)
-    return [round(float(lo), 4), round(float(hi), 4)]
+    ci = auc_ci(y, p, groups=groups, n_boot=1000, seed=0)
+    return None if ci is None else [round(float(ci[0]), 4), round(float(ci[1]), 4)]
 
 
 def score_predictions(slices: pd.DataFrame, truth: pd.DataFrame, prefix: str = "p_") -> dict[str, Any]:
     """Slice and study figures of ``slices`` (predict's per-slice table) against ``truth`` (wide, by SOP UID).
 
     ``prefix``: ``p_`` scores the whole pipeline (sequence models and blend), ``p2d_`` the 2D CNNs alone.
-    Returns slice ``wll``, ``auc_any`` (with ``auc_any_ci`` when :mod:`ichdlib.stats` is available, bootstrap
-    over studies), ``mean_p_any`` vs ``prevalence``, and under ``study`` the same for max-over-slices.
+    Returns slice ``wll``, ``auc_any`` (with ``auc_any_ci``, a 95% bootstrap interval over studies), ``mean_p_any`` vs ``prevalence``, and under ``study`` the same for max-over-slices.
     """
     cols = [f"{prefix}{c}" for c in LABELS]
     missing = [c for c in ["sop_uid", "study_uid", *cols] if c not in slices.columns]
@@ -72,6 +68,9 @@ def score_predictions(slices: pd.DataFrame, truth: pd.DataFrame, prefix: str = "
         "auc_any": _round(_auc(ys, ps)), "auc_any_ci": _ci(ys, ps, None),
         "mean_max_any": round(float(ps.mean()), 4),
         "median_max_any_negative": round(float(np.median(neg)), 4) if len(neg) else None,
+        # at the fixed threshold 0.5 (chosen before seeing the external data)
+        "sensitivity_05": round(float((ps[ys == 1] >= 0.5).mean()), 4) if ys.sum() else None,
+        "specificity_05": round(float((neg < 0.5).mean()), 4) if len(neg) else None,
     }
     return out
 

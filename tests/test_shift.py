@@ -178,6 +178,35 @@ def test_score_predictions_slice_and_study_level():
     assert s["prevalence"] == 0.25 and s["mean_p_any"] == pytest.approx(np.mean(p_any), abs=1e-4)
     assert s["auc_any"] == pytest.approx(10 / 12, abs=1e-4)
     # studies: a (max .9, pos), b (.3, neg), c (.6, pos), d (.2, neg)
-    assert s["study"]["n_studies"] == 4 and s["study"]["n_positive"] == 2 and s["study"]["auc_any"] == 1.0
+    st = s["study"]
+    assert st["n_studies"] == 4 and st["n_positive"] == 2 and st["auc_any"] == 1.0
+    assert st["sensitivity_05"] == 1.0 and st["specificity_05"] == 1.0 and st["median_max_any_negative"] == 0.25
     with pytest.raises(ValueError, match="lack columns"):
         score_predictions(slices.drop(columns=["p_any"]), truth)
+
+
+# -- the benchmark -------------------------------------------------------------------------------------
+def test_shift_benchmark_scores_what_it_predicts(trained, tmp_path):
+    """benchmarks/shift_robustness.py on a tiny shifted phantom: every slice predicted and scored once."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from ichdlib.serve.bundle import export
+
+    bundle = export(trained, tmp_path / "bundle")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shift_robustness.py"
+    spec = importlib.util.spec_from_file_location("bench_shift_robustness", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    res = mod.main(["--bundle", str(bundle), "--shift", "scannerB", "--studies", "4", "--size", "48",
+                    "--work", str(tmp_path / "ph"), "--device", "cpu", "--json", str(out)])
+    r = res["scannerB"]["final"]
+    man = json.loads((tmp_path / "ph" / "scannerB_s1_n4_48" / MANIFEST).read_text())
+    assert r["n_slices"] == man["counts"]["train_images"] + man["counts"]["test_images"]
+    assert r["slices_without_truth"] == 0 == r["truth_without_prediction"]
+    assert r["study"]["n_studies"] == 4 and 0 <= r["mean_p_any"] <= 1
+    assert json.loads(out.read_text())["scannerB"]["cnn2d"]["n_slices"] == r["n_slices"]
+    assert "| scannerB | 4 (" in mod.table(res)
