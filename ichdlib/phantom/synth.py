@@ -529,6 +529,8 @@ def cli(args: argparse.Namespace) -> int:
     print(f"wrote {c['train_images']} train + {c['test_images']} test slices of {c['studies']} studies "
           f"({c['patients']} patients) to {args.out} in {man['seconds']} s; "
           f"{c['positive_studies']} positive studies, {c['positive_slices']['any']} positive slices")
+    if "shift" in man:
+        print(f"scanner {man['shift']['name']}: {man['shift']['description']}")
     if args.quirks:
         print("quirks: " + ", ".join(f"{k}={len(v)}" for k, v in man["quirks"].items()))
     return 0
