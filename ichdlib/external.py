@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from ichdlib.labels import LABELS, read_labels
 from ichdlib.metrics import weighted_log_loss
@@ -22,8 +23,6 @@ from ichdlib.stats import auc_ci
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None
 
 
