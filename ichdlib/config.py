@@ -9,6 +9,7 @@ the run name.
 from __future__ import annotations
 
 import copy
+import os
 import types
 import typing
 from pathlib import Path
@@ -313,6 +314,10 @@ class EnsembleCfg(_Strict):
     method: Literal["mean", "fit"] = "mean"
     #: Stages to blend: ``seq1``, ``seq2``, ``cnn:<key>`` or ``cnn:*`` (every backbone).
     members: list[str] = Field(default_factory=lambda: ["seq1", "seq2"])
+    #: 95% intervals in metrics.json: bootstrap replicates over patients, and the seed of their draws (one fixed
+    #: seed, so that runs with different ``seed`` values are scored with the same draws).
+    bootstrap: int = Field(1000, ge=100)
+    bootstrap_seed: int = 0
 
 
 class CamCfg(_Strict):
@@ -340,6 +345,16 @@ class CamCfg(_Strict):
         return CAM_METHODS.check(v)
 
 
+class TrackingCfg(_Strict):
+    """MLflow tracking (``ichdlib.tracking``; the ``track`` extra). Off unless ``enabled`` or ``ichd run --track``."""
+
+    enabled: bool = False
+    #: Store: a URI (``sqlite:///...``, ``http://lab-server:5000``) or a path (a ``.db`` file, relative to
+    #: ``root``); empty: ``MLFLOW_TRACKING_URI`` if set, else ``reports/<run>/mlflow.db``.
+    uri: str | None = None
+    experiment: str = "ichd"
+
+
 class Params(_Strict):
     """A whole experiment."""
 
@@ -356,6 +371,7 @@ class Params(_Strict):
     seq: SeqCfg = Field(default_factory=SeqCfg)
     ensemble: EnsembleCfg = Field(default_factory=EnsembleCfg)
     cam: CamCfg = Field(default_factory=CamCfg)
+    tracking: TrackingCfg = Field(default_factory=TrackingCfg)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Params:
@@ -506,6 +522,14 @@ def check_values(model: type[BaseModel], values: dict[str, Any], source: str) ->
         raise ParamsError(f"{source}: invalid value: " + "; ".join(parts)) from None
 
 
-def dump_params(params: Params) -> str:
-    """The validated params as YAML (for reports and bundles)."""
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+def dump_params(params: Params, at: str | Path | None = None) -> str:
+    """The validated params as YAML (for reports and bundles), with no absolute path of this machine: ``root``
+    is written relative to where the file goes (``at``, read back by :func:`load_params` to the same root) or,
+    without ``at`` (a bundle, which travels), left out."""
+    data = params.model_dump(mode="json")
+    root = data.get("root")
+    if at is None or root is None:
+        data.pop("root", None)
+    else:
+        data["root"] = os.path.relpath(Path(root).resolve(), Path(at).resolve().parent.parent)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -27,6 +27,13 @@ class LabelFileError(ValueError):
     """A label or submission CSV that cannot be parsed."""
 
 
+def short_uid(uid: object, n: int = 8) -> str:
+    """The one abbreviation of a study (or image) UID in figure titles: ``…`` and its last ``n`` characters
+    (the whole UID when it is that short). Tables, captions and dropdowns show the whole UID."""
+    text = str(uid)
+    return text if len(text) <= n + 1 else "…" + text[-n:]
+
+
 def split_id(long_id: str) -> tuple[str, str]:
     """``'ID_abc123_subdural'`` -> ``('ID_abc123', 'subdural')``."""
     parts = long_id.rsplit("_", 1)

@@ -17,6 +17,8 @@ stage reads or writes is an attribute or method of it::
       params.yaml
     reports/<run>/
       <notebook>.ipynb  metrics.json submission.csv timings.json summary.md params.yaml figures/<name>.png
+      predictions.parquet                                       scored probabilities (05, ichd compare)
+      mlflow.db mlartifacts/ mlflow_run.json                    MLflow tracking (when on)
     <data_root>/masks/<sop_uid>.npz                             lesion masks (the phantom writes them)
 
 Moving one output means editing this module only (``tests/test_layering.py`` greps the package for the
@@ -48,6 +50,10 @@ OOF_PROB, TEST_PROB = "oof_prob.parquet", "test_prob.parquet"
 TEST_PROB_FOLDS = "test_prob_folds.npy"
 DIGESTS = "digests.json"
 METRICS, SUBMISSION, TIMINGS, SUMMARY = "metrics.json", "submission.csv", "timings.json", "summary.md"
+#: Notebook 05's scored probabilities per stage with the truth and each image's group (``ichd compare`` pairs them).
+PREDICTIONS = "predictions.parquet"
+#: MLflow tracking (``ichdlib.tracking``): the default SQLite store, its artifacts, the run a report belongs to.
+MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_RUN = "mlflow.db", "mlartifacts", "mlflow_run.json"
 #: The validated params written next to the work and the reports by every notebook.
 PARAMS_FILE = "params.yaml"
 #: Per-slice lesion masks under the data folder (``<sop_uid>.npz``).
@@ -266,6 +272,24 @@ class RunLayout:
     @property
     def figures(self) -> Path:
         return self.reports / FIGURES
+
+    @property
+    def predictions(self) -> Path:
+        return self.reports / PREDICTIONS
+
+    @property
+    def mlflow_db(self) -> Path:
+        """The default MLflow store of a tracked run (SQLite; artifacts in :attr:`mlflow_artifacts`)."""
+        return self.reports / MLFLOW_DB
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.reports / MLFLOW_ARTIFACTS
+
+    @property
+    def mlflow_run(self) -> Path:
+        """Which MLflow run records this report folder, and the stage stamps it covers."""
+        return self.reports / MLFLOW_RUN
 
     def figure(self, name: str) -> Path:
         return self.figures / f"{name}.png"

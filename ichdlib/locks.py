@@ -6,7 +6,9 @@ ingests of the same folder cannot interleave.
 
 The lock is an advisory ``flock`` on ``<target>.lock`` next to the target. The kernel releases it when the
 holder dies (also on ``kill -9``), so a stale lock never blocks a rerun; the file's JSON content names the
-holder (pid, host, command, since) for the message a second process prints.
+holder (pid, host, command, since) for the message a second process prints. The holder removes the file when
+it is done (a waiter that locked the removed file notices and locks the new one), so finished outputs, such
+as a ``--dicom-out`` folder handed to a PACS, hold no lock files.
 
     with output_lock(work / "catalog.parquet", what="ingest"):
         ...  # write the catalog
@@ -86,21 +88,9 @@ def output_lock(target: str | Path, *, what: str = "", wait: bool | float = Fals
                 fd, depth = _HELD[key]
                 _HELD[key] = (fd, depth - 1)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = None if wait is True else time.monotonic() + (0.0 if wait is False else float(wait))
+    fd = _acquire(path, target, wait, deadline, poll)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    info = holder(target)
-                    hint = "wait for it to finish" if not wait else "it is still running"
-                    raise LockHeld(f"{Path(target).name} is being written by {_describe(info)}; "
-                                   f"{hint}, or stop that process (lock: {path})") from None
-                time.sleep(poll)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
                 "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
                 "since": time.time()}
@@ -113,6 +103,45 @@ def output_lock(target: str | Path, *, what: str = "", wait: bool | float = Fals
         finally:
             with _GUARD:
                 _HELD.pop(key, None)
+            with _suppress_os_error():
+                path.unlink()  # still locked: a waiter on this file re-checks and locks a fresh one
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _suppress_os_error() -> Iterator[None]:
+    try:
+        yield
+    except OSError:
+        pass
+
+
+def _acquire(path: Path, target: str | Path, wait: bool | float, deadline: float | None, poll: float) -> int:
+    """Open and ``flock`` the lock file; retry when the file was removed (by its last holder) meanwhile."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        info = holder(target)
+                        hint = "wait for it to finish" if not wait else "it is still running"
+                        raise LockHeld(f"{Path(target).name} is being written by {_describe(info)}; "
+                                       f"{hint}, or stop that process (lock: {path})") from None
+                    time.sleep(poll)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            return fd
+        os.close(fd)  # locked a file its holder removed on release: lock the current one

@@ -48,10 +48,9 @@ def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = Non
     L.figures.mkdir(parents=True, exist_ok=True)
     # The validated params travel with the run, so `ichd export --run work/<run>` can find them.
     # ... and a copy next to the reports, so `ichd compare` can list the params that differ between runs.
-    text = dump_params(P)
     for path in L.params_copies():
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
+        tmp.write_text(dump_params(P, path))  # root relative to the copy: no absolute path of this machine
         tmp.replace(path)
     use_inline_backend()
     import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting and notebook libraries load only to draw)

@@ -1,8 +1,10 @@
 """Training progress that fits its place.
 
-Headless (``ichd run``, papermill, scripts): one compact line per epoch,
-``<model> fold <k> epoch <e>/<n>  train loss ..  val wLL ..  <img/s>  <s>``, and no progress bars, so that a
-full schedule (5 folds x 4 backbones x tens of epochs) still gives a report a person can scroll.
+Headless (``ichd run``, papermill, scripts): compact lines,
+``<model> fold <k> epoch <e>/<n>  train loss ..  val wLL ..  <img/s>  <s>``, at most ``lines_per_fold`` of them per
+fold (evenly spaced, the last epoch always), then one summary line per fold (best validation wLL and its epoch),
+and no progress bars, so that a full schedule (5 folds x 4 backbones x tens of epochs) still gives a report a
+person can scroll. Every epoch still goes to the fold's log file and, when the run is tracked, to MLflow.
 
 In JupyterLab: tqdm.auto widget bars (an epoch bar reset for each fold and a batch bar reset every epoch, reused
 rather than stacked) and a training curve that updates in place while a fold trains.
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TextIO, TypeVar
 
 from ichdlib.nb import interactive
+from ichdlib.tracking import log_epoch
 
 T = TypeVar("T")
 
@@ -47,14 +50,17 @@ def epoch_line(model: str, fold: int | str, epoch: int, epochs: int, train_loss:
 class TrainingProgress:
     """Progress of one model's folds: call :meth:`fold`, then per epoch :meth:`batches` and :meth:`epoch`.
 
-    ``live=None`` decides by :func:`live`. Headless, each epoch prints one :func:`epoch_line` to ``stream``
-    (stdout by default), ``*`` marking a new best validation loss. Live, an epoch bar and a batch bar
+    ``live=None`` decides by :func:`live`. Headless, every k-th epoch prints one :func:`epoch_line` to ``stream``
+    (stdout by default; k such that a fold prints at most ``lines_per_fold`` lines, all of them when None, none
+    when 0), ``*`` marking a new best validation loss, and each fold ends with one summary line. Live, an epoch bar and a batch bar
     (tqdm.auto, reset rather than recreated), and a figure of train loss / val wLL per fold updated in place.
     """
 
     def __init__(self, model: str, *, live: bool | None = None, stream: TextIO | None = None,
-                 curve: bool = True) -> None:
+                 curve: bool = True, lines_per_fold: int | None = 4) -> None:
         self.model = model
+        self.lines_per_fold = lines_per_fold
+        self._summary: dict[str, Any] | None = None
         self.live = globals()["live"]() if live is None else bool(live)
         self.stream = stream
         self.curve = curve and self.live
@@ -71,7 +77,10 @@ class TrainingProgress:
     # -- per fold ------------------------------------------------------------------------------------
     def fold(self, fold: int | str, epochs: int, start: int = 0, best: float | None = None) -> None:
         """A fold starts (or resumes at ``start`` with its best validation loss so far)."""
+        self._end_fold()
         self._fold, self._epochs, self._best = fold, epochs, best
+        self._summary = {"best": best, "best_epoch": None, "first": start, "last": None, "loss": None,
+                         "seconds": 0.0}
         self.history.setdefault(fold, [])
         if self.live:
             from tqdm.auto import tqdm  # noqa: PLC0415  (progress bars load only when shown)
@@ -109,6 +118,7 @@ class TrainingProgress:
         if best:
             self._best = val_wll
         self.history.setdefault(self._fold, []).append((epoch, train_loss, val_wll))
+        log_epoch(self.model, self._fold, epoch, train_loss, val_wll)  # MLflow, only when a tracked run is on
         line = epoch_line(self.model, self._fold, epoch, self._epochs, train_loss, val_wll, images_per_s,
                           seconds, best=best)
         if self.live:
@@ -123,11 +133,47 @@ class TrainingProgress:
             if self.curve:
                 self._draw()
         else:
-            self._print(line)
+            self._track(epoch, train_loss, best, seconds)
+            if self._shown(epoch):
+                self._print(line)
+            if epoch + 1 >= self._epochs:
+                self._end_fold()
         return line
 
+    def _shown(self, epoch: int) -> bool:
+        """Whether a headless epoch line is printed: every k-th epoch and the last."""
+        n = self.lines_per_fold
+        if n is None:
+            return True
+        if n <= 0:
+            return False
+        k = max(1, -(-self._epochs // n))
+        return (epoch + 1) % k == 0 or epoch + 1 >= self._epochs
+
+    def _track(self, epoch: int, train_loss: float, best: bool, seconds: float | None) -> None:
+        s = self._summary
+        if s is None:
+            return
+        if best:
+            s["best"], s["best_epoch"] = self._best, epoch
+        s["last"], s["loss"] = epoch, train_loss
+        s["seconds"] += seconds or 0.0
+
+    def _end_fold(self) -> None:
+        """Headless: one line summing up the fold that just ended (once)."""
+        s, self._summary = self._summary, None
+        if self.live or s is None or s["last"] is None or self.lines_per_fold is None:
+            return
+        n = s["last"] - s["first"] + 1
+        best = (f"best val wLL {s['best']:.4f} at epoch {s['best_epoch'] + 1}/{self._epochs}"
+                if s["best_epoch"] is not None else
+                (f"best val wLL {s['best']:.4f} before resuming" if s["best"] is not None else "no validation"))
+        self._print(f"{self.model} fold {self._fold}: {n} epoch(s) to {s['last'] + 1}/{self._epochs}, {best}, "
+                    f"last train loss {s['loss']:.4f}, {s['seconds']:.0f} s")
+
     def close(self) -> None:
-        """Close the bars (the live curve stays as the cell's output)."""
+        """Close the bars (the live curve stays as the cell's output); headless, sum up the last fold."""
+        self._end_fold()
         for bar in (self._batch_bar, self._epoch_bar):
             if bar is not None:
                 bar.close()

@@ -12,13 +12,14 @@ named. Kernels are started by :mod:`ichdlib.procs`; ``summary.md`` and ``timings
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ichdlib import stages
+from ichdlib import stages, tracking
 from ichdlib.config import Params, load_params, parse_overrides
 from ichdlib.locks import output_lock
 from ichdlib.procs import (  # noqa: F401  (the kernel plumbing; re-exported under the runner's old names)
@@ -76,7 +77,7 @@ def _failure_message(nb_name: str, exc: Exception, out_path: Path) -> str:
 
 
 def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, Any], *, force: bool = False,
-                 html: bool = True, log_output: bool = False) -> Path:
+                 html: bool = True, log_output: bool = False, env: dict[str, str] | None = None) -> Path:
     """Execute one notebook with papermill into ``reports/<run>/`` with the parameters ``params_path``,
     ``overrides`` and ``force`` (whether its stage recomputes); raises :class:`NotebookFailed`."""
     import papermill as pm  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
@@ -86,11 +87,13 @@ def run_notebook(nb: Path, P: Params, params_path: Path, overrides: dict[str, An
 
     try:
         # one runner per notebook of a run at a time (the lock file lives in work/, not beside the report)
-        with output_lock(P.layout.stage_lock(nb.stem), what="run"), kernel_environment(), \
+        with output_lock(P.layout.stage_lock(nb.stem), what="run"), kernel_environment(env), \
                 tempfile.TemporaryDirectory(prefix="ichd-kernel-") as ipc:
             execute_notebook(
                 str(nb), str(out),
-                parameters={"params_path": str(params_path), "overrides": overrides, "force": bool(force)},
+                # relative to the kernel's folder: the printed parameters cell names no path of this machine
+                parameters={"params_path": os.path.relpath(params_path, nb.parent), "overrides": overrides,
+                            "force": bool(force)},
                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=log_output,
                 config=quiet_kernel_config(Path(ipc)),
                 coalesce_streams=True,  # one stream block per cell: the per-epoch lines read as one log
@@ -132,10 +135,11 @@ def plan(params_path: str | Path, *, only: list[str] | None = None, start: str |
 
 def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, start: str | None = None,
                  force: bool = False, overrides: dict[str, Any] | None = None, html: bool = True,
-                 notebooks: Path = NOTEBOOK_DIR, log_output: bool = False) -> list[StageResult]:
+                 notebooks: Path = NOTEBOOK_DIR, log_output: bool = False, track: bool = False) -> list[StageResult]:
     """Walk the stage DAG in order; run each stage whose stamp changed (see :mod:`ichdlib.stages`).
 
-    Stops at the first failure (raised as :class:`NotebookFailed`).
+    Stops at the first failure (raised as :class:`NotebookFailed`). ``track`` (or ``tracking.enabled``) records
+    the run in MLflow (:mod:`ichdlib.tracking`).
     """
     params_path = Path(params_path).resolve()
     overrides = dict(overrides or {})
@@ -146,6 +150,7 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     store = stages.StampStore(P)
     timings = last_timings(P)  # the skip lines say how long each skipped notebook took when it last ran
     results: list[StageResult] = []
+    tracker = tracking.RunTracker(P) if tracking.enabled(P, track) else None
     print(f"ichd run: {P.run}: {len(chosen)} notebook(s) -> {P.layout.reports}", flush=True)
     for i, nb in enumerate(chosen, 1):
         stage = stages.stage_for(nb.name[:2], known)
@@ -157,14 +162,20 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
             note = "" if last is None else f"last ran in {last:.0f} s"
             print(f"{head}: skipped, up to date{'; ' + note if note else ''} (--force to rerun)", flush=True)
             results.append(StageResult(stage.number, nb.name, "skipped", 0.0, note))
+            if tracker:
+                tracker.stage(stage.number, "skipped (up to date)")
             continue
         print(f"{head}: {d.explain()} ...", end="\n" if log_output else "", flush=True)
         t0 = time.perf_counter()
         store.mark_started(stage.number, d)
         try:
-            run_notebook(nb, P, params_path, dict(overrides), force=d.force, html=html, log_output=log_output)
+            run_notebook(nb, P, params_path, dict(overrides), force=d.force, html=html, log_output=log_output,
+                         env=tracker.begin() if tracker else None)
         except NotebookFailed as exc:
             print(" failed", flush=True)
+            if tracker:
+                tracker.stage(stage.number, "failed")
+                tracker.finish(failed=True)
             store.mark_failed(stage.number, time.perf_counter() - t0, str(exc))
             results.append(StageResult(stage.number, nb.name, "failed", time.perf_counter() - t0, str(exc)))
             raise
@@ -174,6 +185,8 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
         record_timing(P, nb.name, dt)
         print(f"{head}: done in {dt:.0f} s" if log_output else f" {dt:.0f} s", flush=True)
         results.append(StageResult(stage.number, nb.name, "ran", dt))
+        if tracker:
+            tracker.stage(stage.number, "ran", dt)
     if only or start:
         later = [d for d in plan(params_path, overrides=overrides, notebooks=notebooks)
                  if d.run and d.stage.number not in {r.stage for r in results}]
@@ -183,6 +196,8 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     summary = write_summary(P, results)
     if summary:
         print(f"summary: {summary}", flush=True)
+    if tracker:
+        tracker.finish()
     return results
 
 
@@ -206,6 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a parameter, e.g. --set seq.epochs=2 (repeatable)")
     parser.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     parser.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
+    parser.add_argument("--track", action="store_true", help="record the run in MLflow (docs/tracking.md)")
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -218,7 +234,7 @@ def cli(args: argparse.Namespace) -> int:
     try:
         run_pipeline(args.params, only=only, start=args.start, force=args.force,
                      overrides=parse_overrides(args.overrides), html=not args.no_html,
-                     log_output=args.log_output)
+                     log_output=args.log_output, track=args.track)
     except NotebookFailed as exc:
         print(f"ichd run: {exc}", file=sys.stderr)
         return 1

@@ -88,7 +88,7 @@ def test_damaged_or_foreign_bundles_fail_clearly(exported, tmp_path):
 
 def test_export_cli(trained, tmp_path, capsys):
     params = tmp_path / "run.yaml"
-    params.write_text(dump_params(trained))
+    params.write_text(dump_params(trained, params))  # root relative to the file: no absolute path in it
     out = tmp_path / "b2"
     assert ichd(["export", "--run", str(params), "--out", str(out)]) == 0
     assert "bundle written" in capsys.readouterr().out and (out / MANIFEST).is_file()

@@ -303,6 +303,10 @@ def test_run_review_pointing_game_and_viewer(cam_run, caplog):
         assert n_pos[c] == 0 or pg["standard_tolerance"]["per_class"][c] >= pg["per_class"][c]
     data = _json.loads((P.reports_dir / "metrics.json").read_text())
     assert data["prior"]["oof"]["wll"] == 0.3 and data["pointing_game"]["n"] == n_pos  # merged, not clobbered
+    # the pooled hit rate with its 95% interval (a bootstrap over patients), in metrics.json too
+    lo, hi = pg["overall_ci"]
+    assert 0 <= lo <= pg["overall"] <= hi <= 1 and data["pointing_game"]["overall_ci"] == [lo, hi]
+    assert pg["standard_tolerance"]["overall_ci"] is not None and "overall_ci" not in pg["chance"]
     # the viewer over the run's studies
     studies = list(dict.fromkeys(cases["study_uid"]))
     state = run_state(P, engine, table, studies)

@@ -214,8 +214,9 @@ def test_cam_series_references_its_slices(written):
     for p in cams:
         ds = pydicom.dcmread(p)
         sop, label = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID), ds.ImageComments.split(":")[0]
-        png = written["out"] / "cam" / safe_name(study["study_uid"]) / f"slice{index[sop]:03d}_{label}.png"
-        np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB), ds.pixel_array)
+        png = written["out"] / "cam" / safe_name(study["study_uid"]) / f"slice{index[sop] + 1:03d}_{label}.png"
+        img = cv2.imread(str(png))  # the same map, annotated (label, probability, colour scale) and enlarged
+        assert min(img.shape[:2]) >= 512 and min(img.shape[:2]) > min(ds.pixel_array.shape[:2])
 
 
 def test_parametric_maps_per_label(written):
@@ -297,7 +298,14 @@ def test_one_explain_path_reads_the_preprocessing_from_the_model(phantoms, ubund
     assert model.spec.recipe != other
     cache, rows = study_cache(loaded, model.spec.size)
     o = overlays[0]
-    want = explain(model, cache[rows[o.row]][None], [o.label], predictor.P.cam, out_size=loaded.hu[o.row].shape)[0, 0]
+    # the whole slice (crop 1.0): no hard-edged centre-crop rectangle of map values (issue 24)
+    want = explain(model, cache[rows[o.row]][None], [o.label], predictor.P.cam, out_size=loaded.hu[o.row].shape,
+                   crop=1.0)[0, 0]
     np.testing.assert_allclose(o.cam, want, atol=1e-6)
-    paths = write_cam_pngs(overlays, frame, loaded.scan.study_uid, tmp_path / "png")
+    cropped = explain(model, cache[rows[o.row]][None], [o.label], predictor.P.cam,
+                      out_size=loaded.hu[o.row].shape)[0, 0]
+    h, w = cropped.shape
+    border = np.concatenate([cropped[:h // 20].ravel(), cropped[-(h // 20):].ravel()])
+    assert not border.any()  # the spec's crop leaves the map's outer band empty: the rectangle the PNGs avoid
+    paths = write_cam_pngs(overlays, frame, loaded.scan.study_uid, tmp_path / "png", loaded.hu, "Grad-CAM")
     assert len(paths) == len(set(paths)) == len(overlays)

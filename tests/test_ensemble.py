@@ -214,7 +214,10 @@ def test_figures(fake_run):
     fig = plot_stages(rep.table)
     ax = fig.axes[0]
     stages = rep.table.drop(index="prior")
-    oof_bars = ax.containers[0]
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    oof_bars = [c for c in ax.containers if isinstance(c, BarContainer)][0]
+    assert any(isinstance(c, ErrorbarContainer) for c in ax.containers)  # 95% interval whiskers
     np.testing.assert_allclose([b.get_height() for b in oof_bars], stages["oof_wll"].astype(float), rtol=1e-9)
     assert [t.get_text() for t in ax.get_xticklabels()] == list(stages.index)
     assert any(np.allclose(line.get_ydata(), rep.table.loc["prior", "oof_wll"]) for line in ax.lines)
@@ -252,3 +255,44 @@ def test_notebooks_04_05_run_headless_on_fabricated_inputs(tmp_path, repo):
     figs = {f.name for f in (P.reports_dir / "figures").glob("*.png")}
     assert {"04_learning_curves.png", "05_stages.png", "05_roc.png", "05_reliability.png"} <= figs
     validate_submission(P.reports_dir / "submission.csv", P.data_root / P.paths.sample_submission)
+
+
+def test_metrics_json_intervals_recomputed(fake_run):
+    """Every stage's OOF and test wLL and AUC carry a 95% interval (``<key>_ci`` siblings); recomputed here from
+    the stage files, the catalog's patients and the answer key with the shared bootstrap (issue 24)."""
+    from ichdlib import stats
+    from ichdlib.ensemble.intervals import read_predictions, stage_arrays
+    from ichdlib.labels import read_labels
+
+    P, _ = fake_run
+    run_ensemble(P)
+    m = json.loads((P.reports_dir / "metrics.json").read_text())
+    assert m["intervals"]["n_boot"] == P.ensemble.bootstrap and m["intervals"]["seed"] == P.ensemble.bootstrap_seed
+    cat = pd.read_parquet(P.catalog_path).set_index("sop_uid")
+    kw = {"n_boot": P.ensemble.bootstrap, "seed": P.ensemble.bootstrap_seed}
+    # seq2 out of fold: the slices of one patient are resampled together
+    oof = pd.read_parquet(P.work_dir / "seq" / "seq2" / "oof.parquet").set_index("sop_uid")
+    y_oof = cat[cat["split"] == "train"][L]
+    p = oof.loc[y_oof.index, L].to_numpy()
+    groups = cat.loc[y_oof.index, "patient_id"].to_numpy()
+    s = m["stages"]["seq2"]["oof"]
+    assert s["wll_ci"] == pytest.approx(list(stats.wll_ci(y_oof.to_numpy(), p, groups=groups, **kw)))
+    assert s["auc_ci"]["any"] == pytest.approx(list(stats.auc_ci(y_oof["any"].to_numpy(), p[:, 0], groups=groups,
+                                                                 **kw)))
+    assert s["wll_ci"][0] < s["wll"] < s["wll_ci"][1] and s["groups"] == len(set(groups))
+    # the ensemble on the test split: the submission itself against the answer key (quarantined images: alone)
+    truth, _ = read_labels(P.data_root / P.paths.answer_key, values="binary")
+    truth = truth.dropna()
+    sub = read_labels(P.reports_dir / "submission.csv")[0].loc[truth.index, L].to_numpy()
+    g = [cat["patient_id"].get(i, "alone:" + i) for i in truth.index]
+    t = m["stages"]["ensemble"]["test"]
+    assert t["wll_ci"] == pytest.approx(list(stats.wll_ci(truth[L].to_numpy(), sub, groups=g, **kw)))
+    for k, c in enumerate(L):
+        col = truth[c].to_numpy()
+        want = stats.auc_ci(col, sub[:, k], groups=g, **kw) if 0 < col.sum() < len(col) else None
+        assert (t["auc_ci"][c] is None) == (want is None) and (want is None or t["auc_ci"][c] == pytest.approx(list(want)))
+    assert m["prior"]["oof"]["wll_ci"][0] < m["prior"]["oof"]["wll"]
+    # what `ichd compare` pairs: the same probabilities, truth and groups
+    pr = read_predictions(P.reports_dir / "predictions.parquet")
+    np.testing.assert_allclose(stage_arrays(pr["oof"].loc[y_oof.index], "seq2"), p, rtol=1e-6)
+    assert pr["test"]["group"].nunique() == len(set(g))

@@ -21,7 +21,7 @@ PKG = REPO / "ichdlib"
 FILES = {layout.CATALOG, layout.QUARANTINE, layout.INGEST_REPORT, layout.INGEST_STATE, layout.OOF, layout.TEST,
          layout.DONE, layout.META, layout.OOF_FEAT, layout.TEST_FEAT, layout.OOF_PROB, layout.TEST_PROB,
          layout.TEST_PROB_FOLDS, layout.DIGESTS, layout.METRICS, layout.SUBMISSION, layout.TIMINGS, layout.SUMMARY,
-         layout.PARAMS_FILE}
+         layout.PARAMS_FILE, layout.PREDICTIONS, layout.MLFLOW_DB, layout.MLFLOW_RUN}
 #: Folder names, flagged where they are joined onto a path (``x / "cnn"``): as words they name stages too.
 DIRS = {layout.CNN, layout.FEATURES, layout.SEQ, layout.STAGES, layout.LOGS, layout.INPUTS, layout.FIGURES,
         layout.MASKS}

@@ -78,3 +78,25 @@ def test_reentrant_in_one_process(tmp_path):
     p = _hold(target, 0.1)  # released after the outer block: another process takes it at once
     p.wait()
     assert p.returncode == 0
+
+
+def test_lock_files_are_removed_and_still_exclude(tmp_path):
+    """A finished writer leaves no ``.lock`` beside its output (a --dicom-out folder goes to a PACS as it is),
+    and removing the file on release keeps the lock exclusive: 4 processes x 40 read-modify-write steps."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "dicom" / "study1"
+    with output_lock(target, what="dicom-out") as p:
+        assert p.is_file()
+    assert not lock_path(target).exists() and list((tmp_path / "dicom").iterdir()) == []
+    counter = tmp_path / "n.txt"
+    counter.write_text("0")
+    code = (f"from ichdlib.locks import output_lock\n"
+            f"for _ in range(40):\n"
+            f"    with output_lock({str(target)!r}, wait=True, poll=0.001):\n"
+            f"        n = int(open({str(counter)!r}).read())\n"
+            f"        open({str(counter)!r}, 'w').write(str(n + 1))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    assert counter.read_text() == "160" and not lock_path(target).exists()

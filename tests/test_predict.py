@@ -248,11 +248,14 @@ def test_cli_cam_and_empty_folder(bundle_dir, tmp_path, capsys):
     rc = ichd(["predict", CT_SMALL, "--bundle", str(bundle_dir), "--out", str(out), "--cam", "--threshold", "0"])
     assert rc == 0
     pngs = sorted((out / "cam").rglob("*.png"))
-    assert len(pngs) == 6 and pngs[0].name == "slice000_any.png"
+    assert len(pngs) == 6 and pngs[0].name == "slice001_any.png"  # slices numbered 1..n, as users count them
     import cv2
 
     img = cv2.imread(str(pngs[0]))
-    assert img.shape == (128, 128, 3) and img.std() > 0
+    assert min(img.shape[:2]) >= 512 and img.std() > 0  # shown large, with its title and colour scale
+    # the heat map covers the whole slice: no hard-edged centre-crop rectangle of map values at its border
+    slices = pd.read_csv(out / "slices.csv")
+    assert {"slice_index", "slice"} <= set(slices.columns) and (slices["slice"] == slices["slice_index"] + 1).all()
     (tmp_path / "empty").mkdir()
     assert ichd(["predict", str(tmp_path / "empty"), "--bundle", str(bundle_dir), "--out", str(out)]) == 1
     assert "no files found" in pd.read_csv(out / "problems.csv")["message"].iloc[0]

@@ -16,14 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_headless_progress_is_one_compact_line_per_epoch():
     out = io.StringIO()
-    p = TrainingProgress("resnet18_256", live=False, stream=out)
+    p = TrainingProgress("resnet18_256", live=False, stream=out, lines_per_fold=None)
     for fold in (0, 1):
         p.fold(fold, 3)
         for epoch, val in enumerate([0.20, 0.18, 0.19]):
             assert list(p.batches(range(4))) == [0, 1, 2, 3]
             p.epoch(epoch, 0.3 - 0.01 * epoch, val, images_per_s=1234.5, seconds=12.0)
     p.close()
-    lines = out.getvalue().splitlines()
+    lines = [ln for ln in out.getvalue().splitlines() if " epoch " in ln]
     assert len(lines) == 6
     assert lines[0] == "resnet18_256 fold 0 epoch 1/3  train loss 0.3000  val wLL 0.2000 *    1234 img/s   12.0 s"
     assert lines[1].count("*") == 1 and "*" not in lines[2]  # the star marks a new best only
@@ -32,6 +32,26 @@ def test_headless_progress_is_one_compact_line_per_epoch():
     p.fold(2, 30, start=7, best=0.1)
     assert out.getvalue().splitlines()[-1] == "resnet18_256 fold 2: resuming at epoch 8/30"
     assert "*" not in p.epoch(7, 0.2, 0.15)  # not better than the best before the interruption
+
+
+def test_headless_progress_stays_short_at_full_scale():
+    """40 epochs x 5 folds: a few evenly spaced epoch lines per fold and one summary line each (issue 24:
+    notebook 04 printed 96 lines, a full-scale 02 about 800); ``lines_per_fold=0`` prints the summaries only."""
+    for per_fold, want in ((4, 5 * 5), (0, 5)):
+        out = io.StringIO()
+        with TrainingProgress("densenet121_256", live=False, stream=out, lines_per_fold=per_fold) as p:
+            for fold in range(5):
+                p.fold(fold, 40)
+                for epoch in range(40):
+                    p.epoch(epoch, 1.0 / (epoch + 1), 0.1 + abs(epoch - 29) / 100, seconds=2.0)
+        lines = out.getvalue().splitlines()
+        assert len(lines) == want, lines
+        summary = [ln for ln in lines if ": 40 epoch(s)" in ln]
+        assert len(summary) == 5
+        assert summary[0] == ("densenet121_256 fold 0: 40 epoch(s) to 40/40, best val wLL 0.1000 at epoch 30/40, "
+                              "last train loss 0.0250, 80 s")
+        if per_fold:
+            assert [ln.split(" epoch ")[1].split("/")[0] for ln in lines[:4]] == ["10", "20", "30", "40"]
 
 
 def test_live_curve_has_a_line_per_fold():
@@ -80,3 +100,20 @@ def test_summary_keeps_the_last_real_timings(tmp_path):
 def test_kernels_talk_over_ipc(tmp_path):
     cfg = quiet_kernel_config(tmp_path)
     assert cfg.KernelManager.transport == "ipc" and cfg.KernelManager.ip.startswith(str(tmp_path))
+
+
+def test_html_reports_link_to_html(tmp_path):
+    """The previous/next links of an HTML report open the other HTML reports, not raw notebook JSON."""
+    import nbformat
+
+    from ichdlib.run import export_html
+
+    nb_ = nbformat.v4.new_notebook()
+    nb_.cells.append(nbformat.v4.new_markdown_cell(
+        "← [01 · data](01_windowing_exploration.ipynb) · [03 · features](03_feature_extraction.ipynb#top) →\n\n"
+        "[elsewhere](https://example.org/x.ipynb)"))
+    path = tmp_path / "02_cnn_training.ipynb"
+    nbformat.write(nb_, path)
+    html = export_html(path).read_text()
+    assert 'href="01_windowing_exploration.html"' in html and 'href="03_feature_extraction.html#top"' in html
+    assert "01_windowing_exploration.ipynb" not in html and 'href="https://example.org/x.ipynb"' in html

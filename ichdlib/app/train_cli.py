@@ -16,6 +16,7 @@ import argparse
 import sys
 from typing import Any
 
+from ichdlib import tracking
 from ichdlib.cnn import distributed as D
 from ichdlib.config import load_params, parse_overrides
 from ichdlib.ingest.catalog import ensure_cache, ingest
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="recompute outputs that exist")
     parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set cnn.num_workers=8 (repeatable)")
+    parser.add_argument("--track", action="store_true", help="record this training in MLflow (docs/tracking.md)")
 
 
 def parse_folds(text: str | None) -> list[int] | None:
@@ -125,11 +127,22 @@ def cli(args: argparse.Namespace) -> int:
     if args.backbone and args.stage == "seq":
         raise ValueError("--backbone does not apply to --stage seq (the sequence models read every backbone)")
     backbones = select_backbones(P, args.backbone)
-    with D.session(P.torch_device()) as d:
-        if d.world > 1:
-            _say(f"ichd train: {P.run}: stage {args.stage} on {d.world} ranks ({P.torch_device()})")
-        with cpu_threads(P):
-            run_stage(P, args.stage, backbones, folds, args.force)
+    # one MLflow run for this `ichd train` (rank 0 only; docs/tracking.md), its epochs logged as they finish
+    tracker = tracking.RunTracker(P, f"ichd train --stage {args.stage}") if tracking.enabled(P, args.track) else None
+    if tracker:
+        tracker.begin()
+    failed = True
+    try:
+        with D.session(P.torch_device()) as d:
+            if d.world > 1:
+                _say(f"ichd train: {P.run}: stage {args.stage} on {d.world} ranks ({P.torch_device()})")
+            with cpu_threads(P):
+                run_stage(P, args.stage, backbones, folds, args.force)
+        failed = False
+    finally:
+        if tracker:
+            tracker.stage({"cnn": "02", "features": "03", "seq": "04"}[args.stage], "failed" if failed else "ran")
+            tracker.finish(failed=failed, record=False)
     return 0
 
 

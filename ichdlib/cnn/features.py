@@ -39,7 +39,7 @@ from ichdlib.config import BackboneCfg, Params
 from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.native import open_slices
 from ichdlib.ingest.table import load_catalog
-from ichdlib.labels import LABELS
+from ichdlib.labels import LABELS, short_uid
 from ichdlib.layout import FeaturesDir, ModelDir
 from ichdlib.metrics import prior_baseline, weighted_log_loss
 from ichdlib.runtime import amp_mode, cpu_threads, prepare_model
@@ -196,10 +196,11 @@ def plot_study_trace(cat: pd.DataFrame, prob: pd.DataFrame, study_uid: str, labe
     if not sel.any():
         raise ValueError(f"study {study_uid!r} is not in the training split")
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    ax.step(train.loc[sel, "slice_index"], train.loc[sel, label], where="mid", label="truth")
-    ax.plot(train.loc[sel, "slice_index"], prob.loc[sel, label], marker=".", label="CNN (OOF, TTA)")
-    ax.set(xlabel="slice index (z order)", ylabel=f"p({label})", ylim=(-0.05, 1.05),
-           title=f"study {study_uid}")
+    x = train.loc[sel, "slice_index"] + 1  # slices numbered 1..n, as in notebooks 01 and 06
+    ax.step(x, train.loc[sel, label], where="mid", label="truth")
+    ax.plot(x, prob.loc[sel, label], marker=".", label="CNN (OOF, TTA)")
+    ax.set(xlabel="slice (1..n in z order)", ylabel=f"p({label})", ylim=(-0.05, 1.05),
+           title=f"study {short_uid(study_uid)}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

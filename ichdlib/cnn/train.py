@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.ticker import MaxNLocator
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ichdlib.cnn import distributed as D
@@ -217,11 +218,16 @@ def describe_provenance(prov: dict[str, Any] | None) -> str:
     return f"trained by {prov.get('by')} on {prov.get('host')} ({prov.get('device')}, {procs}) at {prov.get('time')}"
 
 
+def _one_based(epoch: int | None) -> int | None:
+    """A 0-based epoch index as people count epochs (None when no epoch finished)."""
+    return None if epoch is None or epoch < 0 else int(epoch) + 1
+
+
 def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache: np.ndarray,
                force: bool = False, origin: str = "train_cnn",
                progress: TrainingProgress | None = None) -> dict[str, Any]:
-    """Train (or resume, or skip) one fold; returns its summary (``status``, ``best_epoch``, ``best_wll``,
-    ``provenance``). Under torchrun every rank calls it; rank 0 writes the files."""
+    """Train (or resume, or skip) one fold; returns its summary (``status``, ``best_epoch`` (1-based, as the log
+    lines; the checkpoint meta keeps the 0-based index), ``best_wll``, ``provenance``). Under torchrun every rank calls it; rank 0 writes the files."""
     out = cnn_dir(P, cfg)
     out.mkdir(parents=True, exist_ok=True)
     files = _Fold(out, fold)
@@ -247,7 +253,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
                 f"(notebook 02: force = True) to retrain, or give the backbone a new `tag`.")
         if _fold_finished(files):
             m = state["meta"]
-            return {"fold": fold, "status": "skipped", "best_epoch": m["best_epoch"],
+            return {"fold": fold, "status": "skipped", "best_epoch": _one_based(m["best_epoch"]),
                     "best_wll": m["best_wll"], "epochs_run": m["epoch"] + 1, "provenance": m.get("provenance")}
 
     device = P.torch_device()
@@ -384,7 +390,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         last["meta"] = meta
         save_torch(last, files.last)
     D.barrier()
-    return {"fold": fold, "status": status, "best_epoch": meta["best_epoch"], "best_wll": meta["best_wll"],
+    return {"fold": fold, "status": status, "best_epoch": _one_based(meta["best_epoch"]), "best_wll": meta["best_wll"],
             "epochs_run": meta["epoch"] + 1, "provenance": meta["provenance"]}
 
 
@@ -595,21 +601,27 @@ def plot_schedule(P: Params, cfg: BackboneCfg, steps_per_epoch: int = 20) -> Any
 
 
 def plot_curves(logs: pd.DataFrame, prior_wll: float | None = None, title: str = "") -> Any:
-    """Per-fold training loss and validation weighted log loss / mean AUC by epoch."""
+    """Per-fold training loss and validation weighted log loss / mean AUC by epoch (1-based, as the log lines).
+
+    Every validation point is shown: when early epochs of a from-scratch model spike (BatchNorm statistics) far
+    above the later ones, the loss axis is logarithmic instead of cut."""
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for fold, g in logs.groupby("fold"):
-        axes[0].plot(g["epoch"], g["train_loss"], marker=".", label=f"fold {fold}")
-        axes[1].plot(g["epoch"], g["val_wll"], marker=".", label=f"fold {fold}")
-        axes[2].plot(g["epoch"], g["auc_mean"], marker=".", label=f"fold {fold}")
+        e = g["epoch"] + 1
+        axes[0].plot(e, g["train_loss"], marker=".", label=f"fold {fold}")
+        axes[1].plot(e, g["val_wll"], marker=".", label=f"fold {fold}")
+        axes[2].plot(e, g["auc_mean"], marker=".", label=f"fold {fold}")
     if prior_wll is not None:
         axes[1].axhline(prior_wll, color="grey", ls="--", label="prior baseline")
-        # early epochs of a from-scratch model can spike (BatchNorm statistics): keep the useful range
-        axes[1].set_ylim(0, max(2.5 * prior_wll, float(logs["val_wll"].min()) * 1.2))
+    val = pd.to_numeric(logs["val_wll"], errors="coerce").dropna()
+    if len(val) and val.min() > 0 and val.max() / val.min() > 4:
+        axes[1].set_yscale("log")
     axes[0].set(xlabel="epoch", ylabel="weighted BCE", title="training loss")
     axes[1].set(xlabel="epoch", ylabel="weighted log loss", title="validation (competition metric)")
     axes[2].set(xlabel="epoch", ylabel="mean AUC", title="validation AUC (mean over labels)")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

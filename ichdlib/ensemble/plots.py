@@ -17,14 +17,19 @@ L = list(LABELS)
 # Figures
 # ----------------------------------------------------------------------------------------------------
 def plot_stages(table: pd.DataFrame):
-    """Bar chart of OOF and test weighted log loss per stage, with the prior-only baseline as a line."""
+    """Bar chart of OOF and test weighted log loss per stage with 95% interval whiskers, the prior-only baseline
+    as a line."""
 
     t = table.drop(index="prior", errors="ignore")
     fig, ax = plt.subplots(figsize=(1.3 * len(t) + 3, 3.8))
     x = np.arange(len(t))
     for j, (split, color) in enumerate([("oof", "tab:blue"), ("test", "tab:orange")]):
         vals = t[f"{split}_wll"].astype(float).to_numpy()
-        bars = ax.bar(x + (j - 0.5) * 0.38, np.nan_to_num(vals), 0.38, label=split.upper(), color=color)
+        lo = t.get(f"{split}_wll_lo", pd.Series(np.nan, index=t.index)).astype(float).to_numpy()
+        hi = t.get(f"{split}_wll_hi", pd.Series(np.nan, index=t.index)).astype(float).to_numpy()
+        err = np.nan_to_num(np.vstack([vals - lo, hi - vals]))  # 95% interval whiskers (none where unknown)
+        bars = ax.bar(x + (j - 0.5) * 0.38, np.nan_to_num(vals), 0.38, label=split.upper(), color=color,
+                      yerr=err, ecolor="black", capsize=3, error_kw={"lw": 0.8})
         ax.bar_label(bars, labels=[("" if np.isnan(v) else f"{v:.4f}") for v in vals], fontsize=7)
         if "prior" in table.index and table.loc["prior", f"{split}_wll"] is not None:
             ax.axhline(float(table.loc["prior", f"{split}_wll"]), color=color, ls="--", lw=1,

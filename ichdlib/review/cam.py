@@ -277,10 +277,14 @@ def compute_cams(
 
 
 def explain(model: nn.Module, stack_hu: np.ndarray | torch.Tensor, classes: Iterable[str | int] | None,
-            cam: CamCfg, out_size: tuple[int, int] | None = None) -> np.ndarray:
+            cam: CamCfg, out_size: tuple[int, int] | None = None, crop: float | None = None) -> np.ndarray:
     """The one way slices are explained (notebook 06, ``ichd predict --cam``, the DICOM outputs): the
     preprocessing the model was trained with, from the spec it carries (``model.spec``, see
     :func:`ichdlib.checkpoints.load_checkpoint`), and the method, batch, target layer and coarsest map of the
-    ``cam`` params section. Returns :func:`compute_cams`' ``(B, n_classes, H, W)`` maps."""
-    return compute_cams(model, stack_hu, classes, method=cam.method, out_size=out_size, **model.spec.cam_kwargs(),
+    ``cam`` params section. ``crop=1.0`` maps the whole slice instead of the spec's centre crop (a map that ends
+    in a hard-edged rectangle, zero outside it). Returns :func:`compute_cams`' ``(B, n_classes, H, W)`` maps."""
+    kw = model.spec.cam_kwargs()
+    if crop is not None:
+        kw["crop"] = float(crop)
+    return compute_cams(model, stack_hu, classes, method=cam.method, out_size=out_size, **kw,
                         batch=cam.batch, target_layer=cam.target_layer, min_map=cam.min_map)

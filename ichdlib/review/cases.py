@@ -61,7 +61,7 @@ def review_table(P: Params, key: str | None = None, catalog: pd.DataFrame | None
     if not cnn_path.is_file():
         raise FileNotFoundError(f"{cnn_path}: no 2D CNN OOF predictions; run notebook 02 first")
     cols = ["sop_uid", "study_uid", "slice_index", "n_slices", "fold", "rows", "cols", "path", "row",
-            "prev_row", "next_row", *LABELS]
+            "prev_row", "next_row", *LABELS, *(["patient_id"] if "patient_id" in catalog.columns else [])]
     tab = catalog.loc[catalog["split"] == "train", cols].rename(columns={c: f"y_{c}" for c in LABELS})
     tab = tab.merge(_read_probs(cnn_path, "p2d_"), on="sop_uid", how="left", validate="one_to_one")
     final = final_oof(P, catalog)

@@ -10,8 +10,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
-from ichdlib.labels import LABELS
+from ichdlib.labels import LABELS, short_uid
 from ichdlib.review.cam import GROUPS, OUTLINE_RGB
 from ichdlib.review.pointing import class_mask, load_mask
 from ichdlib.windows import WINDOWS
@@ -44,6 +48,31 @@ def overlay(hu: np.ndarray, cam: np.ndarray | None, window: tuple[float, float] 
         edge = m - cv2.erode(m, np.ones((3, 3), np.uint8))
         out[edge > 0] = OUTLINE_RGB
     return out
+
+
+def annotated_overlay(hu: np.ndarray, cam: np.ndarray, label: str, prob: float, *, method: str = "Grad-CAM",
+                      window: tuple[float, float] = WINDOWS["brain"], min_size: int = 512,
+                      caption: str = "") -> np.ndarray:
+    """A CAM overlay a reader can take on its own (``ichd predict --cam`` PNGs): the whole slice with the map
+    blended in, shown at ``min_size`` px or more, titled with the label and its probability, with a colour scale
+    of the map; RGB uint8."""
+    img = overlay(hu, cam, window)
+    h, w = img.shape[:2]
+    scale = max(1.0, min_size / max(h, w))
+    dpi = 100
+    fig = Figure(figsize=((w * scale + 150) / dpi, (h * scale + 70) / dpi), dpi=dpi)
+    ax = fig.add_axes((10 / (w * scale + 150), 20 / (h * scale + 70), w * scale / (w * scale + 150),
+                       h * scale / (h * scale + 70)))
+    ax.imshow(img, interpolation="bilinear")
+    ax.set_axis_off()
+    ax.set_title(f"{label}: p = {prob:.2f}" + (f"  ·  {caption}" if caption else ""), fontsize=11)
+    cax = fig.add_axes((1 - 120 / (w * scale + 150), 0.2, 12 / (w * scale + 150), 0.6))
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps["jet"]), cax=cax)
+    bar.set_label(f"{method} (0-1, per slice)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def head_box(hu: np.ndarray, margin: int = 4, threshold: float = -500.0) -> tuple[slice, slice]:
@@ -84,7 +113,7 @@ def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence
             ax_img.imshow(overlay(hu[i], None, window)[box])
             ax_cam.imshow(overlay(hu[i], cams[i], window, opacity=0.6, outline=mask)[box])
             ax_img.set_title(f"{group.upper()} p={r['prob']:.2f}", fontsize=8)
-            ax_cam.set_title(f"…{str(r['study_uid'])[-6:]} slice {int(r['slice_index']) + 1}", fontsize=8)
+            ax_cam.set_title(f"{short_uid(r['study_uid'])} slice {int(r['slice_index']) + 1}", fontsize=8)
     if none:
         title = f"{title}  (no {', '.join(none)} cases)" if title else f"no {', '.join(none)} cases"
     if title:

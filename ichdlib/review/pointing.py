@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ichdlib import stats
 from ichdlib.ensemble.outputs import update_metrics
 from ichdlib.labels import LABELS
 from ichdlib.layout import RunLayout
@@ -87,15 +88,24 @@ def class_mask(bitmask: np.ndarray, label: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Notebook 06 stage: pointing game on the phantom, merged into metrics.json
 # --------------------------------------------------------------------------------------------------
-def _rates(values: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Per-label means, counts, and pooled means over all labels and over the five subtypes."""
+def _rates(values: dict[str, np.ndarray], groups: dict[str, np.ndarray] | None = None,
+           seed: int = 0) -> dict[str, Any]:
+    """Per-label means, counts, and pooled means over all labels and over the five subtypes. With ``groups``
+    (the patient or study of each value) the pooled hit rate gets ``overall_ci``: a 95% bootstrap over the
+    groups (:func:`ichdlib.stats.bootstrap_ci`; the slices of one patient hit or miss together)."""
     def mean(v: np.ndarray) -> float | None:
         return float(np.mean(v)) if len(v) else None
 
     subtypes = [values[c] for c in LABELS[1:] if c in values]
-    return {"per_class": {c: mean(v) for c, v in values.items()}, "n": {c: int(len(v)) for c, v in values.items()},
-            "overall": mean(np.concatenate(list(values.values()))) if values else None,
-            "subtypes": mean(np.concatenate(subtypes)) if subtypes else None}
+    out = {"per_class": {c: mean(v) for c, v in values.items()}, "n": {c: int(len(v)) for c, v in values.items()},
+           "overall": mean(np.concatenate(list(values.values()))) if values else None,
+           "subtypes": mean(np.concatenate(subtypes)) if subtypes else None}
+    if groups is not None:
+        hits = np.concatenate([np.asarray(values[c], dtype=float) for c in values])
+        g = np.concatenate([np.asarray(groups[c]).astype(str) for c in values])
+        ci = stats.bootstrap_ci(np.mean, hits, groups=g, n_boot=1000, seed=seed) if len(hits) else None
+        out["overall_ci"] = None if ci is None else [ci[0], ci[1]]
+    return out
 
 
 def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: bool = False,
@@ -122,12 +132,13 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
                 "threshold": threshold, "tolerance_px": tolerance}
     if not force and max_per_class is None and metrics_path.is_file():
         old = json.loads(metrics_path.read_text()).get("pointing_game")
-        if old and "positives" in old and all(old.get(k) == v for k, v in settings.items()):
+        if old and "overall_ci" in old and all(old.get(k) == v for k, v in settings.items()):
             return old
     hits: dict[str, np.ndarray] = {}
     hits_std: dict[str, np.ndarray] = {}
     tp: dict[str, np.ndarray] = {}
     chance: dict[str, np.ndarray] = {}
+    groups: dict[str, np.ndarray] = {}
     missing = 0
     for lab in track(LABELS, desc="pointing game"):
         pos = table[table[f"y_{lab}"] == 1]
@@ -142,6 +153,7 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
             masks.append(class_mask(m, lab))
             keep.append(i)
         pos = pos.iloc[keep]
+        groups[lab] = pos["patient_id" if "patient_id" in pos.columns else "study_uid"].to_numpy(str)
         maps = [c[0] for c in engine.cams(pos, [lab])] if len(pos) else []
         dist = peak_distances(maps, masks)
         hits[lab] = dist <= tolerance
@@ -150,8 +162,9 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
         chance[lab] = np.array([m.mean() for m in masks], dtype=float)
     if missing:
         log.warning("pointing game: %d positive slices have no mask file under %s", missing, L.masks)
-    result = {**settings, **_rates({c: hits[c][tp[c]] for c in LABELS}),
-              "standard_tolerance": _rates({c: hits_std[c][tp[c]] for c in LABELS}),
-              "positives": _rates(hits), "chance": _rates(chance), "missing_masks": missing}
+    tp_groups = {c: groups[c][tp[c]] for c in LABELS}
+    result = {**settings, **_rates({c: hits[c][tp[c]] for c in LABELS}, tp_groups),
+              "standard_tolerance": _rates({c: hits_std[c][tp[c]] for c in LABELS}, tp_groups),
+              "positives": _rates(hits, groups), "chance": _rates(chance), "missing_masks": missing}
     update_metrics(P, {"pointing_game": result})
     return result

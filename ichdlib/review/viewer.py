@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ichdlib.labels import LABELS
+from ichdlib.labels import LABELS, short_uid
 from ichdlib.metrics import weighted_log_loss
 from ichdlib.nb import interactive
 from ichdlib.review.cases import study_summary
@@ -466,7 +466,7 @@ def static_figure(state: ViewerState, studies: Sequence[str] | None = None, slic
         state.set_slice(int(order[0]) if len(order) else 0)
         axes[r, -1].imshow(state.strip())
         axes[r, -1].axis("off")
-        axes[r, -1].set_title(f"study {uid}", fontsize=7)
+        axes[r, -1].set_title(f"study {short_uid(uid)}", fontsize=7)
     fig.suptitle(f"class {state.label}, CAM opacity {state.opacity:.2f}", fontsize=9)
     fig.tight_layout()
     state.set_study(cur[0])

@@ -33,11 +33,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from ichdlib.cnn import distributed as D
 from ichdlib.config import Params
 from ichdlib.files import atomic_write, save_parquet
-from ichdlib.labels import LABELS
+from ichdlib.labels import LABELS, short_uid
 from ichdlib.layout import ModelDir
 from ichdlib.metrics import weighted_log_loss
 from ichdlib.predictions import load_stage
@@ -253,7 +255,7 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
     if not force and _outputs_current(out_dir, out_signature):
         hist = pd.concat([pd.read_csv(d.log(k)) for k in folds], ignore_index=True)
         return SeqResult(model_name, pd.read_parquet(d.oof), pd.read_parquet(d.test), hist, out_dir)
-    with TrainingProgress(model_name) as progress:
+    with TrainingProgress(model_name, lines_per_fold=0) as progress:
         for k in D.shard_list(folds):  # under torchrun the folds fan out across ranks (all of them alone)
             train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature, progress=progress)
     D.barrier()
@@ -296,19 +298,28 @@ def inputs_summary(train: SeqInputs, test: SeqInputs) -> pd.DataFrame:
 
 
 def plot_history(histories: dict[str, pd.DataFrame]):
-    """Training loss and validation weighted log loss (flip TTA) per epoch, one line per fold and model."""
+    """Training loss and validation weighted log loss (flip TTA) per epoch (1-based): one colour per model, one
+    line style per fold, both named in the legend."""
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, (name, h) in enumerate(histories.items()):
-        for fold, g in h.groupby("fold"):
-            kw = {"color": f"C{i}", "alpha": 0.8, "lw": 1, "label": name if fold == h.fold.min() else None}
-            axes[0].plot(g.epoch, g.train_loss, **kw)
-            axes[1].plot(g.epoch, g.val_wll, **kw)
-    axes[0].set_title("training loss (both heads for seq2)")
-    axes[1].set_title("validation weighted log loss (flip TTA)")
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    folds: list[int] = []
+    for i, h in enumerate(histories.values()):
+        for j, (fold, g) in enumerate(h.groupby("fold")):
+            kw = {"color": f"C{i}", "alpha": 0.85, "lw": 1.2, "ls": styles[j % len(styles)]}
+            axes[0].plot(g.epoch + 1, g.train_loss, **kw)
+            axes[1].plot(g.epoch + 1, g.val_wll, **kw)
+            if int(fold) not in folds:
+                folds.append(int(fold))
+    axes[0].set(title="training loss (both heads for seq2)", ylabel="weighted BCE (training batches)")
+    axes[1].set(title="validation weighted log loss (flip TTA)", ylabel="weighted log loss (OOF fold)")
+    handles = [Line2D([], [], color=f"C{i}", lw=2, label=name) for i, name in enumerate(histories)]
+    handles += [Line2D([], [], color="grey", ls=styles[j % len(styles)], label=f"fold {f}")
+                for j, f in enumerate(sorted(folds))]
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].legend(handles=handles, fontsize=8, ncols=2)
     fig.tight_layout()
     return fig
 
@@ -323,14 +334,14 @@ def plot_studies(inputs: SeqInputs, preds: dict[str, pd.DataFrame], n: int = 3, 
     fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 3.2), squeeze=False)
     for ax, s in zip(axes[0], chosen, strict=True):
         rows = inputs.study_rows[s]
-        x = np.arange(len(rows))
+        x = np.arange(1, len(rows) + 1)  # slices numbered 1..n, as in notebooks 01 and 06
         ax.fill_between(x, inputs.y[rows, k], step="mid", color="0.85", label="truth")
         ax.plot(x, inputs.probs[rows, :, k].mean(1), "k--", lw=1, label="2D CNN (mean)")
         for name, df in preds.items():
             ax.plot(x, df[label].to_numpy()[rows], lw=1.4, label=name)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("slice (z order)")
-        ax.set_title(f"study {str(inputs.study_uid[rows[0]])[-8:]}", fontsize=9)
+        ax.set_xlabel("slice (1..n in z order)")
+        ax.set_title(f"study {short_uid(inputs.study_uid[rows[0]])}", fontsize=9)
     axes[0, 0].set_ylabel(f"P({label})")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()

@@ -71,6 +71,7 @@ from ichdlib.serve.bundle_schema import (  # noqa: F401
     manifest_digest,
     validate_manifest,
 )
+from ichdlib.tracking import log_bundle
 
 
 def _sha256(path: Path) -> str:
@@ -249,4 +250,6 @@ def export(run: str | os.PathLike | Params, out: str | os.PathLike, force: bool 
     """Write the bundle of a finished run (a Params object, a params file or a run folder) to ``out``."""
 
     P = run if isinstance(run, Params) else resolve_run(run)
-    return Bundle.from_run(P).save(out, force=force)
+    path = Bundle.from_run(P).save(out, force=force)
+    log_bundle(P, path)  # a tracked run (reports/<run>/mlflow_run.json) gets the manifest and its checksum
+    return path

@@ -198,7 +198,7 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
         "seq": {"backbones": seq_keys,
                 "models": [{"key": k, "folds": m.folds, "metas": m.metas} for k, m in seq.items()]},
         "ensemble": ensemble or ensemble_spec(P),
-        "params": json.loads(json.dumps(P.model_dump(mode="json"))),
+        "params": {**json.loads(json.dumps(P.model_dump(mode="json"))), "root": None},  # a bundle travels
         "versions": library_versions(),
     }
 

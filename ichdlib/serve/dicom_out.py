@@ -432,7 +432,8 @@ class DicomWriter:
     def __call__(self, predictor: Any, loaded: Any, frame: pd.DataFrame) -> list[dict[str, str]]:
         overlays = explain_study(predictor, loaded, frame, self.threshold) if self.cam else []
         if self.png_dir is not None:  # the PNGs of 'ichd predict --cam', from the same maps (computed once)
-            self.pngs += write_cam_pngs(overlays, frame, loaded.scan.study_uid, self.png_dir)
+            self.pngs += write_cam_pngs(overlays, frame, loaded.scan.study_uid, self.png_dir, loaded.hu,
+                                        CAM_METHODS[predictor.P.cam.method].label)
         method = CAM_METHODS[predictor.P.cam.method].label
         result = write_study(self.out, frame, identity=self.identity, threshold=self.threshold,
                              overlays=overlays, method=method, pmap=self.pmap)

@@ -22,8 +22,9 @@ from ichdlib.ensemble.weights import apply_weights
 from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import capped_z
 from ichdlib.labels import LABELS
+from ichdlib.registry import CAM_METHODS
 from ichdlib.review.cam import explain
-from ichdlib.review.plots import overlay
+from ichdlib.review.plots import annotated_overlay, overlay
 from ichdlib.runtime import amp_enabled, prepare_model, resolve_device
 from ichdlib.seq.infer import predict_studies
 from ichdlib.seq.inputs import SeqInputs, normalize_test
@@ -129,6 +130,7 @@ class Predictor:
         frame = pd.DataFrame({
             "study_uid": loaded.scan.study_uid, "series_uid": loaded.scan.series_uid,
             "sop_uid": sl["sop_uid"].to_numpy(str), "slice_index": sl["slice_index"].to_numpy(int),
+            "slice": sl["slice_index"].to_numpy(int) + 1,  # what people read: 1..n in z order (0-based above)
             "z": sl["z"].to_numpy(float), "path": sl["path"].to_numpy(str)})
         for k, c in enumerate(LABELS):
             frame[f"p2d_{c}"] = p2d[:, k]
@@ -170,7 +172,7 @@ def summarize_studies(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFr
         for c in LABELS:
             p = g[f"p_{c}"]
             row[f"max_{c}"] = float(p.max())
-            row[f"slices_{c}"] = index_ranges(g.loc[p >= threshold, "slice_index"])
+            row[f"slices_{c}"] = index_ranges(g.loc[p >= threshold, "slice_index"] + 1)  # 1-based, as `slice`
             if c != "any" and p.max() >= threshold:
                 findings.append((float(p.max()), c))
         row["findings"] = "; ".join(f"{c} ({m:.2f})" for m, c in sorted(findings, reverse=True))
@@ -279,23 +281,29 @@ def explain_study(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame
     for i in pos:
         labels = [c for c in LABELS if frame[f"p_{c}"].iloc[i] >= threshold]
         hu = loaded.hu[i]
-        maps = explain(model, cache[rows[i]][None], labels, predictor.P.cam, out_size=hu.shape)[0]
+        # the whole slice (crop=1.0), not a hard-edged centre-crop rectangle of map values
+        maps = explain(model, cache[rows[i]][None], labels, predictor.P.cam, out_size=hu.shape, crop=1.0)[0]
         out += [CamOverlay(int(i), c, float(frame[f"p_{c}"].iloc[i]), overlay(hu, m), np.asarray(m, dtype=np.float32))
                 for c, m in zip(labels, maps, strict=True)]
     return out
 
 
-def write_cam_pngs(overlays: list[CamOverlay], frame: pd.DataFrame, study_uid: str, out: str | os.PathLike
-                   ) -> list[str]:
-    """``<out>/<study>/slice<k>_<label>.png`` for each overlay; returns the paths written."""
+def write_cam_pngs(overlays: list[CamOverlay], frame: pd.DataFrame, study_uid: str, out: str | os.PathLike,
+                   hu: Any, method: str) -> list[str]:
+    """``<out>/<study>/slice<k>_<label>.png`` for each overlay, ``k`` = 1..n in z order as people number slices:
+    the map over the whole slice, at 512 px or more, titled with the label, its probability and the slice, with
+    a colour scale of ``method`` (:func:`ichdlib.review.plots.annotated_overlay`; ``hu``: the study's slices).
+    Returns the paths written."""
     if not overlays:
         return []
     folder = Path(out) / safe_name(study_uid)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for o in overlays:
-        path = folder / f"slice{int(frame['slice_index'].iloc[o.row]):03d}_{o.label}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(o.rgb, cv2.COLOR_RGB2BGR))
+        k = int(frame["slice_index"].iloc[o.row]) + 1
+        img = annotated_overlay(hu[o.row], o.cam, o.label, o.prob, method=method, caption=f"slice {k}/{len(frame)}")
+        path = folder / f"slice{k:03d}_{o.label}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         written.append(str(path))
     return written
 
@@ -303,4 +311,5 @@ def write_cam_pngs(overlays: list[CamOverlay], frame: pd.DataFrame, study_uid: s
 def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, out: Path,
                threshold: float = 0.5) -> list[str]:
     """Overlay PNGs ``<out>/<study>/slice<k>_<label>.png`` of :func:`explain_study`."""
-    return write_cam_pngs(explain_study(predictor, loaded, frame, threshold), frame, loaded.scan.study_uid, out)
+    return write_cam_pngs(explain_study(predictor, loaded, frame, threshold), frame, loaded.scan.study_uid, out,
+                          loaded.hu, CAM_METHODS[predictor.P.cam.method].label)

@@ -56,7 +56,7 @@ def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, 
             "findings": [{"label": c, "max_prob": st[f"max_{c}"], "slices": st[f"slices_{c}"]}
                          for c in labels[1:] if st[f"max_{c}"] >= threshold],
             "max": {c: st[f"max_{c}"] for c in labels},
-            "slices": [{"sop_uid": r["sop_uid"], "slice_index": int(r["slice_index"]), "z": r["z"],
+            "slices": [{"sop_uid": r["sop_uid"], "slice_index": int(r["slice_index"]), "slice": int(r["slice_index"]) + 1, "z": r["z"],
                         "p2d": {c: r[f"p2d_{c}"] for c in labels}, "p": {c: r[f"p_{c}"] for c in labels}}
                        for r in g.to_dict("records")],
         })
