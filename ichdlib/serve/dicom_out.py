@@ -292,7 +292,7 @@ def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
     P, key = predictor.P, next(iter(predictor.cnn))
     spec = predictor.bundle.backbone(key)
     meta = spec["metas"][0]
-    model = predictor.bundle.cnn[key].models[0]
+    model = predictor.bundle.cnn[key].build(predictor.device)[0]  # torch (built here for an ONNX bundle)
     cache, rows = study_cache(loaded, int(spec["size"]))
     for i in pos:
         labels = [c for c in LABELS if frame[f"p_{c}"].iloc[i] >= threshold]
