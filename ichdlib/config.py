@@ -296,6 +296,17 @@ class CamCfg(_Strict):
     tolerance_px: int = Field(0, ge=0)
 
 
+class DistillCfg(_Strict):
+    """The distilled student (``ichd train --stage distill``, :mod:`ichdlib.distill`): one 2D network, one
+    view, trained on the full ensemble's per-slice probabilities."""
+
+    enabled: bool = False  # off: ``ichd run`` leaves it out; ``ichd train --stage distill`` runs it anyway
+    #: The student's architecture and schedule (default: the first of ``cnn.backbones``).
+    backbone: BackboneCfg | None = None
+    #: Share of the true labels in the training target (0: the ensemble's probabilities only).
+    hard_weight: float = Field(0.0, ge=0, le=1)
+
+
 class Params(_Strict):
     """A whole experiment."""
 
@@ -312,6 +323,7 @@ class Params(_Strict):
     seq: SeqCfg = Field(default_factory=SeqCfg)
     ensemble: EnsembleCfg = Field(default_factory=EnsembleCfg)
     cam: CamCfg = Field(default_factory=CamCfg)
+    distill: DistillCfg = Field(default_factory=DistillCfg)
     #: Set by ``ichdlib.nb.setup`` from ``overrides["force"]``: True, or a list of stage numbers to recompute.
     _force: Any = PrivateAttr(default=False)
 

@@ -21,7 +21,7 @@ from ichdlib.ingest.catalog import ensure_cache, ingest
 from ichdlib.locks import output_lock
 from ichdlib.runtime import cpu_threads
 
-STAGES = ("cnn", "features", "seq")
+STAGES = ("cnn", "features", "seq", "distill")
 ORIGIN = "ichd train"
 
 
@@ -116,6 +116,13 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
             r = train_seq(P, m, force=force)
             _say(f"{m}: {len(r.oof)} OOF rows, {len(r.test)} test rows -> {r.out_dir}")
             out.append({"model": m, "dir": str(r.out_dir)})
+    elif stage == "distill":
+        from ichdlib.distill.train import distill
+
+        r = distill(P, force=force)
+        _say(f"student {r['key']}: OOF wLL {r['oof_wll']:.4f} (ensemble {r['ensemble_oof_wll']:.4f}), deployed fold "
+             f"{r['deploy_fold']}, {r['seconds']:.0f} s; export it with ichd export --profile student")
+        out.append(r)
     else:
         raise ValueError(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
     D.barrier()

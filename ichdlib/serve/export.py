@@ -31,8 +31,6 @@ def build_bundle(P: Any, profile: str = "full", **select: Any) -> tuple[Any, dic
     if profile not in PROFILES:
         raise ValueError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
     if profile == "student":
-        from ichdlib.distill.student import student_bundle
-
         return student_bundle(P), None
     bundle = B.Bundle.from_run(P)
     if profile == "full":
@@ -40,6 +38,26 @@ def build_bundle(P: Any, profile: str = "full", **select: Any) -> tuple[Any, dic
     sel, _ = select_for_run(P, bundle, **select)
     report = sel.to_dict()
     return apply_profile(bundle, sel.profile, report), report
+
+
+def student_bundle(P: Any) -> Any:
+    """The distilled student (:mod:`ichdlib.distill`) as a bundle: its deployed fold network, the validation
+    view only, no sequence model, blend weight 1."""
+    from ichdlib.distill import student_dir
+
+    folder = student_dir(P)
+    done = folder / "done.json"
+    if not done.is_file():
+        raise B.BundleError(f"{done}: no finished student; run 'ichd train PARAMS --stage distill' first")
+    fold = int(json.loads(done.read_text())["deploy_fold"])
+    member = B._collect(folder, "cnn", folder.name, [fold], "run 'ichd train PARAMS --stage distill' first")
+    name = f"cnn:{member.key}"
+    ensemble = {"method": "mean", "members": [name], "weights": {name: 1.0}, "sources": {name: "cnn"}}
+    bundle = B.Bundle(B._manifest(P, {member.key: member}, {}, [], ensemble), {member.key: member}, {},
+                      source=str(folder))
+    bundle.manifest["profile"] = {"name": "student", "folds": {member.key: [fold]}, "views": [0],
+                                  "members": [name]}
+    return bundle
 
 
 def export_bundle(run: Any, out: str | os.PathLike, *, profile: str = "full", runtime: str = "torch",

@@ -20,7 +20,6 @@ from ichdlib.review.cam import compute_cams
 from ichdlib.review.plots import overlay
 from ichdlib.runtime import amp_enabled, prepare_model, resolve_device
 from ichdlib.serve.bundle import Bundle
-from ichdlib.serve.onnx_runtime import bundle_engine, cnn_runners, profile_views
 from ichdlib.serve.discover import (
     WARNING,
     LoadedStudy,
@@ -31,6 +30,7 @@ from ichdlib.serve.discover import (
     problems_frame,
     safe_name,
 )
+from ichdlib.serve.onnx_runtime import bundle_engine, cnn_runners, profile_views
 from ichdlib.spec import ModelSpec
 
 

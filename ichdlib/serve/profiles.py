@@ -251,11 +251,14 @@ class RunEvaluator:
             self.out[key] = {}
             for fold, runner, aug in zip(member.folds, self.predictor.cnn[key], self.predictor.aug[key], strict=True):
                 sel = np.flatnonzero(self.train["fold"].to_numpy() == fold)
+                dim = int(bundle.backbone(key)["feature_dim"])
                 per_view = []
                 for view in self.views:
                     po, fo = cnn_predict(runner, aug, subset(ds_tr, sel), batch, "cpu", pooled=True, views=[view])
                     pt, ft = cnn_predict(runner, aug, ds_te, batch, "cpu", pooled=True, views=[view])
-                    per_view.append((po, fo, pt, ft))
+                    # an empty split (a sample without this fold) gives no features array
+                    per_view.append((po, np.zeros((0, dim), np.float32) if fo is None else fo, pt,
+                                     np.zeros((0, dim), np.float32) if ft is None else ft))
                 self.out[key][fold] = per_view
                 if progress:
                     print(f"  {key} fold {fold}: {len(self.views)} view(s) on {len(sel)} OOF and {len(ds_te)} "
