@@ -100,6 +100,8 @@ def _accuracy(P: Any, tmp: Path, engines: list[str], max_studies: int | None = N
         out[f"full_{engine}"] = ev_e(full_profile(onnx))
         if engine == "onnxruntime":  # the fast profile as it runs (ONNX Runtime)
             out["fast"] = ev_e(sel.profile)
+        if engine == "openvino_bf16":
+            out["fast_openvino_bf16"] = ev_e(sel.profile)
     done = student_dir(P) / "done.json"
     if done.is_file():
         cat = load_catalog(P.work_dir)
@@ -136,7 +138,7 @@ def run_profiles(args: Any, make_studies: Any) -> int:
     try:
         import openvino  # noqa: F401
 
-        engines.append("openvino")
+        engines += ["openvino", "openvino_bf16"]
     except ImportError:
         print("openvino not installed: OpenVINO not measured")
     res: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
@@ -181,7 +183,10 @@ def run_profiles(args: Any, make_studies: Any) -> int:
         rows = {
             "full_torch": ("torch", n_folds, n_views, keys, n_seq),
             "full_onnx": ("onnxruntime", n_folds, n_views, keys, n_seq),
-            **({"full_openvino": ("openvino", n_folds, n_views, keys, n_seq)} if "openvino" in engines else {}),
+            **({"full_openvino": ("openvino", n_folds, n_views, keys, n_seq),
+                "full_openvino_bf16": ("openvino_bf16", n_folds, n_views, keys, n_seq),
+                "fast_openvino_bf16": ("openvino_bf16", fast_folds, len(fast_views), keys, fast_seq),
+                "student_openvino_bf16": ("openvino_bf16", 1, 1, [student_key], 0)} if "openvino" in engines else {}),
             "fast": ("onnxruntime", fast_folds, len(fast_views), keys, fast_seq),
             "fast_torch": ("torch", fast_folds, len(fast_views), keys, fast_seq),
             "student": ("onnxruntime", 1, 1, [student_key], 0),
@@ -191,7 +196,8 @@ def run_profiles(args: Any, make_studies: Any) -> int:
         out = {}
         for name, (engine, folds, views, keys_, seq_models) in rows.items():
             secs = estimate(engine, folds, views, keys_, seq_models)
-            a = acc.get({"full_onnx": "full_onnxruntime", "fast_torch": "fast", "student_torch": "student"}.get(name, name))
+            a = acc.get({"full_onnx": "full_onnxruntime", "fast_torch": "fast", "student_torch": "student",
+                         "student_openvino_bf16": None}.get(name, name))
             a = _as_dict(a) if a is not None else None
             row = {"seconds_per_study": round(secs, 2), "seconds_per_slice": round(secs / n, 4), "slices": n,
                    "forward_passes": n * folds * views * len(keys_), "engine": engine, "timing": "passes",
@@ -215,6 +221,9 @@ def run_profiles(args: Any, make_studies: Any) -> int:
         e2e_student = _e2e(folder, _student_view(bundle, student_key), "onnxruntime")
         if e2e_fast:
             out["fast"]["e2e_seconds_per_study"] = round(e2e_fast["total"], 2)
+        if e2e_fast and "fast_openvino_bf16" in out:
+            bf16 = _e2e(folder, bundle, "openvino_bf16", views=fast_views)
+            out["fast_openvino_bf16"]["e2e_seconds_per_study"] = round(bf16["total"], 2)
         out["student"]["e2e_seconds_per_study"] = round(e2e_student["total"], 2)
         res.update(read_seconds_per_study=round(t_read, 3), pass_seconds=passes, seq_seconds_per_fold=seq,
                    profiles=out, fast_selection=sel, student_training=acc.get("student_training"),

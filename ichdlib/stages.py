@@ -79,6 +79,9 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
     Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble"), ("01", "03", "04"), reads_data=True,
           outputs=("reports:submission.csv",)),
     Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True),
+    # no notebook (off in the demo): ``ichd train PARAMS --stage distill`` runs it (ichdlib.distill)
+    Stage("07", "distill", ("seed", "windows", "cnn", "distill"), ("01", "05"), reads_data=True,
+          outputs=("distill/*/fold*.pt", "distill/*/done.json")),
 )}
 
 

@@ -137,3 +137,43 @@ def test_apply_profile_keeps_views_of_a_profiled_bundle(trained):
     assert first.manifest["profile"]["views"] == [1] and full_profile(first).views == (0,)
     again = apply_profile(first, full_profile(first))
     assert again.manifest["profile"]["views"] == [1]  # indices stay those of the run's views
+
+
+def test_student_distils_from_the_ensemble_and_predicts(trained, tmp_path):
+    """``ichd train --stage distill`` then ``ichd export --profile student``: one network, one view, trained on
+    the blend's OOF probabilities, with honest out-of-fold scores; the bundle predicts like any other."""
+    import pandas as pd
+
+    from ichdlib.config import load_params
+    from ichdlib.distill import student_dir
+    from ichdlib.distill.train import distill, ensemble_targets
+    from ichdlib.ingest.table import load_catalog
+    from ichdlib.labels import LABELS
+    from ichdlib.metrics import weighted_log_loss
+
+    P = load_params(Path(__file__).resolve().parents[1] / "params" / "smoke.yaml",
+                    {"root": str(trained.root), "cnn": {"max_steps_per_epoch": 2},
+                     "distill": {"backbone": {"name": "test_resnet", "size": 64, "batch": 8, "epochs": 1,
+                                              "tag": "student"}}})
+    cat = load_catalog(P.work_dir)
+    oof_t, test_t = ensemble_targets(P, cat)
+    metrics = json.loads((P.reports_dir / "metrics.json").read_text())
+    y = cat.loc[cat["split"] == "train", list(LABELS)].to_numpy(float)
+    assert weighted_log_loss(y, oof_t) == pytest.approx(metrics["stages"]["ensemble"]["oof"]["wll"], rel=1e-9)
+    assert test_t.shape == ((cat["split"] == "test").sum(), 6)
+    done = distill(P)
+    folds = sorted(cat.loc[cat["split"] == "train", "fold"].unique())
+    assert [f["fold"] for f in done["folds"]] == folds and done["deploy_fold"] in folds
+    oof = pd.read_parquet(student_dir(P) / "oof.parquet")
+    assert list(oof["sop_uid"]) == list(cat.loc[cat["split"] == "train", "sop_uid"])
+    assert done["oof_wll"] == pytest.approx(weighted_log_loss(y, oof[list(LABELS)].to_numpy()))
+    assert distill(P)["folds"] == done["folds"]  # finished folds are reused, not retrained
+    path, _ = export_bundle(P, tmp_path / "student", profile="student", runtime="onnx")
+    m = json.loads((path / MANIFEST).read_text())
+    (b,) = m["backbones"]
+    assert b["key"] == "student" and b["folds"] == [done["deploy_fold"]] and m["seq"]["models"] == []
+    assert m["profile"]["views"] == [0] and m["ensemble"]["weights"] == {"cnn:student": 1.0}
+    folder = study_folder(trained, tmp_path / "study", keep=8)
+    pred = predict_dir(folder, Bundle.load(path), device="cpu")
+    assert len(pred.slices) == 8 and len(pred.problems) == 0
+    np.testing.assert_allclose(pred.slices["p_any"], pred.slices["cnn:student:any"])

@@ -40,6 +40,7 @@ def ensemble_targets(P: Params, catalog: pd.DataFrame | None = None) -> tuple[np
     test slices, in catalog order: notebook 05's members blended with its weights (equal for ``mean``)."""
     cat = load_catalog(P.work_dir) if catalog is None else catalog
     members = resolve_members(P)
+    fold_weights: dict[str, Any] = {}
     if P.ensemble.method == "mean":
         weights = {m: 1.0 / len(members) for m in members}
     else:
@@ -48,13 +49,18 @@ def ensemble_targets(P: Params, catalog: pd.DataFrame | None = None) -> tuple[np
         if sorted(sub.get("weights") or {}) != sorted(members):
             raise FileNotFoundError(f"{path}: no fitted ensemble weights for {members}; run notebook 05 first")
         weights = {m: float(sub["weights"][m]) for m in members}
-    out = []
-    for split, attr in (("train", "oof"), ("test", "test")):
-        ids = cat.loc[cat["split"] == split, "sop_uid"]
-        probs = {m: getattr(load_stage(P, m, cat), attr).loc[ids, list(LABELS)].to_numpy(np.float64)
-                 for m in members}
-        out.append(apply_weights(probs, weights))
-    return out[0], out[1]
+        fold_weights = sub.get("fold_weights") or {}  # the cross-fitted OOF blend: weights fitted on other folds
+    stages = {m: load_stage(P, m, cat) for m in members}
+    train = cat[cat["split"] == "train"]
+    probs = {m: s.oof.loc[train["sop_uid"], list(LABELS)].to_numpy(np.float64) for m, s in stages.items()}
+    oof = apply_weights(probs, weights)
+    fold_of = train["fold"].to_numpy()
+    for k, w in fold_weights.items():
+        sel = fold_of == int(k)
+        oof[sel] = apply_weights({m: p[sel] for m, p in probs.items()}, {m: float(w[m]) for m in members})
+    ids = cat.loc[cat["split"] == "test", "sop_uid"]
+    test = apply_weights({m: s.test.loc[ids, list(LABELS)].to_numpy(np.float64) for m, s in stages.items()}, weights)
+    return oof, test
 
 
 def _signature(P: Params, cfg: Any, targets: np.ndarray, cache_size: int, rows: pd.DataFrame) -> dict[str, Any]:

@@ -61,7 +61,8 @@ def student_bundle(P: Any) -> Any:
 
 
 def export_bundle(run: Any, out: str | os.PathLike, *, profile: str = "full", runtime: str = "torch",
-                  force: bool = False, **select: Any) -> tuple[Path, dict[str, Any] | None]:
+                  engine: str = "onnxruntime", force: bool = False,
+                  **select: Any) -> tuple[Path, dict[str, Any] | None]:
     """Write the bundle of a finished run (params file, run folder or Params) in ``profile`` and ``runtime``
     to ``out`` (atomically: built in a sibling folder, renamed into place)."""
     P = run if hasattr(run, "work_dir") else B.resolve_run(run)
@@ -76,7 +77,9 @@ def export_bundle(run: Any, out: str | os.PathLike, *, profile: str = "full", ru
     try:
         bundle.save(tmp / "b")
         if runtime == "onnx":
-            add_onnx(tmp / "b", engine=ENGINES[1])
+            if engine not in ENGINES[1:]:
+                raise ValueError(f"--engine {engine!r}: expected one of {', '.join(ENGINES[1:])}")
+            add_onnx(tmp / "b", engine=engine)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp / "b", out)
@@ -93,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "student (the distilled network; ichd train --stage distill first)")
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                         help="onnx: add ONNX graphs that ichd predict runs with ONNX Runtime on the CPU")
+    parser.add_argument("--engine", choices=ENGINES[1:], default="onnxruntime",
+                        help="with --runtime onnx: the engine ichd predict uses (default onnxruntime)")
     parser.add_argument("--folds-kept", type=int, default=1, help="fast: fold models kept per 2D member")
     parser.add_argument("--max-wll-ratio", type=float, default=1.02,
                         help="fast: largest OOF wLL allowed, relative to the full profile's (default 1.02)")
@@ -108,8 +113,8 @@ def cli(args: argparse.Namespace) -> int:
     if args.profile == "fast":
         select = {"folds": args.folds_kept, "max_wll_ratio": args.max_wll_ratio, "max_auc_drop": args.max_auc_drop,
                   "budget": args.budget}
-    out, report = export_bundle(args.run, args.out, profile=args.profile, runtime=args.runtime, force=args.force,
-                                **select)
+    out, report = export_bundle(args.run, args.out, profile=args.profile, runtime=args.runtime, engine=args.engine,
+                                force=args.force, **select)
     manifest = json.loads((out / B.MANIFEST).read_text())
     size = sum((out / f).stat().st_size for f in manifest["files"]) / 1e6
     if report:

@@ -21,8 +21,11 @@ manifest's own checksum covers the ``runtime`` section. A new member type (e.g. 
 registering how to wrap it for export (:data:`EXPORTERS`: member kind -> module with a tensor-only
 ``forward`` and an example input); the member's ``build`` gives the torch models.
 
-Engines: ``onnxruntime`` (CPUExecutionProvider) and ``openvino`` (reads the same ONNX file) on the CPU;
-on CUDA the torch path runs (the graphs are exported and checked in float32 for the CPU).
+Engines: ``onnxruntime`` (CPUExecutionProvider), ``openvino`` (reads the same ONNX file; float32) and
+``openvino_bf16`` (bfloat16 matrix units where the CPU has them, e.g. AMX: faster, probabilities differ by
+~1e-2; measure with ``benchmarks/predict.py --profiles`` before choosing it) on the CPU; on CUDA the torch
+path runs (the graphs are exported and checked in float32 for the CPU). OpenVINO is optional
+(``pip install openvino==2026.4.1``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from pydantic import BaseModel, ConfigDict
 
 OPSET = 17
 ONNX_DIR = "onnx"
-ENGINES = ("torch", "onnxruntime", "openvino")
+#: ``openvino_bf16``: OpenVINO computing in bfloat16 where the CPU has it (AMX / AVX512-BF16; else float32)
+ENGINES = ("torch", "onnxruntime", "openvino", "openvino_bf16")
 #: Largest |p_onnx - p_torch| accepted at export (probabilities; float32 reassociation gives ~1e-6).
 EXPORT_TOLERANCE = 1e-4
 
@@ -50,7 +54,7 @@ class RuntimeSection(BaseModel):
     """``bundle.json``'s ``runtime`` (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
-    engine: Literal["torch", "onnxruntime", "openvino"]
+    engine: Literal["torch", "onnxruntime", "openvino", "openvino_bf16"]
     opset: int
     files: dict[str, dict[str, str]]
     max_abs_diff: float
@@ -112,12 +116,13 @@ class OrtNet:
             so.log_severity_level = 3
             self._session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
             self._run = lambda x: self._session.run(None, {"x": x})
-        elif engine == "openvino":
+        elif engine in ("openvino", "openvino_bf16"):
             import openvino as ov
 
             core = ov.Core()
+            precision = "bf16" if engine == "openvino_bf16" else "f32"
             compiled = core.compile_model(str(self.path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                                 "INFERENCE_PRECISION_HINT": "f32"})
+                                                                 "INFERENCE_PRECISION_HINT": precision})
             request = compiled.create_infer_request()
 
             def run(x: np.ndarray) -> list[np.ndarray]:
