@@ -13,6 +13,7 @@ wait. Notebooks 02-04 then load what this wrote (their summaries say where the m
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Any
 
@@ -21,7 +22,9 @@ from ichdlib.ingest.catalog import ensure_cache, ingest
 from ichdlib.locks import output_lock
 from ichdlib.runtime import cpu_threads
 
-STAGES = ("cnn", "features", "seq", "distill")
+#: stages of packages above cnn and seq (``module:function(P, force) -> dict``, with a ``summary`` line)
+LATER_STAGES = {"distill": "ichdlib.distill.train:distill"}
+STAGES = ("cnn", "features", "seq", *LATER_STAGES)
 ORIGIN = "ichd train"
 
 
@@ -116,12 +119,10 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
             r = train_seq(P, m, force=force)
             _say(f"{m}: {len(r.oof)} OOF rows, {len(r.test)} test rows -> {r.out_dir}")
             out.append({"model": m, "dir": str(r.out_dir)})
-    elif stage == "distill":
-        from ichdlib.distill.train import distill
-
-        r = distill(P, force=force)
-        _say(f"student {r['key']}: OOF wLL {r['oof_wll']:.4f} (ensemble {r['ensemble_oof_wll']:.4f}), deployed fold "
-             f"{r['deploy_fold']}, {r['seconds']:.0f} s; export it with ichd export --profile student")
+    elif stage in LATER_STAGES:  # stages above cnn/seq in the layering, imported by name as cli.py does
+        module, func = LATER_STAGES[stage].split(":")
+        r = getattr(importlib.import_module(module), func)(P, force=force)
+        _say(r.get("summary", r))
         out.append(r)
     else:
         raise ValueError(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")

@@ -162,5 +162,7 @@ def distill(P: Params, force: bool = False) -> dict[str, Any]:
     done = {"key": cfg.key, "deploy_fold": deploy, "folds": results, "hard_weight": h,
             "oof_wll": weighted_log_loss(y, p_oof), "oof_auc_any": per_class_auc(y, p_oof)["any"],
             "ensemble_oof_wll": weighted_log_loss(y, oof_t), "seconds": round(time.perf_counter() - t0, 1)}
+    done["summary"] = (f"student {cfg.key}: OOF wLL {done['oof_wll']:.4f} (ensemble {done['ensemble_oof_wll']:.4f}), "
+                       f"deployed fold {deploy}, {done['seconds']:.0f} s; export it with ichd export --profile student")
     atomic_write(out / "done.json", lambda t: t.write_text(json.dumps(done, indent=1)))
     return done

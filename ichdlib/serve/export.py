@@ -105,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fast: largest drop of OOF AUC any allowed (default 0.005)")
     parser.add_argument("--budget", type=float, default=None,
                         help="fast: 2D seconds per slice to reach even past the accuracy bar (default none)")
+    parser.add_argument("--max-studies", type=int, default=None,
+                        help="fast: score a seeded sample of this many studies per split (RSNA-sized runs: "
+                             "the 2D models run once per fold model and view on the sample)")
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -112,7 +115,7 @@ def cli(args: argparse.Namespace) -> int:
     select = {}
     if args.profile == "fast":
         select = {"folds": args.folds_kept, "max_wll_ratio": args.max_wll_ratio, "max_auc_drop": args.max_auc_drop,
-                  "budget": args.budget}
+                  "budget": args.budget, "max_studies": args.max_studies}
     out, report = export_bundle(args.run, args.out, profile=args.profile, runtime=args.runtime, engine=args.engine,
                                 force=args.force, **select)
     manifest = json.loads((out / B.MANIFEST).read_text())

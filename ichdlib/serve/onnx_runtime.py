@@ -215,7 +215,12 @@ def profile_views(bundle: Any, views: list[Any]) -> list[Any]:
     """The TTA views a bundle runs: all of ``views``, or those its ``profile`` section keeps
     (:mod:`ichdlib.serve.profiles`)."""
     keep = (bundle.manifest.get("profile") or {}).get("views")
-    return list(views) if keep is None else [views[int(i)] for i in keep]
+    if keep is None:
+        return list(views)
+    if not keep or any(not isinstance(i, int) or not 0 <= i < len(views) for i in keep):
+        raise ValueError(f"{bundle.source}: bundle.json profile.views {keep} must name some of the "
+                         f"{len(views)} TTA views (0..{len(views) - 1})")
+    return [views[i] for i in keep]
 
 
 def bundle_engine(bundle: Any) -> str:
