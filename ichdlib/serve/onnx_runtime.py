@@ -30,7 +30,6 @@ path runs (the graphs are exported and checked in float32 for the CPU). OpenVINO
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -41,6 +40,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from ichdlib.serve.bundle import MANIFEST, Bundle, BundleError, _sha256, manifest_digest
 
 OPSET = 17
 ONNX_DIR = "onnx"
@@ -144,14 +145,6 @@ class OrtNet:
         return self.forward_both(x)[1]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def max_prob_diff(model: torch.nn.Module, net: OrtNet, example: torch.Tensor) -> float:
     """Largest difference of sigmoid probabilities and of pooled features (relative to their scale)
     between the torch model and its exported graph on ``example``."""
@@ -167,8 +160,6 @@ def add_onnx(folder: str | os.PathLike, engine: str = "onnxruntime", opset: int 
     """Export every 2D fold model of the saved bundle at ``folder`` to ``folder/onnx/``, check each graph
     against torch (:data:`EXPORT_TOLERANCE`), and rewrite ``bundle.json`` with the ``runtime`` section, the
     graphs' checksums and a new integrity digest. Returns the runtime section."""
-    from ichdlib.serve.bundle import MANIFEST, Bundle, BundleError, manifest_digest
-
     folder = Path(folder)
     bundle = Bundle.load(folder)
     files: dict[str, dict[str, str]] = {}
@@ -233,8 +224,6 @@ def cnn_runners(bundle: Any, engine: str | None = None, threads: int | None = No
                 verify: bool = True) -> dict[str, list[OrtNet]]:
     """One :class:`OrtNet` per fold model of every 2D member of ``bundle`` (a loaded bundle folder with a
     ``runtime`` section), in the members' fold order; the graphs' checksums are checked against ``files``."""
-    from ichdlib.serve.bundle import BundleError
-
     raw = bundle.manifest.get("runtime")
     if not raw:
         raise BundleError(f"{bundle.source}: the bundle has no ONNX graphs; export it with 'ichd export "
