@@ -88,11 +88,23 @@ def _accuracy(P: Any, tmp: Path, engines: list[str], max_studies: int | None = N
     from ichdlib.serve.bundle import Bundle
     from ichdlib.serve.export import export_bundle
     from ichdlib.serve.profiles import RunEvaluator, full_profile, select_for_run
+    from ichdlib.stats import paired_wll
 
     t0 = time.perf_counter()
     bundle = Bundle.from_run(P)
     sel, ev = select_for_run(P, bundle, max_studies=max_studies)
     out: dict[str, Any] = {"full_torch": ev(full_profile(bundle)), "fast": sel.scores, "selection": sel.to_dict()}
+    full_oof, full_test = ev.predict(full_profile(bundle))
+    fast_oof, fast_test = ev.predict(sel.profile)
+
+    def paired(p_oof: np.ndarray, p_test: np.ndarray | None) -> dict[str, Any]:
+        """wLL(profile) - wLL(full) with 95% intervals over studies (stats.paired_wll)."""
+        r = {"oof": paired_wll(ev.y_oof, p_oof, full_oof, groups=ev.train["study_uid"].to_numpy())}
+        if ev.y_test is not None and p_test is not None:
+            r["test"] = paired_wll(ev.y_test, p_test, full_test, groups=ev.test["study_uid"].to_numpy())
+        return r
+
+    out["paired"] = {"fast": paired(fast_oof, fast_test)}
     onnx_path, _ = export_bundle(P, tmp / "demo_onnx", runtime="onnx")
     onnx = Bundle.load(onnx_path)
     for engine in engines:
@@ -115,6 +127,9 @@ def _accuracy(P: Any, tmp: Path, engines: list[str], max_studies: int | None = N
                      test_auc_any=per_class_auc(y_test.to_numpy(), te.to_numpy())["any"])
         out["student"] = s
         out["student_training"] = json.loads(done.read_text())
+        st_oof = pd.read_parquet(student_dir(P) / "oof.parquet").set_index("sop_uid").loc[ev.train["sop_uid"], list(LABELS)]
+        st_test = pd.read_parquet(student_dir(P) / "test.parquet").set_index("sop_uid").loc[ev.test["sop_uid"], list(LABELS)]
+        out["paired"]["student"] = paired(st_oof.to_numpy(), st_test.to_numpy())
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -226,7 +241,8 @@ def run_profiles(args: Any, make_studies: Any) -> int:
             out["fast_openvino_bf16"]["e2e_seconds_per_study"] = round(bf16["total"], 2)
         out["student"]["e2e_seconds_per_study"] = round(e2e_student["total"], 2)
         res.update(read_seconds_per_study=round(t_read, 3), pass_seconds=passes, seq_seconds_per_fold=seq,
-                   profiles=out, fast_selection=sel, student_training=acc.get("student_training"),
+                   profiles=out, paired_wll_vs_full=acc["paired"], fast_selection=sel,
+                   student_training=acc.get("student_training"),
                    note=(f"timing: untrained {args.timing_params.name} networks (random weights; time does not "
                          "depend on them) on one phantom study; accuracy: the trained "
                          f"{args.accuracy_params.name} run (ratios and deltas to full_torch)"))
