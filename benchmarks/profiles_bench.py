@@ -39,39 +39,40 @@ def _student_view(bundle: Any, key: str) -> Any:
     return Bundle(m, {key: bundle.cnn[key]}, {}, source=bundle.source)
 
 
-def _time_passes(bundle: Any, engine: str, loaded: Any, repeats: int = 2) -> tuple[dict[str, float], float]:
-    """Seconds of one forward pass (one view, one fold model) of each 2D member over ``loaded`` and of the
-    sequence models (one fold each, both directions), median of ``repeats`` after a warm-up."""
+def _time_passes(bundle: Any, engine: str, loaded: Any) -> tuple[dict[str, float], float, Any]:
+    """Seconds of one forward pass (one view, one fold model) of each 2D member over ``loaded`` (after a
+    warm-up pass) and of the sequence models and blend (one fold each, on those 2D outputs); and the warm
+    predictor (all of the bundle's views restored)."""
     from ichdlib.serve.pipeline import Predictor, study_cache
 
     pred = Predictor(bundle, "cpu", runtime=engine)
-    pred.views = pred.views[:1]
-    out = {}
+    views, pred.views = pred.views, pred.views[:1]
+    out, cached = {}, {}
     for key in pred.cnn:
         cache, rows = study_cache(loaded, int(bundle.backbone(key)["size"]))
         pred.cnn_outputs(key, cache, rows)  # warm-up
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            pred.cnn_outputs(key, cache, rows)
-            ts.append(time.perf_counter() - t0)
-        out[key] = float(np.median(ts))
+        t0 = time.perf_counter()
+        cached[key] = pred.cnn_outputs(key, cache, rows)
+        out[key] = time.perf_counter() - t0
+    pred.cnn_outputs = lambda key, cache, rows: cached[key]  # the sequence stage alone
     pred.predict(loaded)
     t0 = time.perf_counter()
     pred.predict(loaded)
-    seq = max(0.0, time.perf_counter() - t0 - sum(out.values()))
-    return out, seq
+    seq = time.perf_counter() - t0
+    del pred.cnn_outputs
+    pred.views = views
+    return out, seq, pred
 
 
-def _e2e(folder: Path, bundle: Any, engine: str, views: list[int] | None = None) -> dict[str, float]:
-    """``predict_dir`` on one study folder (after a warm-up run): read, model and total seconds."""
-    from ichdlib.serve.pipeline import Predictor, predict_dir
+def _e2e(folder: Path, bundle: Any, pred: Any, views: list[int] | None = None) -> dict[str, float]:
+    """``predict_dir`` on one study folder with a warm predictor (``views``: the TTA views it runs)."""
+    from ichdlib.serve.pipeline import predict_dir
 
-    pred = Predictor(bundle, "cpu", runtime=engine)
+    keep = pred.views
     if views is not None:
-        pred.views = [pred.views[i] for i in views]
-    predict_dir(folder, bundle, predictor=pred)
+        pred.views = [keep[i] for i in views]
     r = predict_dir(folder, bundle, predictor=pred)
+    pred.views = keep
     return {"read": r.seconds["read"], "model": r.seconds["model"], "total": r.seconds["read"] + r.seconds["model"],
             "slices": len(r.slices)}
 
@@ -107,7 +108,7 @@ def _accuracy(P: Any, tmp: Path, engines: list[str], max_studies: int | None = N
     out["paired"] = {"fast": paired(fast_oof, fast_test)}
     onnx_path, _ = export_bundle(P, tmp / "demo_onnx", runtime="onnx")
     onnx = Bundle.load(onnx_path)
-    for engine in engines:
+    for engine in (e for e in engines if e != "openvino"):  # OpenVINO float32: timed, scored like onnxruntime
         ev_e = RunEvaluator(P, onnx, runtime=engine, max_studies=max_studies)
         out[f"full_{engine}"] = ev_e(full_profile(onnx))
         if engine == "onnxruntime":  # the fast profile as it runs (ONNX Runtime)
@@ -181,17 +182,19 @@ def run_profiles(args: Any, make_studies: Any) -> int:
         load_study(scan)
         t_read = time.perf_counter() - t0
         n = len(loaded.hu)
-        passes, seq = {}, {}
+        passes, seq, preds = {}, {}, {}
         for engine in ["torch", *engines]:
-            passes[engine], seq[engine] = _time_passes(bundle, engine, loaded)
+            passes[engine], seq[engine], preds[engine] = _time_passes(bundle, engine, loaded)
             print(f"  {engine}: one pass over {n} slices " + ", ".join(f"{k} {v:.2f} s" for k, v in passes[engine].items())
-                  + f"; sequence models {seq[engine]:.3f} s per fold")
+                  + f"; sequence models (one fold each) and blend {seq[engine]:.3f} s")
         keys = list(bundle.cnn)
         n_views, n_seq = P.features.tta, len(P.seq.models)
         student_key = (P.distill.backbone or P.cnn.backbones[0]).key
 
         def estimate(engine: str, folds: int, views: int, keys_: list[str], seq_models: int) -> float:
-            return t_read + sum(folds * views * passes[engine][k] for k in keys_) + seq_models * folds * seq[engine]
+            # seq[engine]: every sequence model once (one fold each) + blend; profiles keep all their folds
+            return (t_read + sum(folds * views * passes[engine][k] for k in keys_)
+                    + seq[engine] * n_folds * seq_models / max(1, n_seq))
 
         fast_folds = max(len(f) for f in sel["profile"]["folds"].values())
         fast_seq = sum(1 for m in sel["profile"]["members"] if not m.startswith("cnn:"))
@@ -232,13 +235,18 @@ def run_profiles(args: Any, make_studies: Any) -> int:
                                            if d is not None)
             out[name] = row
         # end to end through predict_dir: the fast profile and the student
-        e2e_fast = _e2e(folder, bundle, "onnxruntime", views=fast_views) if fast_folds == 1 else None
-        e2e_student = _e2e(folder, _student_view(bundle, student_key), "onnxruntime")
+        # (the fast profile keeps every sequence model here; fewer would only be cheaper)
+        e2e_fast = _e2e(folder, bundle, preds["onnxruntime"], views=fast_views) if fast_folds == 1 else None
+        student = _student_view(bundle, student_key)
+        from ichdlib.serve.pipeline import Predictor
+
+        e2e_student = _e2e(folder, student, Predictor(student, "cpu", runtime="onnxruntime"))
         if e2e_fast:
             out["fast"]["e2e_seconds_per_study"] = round(e2e_fast["total"], 2)
         if e2e_fast and "fast_openvino_bf16" in out:
-            bf16 = _e2e(folder, bundle, "openvino_bf16", views=fast_views)
+            bf16 = _e2e(folder, bundle, preds["openvino_bf16"], views=fast_views)
             out["fast_openvino_bf16"]["e2e_seconds_per_study"] = round(bf16["total"], 2)
+        del preds
         out["student"]["e2e_seconds_per_study"] = round(e2e_student["total"], 2)
         res.update(read_seconds_per_study=round(t_read, 3), pass_seconds=passes, seq_seconds_per_fold=seq,
                    profiles=out, paired_wll_vs_full=acc["paired"], fast_selection=sel,
