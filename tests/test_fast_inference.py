@@ -177,3 +177,16 @@ def test_student_distils_from_the_ensemble_and_predicts(trained, tmp_path):
     pred = predict_dir(folder, Bundle.load(path), device="cpu")
     assert len(pred.slices) == 8 and len(pred.problems) == 0
     np.testing.assert_allclose(pred.slices["p_any"], pred.slices["cnn:student:any"])
+
+
+def test_profile_views_are_checked():
+    from types import SimpleNamespace
+
+    from ichdlib.serve.onnx_runtime import profile_views
+
+    views = ["val", "hflip", "swap"]
+    assert profile_views(SimpleNamespace(manifest={}, source="b"), views) == views
+    assert profile_views(SimpleNamespace(manifest={"profile": {"views": [2, 0]}}, source="b"), views) == ["swap", "val"]
+    for bad in ([], [3], ["0"]):
+        with pytest.raises(ValueError, match="profile.views"):
+            profile_views(SimpleNamespace(manifest={"profile": {"views": bad}}, source="b"), views)
