@@ -81,14 +81,15 @@ def _accuracy(P: Any, tmp: Path, engines: list[str], max_studies: int | None = N
     """Scores of full (torch and each ONNX engine), fast and student on the trained run ``P``."""
     import pandas as pd
 
+    from ichdlib.app.export_cli import export_bundle
+    from ichdlib.app.profile_select import RunEvaluator, select_for_run
     from ichdlib.distill import student_dir
-    from ichdlib.ensemble.blend import read_truth
+    from ichdlib.ensemble.outputs import read_truth
     from ichdlib.ingest.table import load_catalog
     from ichdlib.labels import LABELS
     from ichdlib.metrics import per_class_auc, weighted_log_loss
     from ichdlib.serve.bundle import Bundle
-    from ichdlib.serve.export import export_bundle
-    from ichdlib.serve.profiles import RunEvaluator, full_profile, select_for_run
+    from ichdlib.serve.profiles import full_profile
     from ichdlib.stats import paired_wll
 
     t0 = time.perf_counter()
@@ -115,21 +116,21 @@ def _accuracy(P: Any, tmp: Path, engines: list[str], max_studies: int | None = N
             out["fast"] = ev_e(sel.profile)
         if engine == "openvino_bf16":
             out["fast_openvino_bf16"] = ev_e(sel.profile)
-    done = student_dir(P) / "done.json"
+    done = student_dir(P).done
     if done.is_file():
         cat = load_catalog(P.work_dir)
         y_oof, y_test = read_truth(P, cat)
-        oof = pd.read_parquet(student_dir(P) / "oof.parquet").set_index("sop_uid").loc[y_oof.index, list(LABELS)]
+        oof = pd.read_parquet(student_dir(P).oof).set_index("sop_uid").loc[y_oof.index, list(LABELS)]
         s = {"oof_wll": weighted_log_loss(y_oof.to_numpy(), oof.to_numpy()),
              "oof_auc_any": per_class_auc(y_oof.to_numpy(), oof.to_numpy())["any"]}
         if y_test is not None:
-            te = pd.read_parquet(student_dir(P) / "test.parquet").set_index("sop_uid").loc[y_test.index, list(LABELS)]
+            te = pd.read_parquet(student_dir(P).test).set_index("sop_uid").loc[y_test.index, list(LABELS)]
             s.update(test_wll=weighted_log_loss(y_test.to_numpy(), te.to_numpy()),
                      test_auc_any=per_class_auc(y_test.to_numpy(), te.to_numpy())["any"])
         out["student"] = s
         out["student_training"] = json.loads(done.read_text())
-        st_oof = pd.read_parquet(student_dir(P) / "oof.parquet").set_index("sop_uid").loc[ev.train["sop_uid"], list(LABELS)]
-        st_test = pd.read_parquet(student_dir(P) / "test.parquet").set_index("sop_uid").loc[ev.test["sop_uid"], list(LABELS)]
+        st_oof = pd.read_parquet(student_dir(P).oof).set_index("sop_uid").loc[ev.train["sop_uid"], list(LABELS)]
+        st_test = pd.read_parquet(student_dir(P).test).set_index("sop_uid").loc[ev.test["sop_uid"], list(LABELS)]
         out["paired"]["student"] = paired(st_oof.to_numpy(), st_test.to_numpy())
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -18,8 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ichdlib.ingest.catalog", "scan an RSNA-layout folder: catalog, folds, quarantine, HU cache"),
     "score": ("ichdlib.metrics", "score a Kaggle long-format prediction CSV against a truth CSV"),
     "run": ("ichdlib.run", "run notebooks 01-06 headless with papermill from one params file"),
-    "train": ("ichdlib.cnn.train_cli", "run one stage (cnn, features, seq) alone or under torchrun (DDP, fold jobs)"),
-    "export": ("ichdlib.serve.export", "write a self-contained model bundle from a finished run (profile, runtime)"),
+    "train": ("ichdlib.app.train_cli", "run one stage (cnn, features, seq, distill) alone or under torchrun (DDP, fold jobs)"),
+    "export": ("ichdlib.app.export_cli", "write a self-contained model bundle from a finished run (profile, runtime)"),
     "predict": ("ichdlib.serve.predict", "predict on a folder of DICOM studies with a model bundle"),
     "compare": ("ichdlib.review.compare", "compare two or more runs: stage scores, per-class losses, times, params"),
 }
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in {"-V", "--version"}:
-        from ichdlib import __version__
+        from ichdlib import __version__  # noqa: PLC0415  (the version only for --version)
 
         print(f"ichd {__version__}")
         return 0

@@ -11,9 +11,9 @@ import pytest
 import torch
 from builders import study_folder
 
+from ichdlib.app.export_cli import export_bundle
 from ichdlib.cli import main as ichd
 from ichdlib.serve.bundle import MANIFEST, Bundle, BundleError
-from ichdlib.serve.export import export_bundle
 from ichdlib.serve.onnx_runtime import OrtNet, export_model, max_prob_diff
 from ichdlib.serve.pipeline import Predictor
 from ichdlib.serve.predict import predict_dir
@@ -157,14 +157,14 @@ def test_student_distils_from_the_ensemble_and_predicts(trained, tmp_path):
                                               "tag": "student"}}})
     cat = load_catalog(P.work_dir)
     oof_t, test_t = ensemble_targets(P, cat)
-    metrics = json.loads((P.reports_dir / "metrics.json").read_text())
+    metrics = json.loads(P.layout.metrics.read_text())
     y = cat.loc[cat["split"] == "train", list(LABELS)].to_numpy(float)
     assert weighted_log_loss(y, oof_t) == pytest.approx(metrics["stages"]["ensemble"]["oof"]["wll"], rel=1e-9)
     assert test_t.shape == ((cat["split"] == "test").sum(), 6)
     done = distill(P)
     folds = sorted(cat.loc[cat["split"] == "train", "fold"].unique())
     assert [f["fold"] for f in done["folds"]] == folds and done["deploy_fold"] in folds
-    oof = pd.read_parquet(student_dir(P) / "oof.parquet")
+    oof = pd.read_parquet(student_dir(P).oof)
     assert list(oof["sop_uid"]) == list(cat.loc[cat["split"] == "train", "sop_uid"])
     assert done["oof_wll"] == pytest.approx(weighted_log_loss(y, oof[list(LABELS)].to_numpy()))
     assert distill(P)["folds"] == done["folds"]  # finished folds are reused, not retrained

@@ -14,8 +14,9 @@ importing the training loop.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+from ichdlib.layout import ModelDir
 
 
 def student_cfg(P: Any) -> Any:
@@ -23,6 +24,6 @@ def student_cfg(P: Any) -> Any:
     return P.distill.backbone or P.cnn.backbones[0]
 
 
-def student_dir(P: Any) -> Path:
-    """``work/<run>/distill/<key>``."""
-    return P.work_dir / "distill" / student_cfg(P).key
+def student_dir(P: Any) -> ModelDir:
+    """The student's folder ``work/<run>/distill/<key>`` (:meth:`ichdlib.layout.RunLayout.distill`)."""
+    return P.layout.distill(student_cfg(P).key)

@@ -10,6 +10,7 @@ A fold resumes from its last finished epoch; a finished fold with the same setti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -24,15 +25,17 @@ from ichdlib.cnn.models import build_cnn
 from ichdlib.cnn.train import init_bias, run_config, run_epoch
 from ichdlib.config import Params
 from ichdlib.distill import student_cfg, student_dir
-from ichdlib.ensemble.blend import apply_weights, load_stage, resolve_members
+from ichdlib.ensemble.weights import apply_weights
 from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.native import open_slices
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
 from ichdlib.metrics import per_class_auc, prior_baseline, weighted_log_loss
+from ichdlib.predictions import load_stage, resolve_members
 from ichdlib.progress import TrainingProgress
 from ichdlib.runtime import cpu_threads, derive_seed, save_torch
 from ichdlib.spec import ModelSpec
+from ichdlib.stages import StageReport
 
 
 def ensemble_targets(P: Params, catalog: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +47,7 @@ def ensemble_targets(P: Params, catalog: pd.DataFrame | None = None) -> tuple[np
     if P.ensemble.method == "mean":
         weights = {m: 1.0 / len(members) for m in members}
     else:
-        path = P.reports_dir / "metrics.json"
+        path = P.layout.metrics
         sub = json.loads(path.read_text()).get("submission", {}) if path.is_file() else {}
         if sorted(sub.get("weights") or {}) != sorted(members):
             raise FileNotFoundError(f"{path}: no fitted ensemble weights for {members}; run notebook 05 first")
@@ -64,8 +67,6 @@ def ensemble_targets(P: Params, catalog: pd.DataFrame | None = None) -> tuple[np
 
 
 def _signature(P: Params, cfg: Any, targets: np.ndarray, cache_size: int, rows: pd.DataFrame) -> dict[str, Any]:
-    import hashlib
-
     digest = hashlib.sha256(np.ascontiguousarray(targets, dtype=np.float32).tobytes()).hexdigest()[:16]
     return {**run_config(P, cfg, cache_size, rows), "targets": digest, "hard_weight": P.distill.hard_weight}
 
@@ -74,9 +75,9 @@ def train_student_fold(P: Params, fold: int, cat: pd.DataFrame, cache: Any, targ
                        force: bool = False, progress: TrainingProgress | None = None) -> dict[str, Any]:
     """Train (or resume, or reuse) the fold-``fold`` student; returns its held-out scores and file."""
     cfg = student_cfg(P)
-    out = student_dir(P)
-    out.mkdir(parents=True, exist_ok=True)
-    final, last = out / f"fold{fold}.pt", out / f"fold{fold}_last.pt"
+    d = student_dir(P)
+    d.path.mkdir(parents=True, exist_ok=True)
+    final, last = d.checkpoint(fold), d.last(fold)
     train = cat[cat["split"] == "train"].reset_index(drop=True)
     tr = np.flatnonzero(train["fold"].to_numpy() != fold)
     va = np.flatnonzero(train["fold"].to_numpy() == fold)
@@ -125,7 +126,7 @@ def train_student_fold(P: Params, fold: int, cat: pd.DataFrame, cache: Any, targ
             "config": {"cache_size": int(cache.shape[-1])}, "student": True, "signature": signature,
             "result": result, "metrics": {"val_wll": result["val_wll"]}}
     save_torch({"state_dict": model.state_dict(), "meta": meta}, final)
-    save_parquet(probs_frame(train["sop_uid"].iloc[va], p_va), out / f"fold{fold}_val.parquet")
+    save_parquet(probs_frame(train["sop_uid"].iloc[va], p_va), d.val(fold))
     last.unlink(missing_ok=True)
     return result
 
@@ -135,7 +136,7 @@ def distill(P: Params, force: bool = False) -> dict[str, Any]:
     relative to the prior), write its ``test.parquet`` and ``done.json``; returns ``done.json``'s content."""
     t0 = time.perf_counter()
     cfg = student_cfg(P)
-    out = student_dir(P)
+    d = student_dir(P)
     cat = load_catalog(P.work_dir)
     oof_t, _ = ensemble_targets(P, cat)  # test rows stay unseen: the student's test score is honest
     train = cat[cat["split"] == "train"].reset_index(drop=True)
@@ -146,23 +147,31 @@ def distill(P: Params, force: bool = False) -> dict[str, Any]:
     folds = sorted(int(k) for k in train["fold"].unique())
     with cpu_threads(P), TrainingProgress(f"student {cfg.key}") as progress:
         results = [train_student_fold(P, k, cat, cache, targets, force, progress) for k in folds]
-    oof = pd.concat([pd.read_parquet(out / f"fold{k}_val.parquet") for k in folds]).set_index("sop_uid")
+    oof = pd.concat([pd.read_parquet(d.val(k)) for k in folds]).set_index("sop_uid")
     oof = oof.loc[train["sop_uid"]].reset_index()
-    save_parquet(oof, out / "oof.parquet")
+    save_parquet(oof, d.oof)
     deploy = min(results, key=lambda r: r["val_wll_vs_prior"])["fold"]
-    ck = torch.load(out / f"fold{deploy}.pt", map_location="cpu", weights_only=True)
+    ck = torch.load(d.checkpoint(deploy), map_location="cpu", weights_only=True)
     model = build_cnn(cfg.name, learnable_window=P.windows.recipe if P.windows.learnable else None,
                       recipe=P.windows.recipe, single_window=tuple(P.windows.single_window))
     model.load_state_dict(ck["state_dict"])
     test = cat[cat["split"] == "test"]
     aug = DeviceAugment.from_params(P, cfg.size)
     p_te, _ = predict(model.eval(), aug, SliceDataset.from_catalog(test, cache, labels=False), cfg.batch * 2, "cpu")
-    save_parquet(probs_frame(test["sop_uid"], p_te), out / "test.parquet")
+    save_parquet(probs_frame(test["sop_uid"], p_te), d.test)
     p_oof = oof[list(LABELS)].to_numpy(np.float64)
     done = {"key": cfg.key, "deploy_fold": deploy, "folds": results, "hard_weight": h,
             "oof_wll": weighted_log_loss(y, p_oof), "oof_auc_any": per_class_auc(y, p_oof)["any"],
             "ensemble_oof_wll": weighted_log_loss(y, oof_t), "seconds": round(time.perf_counter() - t0, 1)}
     done["summary"] = (f"student {cfg.key}: OOF wLL {done['oof_wll']:.4f} (ensemble {done['ensemble_oof_wll']:.4f}), "
                        f"deployed fold {deploy}, {done['seconds']:.0f} s; export it with ichd export --profile student")
-    atomic_write(out / "done.json", lambda t: t.write_text(json.dumps(done, indent=1)))
+    atomic_write(d.done, lambda t: t.write_text(json.dumps(done, indent=1)))
     return done
+
+
+def run_stage(P: Params, force: bool = False) -> StageReport:
+    """Stage 07 (:data:`ichdlib.stages.STAGES`): :func:`distill`; one row per fold student, the report's
+    ``result`` is ``done.json``'s content."""
+    done = distill(P, force=force)
+    rows = [{**r, "deployed": r["fold"] == done["deploy_fold"]} for r in done["folds"]]
+    return StageReport("distill", rows, seconds=done["seconds"], result=done)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -86,8 +87,6 @@ EXPORTERS: dict[str, tuple[Callable[[torch.nn.Module], torch.nn.Module], Callabl
 def export_model(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, kind: str = "cnn",
                  opset: int = OPSET) -> Path:
     """Write ``model`` (a member's torch model) as an ONNX graph with a dynamic batch axis."""
-    import warnings
-
     wrap, _ = EXPORTERS[kind]
     module = wrap(model).eval()  # export restores the wrapper's train flag afterwards: keep it in eval
     path = Path(path)
@@ -109,7 +108,7 @@ class OrtNet:
         self.path, self.engine = Path(path), engine
         threads = threads or torch.get_num_threads()
         if engine == "onnxruntime":
-            import onnxruntime as ort
+            import onnxruntime as ort  # noqa: PLC0415  (the onnx extra: loaded only for ONNX bundles)
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
@@ -118,7 +117,7 @@ class OrtNet:
             self._session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
             self._run = lambda x: self._session.run(None, {"x": x})
         elif engine in ("openvino", "openvino_bf16"):
-            import openvino as ov
+            import openvino as ov  # noqa: PLC0415  (optional: the openvino extra)
 
             core = ov.Core()
             precision = "bf16" if engine == "openvino_bf16" else "f32"
