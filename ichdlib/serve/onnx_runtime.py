@@ -114,6 +114,7 @@ class OrtNet:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
             so.log_severity_level = 3
+            so.enable_cpu_mem_arena = False  # the arena keeps a 512 px batch's peak (GBs) for the process's life
             self._session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
             self._run = lambda x: self._session.run(None, {"x": x})
         elif engine in ("openvino", "openvino_bf16"):
