@@ -5,11 +5,31 @@ Usage::
     python benchmarks/predict.py                                  # params/demo.yaml's models, untrained
     python benchmarks/predict.py --params params/rsna_gpu.yaml --device cuda   # the original's 4 CNNs x 5 folds
     python benchmarks/predict.py --bundle bundles/demo            # a real exported bundle
+    python benchmarks/predict.py --profiles --json OUT.json       # full / ONNX / fast / student (issue 22)
 
 Without ``--bundle`` the models are randomly initialised with the architectures, image sizes and folds of
 ``--params`` (timing does not depend on the weights). The studies are phantom studies written as 512 x 512
 DICOM files (``--size``) and cut to ``--slices`` slices. The first study is a warm-up (model build, first
 kernels); the figures are over the ``--repeats`` studies after it. ``--json`` writes the numbers to a file.
+
+``--profiles`` compares the inference profiles (``ichdlib.serve.profiles``) in one run:
+
+- timing, on one ``--slices``-slice study (default 31) with **untrained** networks of the
+  ``--timing-params`` architecture (default ``params/rsna_gpu.yaml``: four backbones x 5 folds x 4 TTA
+  views; timing does not depend on the weights): each backbone's forward pass over the study in torch, in
+  ONNX Runtime and (if installed) OpenVINO is measured on its first fold model, the study's DICOM read and
+  the sequence models too; a profile's seconds are read + its passes x the measured pass times + its
+  sequence folds x the measured sequence time (``timing: "passes"``). The fast profile (with the fold count
+  and TTA views the demo's selection kept) and the student are also run end to end through
+  ``predict_dir`` (``e2e_seconds_per_study``), which checks the sum;
+- accuracy, on the trained demo run (``--accuracy-params``, default ``params/demo.yaml``, which must be
+  finished, and for ``student`` ``ichd train params/demo.yaml --stage distill``): OOF and test weighted log
+  loss and AUC any of each profile, as ratios and differences to ``full_torch``
+  (:class:`ichdlib.serve.profiles.RunEvaluator`; ``full_onnx`` runs the same models exported to ONNX).
+
+JSON contract: ``{"profiles": {NAME: {"seconds_per_study", "slices", "forward_passes", "oof_wll_ratio",
+"test_wll_ratio", "auc_any_delta", ...}}}`` for ``full_torch``, ``full_onnx``, ``fast`` and ``student``
+(``auc_any_delta``: the lower of the OOF and test differences).
 """
 
 from __future__ import annotations
@@ -63,13 +83,27 @@ def main(argv: list[str] | None = None) -> int:
                     help="architectures for untrained models (default params/demo.yaml)")
     ap.add_argument("--bundle", type=Path, help="an exported bundle instead of untrained models")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--slices", type=int, default=32)
+    ap.add_argument("--slices", type=int, default=None, help="slices per study (default 32; 31 with --profiles)")
     ap.add_argument("--size", type=int, default=512, help="DICOM rows/cols of the phantom studies")
     ap.add_argument("--repeats", type=int, default=3, help="timed studies after one warm-up study")
     ap.add_argument("--folds", type=int, help="folds of untrained models (default: the params' folds)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--profiles", action="store_true", help="compare full/ONNX/fast/student (module docstring)")
+    ap.add_argument("--timing-params", type=Path, default=REPO / "params" / "rsna_gpu.yaml")
+    ap.add_argument("--accuracy-params", type=Path, default=REPO / "params" / "demo.yaml")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of torch and the ONNX engines")
+    ap.add_argument("--max-studies", type=int, default=None,
+                    help="--profiles: score a seeded sample of this many studies per split (quick checks)")
     args = ap.parse_args(argv)
+    if args.profiles:
+        import sys
 
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from profiles_bench import run_profiles
+
+        return run_profiles(args, make_studies)
+
+    args.slices = args.slices or 32
     import torch
 
     from ichdlib.config import load_params

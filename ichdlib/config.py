@@ -355,6 +355,17 @@ class TrackingCfg(_Strict):
     experiment: str = "ichd"
 
 
+class DistillCfg(_Strict):
+    """The distilled student (``ichd train --stage distill``, :mod:`ichdlib.distill`): one 2D network, one
+    view, trained on the full ensemble's per-slice probabilities."""
+
+    enabled: bool = False  # off: ``ichd run`` leaves it out; ``ichd train --stage distill`` runs it anyway
+    #: The student's architecture and schedule (default: the first of ``cnn.backbones``).
+    backbone: BackboneCfg | None = None
+    #: Share of the true labels in the training target (0: the ensemble's probabilities only).
+    hard_weight: float = Field(0.0, ge=0, le=1)
+
+
 class Params(_Strict):
     """A whole experiment."""
 
@@ -372,6 +383,7 @@ class Params(_Strict):
     ensemble: EnsembleCfg = Field(default_factory=EnsembleCfg)
     cam: CamCfg = Field(default_factory=CamCfg)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
+    distill: DistillCfg = Field(default_factory=DistillCfg)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Params:

@@ -12,6 +12,8 @@ stage reads or writes is an attribute or method of it::
                        part_fold<k>.npz                         features (03)        -> L.features(key)
       seq/<name>/      fold<k>.pt fold<k>_last.pt fold<k>_log.csv oof.parquet test.parquet done.json
                                                                 sequence models (04) -> L.seq(name)
+      distill/<key>/   fold<k>.pt fold<k>_last.pt fold<k>_val.parquet oof.parquet test.parquet done.json
+                                                                the student (07)     -> L.distill(key)
       stages/          <NN>.json digests.json <notebook>.lock   stamps (ichd run)
       logs/            <notebook>.kernel.log
       params.yaml
@@ -42,6 +44,7 @@ QUARANTINE = "quarantine.csv"
 INGEST_REPORT, INGEST_STATE = "ingest_report.json", "ingest_state.json"
 CACHE_GLOB = "cache_*"
 CNN, FEATURES, SEQ, STAGES, LOGS, INPUTS, FIGURES = "cnn", "features", "seq", "stages", "logs", "inputs", "figures"
+DISTILL = "distill"
 OOF, TEST = "oof.parquet", "test.parquet"
 DONE = "done.json"
 META = "meta.json"
@@ -69,6 +72,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "seq": (f"{SEQ}/*/{OOF}", f"{SEQ}/*/{TEST}", f"{SEQ}/*/fold*.pt"),
     "ensemble": (f"reports:{SUBMISSION}",),
     "review": (),
+    "distill": (f"{DISTILL}/*/fold*.pt", f"{DISTILL}/*/{DONE}"),
 }
 
 
@@ -224,6 +228,10 @@ class RunLayout:
     def seq(self, name: str) -> ModelDir:
         """``seq/<name>``: one sequence model's fold models and OOF/test tables (04)."""
         return ModelDir(self.work / SEQ / name)
+
+    def distill(self, key: str) -> ModelDir:
+        """``distill/<key>``: the student's fold models, OOF/test tables and ``done.json`` (07)."""
+        return ModelDir(self.work / DISTILL / key)
 
     @property
     def inputs_lock(self) -> Path:

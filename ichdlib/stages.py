@@ -129,6 +129,9 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
           outputs=STAGE_OUTPUTS["ensemble"], entry="ichdlib.ensemble.blend:run_stage"),
     Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True,
           outputs=STAGE_OUTPUTS["review"], entry="ichdlib.review.stage:run_stage"),
+    # no notebook (off in the demo): ``ichd train PARAMS --stage distill`` runs it (ichdlib.distill)
+    Stage("07", "distill", ("seed", "windows", "cnn", "distill"), ("01", "05"), reads_data=True,
+          outputs=STAGE_OUTPUTS["distill"], entry="ichdlib.distill.train:run_stage"),
 )}
 
 

@@ -58,3 +58,28 @@ def test_scale_benchmark_end_to_end(tmp_path):
         assert {"exponent", "full_seconds", "full_peak_rss_gb"} <= set(s)
     assert 0 < out["disk"]["derived_gb"] / out["disk"]["raw_dicom_gb"] < 0.3
     assert json.loads((tmp_path / "s.json").read_text())["disk"] == out["disk"]
+
+
+def test_predict_profiles_writes_the_contract(trained, tmp_path):
+    """``benchmarks/predict.py --profiles --json OUT``: the four named profiles with the contract's keys;
+    the ONNX run of the full profile scores what torch scores."""
+    from ichdlib.config import dump_params
+
+    bench = _load("predict")
+    params = tmp_path / "params.yaml"
+    params.write_text(dump_params(trained))
+    out = tmp_path / "p.json"
+    assert bench.main(["--profiles", "--timing-params", str(params), "--accuracy-params", str(params),
+                       "--slices", "6", "--size", "64", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["profiles"]
+    keys = {"seconds_per_study", "slices", "forward_passes", "oof_wll_ratio", "test_wll_ratio", "auc_any_delta"}
+    for name in ("full_torch", "full_onnx", "fast"):
+        assert keys <= set(res[name]), name
+        assert res[name]["seconds_per_study"] > 0 and res[name]["slices"] == 6
+    assert {"seconds_per_study", "slices", "forward_passes"} <= set(res["student"])
+    assert res["full_torch"]["oof_wll_ratio"] == 1.0 and res["full_torch"]["auc_any_delta"] == 0.0
+    assert res["full_onnx"]["oof_wll_ratio"] == pytest.approx(1.0, abs=1e-4)
+    n_folds, n_views = 2, trained.features.tta
+    assert res["full_torch"]["forward_passes"] == 6 * n_folds * n_views * len(trained.cnn.backbones)
+    assert res["fast"]["forward_passes"] < res["full_torch"]["forward_passes"]
+    assert res["student"]["forward_passes"] == 6

@@ -25,7 +25,7 @@ from ichdlib.runtime import cpu_threads
 from ichdlib.stages import stage_named
 
 #: The stages ``ichd train --stage`` runs, by their names in :data:`ichdlib.stages.STAGES`.
-TRAIN_STAGES = ("cnn", "features", "seq")
+TRAIN_STAGES = ("cnn", "features", "seq", "distill")
 ORIGIN = "ichd train"
 
 
@@ -110,6 +110,9 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
         for s in report.result:
             _say(f"{s['key']}: features {s['status']}, dim {s['dim']}, OOF wLL (TTA) {s['oof_wll']:.4f} -> {s['dir']}")
             out.append(s)
+    elif stage == "distill":
+        _say(report.result["summary"])
+        out.append(report.result)
     else:
         for m, r in report.result.items():
             _say(f"{m}: {len(r.oof)} OOF rows, {len(r.test)} test rows -> {r.out_dir}")

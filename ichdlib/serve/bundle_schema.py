@@ -169,6 +169,8 @@ class Manifest(_Schema):
     versions: dict[str, str]
     files: dict[PlainName, Sha256]
     integrity: Sha256
+    runtime: dict[str, Any] | None = None  # ONNX graphs and engine (ichdlib.serve.onnx_runtime)
+    profile: dict[str, Any] | None = None  # folds, views, members kept (ichdlib.serve.profiles)
 
     @model_validator(mode="after")
     def _references(self) -> Manifest:

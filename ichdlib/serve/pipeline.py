@@ -39,6 +39,7 @@ from ichdlib.serve.discover import (
     problems_frame,
     safe_name,
 )
+from ichdlib.serve.onnx_runtime import bundle_engine, cnn_runners, profile_views
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,9 +67,12 @@ class CnnOutput:
 
 
 class Predictor:
-    """A bundle's models on one device, ready to predict studies."""
+    """A bundle's models on one device, ready to predict studies. The 2D models run in the engine the bundle
+    names (``runtime``: ``torch`` or an ONNX engine, :mod:`ichdlib.serve.onnx_runtime`; CUDA always torch),
+    with the TTA views its ``profile`` keeps."""
 
-    def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None) -> None:
+    def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None,
+                 runtime: str | None = None) -> None:
 
         self.bundle = bundle
         self.device = resolve_device(device)
@@ -78,11 +82,14 @@ class Predictor:
         self.channels_last = self.device.startswith("cuda") and self.P.cnn.channels_last
         self.cnn: dict[str, list[Any]] = {}
         self.aug: dict[str, list[Any]] = {}
+        self.engine = (runtime or bundle_engine(bundle)) if self.device == "cpu" else "torch"
+        graphs = cnn_runners(bundle, self.engine) if self.engine != "torch" else {}
         for key, member in bundle.cnn.items():
-            self.cnn[key] = [prepare_model(m, self.P, self.device)[1] for m in member.build(self.device)]
+            self.cnn[key] = graphs.get(key) or [prepare_model(m, self.P, self.device)[1]
+                                                for m in member.build(self.device)]
             self.aug[key] = [eval_augment(self.P, meta) for meta in member.metas]
         self.seq = {name: member.build(self.device) for name, member in bundle.seq.items()}
-        self.views = feature_views(self.P)
+        self.views = profile_views(bundle, feature_views(self.P))
 
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
@@ -275,7 +282,7 @@ def explain_study(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame
     if len(pos) == 0:
         return []
     key = next(iter(predictor.cnn))
-    model = predictor.bundle.cnn[key].models[0]
+    model = predictor.bundle.cnn[key].build(predictor.device)[0]  # torch (built here for an ONNX bundle)
     cache, rows = study_cache(loaded, int(model.spec.size))
     out = []
     for i in pos:
