@@ -275,6 +275,10 @@ class EnsembleCfg(_Strict):
     method: Literal["mean", "fit"] = "mean"
     #: Stages to blend: ``seq1``, ``seq2``, ``cnn:<key>`` or ``cnn:*`` (every backbone).
     members: list[str] = Field(default_factory=lambda: ["seq1", "seq2"])
+    #: Threshold rule ``ichd export`` applies per label to the OOF study-level predictions (recorded in the
+    #: bundle; ``ichd predict``/``ichd validate`` use it): ``youden`` (max sensitivity + specificity) or
+    #: ``sens95`` (the highest threshold with sensitivity >= 0.95). See ``ichdlib.serve.operating``.
+    operating_point: Literal["youden", "sens95"] = "youden"
 
 
 class CamCfg(_Strict):
@@ -296,6 +300,28 @@ class CamCfg(_Strict):
     tolerance_px: int = Field(0, ge=0)
 
 
+class ExternalCfg(_Strict):
+    """External validation (notebook 07, ``ichd validate``); the stage runs only when ``data`` is set."""
+
+    #: A CQ500-style folder, a PhysioNet CT-ICH-style folder or a folder of DICOM studies (None: no stage 07).
+    data: Path | None = None
+    format: Literal["auto", "cq500", "ctich", "dicom"] = "auto"
+    #: Study-level labels CSV for ``format: dicom`` (StudyInstanceUID or PatientID + the six labels).
+    labels: Path | None = None
+    #: Bundle to validate; None = this run's own models (exported to ``work/<run>/bundle``).
+    bundle: Path | None = None
+    #: Further bundles compared with the first on the same studies (paired DeLong test).
+    compare: list[Path] = Field(default_factory=list)
+    #: Slice -> study probability: ``max`` (default), ``top3`` (mean of the 3 highest), ``mean``.
+    aggregate: Literal["max", "top3", "mean"] = "max"
+    #: Where the outputs go; relative paths resolve against the reports folder of the run.
+    out: Path = Path("external")
+    #: Bootstrap resamples for the confidence intervals other than DeLong's (0: none).
+    n_boot: int = Field(1000, ge=0)
+    #: Pointing game on the dataset's lesion masks (CT-ICH) with Grad-CAM of the first fold model.
+    pointing: bool = True
+
+
 class Params(_Strict):
     """A whole experiment."""
 
@@ -312,6 +338,7 @@ class Params(_Strict):
     seq: SeqCfg = Field(default_factory=SeqCfg)
     ensemble: EnsembleCfg = Field(default_factory=EnsembleCfg)
     cam: CamCfg = Field(default_factory=CamCfg)
+    external: ExternalCfg = Field(default_factory=ExternalCfg)
     #: Set by ``ichdlib.nb.setup`` from ``overrides["force"]``: True, or a list of stage numbers to recompute.
     _force: Any = PrivateAttr(default=False)
 

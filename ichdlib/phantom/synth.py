@@ -486,17 +486,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created; an old phantom is replaced)")
     parser.add_argument("--studies", type=int, default=60, help="number of studies (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--size", type=int, default=512, help="rows/columns of a slice (default 512)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="rows/columns of a slice (default 512; 128 with --layout)")
     parser.add_argument("--quirks", action="store_true", help="inject the real data's problems (see the manifest)")
     parser.add_argument("--masks", action="store_true", help="write per-slice lesion masks to masks/<sop>.npz")
     parser.add_argument("--workers", type=int, default=0, help="processes (default 0 = one per CPU core)")
     parser.add_argument("--valid-uids", action="store_true",
                         help="numeric DICOM UIDs (2.25.<n>) instead of RSNA's ID_<hex> strings, as hospital data "
                              "carry (for DICOM-output/PACS tests; not ingestible, its label IDs lack 'ID_')")
+    parser.add_argument("--layout", choices=["rsna", "cq500", "ctich"], default="rsna",
+                        help="rsna (default): the Kaggle layout; cq500 / ctich: an external test set's layout for "
+                             "'ichd validate' (ichdlib.phantom.layouts)")
 
 
 def cli(args: argparse.Namespace) -> int:
     """Run ``ichd synth``."""
+    if getattr(args, "layout", "rsna") != "rsna":
+        from ichdlib.phantom.layouts import generate_layout
+
+        s = generate_layout(args.out, args.layout, args.studies, args.seed, args.size or 128, args.workers)
+        print(f"wrote {s['studies']} studies in the {args.layout} layout to {args.out} in {s['seconds']} s; "
+              f"{s['positive_studies']} positive studies")
+        return 0
+    args.size = args.size or 512
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         man = generate_phantom(args.out, args.studies, args.seed, args.size, args.quirks, args.masks,

@@ -194,6 +194,44 @@ class WindowsSection(_Schema):
     presets: dict[str, tuple[float, float]]
 
 
+class TrainingSection(_Schema):
+    """What the training data looked like (``training``; optional: older bundles lack it)."""
+
+    slice_thickness_mm: Annotated[float, Field(gt=0, le=50)]
+    spacing_z_mm: Annotated[float, Field(gt=0, le=50)]
+    pixel_spacing_mm: Annotated[float, Field(gt=0, le=10)] | None = None
+    n_studies: Annotated[int, Field(ge=0)]
+    source: str
+
+
+def _threshold(value: float) -> float:
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"threshold {value!r} outside [0, 1]")
+    return value
+
+
+Thresholds = dict[Literal[LABELS], Annotated[float, AfterValidator(_threshold)]]  # type: ignore[valid-type]
+
+
+class OperatingPointSection(_Schema):
+    """Thresholds chosen on the internal OOF study-level predictions (``operating_point``; optional)."""
+
+    rule: Literal["youden", "sens95"]
+    aggregate: Literal["max", "top3", "mean"]
+    thresholds: Thresholds
+    rules: dict[str, Thresholds] = Field(default_factory=dict)
+    fallback: list[str] = Field(default_factory=list)
+    n_studies: Annotated[int, Field(ge=0)]
+    n_pos: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _every_label(self) -> OperatingPointSection:
+        if sorted(self.thresholds) != sorted(LABELS):
+            raise ValueError(f"thresholds for {sorted(self.thresholds)}, expected every label {list(LABELS)}")
+        return self
+
+
 class Manifest(_Schema):
     """``bundle.json`` (see the module docstring)."""
 
@@ -212,6 +250,10 @@ class Manifest(_Schema):
     versions: dict[str, str]
     files: dict[PlainName, Sha256]
     integrity: Sha256
+    #: Optional (bundles written before issue 19 lack them; :attr:`Bundle.training_mm` and
+    #: :attr:`Bundle.thresholds` state the defaults).
+    training: TrainingSection | None = None
+    operating_point: OperatingPointSection | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Manifest:
@@ -422,6 +464,30 @@ class Bundle:
                 return b
         raise KeyError(key)
 
+    @property
+    def training_mm(self) -> float:
+        """Slice thickness (mm) of the training data; :data:`ichdlib.serve.series.DEFAULT_THICKNESS_MM` (5 mm)
+        for a bundle that does not record it."""
+        from ichdlib.serve.series import DEFAULT_THICKNESS_MM
+
+        t = self.manifest.get("training") or {}
+        return float(t.get("slice_thickness_mm") or DEFAULT_THICKNESS_MM)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Per-label operating point chosen at export; 0.5 for every label in a bundle without one."""
+        from ichdlib.serve.operating import DEFAULT_THRESHOLD
+
+        op = self.manifest.get("operating_point") or {}
+        return {c: float((op.get("thresholds") or {}).get(c, DEFAULT_THRESHOLD)) for c in LABELS}
+
+    @property
+    def aggregate(self) -> str:
+        """How slice probabilities became study probabilities when the thresholds were chosen (``max``)."""
+        from ichdlib.serve.operating import DEFAULT_AGGREGATE
+
+        return str((self.manifest.get("operating_point") or {}).get("aggregate") or DEFAULT_AGGREGATE)
+
     def params(self) -> Params:
         """The run's params (validated again; paths point to where the run was made)."""
 
@@ -458,6 +524,8 @@ class Bundle:
                 raise BundleError(f"{work / 'seq' / name}: trained on backbones {used}, but the params name "
                                   f"{seq_keys}; rerun notebook 04")
         manifest = _manifest(P, cnn, seq, seq_keys)
+        manifest["training"] = training_section(P)
+        manifest["operating_point"] = operating_point_section(P, manifest["ensemble"]["weights"])
         return cls(manifest, cnn, seq, source=str(work))
 
     @classmethod
@@ -647,6 +715,39 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
         "params": json.loads(json.dumps(P.model_dump(mode="json"))),
         "versions": library_versions(),
     }
+
+
+def training_section(P: Params) -> dict[str, Any] | None:
+    """``training``: the training studies' slice thickness (the median over studies of their z spacing: RSNA
+    files carry no SliceThickness and their slices are contiguous), z spacing and pixel spacing."""
+    import pandas as pd
+
+    try:
+        cat = pd.read_parquet(P.catalog_path, columns=["study_uid", "split", "spacing_z", "pixel_spacing"])
+    except (OSError, ValueError, KeyError):
+        return None
+    train = cat[cat["split"] == "train"].groupby("study_uid")[["spacing_z", "pixel_spacing"]].median()
+    dz = pd.to_numeric(train["spacing_z"], errors="coerce").dropna()
+    dz = dz[dz > 0]
+    if dz.empty:
+        return None
+    ps = pd.to_numeric(train["pixel_spacing"], errors="coerce").dropna()
+    return {"slice_thickness_mm": round(float(dz.median()), 3), "spacing_z_mm": round(float(dz.median()), 3),
+            "pixel_spacing_mm": round(float(ps.median()), 4) if len(ps) else None, "n_studies": int(len(dz)),
+            "source": "median z spacing of the training studies (catalog.parquet)"}
+
+
+def operating_point_section(P: Params, weights: dict[str, float]) -> dict[str, Any] | None:
+    """``operating_point``: thresholds by ``P.ensemble.operating_point`` on the internal OOF study-level
+    predictions (:mod:`ichdlib.serve.operating`); None (0.5 at use) when the run has no OOF tables."""
+    from ichdlib.serve.operating import internal_oof_studies, operating_points
+
+    try:
+        y, p = internal_oof_studies(P, weights)
+    except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
+        raise BundleError(f"{P.work_dir}: cannot choose the operating point on the out-of-fold predictions "
+                          f"({type(exc).__name__}: {exc}); run notebooks 02-05 first") from exc
+    return operating_points(y, p, P.ensemble.operating_point)
 
 
 def ensemble_spec(P: Params) -> dict[str, Any]:
