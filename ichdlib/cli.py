@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ichdlib.serve.bundle", "write a self-contained model bundle from a finished run"),
     "predict": ("ichdlib.serve.predict", "predict on a folder of DICOM studies with a model bundle"),
     "compare": ("ichdlib.review.compare", "compare two or more runs: stage scores, per-class losses, times, params"),
+    "validate": ("ichdlib.validate.run", "external validation: study-level metrics of bundles on CQ500/CT-ICH/DICOM data"),
 }
 
 

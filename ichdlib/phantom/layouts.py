@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.external import CQ500_FINDINGS, CQ500_LABELS, CTICH_COLUMNS, CTICH_CSV, CTICH_LABELS
 from ichdlib.files import write_text
-from ichdlib.labels import LABELS, SUBTYPES
+from ichdlib.labels import SUBTYPES
 from ichdlib.phantom.anatomy import render_study
 from ichdlib.phantom.encoding import write_ct_dicom
 from ichdlib.phantom.synth import StudyPlan, plan_phantom, valid_uid
@@ -56,18 +57,6 @@ from ichdlib.runtime import LazyPool, run_tasks
 LAYOUTS = ("cq500", "ctich")
 THIN_MM = 0.625
 THICK_MM = 5.0
-#: CQ500's reads.csv findings per reader, in the file's order.
-CQ500_FINDINGS = ("ICH", "IPH", "IVH", "SDH", "EDH", "SAH", "BleedLocation-Left", "BleedLocation-Right",
-                  "ChronicBleed", "Fracture", "CalvarialFracture", "OtherFracture", "MassEffect", "MidlineShift")
-#: CQ500 finding -> RSNA label.
-CQ500_LABELS = {"ICH": "any", "IPH": "intraparenchymal", "IVH": "intraventricular", "SDH": "subdural",
-                "EDH": "epidural", "SAH": "subarachnoid"}
-#: CT-ICH slice CSV column -> RSNA label.
-CTICH_LABELS = {"Epidural": "epidural", "Intraparenchymal": "intraparenchymal",
-                "Intraventricular": "intraventricular", "Subarachnoid": "subarachnoid", "Subdural": "subdural"}
-CTICH_CSV = "hemorrhage_diagnosis_raw_ct.csv"
-CTICH_COLUMNS = ["PatientNumber", "SliceNumber", "Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural",
-                 "Subdural", "No_Hemorrhage", "Fracture_Yes_No"]
 CTICH_FIRST_PATIENT = 49
 #: Series descriptions vary between CQ500 studies (and sites); one of each is drawn per study.
 _NAMES = {

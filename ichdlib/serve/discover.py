@@ -1,10 +1,11 @@
 """Finding the studies in a folder of DICOM files: discovery, series choice, slice validity, pixels.
 
 1. **Discovery** (:func:`discover`): every file under a folder (recursively, any name, with or without
-   ``.dcm``) is read header-only and grouped by StudyInstanceUID and SeriesInstanceUID. Per study the axial
-   CT series with the most slices is chosen; non-CT series, localizers/scouts (ImageType ``LOCALIZER`` or a
-   non-axial orientation), other series, non-DICOM and unreadable files are listed in ``problems`` with
-   the reason. Only regular files are opened; hidden files, FIFOs, devices and unreadable folders are listed
+   ``.dcm``) is read header-only and grouped by StudyInstanceUID and SeriesInstanceUID. Per study one series
+   is chosen by :mod:`ichdlib.serve.series` (soft-tissue, non-contrast axial CT whose thickness is closest to
+   the model's training data, then most slices; a thin-only study is read as slabs); non-CT series,
+   localizers/scouts (ImageType ``LOCALIZER`` or a non-axial orientation), the other series (one row each,
+   with why), non-DICOM and unreadable files are listed in ``problems`` with the reason. Only regular files are opened; hidden files, FIFOs, devices and unreadable folders are listed
    (:func:`ichdlib.ingest.validity.list_files`), and each slice must pass :func:`ichdlib.ingest.validity.slice_problem`,
    the rule ingest applies. Slices are ordered by z exactly as the catalog orders them (ties by SOPInstanceUID; duplicate
    positions are kept, as in training, with a warning).
@@ -211,8 +212,8 @@ def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM
             infos.append(info)
             groups[series_uid] = group
             if kind != "ok":
-                study_problems += [problem(f"series left out: {reason}", study_uid=study_uid,
-                                           series_uid=series_uid, path=p) for p in group["path"]]
+                study_problems.append(problem(f"series left out: {reason}", study_uid=study_uid,
+                                              series_uid=series_uid, path=_one_path(group)))
         chosen = choose_series(infos, training_mm)
         all_series += infos
         if chosen is None:
@@ -227,10 +228,10 @@ def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM
         for info in infos:
             if info is not chosen and info.role in ("thick_soft", "thin", "bone", "contrast"):
                 what = ("other CT series left out" if info.role in ("thick_soft", "thin") else "series left out")
-                study_problems += [problem(
+                study_problems.append(problem(
                     f"{what} ({info.n_images} image(s)): {info.reason.removeprefix('not read: ')}; predicted "
-                    f"series {series_uid}",
-                    study_uid=study_uid, series_uid=info.series_uid, path=p) for p in groups[info.series_uid]["path"]]
+                    f"series {series_uid}", study_uid=study_uid, series_uid=info.series_uid,
+                    path=_one_path(groups[info.series_uid])))
         slices, dropped = _clean_series(group, study_uid, series_uid)
         study_problems += dropped
         if len(slices) == 0:

@@ -99,6 +99,22 @@ class Predictor:
         feat = fold_feature_mean(feats).astype(np.float32)  # as notebook 03 stores test rows
         return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, feat, np.stack(tta_probs))
 
+    def cam_inputs(self, loaded: LoadedStudy) -> tuple[np.ndarray, np.ndarray]:
+        """The study's cache rows at the CAM model's size (:meth:`slice_cams` input; compute once per study)."""
+        return study_cache(loaded, int(self.bundle.backbone(next(iter(self.cnn)))["size"]))
+
+    def slice_cams(self, loaded: LoadedStudy, i: int, labels: list[str],
+                   inputs: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Grad-CAM maps (one per label, at the slice's own size) of slice ``i`` of a loaded study from the
+        first backbone's first fold model, as notebook 06 explains test slices (``inputs``: :meth:`cam_inputs`)."""
+        key = next(iter(self.cnn))
+        spec = self.bundle.backbone(key)
+        model = self.bundle.cnn[key].models[0]
+        cache, rows = inputs if inputs is not None else self.cam_inputs(loaded)
+        return list(compute_cams(model, cache[rows[i]][None], labels, method=self.P.cam.method,
+                                 out_size=loaded.hu[i].shape, **ModelSpec.from_meta(spec["metas"][0]).cam_kwargs(),
+                                 batch=self.P.cam.batch, target_layer=self.P.cam.target_layer)[0])
+
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
         from ichdlib.seq.infer import predict_studies
@@ -292,20 +308,14 @@ def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, o
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:
         return []
-    P, key = predictor.P, next(iter(predictor.cnn))
-    spec = predictor.bundle.backbone(key)
-    meta = spec["metas"][0]
-    model = predictor.bundle.cnn[key].models[0]
-    cache, rows = study_cache(loaded, int(spec["size"]))
     written = []
     folder = out / safe_name(loaded.scan.study_uid)
     folder.mkdir(parents=True, exist_ok=True)
+    inputs = predictor.cam_inputs(loaded)
     for i in pos:
         labels = [c for c in _labels() if frame[f"p_{c}"].iloc[i] >= threshold]
         hu = loaded.hu[i]
-        maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
-                            out_size=hu.shape, **ModelSpec.from_meta(meta).cam_kwargs(), batch=P.cam.batch,
-                            target_layer=P.cam.target_layer)[0]
+        maps = predictor.slice_cams(loaded, int(i), labels, inputs)
         for c, m in zip(labels, maps, strict=True):
             path = folder / f"slice{int(frame['slice_index'].iloc[i]):03d}_{c}.png"
             cv2.imwrite(str(path), cv2.cvtColor(overlay(hu, m), cv2.COLOR_RGB2BGR))
