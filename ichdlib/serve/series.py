@@ -49,7 +49,7 @@ THIN_FRACTION = 0.6
 #: Series-level DICOM attributes read from one file per series (read_header does not keep them).
 SERIES_TAGS = ("SeriesDescription", "ConvolutionKernel", "ContrastBolusAgent", "SliceThickness")
 
-_NOT_CONTRAST = re.compile(r"NON[\s_-]*CON|W/?O\b|WITHOUT|PLAIN|NATIVE|NC\b", re.I)
+_NOT_CONTRAST = re.compile(r"NON[\s_-]*CON|PRE[\s_-]*CON|W/?O\b|WITHOUT|PLAIN|NATIVE|NC\b", re.I)
 _CONTRAST = re.compile(r"C\+|\+C\b|CONTRAST|POST[\s_-]*(CON|GAD|IV)|ENHANC|\bCE\b|\bCECT\b|ANGIO|CTA\b", re.I)
 _BONE = re.compile(r"BONE|SHARP|EDGE|LUNG|DETAIL|\bHR\b", re.I)
 _KERNEL_NUMBER = re.compile(r"^[A-Z]{1,2}[a-z]?(\d{2})[a-z]?\b")
