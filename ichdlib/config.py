@@ -320,6 +320,11 @@ class ExternalCfg(_Strict):
     n_boot: int = Field(1000, ge=0)
     #: Pointing game on the dataset's lesion masks (CT-ICH) with Grad-CAM of the first fold model.
     pointing: bool = True
+    #: Demo: when ``data`` does not exist yet, write the phantom there in this layout first (``ichd synth
+    #: --layout``); None for real data (nothing is generated).
+    phantom: Literal["cq500", "ctich"] | None = None
+    phantom_studies: int = Field(20, ge=2)
+    phantom_size: int = Field(128, ge=32)
 
 
 class Params(_Strict):

@@ -40,7 +40,7 @@ from ichdlib.config import Params
 from ichdlib.files import nested_get, read_json, write_json
 from ichdlib.phantom import PHANTOM_VERSION
 
-__all__ = ["Stage", "STAGES", "stage_for", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
+__all__ = ["Stage", "STAGES", "stage_for", "applies", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
            "params_digest", "decide"]
 
 #: Files at the top of the data folder larger than this are fingerprinted by size, not content.
@@ -65,6 +65,9 @@ class Stage:
     #: Recompute (``force``) when upstream outputs or data changed. Ingest does not need it: its own
     #: fingerprint rebuilds what the new inputs change, and keeps an expensive cache that they do not.
     force_on_change: bool = True
+    #: Dotted params key naming a folder the stage reads besides the RSNA data (fingerprinted like it) and
+    #: without which the stage does not apply (``ichd run`` leaves it out): notebook 07's ``external.data``.
+    needs: str | None = None
 
 
 STAGES: dict[str, Stage] = {s.number: s for s in (
@@ -79,7 +82,14 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
     Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble"), ("01", "03", "04"), reads_data=True,
           outputs=("reports:submission.csv",)),
     Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True),
+    Stage("07", "external", ("seed", "cnn.backbones", "seq.models", "ensemble", "external"), ("01", "02", "04", "05"),
+          needs="external.data"),
 )}
+
+
+def applies(stage: Stage, P: Params) -> bool:
+    """Whether ``ichd run`` runs the stage for these params (a stage with ``needs`` only when that key is set)."""
+    return stage.needs is None or nested_get(P.model_dump(mode="json"), *stage.needs.split(".")) is not None
 
 
 def stage_for(number: str, known: Iterable[str] = ()) -> Stage:
@@ -236,6 +246,11 @@ class StampStore:
             parts["data"] = self._once("data", lambda: data_fingerprint(self.P.data_root, self.cache))
             if self.P.synth.enabled:
                 parts["phantom_version"] = str(PHANTOM_VERSION)
+        if stage.needs is not None:
+            folder = nested_get(dump, *stage.needs.split("."))
+            if folder is not None:
+                parts[f"data:{stage.needs}"] = self._once(
+                    f"data:{stage.needs}", lambda: data_fingerprint(self.P._resolve(Path(folder)), self.cache))
         known = set(known)
         for up in stage.upstream:
             upstage = stage_for(up, known)

@@ -403,3 +403,12 @@ def test_synth_layout_cli(tmp_path, capsys):
     csv = pd.read_csv(tmp_path / "c" / rd.CTICH_CSV)
     assert csv.columns.tolist() == CTICH_COLUMNS
     assert csv.groupby("PatientNumber")["SliceNumber"].min().tolist() == [1, 1]
+
+
+def test_demo_external_params_follow_the_demo(repo):
+    """params/demo_external.yaml is params/demo.yaml plus the external section (same run: only 07 reruns)."""
+    import yaml
+
+    demo = yaml.safe_load((repo / "params" / "demo.yaml").read_text())
+    ext = yaml.safe_load((repo / "params" / "demo_external.yaml").read_text())
+    assert ext.pop("external")["data"] and ext == demo

@@ -461,13 +461,18 @@ def cli(args: argparse.Namespace) -> int:
 def run_external(P: Any, progress: bool = False) -> Validation:
     """Notebook 07: validate on ``P.external.data`` the bundle ``P.external.bundle`` (default: this run's
     own models, exported to ``work/<run>/bundle``) and any ``P.external.compare`` bundles; outputs under
-    ``reports/<run>/<external.out>``."""
+    ``reports/<run>/<external.out>``. With ``external.phantom`` and no folder at ``data`` yet, the phantom is
+    first written there in that layout (the demo)."""
     from ichdlib.serve.bundle import export
 
     E = P.external
     if E.data is None:
         raise ValueError("params external.data is not set: no external dataset to validate on")
     data = P._resolve(E.data)
+    if E.phantom is not None and not data.exists():
+        from ichdlib.phantom.layouts import generate_layout  # the demo only: never for real data
+
+        generate_layout(data, E.phantom, E.phantom_studies, P.synth.seed + 1, E.phantom_size, progress=progress)
     bundle: Any = P._resolve(E.bundle) if E.bundle is not None else None
     if bundle is None:
         bundle = export(P, P.work_dir / "bundle", force=True)
