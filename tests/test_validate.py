@@ -390,6 +390,7 @@ def test_predict_uses_the_bundle_thresholds_and_writes_series(cq500, bundle, tmp
     assert doc["threshold"] == pytest.approx(Bundle.load(bundle).thresholds)
     series = pd.read_csv(tmp_path / "p" / "series.csv")
     assert series["read"].sum() == 1 and series.loc[series["read"], "role"].item() == "thick_soft"
+    assert doc["studies"][0]["series_reason"].startswith("read: soft-tissue axial series")
     assert ichd(["predict", str(study), "--bundle", str(bundle), "--out", str(tmp_path / "q"), "--device", "cpu",
                  "--threshold", "0.3"]) == 0
     assert json.loads((tmp_path / "q" / "predictions.json").read_text())["threshold"] == dict.fromkeys(LABELS, 0.3)
@@ -412,3 +413,18 @@ def test_demo_external_params_follow_the_demo(repo):
     demo = yaml.safe_load((repo / "params" / "demo.yaml").read_text())
     ext = yaml.safe_load((repo / "params" / "demo_external.yaml").read_text())
     assert ext.pop("external")["data"] and ext == demo
+
+
+def test_notebook_07_library_call_and_stage(trained, ctich, tmp_path):
+    """What notebook 07 runs (its own models exported, outputs under reports/<run>/external) and when."""
+    from ichdlib import stages
+    from ichdlib.config import load_params
+    from ichdlib.validate.run import run_external
+
+    assert not stages.applies(stages.STAGES["07"], trained)
+    P = load_params(Path(__file__).resolve().parents[1] / "params" / "smoke.yaml",
+                    {"root": str(trained.root), "external": {"data": str(ctich), "n_boot": 0, "pointing": False}})
+    assert stages.applies(stages.STAGES["07"], P)
+    v = run_external(P)
+    assert (P.work_dir / "bundle" / "bundle.json").is_file() and v.out == P.reports_dir / "external"
+    assert (v.out / "metrics.json").is_file() and v.metrics["n_studies"] == 4 and v.metrics["pointing"] is None

@@ -50,10 +50,13 @@ def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None,
     write_text(paths["problems"], pred.problems.to_csv(index=False))
     labels = list(LABELS)
     studies = []
+    read = pred.series[pred.series["read"].astype(bool)] if len(pred.series) else pred.series
+    why = dict(zip(read["study"], read["reason"], strict=True)) if len(read) else {}
     for st in pred.studies.to_dict("records"):
         g = pred.slices[pred.slices["study_uid"] == st["study_uid"]]
         studies.append({
             "study_uid": st["study_uid"], "series_uid": st["series_uid"], "n_slices": int(st["n_slices"]),
+            "series_reason": why.get(st["study_uid"], ""),
             "max_any": st["max_any"], "positive": st["positive"],
             "findings": [{"label": c, "max_prob": st[f"max_{c}"], "slices": st[f"slices_{c}"]}
                          for c in labels[1:] if st[f"max_{c}"] >= thr[c]],

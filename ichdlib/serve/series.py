@@ -159,8 +159,9 @@ def choose_series(infos: list[SeriesInfo], training_mm: float) -> SeriesInfo | N
         if s is chosen:
             s.read = True
             t = "unknown thickness" if s.thickness is None else f"{s.thickness:g} mm"
-            s.reason = (f"read: {'thin soft-tissue series, reformatted into ' + f'{training_mm:g} mm slabs' if s.role == 'thin' else 'soft-tissue axial series'}"
-                        f" ({t}, closest to the model's {training_mm:g} mm; {s.n_images} images)")
+            what = (f"thin soft-tissue series, reformatted into {training_mm:g} mm slabs" if s.role == "thin"
+                    else "soft-tissue axial series")
+            s.reason = f"read: {what} ({t}, closest to the model's {training_mm:g} mm; {s.n_images} images)"
         elif s.reason:
             continue  # discover already said why (localizer, not CT, no pixels)
         elif s.role == "contrast":

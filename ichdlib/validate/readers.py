@@ -99,19 +99,21 @@ def detect_format(root: str | os.PathLike) -> str:
 
 
 def _binary(frame: pd.DataFrame, cols: list[str], source: Path, key: str) -> tuple[pd.DataFrame, list[dict]]:
-    """Rows whose ``cols`` are all 0/1 (as int), and a problem per other row naming it and the file."""
+    """Rows whose ``cols`` are all 0/1 (as int), and one problem per study (``key``) with other values,
+    naming it, the file, how many rows and the first bad value. A study with any bad row loses all its rows."""
     values = frame[cols].apply(pd.to_numeric, errors="coerce")
-    ok = values.isin([0, 1]).all(axis=1)
-    problems = []
-    for i in np.flatnonzero(~ok.to_numpy()):
-        row = frame.iloc[i]
-        bad = [f"{c}={row[c]!r}" for c in cols if values.iloc[i][c] not in (0, 1)]
-        study = str(row[key])
-        problems.append(problem(f"study {study}: label values outside {{0, 1}} in row {i + 2} ({', '.join(bad[:3])}); "
-                                "its reference labels are left out (the study is still scored)",
-                                study_uid=study, path=source))
-    clean = frame.loc[ok].copy()
-    clean[cols] = values.loc[ok].astype(int)
+    ok = values.isin([0, 1]).all(axis=1).to_numpy()
+    problems, bad_keys = [], []
+    for study, idx in pd.Series(np.flatnonzero(~ok)).groupby(frame[key].astype(str).to_numpy()[~ok], sort=False):
+        i = int(idx.iloc[0])
+        first = next(f"{c}={frame.iloc[i][c]!r}" for c in cols if values.iloc[i][c] not in (0, 1))
+        problems.append(problem(f"study {study}: label values outside {{0, 1}} in {len(idx)} row(s) of "
+                                f"{source.name} (row {i + 2}: {first}); its reference labels are left out (the "
+                                "study is still scored)", study_uid=str(study), path=source))
+        bad_keys.append(str(study))
+    keep = ok & ~frame[key].astype(str).isin(bad_keys).to_numpy()
+    clean = frame.loc[keep].copy()
+    clean[cols] = values.loc[keep].astype(int)
     return clean, problems
 
 
@@ -291,7 +293,6 @@ def read_ctich(root: str | os.PathLike) -> ExternalData:
     clean, more = _binary(slices, [*CTICH_LABELS, *extra], csv_path, "PatientNumber")
     problems += more
     bad_patients = set(slices["PatientNumber"]) - set(clean["PatientNumber"])
-    clean = clean[~clean["PatientNumber"].isin(bad_patients)]
     clean["SliceNumber"] = pd.to_numeric(clean["SliceNumber"], errors="coerce")
     labels = {}
     per_patient = {}
