@@ -32,7 +32,7 @@ from ichdlib.procs import kernel_manager_class as group_kernel_manager
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 #: Figure name prefixes listed in summary.md (everything else stays one click away in figures/).
-KEY_FIGURES = ("01_composite", "02_curves", "04_learning", "05_", "cam_any", "cam_viewer")
+KEY_FIGURES = ("01_composite", "02_curves", "04_learning", "05_", "cam_any", "cam_viewer", "07_roc")
 
 
 @dataclass
@@ -69,6 +69,20 @@ def select(nbs: list[Path], only: list[str] | None = None, start: str | None = N
         out = [p for p in out if p.name[:2] >= start]
     if only:
         out = [p for p in out if p.name[:2] in set(only)]
+    return out
+
+
+def applicable(nbs: list[Path], known: list[str], P: Params, only: list[str] | None = None) -> list[Path]:
+    """Leave out the stages whose params say they do not apply (07 without ``external.data``); asking for
+    one of them with ``--only`` is an error naming the key."""
+    out = []
+    for nb in nbs:
+        stage = stages.stage_for(nb.name[:2], known)
+        if stages.applies(stage, P):
+            out.append(nb)
+        elif only and stage.number in only:
+            raise ValueError(f"stage {stage.number} ({nb.stem}) needs params {stage.needs}; set it (e.g. "
+                             f"--set {stage.needs}=PATH) or use params/demo_external.yaml")
     return out
 
 
@@ -195,7 +209,7 @@ def plan(params_path: str | Path, *, only: list[str] | None = None, start: str |
     P = load_params(Path(params_path).resolve(), dict(overrides or {}))
     all_nbs = list_notebooks(notebooks)
     known = [p.name[:2] for p in all_nbs]
-    chosen = [nb for nb in select(all_nbs, only, start) if stages.applies(stages.stage_for(nb.name[:2], known), P)]
+    chosen = applicable(select(all_nbs, only, start), known, P, only)
     store = stages.StampStore(P)
     out: list[stages.Decision] = []
     pending: set[str] = set()
@@ -223,8 +237,7 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     P = load_params(params_path, overrides)
     all_nbs = list_notebooks(notebooks)
     known = [p.name[:2] for p in all_nbs]
-    # a stage that needs something the params do not name (07 without external.data) is left out
-    chosen = [nb for nb in select(all_nbs, only, start) if stages.applies(stages.stage_for(nb.name[:2], known), P)]
+    chosen = applicable(select(all_nbs, only, start), known, P, only)
     store = stages.StampStore(P)
     timings = last_timings(P)  # the skip lines say how long each skipped notebook took when it last ran
     results: list[StageResult] = []

@@ -428,3 +428,15 @@ def test_notebook_07_library_call_and_stage(trained, ctich, tmp_path):
     v = run_external(P)
     assert (P.work_dir / "bundle" / "bundle.json").is_file() and v.out == P.reports_dir / "external"
     assert (v.out / "metrics.json").is_file() and v.metrics["n_studies"] == 4 and v.metrics["pointing"] is None
+
+
+def test_ichd_run_leaves_stage_07_out_without_external_data(repo, tmp_path):
+    from ichdlib.run import plan
+
+    smoke = repo / "params" / "smoke.yaml"
+    assert [d.stage.number for d in plan(smoke, overrides={"root": str(tmp_path)})] == ["01", "02", "03", "04", "05",
+                                                                                         "06"]
+    with pytest.raises(ValueError, match="needs params external.data"):
+        plan(smoke, only=["07"], overrides={"root": str(tmp_path)})
+    over = {"root": str(tmp_path), "external": {"data": str(tmp_path / "ext")}}
+    assert [d.stage.number for d in plan(smoke, only=["07"], overrides=over)] == ["07"]
