@@ -47,10 +47,26 @@ def ctich(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(trained, tmp_path_factory) -> Path:
+def bundle(smoke_params, tmp_path_factory) -> Path:
+    """An untrained one-fold smoke bundle (seconds, no training) with a training thickness and an operating
+    point as ``ichd export`` records them (the export itself is tested on the trained run below)."""
+    from ichdlib.serve.bundle import Bundle
+
+    b = Bundle.untrained(smoke_params, folds=1)
+    b.manifest["training"] = {"slice_thickness_mm": 5.0, "spacing_z_mm": 5.0, "pixel_spacing_mm": 0.9,
+                              "n_studies": 8, "source": "test"}
+    thresholds = {c: 0.3 + 0.05 * k for k, c in enumerate(LABELS)}
+    b.manifest["operating_point"] = {"rule": "youden", "aggregate": "max", "thresholds": thresholds,
+                                     "rules": {"youden": thresholds}, "fallback": [], "n_studies": 8,
+                                     "n_pos": dict.fromkeys(LABELS, 3), "source": "test"}
+    return b.save(tmp_path_factory.mktemp("validate_bundle") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
     from ichdlib.serve.bundle import export
 
-    return export(trained, tmp_path_factory.mktemp("validate_bundle") / "bundle")
+    return export(trained, tmp_path_factory.mktemp("validate_exported") / "bundle")
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -277,7 +293,7 @@ def test_validate_ctich_with_masks(ctich, bundle, tmp_path):
 # Bad input: one line naming the study and the file, the others still scored, no NaN
 # ----------------------------------------------------------------------------------------------------
 def _messages(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "problems.csv").fillna("")
+    return pd.read_csv(out / "problems.csv", dtype=str, keep_default_na=False)
 
 
 def test_bad_cq500_inputs(cq500, bundle, tmp_path):
@@ -326,7 +342,7 @@ def test_bad_ctich_inputs(ctich, bundle, tmp_path):
     raw = (np.asanyarray(img.dataobj).astype(np.int32) + 1024).clip(0, 4095).astype(np.int16)
     nib.save(nib.Nifti1Image(raw, img.affine), d / "ct_scans" / "049.nii")
     m = nib.load(d / "masks" / "050.nii")  # a mask of another shape
-    nib.save(nib.Nifti1Image(np.asanyarray(m.dataobj)[:, :, :-2], m.affine), d / "masks" / "050.nii")
+    nib.save(nib.Nifti1Image(np.asanyarray(m.dataobj)[:, :, :-2].copy(), m.affine), d / "masks" / "050.nii")  # a copy: the file is mapped
     csv = pd.read_csv(d / rd.CTICH_CSV)
     csv.loc[csv["PatientNumber"] == 51, "Subdural"] = csv.loc[csv["PatientNumber"] == 51, "Subdural"].replace(0, 3)
     csv.to_csv(d / rd.CTICH_CSV, index=False)
@@ -363,13 +379,18 @@ def test_dicom_folder_with_bad_labels_csv(cq500, bundle, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # The bundle: operating point and training thickness recorded; old bundles still load
 # ----------------------------------------------------------------------------------------------------
-def test_bundle_records_operating_point_and_old_bundles_load(bundle, tmp_path):
+def test_bundle_records_operating_point_and_old_bundles_load(trained, exported, tmp_path):
     from ichdlib.serve.bundle import MANIFEST, Bundle, manifest_digest
+    from ichdlib.serve.operating import choose_threshold, internal_oof_studies
 
+    bundle = exported
     b = Bundle.load(bundle)
+    y, p = internal_oof_studies(trained, b.ensemble["weights"])
+    assert len(y) == b.manifest["operating_point"]["n_studies"] == len(p) and np.isfinite(p.to_numpy()).all()
     op = b.manifest["operating_point"]
     assert op["rule"] == "youden" and set(op["thresholds"]) == set(LABELS) and op["n_studies"] > 0
-    assert b.training_mm > 0 and b.manifest["training"]["source"]
+    assert op["thresholds"]["any"] == pytest.approx(choose_threshold(y["any"], p["any"], "youden"))
+    assert b.training_mm > 0 and b.manifest["training"]["n_studies"] > 0
     old = _copy(bundle, tmp_path / "old")
     m = json.loads((old / MANIFEST).read_text())
     del m["operating_point"], m["training"]
