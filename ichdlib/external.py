@@ -17,3 +17,5 @@ CTICH_LABELS = {"Epidural": "epidural", "Intraparenchymal": "intraparenchymal",
 CTICH_CSV = "hemorrhage_diagnosis_raw_ct.csv"
 CTICH_COLUMNS = ["PatientNumber", "SliceNumber", "Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural",
                  "Subdural", "No_Hemorrhage", "Fracture_Yes_No"]
+#: CT-ICH folders: HU volumes and hemorrhage masks, ``<NNN>.nii`` each.
+CTICH_SCANS, CTICH_MASKS = "ct_scans", "masks"

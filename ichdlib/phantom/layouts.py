@@ -43,10 +43,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
+import nibabel as nib
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from ichdlib.external import CQ500_FINDINGS, CQ500_LABELS, CTICH_COLUMNS, CTICH_CSV, CTICH_LABELS
+from ichdlib.external import (
+    CQ500_FINDINGS,
+    CQ500_LABELS,
+    CTICH_COLUMNS,
+    CTICH_CSV,
+    CTICH_LABELS,
+    CTICH_MASKS,
+    CTICH_SCANS,
+)
 from ichdlib.files import write_text
 from ichdlib.labels import SUBTYPES
 from ichdlib.phantom.anatomy import render_study
@@ -90,7 +101,6 @@ def slabs(hu: np.ndarray, per: int) -> np.ndarray:
 
 def bone_kernel(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A sharp (bone) reconstruction of soft-tissue slices: unsharp masking and more noise."""
-    import cv2
 
     out = np.empty_like(hu)
     for i, im in enumerate(hu):
@@ -221,7 +231,6 @@ def volume_from_slices(hu: np.ndarray) -> np.ndarray:
 
 
 def _write_ctich_study(job: tuple[StudyPlan, int, str, int, int]) -> dict[str, Any]:
-    import nibabel as nib
 
     plan, number, out_str, size, seed = job
     study = render_study(thin_plan(plan, size))
@@ -234,8 +243,8 @@ def _write_ctich_study(job: tuple[StudyPlan, int, str, int, int]) -> dict[str, A
     out = Path(out_str)
     vol = nib.Nifti1Image(volume_from_slices(hu).astype(np.int16), aff)
     vol.header.set_xyzt_units("mm")
-    nib.save(vol, out / "ct_scans" / f"{number:03d}.nii")
-    nib.save(nib.Nifti1Image(volume_from_slices(mask), aff), out / "masks" / f"{number:03d}.nii")
+    nib.save(vol, out / CTICH_SCANS / f"{number:03d}.nii")
+    nib.save(nib.Nifti1Image(volume_from_slices(mask), aff), out / CTICH_MASKS / f"{number:03d}.nii")
     rows = []
     for k in range(n):
         sub = {c: int(lab[k, SUBTYPES.index(v)]) for c, v in CTICH_LABELS.items()}
@@ -251,7 +260,6 @@ def generate_layout(out: str | os.PathLike, layout: str, studies: int = 12, seed
                     workers: int = 0, progress: bool = True) -> dict[str, Any]:
     """Write ``studies`` phantom studies in the ``layout`` (``cq500`` or ``ctich``) under ``out``; returns a
     summary (also written as ``phantom_layout.json``). Same arguments -> same files."""
-    from tqdm.auto import tqdm
 
     if layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -266,8 +274,8 @@ def generate_layout(out: str | os.PathLike, layout: str, studies: int = 12, seed
     if layout == "cq500":
         fn, jobs = _write_cq500_study, [(pl, k, str(out), size, seed) for k, pl in enumerate(plans)]
     else:
-        (out / "ct_scans").mkdir(exist_ok=True)
-        (out / "masks").mkdir(exist_ok=True)
+        (out / CTICH_SCANS).mkdir(exist_ok=True)
+        (out / CTICH_MASKS).mkdir(exist_ok=True)
         fn, jobs = _write_ctich_study, [(pl, CTICH_FIRST_PATIENT + k, str(out), size, seed) for k, pl in enumerate(plans)]
     workers = workers or (1 if studies * size * size < 16 * 64 * 64 else (os.cpu_count() or 1))
     results = []

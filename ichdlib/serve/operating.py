@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_curve
 
 from ichdlib.labels import LABELS
 
@@ -70,7 +71,6 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str) -> float:
         misses = int(np.floor(0.05 * len(pos) + 1e-9))
         return float(pos[misses])
     if rule == "youden":
-        from sklearn.metrics import roc_curve
 
         fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # thresholds descending, the first above all
         j = (tpr - fpr)[1:]
@@ -101,9 +101,11 @@ def internal_oof_studies(P: Params, weights: dict[str, float], aggregate: str = 
                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Study-level truth and blended OOF probabilities of a finished run (the blend ``weights`` of the
     bundle's members applied to their OOF slice tables, as notebook 05 blends them)."""
-    from ichdlib.ensemble.blend import apply_weights, load_stage, read_truth
+    from ichdlib.ensemble.outputs import read_truth  # noqa: PLC0415  (export only: keep predict's imports small)
+    from ichdlib.ensemble.weights import apply_weights  # noqa: PLC0415  (as above)
+    from ichdlib.predictions import load_stage  # noqa: PLC0415  (as above)
 
-    cat = pd.read_parquet(P.catalog_path)
+    cat = pd.read_parquet(P.layout.catalog)
     y_oof, _ = read_truth(P, cat)
     oofs = {m: load_stage(P, m, cat).oof for m in weights}
     ids = y_oof.index

@@ -15,7 +15,9 @@ severity, message) and the readable slices are still predicted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from ichdlib.serve.pipeline import Prediction, Predictor, label_thresholds, pred
 __all__ = ["predict_dir", "predict_study", "Predictor", "Prediction", "discover", "write_outputs", "PROBLEM_COLUMNS",
            "problem"]
 
+
 # --------------------------------------------------------------------------------------------------
 # Output files and command line
 # --------------------------------------------------------------------------------------------------
@@ -38,7 +41,6 @@ def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None,
     """``slices.csv``, ``studies.csv``, ``series.csv`` (every series: role, read or not, why),
     ``problems.csv`` and ``predictions.json`` under ``out``. ``threshold``: one number, one per label, or
     None for the bundle's operating point."""
-    import json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,8 +113,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """``ichd predict``: exit 0 when at least one study was predicted, 1 when none could be."""
-    import tempfile
-
 
     dicomweb = getattr(args, "dicomweb", None)
     if dicomweb and args.dir is not None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pydicom
 
 #: Series roles, in the order a report lists them.
 ROLES = ("thick_soft", "thin", "bone", "contrast", "localizer", "other")
@@ -83,7 +84,6 @@ SERIES_COLUMNS = ["study", "series_uid", "description", "kernel", "contrast_agen
 
 def series_tags(path: str) -> dict[str, str]:
     """The :data:`SERIES_TAGS` of one file (empty strings when absent or unreadable)."""
-    import pydicom
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SERIES_TAGS), force=True)

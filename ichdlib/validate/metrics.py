@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from ichdlib.labels import LABELS
 from ichdlib.stats import auc_ci, binary_rates, delong_ci, delong_paired
@@ -47,7 +48,6 @@ def _none_if_nan(v: Any) -> Any:
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, p))
 

@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from tqdm.auto import tqdm
 
-from ichdlib.external import CQ500_LABELS, CTICH_CSV, CTICH_LABELS
+from ichdlib.external import CQ500_LABELS, CTICH_CSV, CTICH_LABELS, CTICH_MASKS, CTICH_SCANS
 from ichdlib.labels import LABELS
 from ichdlib.serve.discover import (
     SKIPPED,
@@ -93,7 +96,7 @@ def detect_format(root: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{root}: no such folder")
     if (root / "reads.csv").is_file() or any(_CQ500_DIR.match(p.name) for p in root.iterdir() if p.is_dir()):
         return "cq500"
-    if (root / "ct_scans").is_dir() or (root / CTICH_CSV).is_file():
+    if (root / CTICH_SCANS).is_dir() or (root / CTICH_CSV).is_file():
         return "ctich"
     return "dicom"
 
@@ -154,7 +157,6 @@ def reader_majority(reads: pd.DataFrame, source: Path) -> tuple[pd.DataFrame, li
 def read_cq500(root: str | os.PathLike, training_mm: float = DEFAULT_THICKNESS_MM,
                progress: bool = False) -> ExternalData:
     """The CQ500 layout (module docstring)."""
-    from tqdm.auto import tqdm
 
     root = Path(root)
     reads_path = root / "reads.csv"
@@ -302,7 +304,7 @@ def read_ctich(root: str | os.PathLike) -> ExternalData:
         labels[pid] = {"any": int(has), **sub}
         per_patient[pid] = g.rename(columns=CTICH_LABELS).set_index("SliceNumber")[list(CTICH_LABELS.values())]
     volumes = {}
-    for p in sorted((root / "ct_scans").glob("*.nii*")) if (root / "ct_scans").is_dir() else []:
+    for p in sorted((root / CTICH_SCANS).glob("*.nii*")) if (root / CTICH_SCANS).is_dir() else []:
         stem = p.name.split(".")[0]
         if stem.isdigit():
             volumes[str(int(stem))] = p
@@ -310,7 +312,7 @@ def read_ctich(root: str | os.PathLike) -> ExternalData:
             problems.append(problem(f"{p.name}: file name is not a patient number; left out", path=p))
     items = []
     for pid, vol in sorted(volumes.items(), key=lambda kv: int(kv[0])):
-        masks = sorted((root / "masks").glob(f"{vol.name.split('.')[0]}.nii*")) if (root / "masks").is_dir() else []
+        masks = sorted((root / CTICH_MASKS).glob(f"{vol.name.split('.')[0]}.nii*")) if (root / CTICH_MASKS).is_dir() else []
         if not masks:
             problems.append(problem(f"study {pid}: no mask file masks/{vol.name}; scored without the pointing game",
                                     study_uid=pid, path=vol, severity=WARNING))
@@ -330,7 +332,6 @@ def canonical(img: Any) -> tuple[np.ndarray, int, bool, float]:
     """A nibabel image's data reoriented to rows posterior / columns patient-left / slices superior (the
     DICOM display of axial slices), as ``(slices, rows, cols)`` float32; also the stored axis the slices
     came from, whether it was reversed, and the slice spacing (mm)."""
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
@@ -346,7 +347,6 @@ def canonical(img: Any) -> tuple[np.ndarray, int, bool, float]:
 
 
 def _load_nifti(item: Item) -> LoadedCase | tuple[None, list[dict]]:
-    import nibabel as nib
 
     probs: list[dict] = []
     try:

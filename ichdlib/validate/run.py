@@ -39,21 +39,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_curve
+from tqdm.auto import tqdm
 
 from ichdlib.files import json_ready, write_text
 from ichdlib.labels import LABELS
-from ichdlib.serve.bundle import Bundle
+from ichdlib.layout import FIGURES, METRICS
+from ichdlib.metrics import calibration
+from ichdlib.review.cam import STANDARD_TOLERANCE, explain
+from ichdlib.review.pointing import peak_distances
+from ichdlib.serve.bundle import Bundle, export
 from ichdlib.serve.discover import WARNING, problem, problems_frame
 from ichdlib.serve.operating import AGGREGATES, study_probability
-from ichdlib.serve.pipeline import Predictor, label_thresholds
+from ichdlib.serve.pipeline import Predictor, label_thresholds, study_cache
+from ichdlib.stages import StageReport
 from ichdlib.validate.metrics import (
     PROB_COLUMNS,
     REPORT_LABELS,
     STUDY_COLUMNS,
     compare_bundles,
     compute_metrics,
+    joined,
     metrics_table,
 )
 from ichdlib.validate.readers import (
@@ -104,11 +113,10 @@ def _bundle_name(b: Bundle, k: int) -> str:
 def _pointing(predictor: Predictor, case: Any, frame: pd.DataFrame, thr_any: float) -> list[dict]:
     """Pointing-game rows for the true-positive slices with a lesion mask: per label found on the slice
     (slice labels where the dataset has them, and ``any``), whether the Grad-CAM peak falls in the mask."""
-    from ichdlib.review.cam import STANDARD_TOLERANCE
-    from ichdlib.review.pointing import peak_distances
-
     rows = []
-    inputs = None
+    key = next(iter(predictor.cnn))
+    model = predictor.bundle.cnn[key].models[0]  # the first backbone's first fold, as ichd predict --cam explains
+    cache = None
     p_any = frame["p_any"].to_numpy()
     for i, mask in enumerate(case.masks):
         if not mask.any() or p_any[i] < thr_any:
@@ -116,8 +124,9 @@ def _pointing(predictor: Predictor, case: Any, frame: pd.DataFrame, thr_any: flo
         labels = ["any"]
         if case.slice_labels is not None:
             labels += [c for c in LABELS[1:] if c in case.slice_labels.columns and case.slice_labels[c].iloc[i]]
-        inputs = inputs or predictor.cam_inputs(case.loaded)
-        maps = predictor.slice_cams(case.loaded, i, labels, inputs)
+        if cache is None:
+            cache, rows_idx = study_cache(case.loaded, int(model.spec.size))
+        maps = list(explain(model, cache[rows_idx[i]][None], labels, predictor.P.cam, out_size=mask.shape)[0])
         dist = peak_distances(maps, [mask] * len(maps))
         tol = STANDARD_TOLERANCE * mask.shape[0] / 224.0
         for c, d in zip(labels, dist, strict=True):
@@ -146,7 +155,6 @@ def validate(data: str | os.PathLike, bundles: list[Any], out: str | os.PathLike
              pointing: bool = True, progress: bool = False) -> Validation:
     """Score ``bundles`` (folders or :class:`ichdlib.serve.bundle.Bundle`) on the dataset at ``data`` and
     write the outputs under ``out`` (module docstring). One bad study never stops the run."""
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     if not bundles:
@@ -256,25 +264,22 @@ def write_outputs(v: Validation, bundles: list[Bundle], slices: pd.DataFrame, th
         write_text(folder / "studies.csv", st.to_csv(index=False))
         k = int(name.split("_", 1)[0])
         m = compute_metrics(st, v.data.labels, label_thresholds(None, bundles[k]), n_boot, seed)
-        write_text(folder / "metrics.json", json.dumps(json_ready(m), indent=1, allow_nan=False))
-    paths["metrics"] = out / "metrics.json"
+        write_text(folder / METRICS, json.dumps(json_ready(m), indent=1, allow_nan=False))
+    paths["metrics"] = out / METRICS
     write_text(paths["metrics"], json.dumps(json_ready(v.metrics), indent=1, allow_nan=False))
-    paths.update(write_figures(v, out / "figures"))
+    paths.update(write_figures(v, out / FIGURES))
     paths["report"] = write_report(v, out / "report.md")
     v.paths = paths
     return paths
 
 
 def _curves(v: Validation) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    from ichdlib.validate.metrics import joined
 
     return joined(v.studies, v.data.labels), {n: joined(s, v.data.labels) for n, s in v.others.items()}
 
 
 def plot_roc(v: Validation):
     """ROC per label (studies), the operating point marked; further bundles dashed."""
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     both, others = _curves(v)
     fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
@@ -305,9 +310,6 @@ def plot_roc(v: Validation):
 
 def plot_reliability(v: Validation):
     """Reliability diagram per label (study probabilities vs observed frequency, 10 bins)."""
-    import matplotlib.pyplot as plt
-
-    from ichdlib.metrics import calibration
 
     both, _ = _curves(v)
     fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
@@ -332,7 +334,6 @@ def plot_reliability(v: Validation):
 
 
 def write_figures(v: Validation, folder: Path) -> dict[str, Path]:
-    import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -463,20 +464,23 @@ def run_external(P: Any, progress: bool = False) -> Validation:
     own models, exported to ``work/<run>/bundle``) and any ``P.external.compare`` bundles; outputs under
     ``reports/<run>/<external.out>``. With ``external.phantom`` and no folder at ``data`` yet, the phantom is
     first written there in that layout (the demo)."""
-    from ichdlib.serve.bundle import export
 
     E = P.external
     if E.data is None:
         raise ValueError("params external.data is not set: no external dataset to validate on")
     data = P._resolve(E.data)
     if E.phantom is not None and not data.exists():
-        from ichdlib.phantom.layouts import generate_layout  # the demo only: never for real data
+        from ichdlib.phantom.layouts import generate_layout  # noqa: PLC0415  (the demo only: never for real data)
 
         generate_layout(data, E.phantom, E.phantom_studies, P.synth.seed + 1, E.phantom_size, progress=progress)
-    bundle: Any = P._resolve(E.bundle) if E.bundle is not None else None
-    if bundle is None:
-        bundle = export(P, P.work_dir / "bundle", force=True)
-    out = E.out if E.out.is_absolute() else P.reports_dir / E.out
-    return validate(data, [bundle, *[P._resolve(b) for b in E.compare]], out, fmt=E.format,
+    bundle: Any = P._resolve(E.bundle) if E.bundle is not None else export(P, P.layout.bundle, force=True)
+    return validate(data, [bundle, *[P._resolve(b) for b in E.compare]], P.layout.external(E.out), fmt=E.format,
                     labels=P._resolve(E.labels) if E.labels is not None else None, aggregate=E.aggregate,
                     device=P.device, n_boot=E.n_boot, seed=P.seed, pointing=E.pointing, progress=progress)
+
+
+def run_stage(P: Any, force: bool = False) -> StageReport:
+    """Stage 07 (:data:`ichdlib.stages.STAGES`): :func:`run_external` (always recomputed: its stamp decides
+    whether it runs); the report's rows are the metrics table, its ``result`` the :class:`Validation`."""
+    v = run_external(P)
+    return StageReport("external", metrics_table(v.metrics).to_dict("records"), result=v)
