@@ -20,8 +20,8 @@ Per study: a thin soft-tissue series (0.625 mm), a 5 mm soft-tissue series, a th
 image more than the thin soft-tissue one, so "most slices" would pick it), a post-contrast 5 mm series in
 about a third of the studies (ContrastBolusAgent in half of those, the description only in the rest), and
 a one-image localizer. Series descriptions vary between studies, as in the real data. Each simulated reader
-misreads a label with a small probability, so the three sometimes disagree and the majority sometimes
-differs from the truth.
+misreads ICH or a subtype with a small probability (:func:`reader_reads`), so the three sometimes disagree
+and the majority sometimes differs from the truth.
 
 CT-ICH layout (PhysioNet "Computed Tomography Images for Intracranial Hemorrhage Detection and
 Segmentation" 1.3.1)::
@@ -78,8 +78,8 @@ _NAMES = {
     "localizer": ["Scout", "TOPOGRAM", "CT Localizer"],
 }
 _KERNELS = {"soft": ["STANDARD", "H30s", "SOFT"], "bone": ["BONE", "H70h", "BONEPLUS"]}
-#: Chance that one simulated reader misreads one finding of one study.
-MISREAD = 0.07
+#: Chance that one simulated reader misreads ICH, or one subtype, of one study.
+MISREAD = 0.06
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,24 +178,26 @@ def _write_cq500_study(job: tuple[StudyPlan, int, str, int, int]) -> dict[str, A
 
 
 def reader_reads(truth: dict[str, int], rng: np.random.Generator) -> dict[str, int]:
-    """One simulated reader's reads.csv findings for a study: the truth with occasional misreads, the
-    location/fracture/mass-effect findings drawn loosely from it."""
-    reads = {}
-    for finding in CQ500_FINDINGS:
-        label = CQ500_LABELS.get(finding)
-        if label is not None:
-            value = truth[label]
-        elif finding.startswith("BleedLocation"):
-            value = int(truth["any"] and rng.random() < 0.6)
-        elif finding in ("MassEffect", "MidlineShift"):
-            value = int(truth["any"] and rng.random() < 0.3)
-        else:
-            value = int(rng.random() < 0.05)
-        if label is not None and rng.random() < MISREAD:
-            value = 1 - value
-        reads[finding] = value
-    if any(reads[f] for f in ("IPH", "IVH", "SDH", "EDH", "SAH")):  # a reader who names a subtype reads ICH
-        reads["ICH"] = 1
+    """One simulated reader's reads.csv findings for a study: ICH is the truth, misread with probability
+    :data:`MISREAD`; a reader who reads no ICH reads no subtype; one who reads ICH reads each subtype as it is,
+    misread with the same probability (and names one subtype when the study has none). The location,
+    fracture and mass-effect findings are drawn loosely."""
+    ich = truth["any"] if rng.random() >= MISREAD else 1 - truth["any"]
+    reads = dict.fromkeys(CQ500_FINDINGS, 0)
+    reads["ICH"] = ich
+    if ich:
+        for finding, label in CQ500_LABELS.items():
+            if finding != "ICH":
+                reads[finding] = truth[label] if rng.random() >= MISREAD else 1 - truth[label]
+        subtypes = [f for f, lab in CQ500_LABELS.items() if f != "ICH"]
+        if not any(reads[f] for f in subtypes):
+            reads[str(rng.choice(subtypes))] = 1
+        reads["BleedLocation-Left"] = int(rng.random() < 0.6)
+        reads["BleedLocation-Right"] = int(rng.random() < 0.6)
+        reads["MassEffect"] = int(rng.random() < 0.3)
+        reads["MidlineShift"] = int(rng.random() < 0.2)
+    for finding in ("ChronicBleed", "Fracture", "CalvarialFracture", "OtherFracture"):
+        reads[finding] = int(rng.random() < 0.05)
     return reads
 
 
