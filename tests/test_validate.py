@@ -124,6 +124,8 @@ def test_series_roles_and_choice():
     assert "bone" in why["bone"] and "contrast" in why["c"] and "further from the model's 5 mm" in why["t3"]
     assert "fewer images" in why["t5"]
     assert choose_series([info("b", "bone", 5.0, 30), info("c", "contrast", 5.0, 30)], 5.0) is None
+    last = [info("b", "bone", 5.0, 30), info("c", "contrast", 5.0, 30)]  # predict: a caveat beats no answer
+    assert choose_series(last, 5.0, fallback=True).series_uid == "c" and "less reliable" in last[1].reason
     only_thin = [info("thin", "thin", 0.625, 240)]
     assert choose_series(only_thin, 5.0).series_uid == "thin" and "slabs" in only_thin[0].reason
 

@@ -184,7 +184,7 @@ def _fmt_orientation(o: Any) -> str:
     return "missing" if o is None else "[" + ", ".join(f"{v:g}" for v in o) + "]"
 
 
-def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM
+def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM, fallback: bool = True
                   ) -> tuple[list[StudyScan], list[dict], list[SeriesInfo]]:
     """Group the header table into studies, choose each study's series (:func:`ichdlib.serve.series.choose_series`:
     soft-tissue, non-contrast axial CT, thickness closest to ``training_mm``, then most slices) and order its
@@ -213,7 +213,7 @@ def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM
             if kind != "ok":
                 study_problems.append(problem(f"series left out: {reason}", study_uid=study_uid,
                                               series_uid=series_uid, path=_one_path(group)))
-        chosen = choose_series(infos, training_mm)
+        chosen = choose_series(infos, training_mm, fallback)
         all_series += infos
         if chosen is None:
             roles = sorted({s.role for s in infos if s.role in ("bone", "contrast")})
@@ -224,6 +224,9 @@ def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM
             problems += study_problems
             continue
         series_uid, group = chosen.series_uid, groups[chosen.series_uid]
+        if chosen.role in ("contrast", "bone"):
+            study_problems.append(problem(chosen.reason, study_uid=study_uid, series_uid=chosen.series_uid,
+                                          path=_one_path(group), severity=WARNING))
         for info in infos:
             if info is not chosen and info.role in ("thick_soft", "thin", "bone", "contrast"):
                 what = ("other CT series left out" if info.role in ("thick_soft", "thin") else "series left out")
@@ -324,11 +327,11 @@ class Discovery:
     series: list[SeriesInfo]
 
 
-def discover_all(root: str | os.PathLike, progress: bool = False,
-                 training_mm: float = DEFAULT_THICKNESS_MM) -> Discovery:
+def discover_all(root: str | os.PathLike, progress: bool = False, training_mm: float = DEFAULT_THICKNESS_MM,
+                 fallback: bool = True) -> Discovery:
     """Folder (one study, many studies, nested, any file names) -> chosen series per study, problems, and
     every series with its role (the series choice is :func:`select_series` for a model trained on
-    ``training_mm`` slices)."""
+    ``training_mm`` slices; ``fallback``: read a contrast-only or bone-only study anyway, with a warning)."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
@@ -341,7 +344,7 @@ def discover_all(root: str | os.PathLike, progress: bool = False,
     if table.empty:
         problems.append(problem("no readable DICOM file found", path=root))
         return Discovery([], problems, [])
-    scans, more, series = select_series(table, training_mm)
+    scans, more, series = select_series(table, training_mm, fallback)
     return Discovery(scans, problems + more, series)
 
 

@@ -14,17 +14,18 @@ axial CT image series of a study:
 4. slice thickness (``SliceThickness``, else the median z step) closest to the bundle's training thickness;
 5. then most slices (then the SeriesInstanceUID, for a stable order).
 
-Bone-kernel and contrast series are never read: a study that has only those is not predicted (with a
-message). Each series gets a **role** (:data:`ROLES`): ``thick_soft`` (soft tissue, thickness at least
-:data:`THIN_FRACTION` x the training thickness), ``thin`` (soft tissue, thinner), ``bone``, ``contrast``,
-``localizer`` or ``other``, and a one-line reason why it was or was not read (``series.csv`` of
-``ichd validate``; ``series.csv`` of ``ichd predict``).
+Bone-kernel and contrast series are read only when a study has nothing else: ``ichd predict`` then reads the
+best of them with a warning (one patient's study: a caveat beats no answer), ``ichd validate`` leaves the study
+out with a message (a validation must not mix series the model never saw into its figures). Each series gets a
+**role** (:data:`ROLES`): ``thick_soft`` (soft tissue, thickness at least :data:`THIN_FRACTION` x the training
+thickness), ``thin`` (soft tissue, thinner), ``bone``, ``contrast``, ``localizer`` or ``other``, and a one-line
+reason why it was or was not read (``series.csv`` of ``ichd validate`` and of ``ichd predict``).
 
 When the chosen series is thin (a study with only thin slices), :func:`to_slabs` averages consecutive
 slices into slabs of the training thickness (mean HU over each slab), as a thick reconstruction does, and
 the study's problems say so.
 
-The training thickness comes from the bundle (``training.slice_thickness``, recorded by ``ichd export``
+The training thickness comes from the bundle (``training.slice_thickness_mm``, recorded by ``ichd export``
 from the training catalog's z spacing); bundles without it use :data:`DEFAULT_THICKNESS_MM` (5 mm, the
 RSNA 2019 data's usual slice thickness).
 """
@@ -145,10 +146,16 @@ def classify(kind: str, tags: dict[str, str], thickness: float | None, training_
     return "thick_soft"
 
 
-def choose_series(infos: list[SeriesInfo], training_mm: float) -> SeriesInfo | None:
+def choose_series(infos: list[SeriesInfo], training_mm: float, fallback: bool = False) -> SeriesInfo | None:
     """Rank a study's series (module docstring) and mark the one read; every series gets its reason.
-    Returns the chosen series, or None when no soft-tissue non-contrast axial CT series exists."""
+    Returns the chosen series, or None when no soft-tissue non-contrast axial CT series exists. With
+    ``fallback`` (``ichd predict``: one patient's study, a caveat beats no answer) a study with only
+    contrast or bone-kernel series is read from the best of those (contrast before bone), and says so;
+    ``ichd validate`` leaves such a study out."""
     readable = [s for s in infos if s.role in ("thick_soft", "thin")]
+    if not readable and fallback:
+        readable = sorted((s for s in infos if s.role in ("contrast", "bone")), key=lambda s: s.role != "contrast")
+        readable = [s for s in readable if s.role == readable[0].role] if readable else []
 
     def key(s: SeriesInfo) -> tuple:
         dist = abs(s.thickness - training_mm) if s.thickness is not None else np.inf
@@ -159,8 +166,11 @@ def choose_series(infos: list[SeriesInfo], training_mm: float) -> SeriesInfo | N
         if s is chosen:
             s.read = True
             t = "unknown thickness" if s.thickness is None else f"{s.thickness:g} mm"
-            what = (f"thin soft-tissue series, reformatted into {training_mm:g} mm slabs" if s.role == "thin"
-                    else "soft-tissue axial series")
+            what = {"thin": f"thin soft-tissue series, reformatted into {training_mm:g} mm slabs",
+                    "contrast": "post-contrast series, the only kind in this study (the model was trained on "
+                                "non-contrast CT: less reliable)",
+                    "bone": "bone-kernel series, the only kind in this study (the model was trained on soft-tissue "
+                            "reconstructions: less reliable)"}.get(s.role, "soft-tissue axial series")
             s.reason = f"read: {what} ({t}, closest to the model's {training_mm:g} mm; {s.n_images} images)"
         elif s.reason:
             continue  # discover already said why (localizer, not CT, no pixels)

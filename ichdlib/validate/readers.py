@@ -194,7 +194,7 @@ def read_cq500(root: str | os.PathLike, training_mm: float = DEFAULT_THICKNESS_M
 def _dicom_items(folder: Path, name: str, training_mm: float) -> tuple[list[Item], list[dict], list[dict]]:
     """One study folder -> its item (the chosen series), series rows and problems, all named ``name``."""
     try:
-        found = discover_all(folder, training_mm=training_mm)
+        found = discover_all(folder, training_mm=training_mm, fallback=False)
     except OSError as exc:
         return [], [], [problem(f"study {name}: folder not readable ({exc}); not scored", study_uid=name, path=folder)]
     problems = [dict(p, study_uid=name) for p in found.problems]
@@ -244,7 +244,7 @@ def read_dicom(root: str | os.PathLike, labels_csv: str | os.PathLike | None,
                          "and the six labels)")
     labels_csv = Path(labels_csv)
     labels, key, problems = read_labels_csv(labels_csv)
-    found = discover_all(root, progress=progress, training_mm=training_mm)
+    found = discover_all(root, progress=progress, training_mm=training_mm, fallback=False)
     problems += found.problems
     items = [Item(scan.study_uid, scan=scan) for scan in found.scans]
     if key == "PatientID":
