@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from ichdlib.cli import main as ichd
-from ichdlib.external import CTICH_COLUMNS
+from ichdlib.external_sets import CTICH_COLUMNS
 from ichdlib.labels import LABELS
 from ichdlib.phantom.layouts import generate_layout
 from ichdlib.serve.series import (

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ichdlib.external import (
+from ichdlib.external_sets import (
     CQ500_FINDINGS,
     CQ500_LABELS,
     CTICH_COLUMNS,

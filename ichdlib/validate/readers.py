@@ -33,7 +33,7 @@ import pandas as pd
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 
-from ichdlib.external import CQ500_LABELS, CTICH_CSV, CTICH_LABELS, CTICH_MASKS, CTICH_SCANS
+from ichdlib.external_sets import CQ500_LABELS, CTICH_CSV, CTICH_LABELS, CTICH_MASKS, CTICH_SCANS
 from ichdlib.labels import LABELS
 from ichdlib.serve.discover import (
     SKIPPED,
