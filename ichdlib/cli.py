@@ -14,7 +14,7 @@ from ichdlib.locks import LockHeld
 
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("ichdlib.phantom.synth", "write a synthetic head-CT phantom in the exact RSNA/Kaggle layout"),
+    "synth": ("ichdlib.phantom.synth_cli", "write a synthetic head-CT phantom in the exact RSNA/Kaggle layout"),
     "ingest": ("ichdlib.ingest.catalog", "scan an RSNA-layout folder: catalog, folds, quarantine, HU cache"),
     "score": ("ichdlib.metrics", "score a Kaggle long-format prediction CSV against a truth CSV"),
     "run": ("ichdlib.run", "run notebooks 01-06 headless with papermill from one params file"),
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ichdlib.app.export_cli", "write a self-contained model bundle from a finished run (profile, runtime)"),
     "predict": ("ichdlib.serve.predict", "predict on a folder of DICOM studies with a model bundle"),
     "compare": ("ichdlib.review.compare", "compare two or more runs: stage scores, per-class losses, times, params"),
+    "validate": ("ichdlib.validate.run", "external validation: study-level metrics of bundles on CQ500/CT-ICH/DICOM data"),
 }
 
 

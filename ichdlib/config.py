@@ -318,6 +318,10 @@ class EnsembleCfg(_Strict):
     #: seed, so that runs with different ``seed`` values are scored with the same draws).
     bootstrap: int = Field(1000, ge=100)
     bootstrap_seed: int = 0
+    #: Threshold rule ``ichd export`` applies per label to the OOF study-level predictions (recorded in the
+    #: bundle; ``ichd predict``/``ichd validate`` use it): ``youden`` (max sensitivity + specificity) or
+    #: ``sens95`` (the highest threshold with sensitivity >= 0.95). See ``ichdlib.serve.operating``.
+    operating_point: Literal["youden", "sens95"] = "youden"
 
 
 class CamCfg(_Strict):
@@ -366,6 +370,33 @@ class DistillCfg(_Strict):
     hard_weight: float = Field(0.0, ge=0, le=1)
 
 
+class ExternalCfg(_Strict):
+    """External validation (notebook 07, ``ichd validate``); the stage runs only when ``data`` is set."""
+
+    #: A CQ500-style folder, a PhysioNet CT-ICH-style folder or a folder of DICOM studies (None: no stage 07).
+    data: Path | None = None
+    format: Literal["auto", "cq500", "ctich", "dicom"] = "auto"
+    #: Study-level labels CSV for ``format: dicom`` (StudyInstanceUID or PatientID + the six labels).
+    labels: Path | None = None
+    #: Bundle to validate; None = this run's own models (exported to ``work/<run>/bundle``).
+    bundle: Path | None = None
+    #: Further bundles compared with the first on the same studies (paired DeLong test).
+    compare: list[Path] = Field(default_factory=list)
+    #: Slice -> study probability: ``max`` (default), ``top3`` (mean of the 3 highest), ``mean``.
+    aggregate: Literal["max", "top3", "mean"] = "max"
+    #: Where the outputs go; relative paths resolve against the reports folder of the run.
+    out: Path = Path("external")
+    #: Bootstrap resamples for the confidence intervals other than DeLong's (0: none).
+    n_boot: int = Field(1000, ge=0)
+    #: Pointing game on the dataset's lesion masks (CT-ICH) with Grad-CAM of the first fold model.
+    pointing: bool = True
+    #: Demo: when ``data`` does not exist yet, write the phantom there in this layout first (``ichd synth
+    #: --layout``); None for real data (nothing is generated).
+    phantom: Literal["cq500", "ctich"] | None = None
+    phantom_studies: int = Field(20, ge=2)
+    phantom_size: int = Field(128, ge=32)
+
+
 class Params(_Strict):
     """A whole experiment."""
 
@@ -384,6 +415,7 @@ class Params(_Strict):
     cam: CamCfg = Field(default_factory=CamCfg)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     distill: DistillCfg = Field(default_factory=DistillCfg)
+    external: ExternalCfg = Field(default_factory=ExternalCfg)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Params:

@@ -13,7 +13,7 @@ stage reads or writes is an attribute or method of it::
       seq/<name>/      fold<k>.pt fold<k>_last.pt fold<k>_log.csv oof.parquet test.parquet done.json
                                                                 sequence models (04) -> L.seq(name)
       distill/<key>/   fold<k>.pt fold<k>_last.pt fold<k>_val.parquet oof.parquet test.parquet done.json
-                                                                the student (07)     -> L.distill(key)
+                                                                the student (08)     -> L.distill(key)
       stages/          <NN>.json digests.json <notebook>.lock   stamps (ichd run)
       logs/            <notebook>.kernel.log
       params.yaml
@@ -73,7 +73,10 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "ensemble": (f"reports:{SUBMISSION}",),
     "review": (),
     "distill": (f"{DISTILL}/*/fold*.pt", f"{DISTILL}/*/{DONE}"),
+    "external": (),
 }
+#: Notebook 07: the run's own bundle (exported for validation) and the validation outputs' default folder.
+BUNDLE, EXTERNAL = "bundle", "external"
 
 
 def fold_numbers(folder: Path) -> list[int]:
@@ -301,6 +304,16 @@ class RunLayout:
 
     def figure(self, name: str) -> Path:
         return self.figures / f"{name}.png"
+
+    @property
+    def bundle(self) -> Path:
+        """``work/<run>/bundle``: the run's own models exported for notebook 07."""
+        return self.work / BUNDLE
+
+    def external(self, out: str | Path = EXTERNAL) -> Path:
+        """Notebook 07's output folder: ``out`` when absolute, else under the reports folder."""
+        out = Path(out)
+        return out if out.is_absolute() else self.reports / out
 
     def params_copies(self) -> tuple[Path, Path]:
         """``params.yaml`` in the work and the reports folder."""

@@ -17,7 +17,7 @@ from ichdlib.files import nested_get as _get
 from ichdlib.files import write_json
 
 #: Figure name prefixes listed in summary.md (everything else stays one click away in figures/).
-KEY_FIGURES = ("01_composite", "02_curves", "04_learning", "05_", "cam_any", "cam_viewer")
+KEY_FIGURES = ("01_composite", "02_curves", "04_learning", "05_", "cam_any", "cam_viewer", "07_roc")
 
 
 @dataclass

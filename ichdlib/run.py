@@ -67,6 +67,20 @@ def select(nbs: list[Path], only: list[str] | None = None, start: str | None = N
     return out
 
 
+def applicable(nbs: list[Path], known: list[str], P: Params, only: list[str] | None = None) -> list[Path]:
+    """Leave out the stages whose params say they do not apply (07 without ``external.data``); asking for
+    one of them with ``--only`` is an error naming the key."""
+    out = []
+    for nb in nbs:
+        stage = stages.stage_for(nb.name[:2], known)
+        if stages.applies(stage, P):
+            out.append(nb)
+        elif only and stage.number in only:
+            raise ValueError(f"stage {stage.number} ({nb.stem}) needs params {stage.needs}; set it (e.g. "
+                             f"--set {stage.needs}=PATH) or use params/demo_external.yaml")
+    return out
+
+
 def _failure_message(nb_name: str, exc: Exception, out_path: Path) -> str:
     cell = getattr(exc, "exec_count", None)
     ename = getattr(exc, "ename", type(exc).__name__)
@@ -117,7 +131,7 @@ def plan(params_path: str | Path, *, only: list[str] | None = None, start: str |
     P = load_params(Path(params_path).resolve(), dict(overrides or {}))
     all_nbs = list_notebooks(notebooks)
     known = [p.name[:2] for p in all_nbs]
-    chosen = select(all_nbs, only, start)
+    chosen = applicable(select(all_nbs, only, start), known, P, only)
     store = stages.StampStore(P)
     out: list[stages.Decision] = []
     pending: set[str] = set()
@@ -146,7 +160,7 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     P = load_params(params_path, overrides)
     all_nbs = list_notebooks(notebooks)
     known = [p.name[:2] for p in all_nbs]
-    chosen = select(all_nbs, only, start)
+    chosen = applicable(select(all_nbs, only, start), known, P, only)
     store = stages.StampStore(P)
     timings = last_timings(P)  # the skip lines say how long each skipped notebook took when it last ran
     results: list[StageResult] = []

@@ -43,8 +43,8 @@ from ichdlib.layout import STAGE_OUTPUTS
 from ichdlib.phantom import PHANTOM_VERSION
 from ichdlib.registry import resolve
 
-__all__ = ["Stage", "STAGES", "StageReport", "stage_for", "stage_named", "forced", "Decision", "StampStore",
-           "data_fingerprint", "outputs_digest", "params_digest", "decide"]
+__all__ = ["Stage", "STAGES", "StageReport", "stage_for", "stage_named", "forced", "applies", "Decision",
+           "StampStore", "data_fingerprint", "outputs_digest", "params_digest", "decide"]
 
 #: Files at the top of the data folder larger than this are fingerprinted by size, not content.
 _CONTENT_LIMIT = 2 << 30
@@ -99,6 +99,9 @@ class Stage:
     #: Recompute (``force``) when upstream outputs or data changed. Ingest does not need it: its own
     #: fingerprint rebuilds what the new inputs change, and keeps an expensive cache that they do not.
     force_on_change: bool = True
+    #: Dotted params key naming a folder the stage reads besides the RSNA data (fingerprinted like it) and
+    #: without which the stage does not apply (``ichd run`` leaves it out): notebook 07's ``external.data``.
+    needs: str | None = None
     #: The stage's work, ``"module:function"`` with ``function(P, force=False, **options) -> StageReport``
     #: (resolved on first use: the core never imports a stage's code).
     entry: str = ""
@@ -129,10 +132,17 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
           outputs=STAGE_OUTPUTS["ensemble"], entry="ichdlib.ensemble.blend:run_stage"),
     Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True,
           outputs=STAGE_OUTPUTS["review"], entry="ichdlib.review.stage:run_stage"),
+    Stage("07", "external", ("seed", "cnn.backbones", "seq.models", "ensemble", "external"), ("01", "02", "04", "05"),
+          outputs=STAGE_OUTPUTS["external"], entry="ichdlib.validate.run:run_stage", needs="external.data"),
     # no notebook (off in the demo): ``ichd train PARAMS --stage distill`` runs it (ichdlib.distill)
-    Stage("07", "distill", ("seed", "windows", "cnn", "distill"), ("01", "05"), reads_data=True,
+    Stage("08", "distill", ("seed", "windows", "cnn", "distill"), ("01", "05"), reads_data=True,
           outputs=STAGE_OUTPUTS["distill"], entry="ichdlib.distill.train:run_stage"),
 )}
+
+
+def applies(stage: Stage, P: Params) -> bool:
+    """Whether ``ichd run`` runs the stage for these params (a stage with ``needs`` only when that key is set)."""
+    return stage.needs is None or nested_get(P.model_dump(mode="json"), *stage.needs.split(".")) is not None
 
 
 def stage_named(name: str) -> Stage:
@@ -292,6 +302,11 @@ class StampStore:
             parts["data"] = self._once("data", lambda: data_fingerprint(self.P.data_root, self.cache))
             if self.P.synth.enabled:
                 parts["phantom_version"] = str(PHANTOM_VERSION)
+        if stage.needs is not None:
+            folder = nested_get(dump, *stage.needs.split("."))
+            if folder is not None:
+                parts[f"data:{stage.needs}"] = self._once(
+                    f"data:{stage.needs}", lambda: data_fingerprint(self.P._resolve(Path(folder)), self.cache))
         known = set(known)
         for up in stage.upstream:
             upstage = stage_for(up, known)

@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from ichdlib.config import Params, dump_params, load_params
 from ichdlib.files import json_ready
+from ichdlib.labels import LABELS
 from ichdlib.layout import PARAMS_FILE
 from ichdlib.serve.bundle_build import (  # noqa: F401  (re-exported: the bundle API in one import)
     Member,
@@ -71,6 +72,8 @@ from ichdlib.serve.bundle_schema import (  # noqa: F401
     manifest_digest,
     validate_manifest,
 )
+from ichdlib.serve.operating import DEFAULT_AGGREGATE, DEFAULT_THRESHOLD
+from ichdlib.serve.series import DEFAULT_THICKNESS_MM
 from ichdlib.tracking import log_bundle
 
 
@@ -111,6 +114,24 @@ class Bundle:
             if b["key"] == key:
                 return b
         raise KeyError(key)
+
+    @property
+    def training_mm(self) -> float:
+        """Slice thickness (mm) of the training data; :data:`ichdlib.serve.series.DEFAULT_THICKNESS_MM` (5 mm)
+        for a bundle that does not record it."""
+        t = self.manifest.get("training") or {}
+        return float(t.get("slice_thickness_mm") or DEFAULT_THICKNESS_MM)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Per-label operating point chosen at export; 0.5 for every label in a bundle without one."""
+        op = self.manifest.get("operating_point") or {}
+        return {c: float((op.get("thresholds") or {}).get(c, DEFAULT_THRESHOLD)) for c in LABELS}
+
+    @property
+    def aggregate(self) -> str:
+        """How slice probabilities became study probabilities when the thresholds were chosen (``max``)."""
+        return str((self.manifest.get("operating_point") or {}).get("aggregate") or DEFAULT_AGGREGATE)
 
     def params(self) -> Params:
         """The run's params (validated again; paths point to where the run was made)."""

@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ichdlib.checkpoints import build_model, read_checkpoint
@@ -22,6 +23,7 @@ from ichdlib.predictions import resolve_members, stage_files
 from ichdlib.seq.inputs import backbone_keys, seq_arch
 from ichdlib.seq.models import build_seq_model
 from ichdlib.serve.bundle_schema import FORMAT, FORMAT_VERSION, BundleError
+from ichdlib.serve.operating import internal_oof_studies, operating_points
 from ichdlib.spec import ModelSpec
 from ichdlib.windows import WINDOWS
 
@@ -116,6 +118,8 @@ def collect_run(P: Params) -> tuple[dict[str, Any], dict[str, Member], dict[str,
             raise BundleError(f"{L.seq(name).path}: trained on backbones {used}, but the params name "
                               f"{seq_keys}; rerun notebook 04")
     manifest = _manifest(P, cnn, seq, seq_keys)
+    manifest["training"] = training_section(P)
+    manifest["operating_point"] = operating_point_section(P, manifest["ensemble"]["weights"])
     return manifest, cnn, seq
 
 
@@ -201,6 +205,35 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
         "params": {**json.loads(json.dumps(P.model_dump(mode="json"))), "root": None},  # a bundle travels
         "versions": library_versions(),
     }
+
+
+def training_section(P: Params) -> dict[str, Any] | None:
+    """``training``: the training studies' slice thickness (the median over studies of their z spacing: RSNA
+    files carry no SliceThickness and their slices are contiguous), z spacing and pixel spacing."""
+    try:
+        cat = pd.read_parquet(P.layout.catalog, columns=["study_uid", "split", "spacing_z", "pixel_spacing"])
+    except (OSError, ValueError, KeyError):
+        return None
+    train = cat[cat["split"] == "train"].groupby("study_uid")[["spacing_z", "pixel_spacing"]].median()
+    dz = pd.to_numeric(train["spacing_z"], errors="coerce").dropna()
+    dz = dz[dz > 0]
+    if dz.empty:
+        return None
+    ps = pd.to_numeric(train["pixel_spacing"], errors="coerce").dropna()
+    return {"slice_thickness_mm": round(float(dz.median()), 3), "spacing_z_mm": round(float(dz.median()), 3),
+            "pixel_spacing_mm": round(float(ps.median()), 4) if len(ps) else None, "n_studies": int(len(dz)),
+            "source": "median z spacing of the training studies (the catalog)"}
+
+
+def operating_point_section(P: Params, weights: dict[str, float]) -> dict[str, Any]:
+    """``operating_point``: thresholds by ``P.ensemble.operating_point`` on the internal OOF study-level
+    predictions (:mod:`ichdlib.serve.operating`)."""
+    try:
+        y, p = internal_oof_studies(P, weights)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{P.layout.work}: cannot choose the operating point on the out-of-fold predictions "
+                          f"({type(exc).__name__}: {exc}); run notebooks 02-05 first") from exc
+    return operating_points(y, p, P.ensemble.operating_point)
 
 
 def ensemble_spec(P: Params) -> dict[str, Any]:

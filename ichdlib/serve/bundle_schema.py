@@ -151,6 +151,44 @@ class WindowsSection(_Schema):
     presets: dict[str, tuple[float, float]]
 
 
+class TrainingSection(_Schema):
+    """What the training data looked like (``training``; optional: older bundles lack it)."""
+
+    slice_thickness_mm: Annotated[float, Field(gt=0, le=50)]
+    spacing_z_mm: Annotated[float, Field(gt=0, le=50)]
+    pixel_spacing_mm: Annotated[float, Field(gt=0, le=10)] | None = None
+    n_studies: Annotated[int, Field(ge=0)]
+    source: str
+
+
+def _threshold(value: float) -> float:
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"threshold {value!r} outside [0, 1]")
+    return value
+
+
+Thresholds = dict[Literal[LABELS], Annotated[float, AfterValidator(_threshold)]]  # type: ignore[valid-type]
+
+
+class OperatingPointSection(_Schema):
+    """Thresholds chosen on the internal OOF study-level predictions (``operating_point``; optional)."""
+
+    rule: Literal["youden", "sens95"]
+    aggregate: Literal["max", "top3", "mean"]
+    thresholds: Thresholds
+    rules: dict[str, Thresholds] = Field(default_factory=dict)
+    fallback: list[str] = Field(default_factory=list)
+    n_studies: Annotated[int, Field(ge=0)]
+    n_pos: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _every_label(self) -> OperatingPointSection:
+        if sorted(self.thresholds) != sorted(LABELS):
+            raise ValueError(f"thresholds for {sorted(self.thresholds)}, expected every label {list(LABELS)}")
+        return self
+
+
 class Manifest(_Schema):
     """``bundle.json`` (see the module docstring)."""
 
@@ -171,6 +209,10 @@ class Manifest(_Schema):
     integrity: Sha256
     runtime: dict[str, Any] | None = None  # ONNX graphs and engine (ichdlib.serve.onnx_runtime)
     profile: dict[str, Any] | None = None  # folds, views, members kept (ichdlib.serve.profiles)
+    #: Optional (bundles written before issue 19 lack them; ``Bundle.training_mm`` and ``Bundle.thresholds``
+    #: state the defaults).
+    training: TrainingSection | None = None
+    operating_point: OperatingPointSection | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Manifest:

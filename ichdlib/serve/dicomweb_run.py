@@ -230,7 +230,7 @@ def run(args: Any, bundle: Any) -> RunResult:
         ledger = Ledger(out, server.url, bundle_identity(bundle)["sha256"])
         writer = None
         if dicom_out is not None:  # with --cam the writer also writes the PNGs (each Grad-CAM computed once)
-            writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam,
+            writer = DicomWriter(dicom_out, bundle, _any(args.threshold), cam=args.cam,
                                  png_dir=out / "cam" if args.cam else None, pmap=getattr(args, "pmap", False))
         ctx = {"server": server, "ledger": ledger, "bundle": bundle, "threshold": args.threshold, "out": out,
                "writer": writer, "cam_dir": out / "cam" if args.cam and writer is None else None, "seconds": {}}
@@ -318,3 +318,8 @@ def _print_table(table: list[tuple[str, str, str]], counts: dict[str, int], ledg
         print(f"{uid:<{width}}  {result:<9}  {note}")
     print(", ".join(f"{k} {v}" for k, v in counts.items()) + f" of {len(table)} stud{'y' if len(table) == 1 else 'ies'}"
           f"; ledger {ledger} (rerun the same command to resume)")
+
+
+def _any(threshold: float | dict[str, float]) -> float:
+    """The ``any`` threshold of per-label thresholds (the DICOM outputs call findings at one threshold)."""
+    return float(threshold["any"]) if isinstance(threshold, dict) else float(threshold)

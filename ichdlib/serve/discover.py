@@ -1,10 +1,11 @@
 """Finding the studies in a folder of DICOM files: discovery, series choice, slice validity, pixels.
 
 1. **Discovery** (:func:`discover`): every file under a folder (recursively, any name, with or without
-   ``.dcm``) is read header-only and grouped by StudyInstanceUID and SeriesInstanceUID. Per study the axial
-   CT series with the most slices is chosen; non-CT series, localizers/scouts (ImageType ``LOCALIZER`` or a
-   non-axial orientation), other series, non-DICOM and unreadable files are listed in ``problems`` with
-   the reason. Only regular files are opened; hidden files, FIFOs, devices and unreadable folders are listed
+   ``.dcm``) is read header-only and grouped by StudyInstanceUID and SeriesInstanceUID. Per study one series
+   is chosen by :mod:`ichdlib.serve.series` (soft-tissue, non-contrast axial CT whose thickness is closest to
+   the model's training data, then most slices; a thin-only study is read as slabs); non-CT series,
+   localizers/scouts (ImageType ``LOCALIZER`` or a non-axial orientation), the other series (one row each,
+   with why), non-DICOM and unreadable files are listed in ``problems`` with the reason. Only regular files are opened; hidden files, FIFOs, devices and unreadable folders are listed
    (:func:`ichdlib.ingest.validity.list_files`), and each slice must pass :func:`ichdlib.ingest.validity.slice_problem`,
    the rule ingest applies. Slices are ordered by z exactly as the catalog orders them (ties by SOPInstanceUID; duplicate
    positions are kept, as in training, with a warning).
@@ -38,6 +39,15 @@ from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re
     list_files,
     slice_normal,
     slice_problem,
+)
+from ichdlib.serve.series import (
+    DEFAULT_THICKNESS_MM,
+    SeriesInfo,
+    choose_series,
+    classify,
+    series_tags,
+    series_thickness,
+    to_slabs,
 )
 
 #: Problem severities: ``skipped`` (something was left out) or ``warning`` (predicted, with a caveat).
@@ -128,6 +138,10 @@ class StudyScan:
     #: (+ the header columns of :func:`scan_headers`).
     slices: pd.DataFrame
     problems: list[dict] = field(default_factory=list)
+    #: Every series of the study with its role and why it was (not) read.
+    series: list[SeriesInfo] = field(default_factory=list)
+    #: Slab thickness (mm) when the chosen series is thin and is averaged into slabs at load, else None.
+    slab_mm: float | None = None
 
     @property
     def n_slices(self) -> int:
@@ -170,35 +184,56 @@ def _fmt_orientation(o: Any) -> str:
     return "missing" if o is None else "[" + ", ".join(f"{v:g}" for v in o) + "]"
 
 
-def select_series(table: pd.DataFrame) -> tuple[list[StudyScan], list[dict]]:
-    """Group the header table into studies, choose each study's axial CT series and order its slices.
+def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM, fallback: bool = True
+                  ) -> tuple[list[StudyScan], list[dict], list[SeriesInfo]]:
+    """Group the header table into studies, choose each study's series (:func:`ichdlib.serve.series.choose_series`:
+    soft-tissue, non-contrast axial CT, thickness closest to ``training_mm``, then most slices) and order its
+    slices.
 
-    Returns the chosen series (one :class:`StudyScan` per study that has one) and the problems: studies
-    without a usable series, series left out (with why), files left out of the chosen series.
+    Returns the chosen series (one :class:`StudyScan` per study that has one, with its study's series in
+    ``scan.series``), the problems (studies without a usable series, series left out with why, files left out
+    of the chosen series) and every series of every study with its role and reason.
     """
     scans: list[StudyScan] = []
     problems: list[dict] = []
+    all_series: list[SeriesInfo] = []
     for study_uid, study in table.groupby("study_uid", sort=True):
         study_problems: list[dict] = []
-        candidates = []
+        infos: list[SeriesInfo] = []
+        groups: dict[str, pd.DataFrame] = {}
         for series_uid, group in study.groupby("series_uid", sort=True):
             kind, reason = _series_kind(group)
-            if kind == "ok":
-                candidates.append((series_uid, group))
-            else:
-                study_problems += [problem(f"series left out: {reason}", study_uid=study_uid,
-                                           series_uid=series_uid, path=p) for p in group["path"]]
-        if not candidates:
-            study_problems.append(problem("no axial CT series in this study; nothing to predict",
-                                          study_uid=study_uid, path=_one_path(study)))
+            tags = series_tags(str(group["path"].iloc[0]))
+            thick = series_thickness(tags, pd.to_numeric(group["z"], errors="coerce").to_numpy(float))
+            info = SeriesInfo(study_uid, series_uid, len(group), classify(kind, tags, thick, training_mm),
+                              tags["SeriesDescription"], tags["ConvolutionKernel"], tags["ContrastBolusAgent"], thick,
+                              reason=f"not read: {reason}" if kind != "ok" else "")
+            infos.append(info)
+            groups[series_uid] = group
+            if kind != "ok":
+                study_problems.append(problem(f"series left out: {reason}", study_uid=study_uid,
+                                              series_uid=series_uid, path=_one_path(group)))
+        chosen = choose_series(infos, training_mm, fallback)
+        all_series += infos
+        if chosen is None:
+            roles = sorted({s.role for s in infos if s.role in ("bone", "contrast")})
+            why = (f"only {' and '.join(r if r == 'contrast' else 'bone-kernel' for r in roles)} series"
+                   if roles else "no axial CT series")
+            study_problems.append(problem(f"{why} in this study; nothing to predict", study_uid=study_uid,
+                                          path=_one_path(study)))
             problems += study_problems
             continue
-        candidates.sort(key=lambda c: (-len(c[1]), c[0]))
-        series_uid, group = candidates[0]
-        for other_uid, other in candidates[1:]:
-            study_problems += [problem(
-                f"other CT series left out ({len(other)} image(s)); predicted series {series_uid} "
-                f"({len(group)} images)", study_uid=study_uid, series_uid=other_uid, path=p) for p in other["path"]]
+        series_uid, group = chosen.series_uid, groups[chosen.series_uid]
+        if chosen.role in ("contrast", "bone"):
+            study_problems.append(problem(chosen.reason, study_uid=study_uid, series_uid=chosen.series_uid,
+                                          path=_one_path(group), severity=WARNING))
+        for info in infos:
+            if info is not chosen and info.role in ("thick_soft", "thin", "bone", "contrast"):
+                what = ("other CT series left out" if info.role in ("thick_soft", "thin") else "series left out")
+                study_problems.append(problem(
+                    f"{what} ({info.n_images} image(s)): {info.reason.removeprefix('not read: ')}; predicted "
+                    f"series {series_uid}", study_uid=study_uid, series_uid=info.series_uid,
+                    path=_one_path(groups[info.series_uid])))
         slices, dropped = _clean_series(group, study_uid, series_uid)
         study_problems += dropped
         if len(slices) == 0:
@@ -212,9 +247,11 @@ def select_series(table: pd.DataFrame) -> tuple[list[StudyScan], list[dict]]:
                 "prediction is less reliable", study_uid=study_uid, series_uid=series_uid,
                 path=slices["path"].iloc[0], severity=WARNING))
         patient = str(slices["patient_id"].iloc[0] or "")
-        scans.append(StudyScan(study_uid, patient, series_uid, slices, study_problems))
+        scan = StudyScan(study_uid, patient, series_uid, slices, study_problems, infos,
+                         training_mm if chosen.role == "thin" else None)
+        scans.append(scan)
         problems += study_problems
-    return scans, problems
+    return scans, problems, all_series
 
 
 def _one_path(group: pd.DataFrame) -> str:
@@ -281,22 +318,41 @@ def z_gaps(z: np.ndarray, factor: float = GAP_FACTOR) -> list[tuple[float, float
     return [(float(z[i]), float(d[i]), med) for i in np.flatnonzero(d > factor * med)]
 
 
-def discover(root: str | os.PathLike, progress: bool = False) -> tuple[list[StudyScan], list[dict]]:
-    """Folder (one study, many studies, nested, any file names) -> chosen series per study + problems."""
+@dataclass
+class Discovery:
+    """What :func:`discover_all` found: the chosen series per study, the problems, every series with its role."""
+
+    scans: list[StudyScan]
+    problems: list[dict]
+    series: list[SeriesInfo]
+
+
+def discover_all(root: str | os.PathLike, progress: bool = False, training_mm: float = DEFAULT_THICKNESS_MM,
+                 fallback: bool = True) -> Discovery:
+    """Folder (one study, many studies, nested, any file names) -> chosen series per study, problems, and
+    every series with its role (the series choice is :func:`select_series` for a model trained on
+    ``training_mm`` slices; ``fallback``: read a contrast-only or bone-only study anyway, with a warning)."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
     paths, skipped = list_files(root)
     not_opened = [problem(why, path=p) for p, why in skipped]  # "skipped: hidden file", "skipped: a FIFO ..."
     if not paths:
-        return [], not_opened + [problem("no files found", path=root)]
+        return Discovery([], not_opened + [problem("no files found", path=root)], [])
     table, problems = scan_headers(paths, progress=progress)
     problems = not_opened + problems
     if table.empty:
         problems.append(problem("no readable DICOM file found", path=root))
-        return [], problems
-    scans, more = select_series(table)
-    return scans, problems + more
+        return Discovery([], problems, [])
+    scans, more, series = select_series(table, training_mm, fallback)
+    return Discovery(scans, problems + more, series)
+
+
+def discover(root: str | os.PathLike, progress: bool = False,
+             training_mm: float = DEFAULT_THICKNESS_MM) -> tuple[list[StudyScan], list[dict]]:
+    """:func:`discover_all` without the series list: ``(scans, problems)``."""
+    found = discover_all(root, progress, training_mm)
+    return found.scans, found.problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,6 +391,14 @@ def load_study(scan: StudyScan) -> LoadedStudy:
         keep.append(i)
         images.append(hu)
     slices = order_slices(scan.slices.loc[keep]) if keep else scan.slices.iloc[:0]
+    if scan.slab_mm and len(slices) > 1:
+        n_thin = len(slices)
+        slabs, images = to_slabs(slices, images, scan.slab_mm)
+        slices = order_slices(slabs)
+        problems.append(problem(
+            f"only a thin series ({n_thin} slices): reformatted into {len(slices)} slabs of {scan.slab_mm:g} mm "
+            "(mean HU over each slab), the model's training thickness", study_uid=scan.study_uid,
+            series_uid=scan.series_uid, severity=WARNING))
     if scan.n_slices > 1 and len(keep) == 1:
         problems.append(problem("only one readable slice: no neighbours and no sequence context",
                                 study_uid=scan.study_uid, series_uid=scan.series_uid, severity=WARNING))

@@ -32,7 +32,7 @@ from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.discover import (
     WARNING,
     LoadedStudy,
-    discover,
+    discover_all,
     index_ranges,
     load_study,
     problem,
@@ -40,6 +40,7 @@ from ichdlib.serve.discover import (
     safe_name,
 )
 from ichdlib.serve.onnx_runtime import bundle_engine, cnn_runners, profile_views
+from ichdlib.serve.series import SERIES_COLUMNS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,11 +162,25 @@ class Prediction:
     problems: pd.DataFrame
     seconds: dict[str, float]
     cams: list[str] = field(default_factory=list)
+    #: Every series of every study: role, whether it was read and why (:mod:`ichdlib.serve.series`).
+    series: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SERIES_COLUMNS))
 
 
-def summarize_studies(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+def label_thresholds(threshold: float | dict[str, float] | None, bundle: Any = None) -> dict[str, float]:
+    """Per-label thresholds: one number for every label, a dict as given, or (None) the bundle's operating
+    point (:attr:`ichdlib.serve.bundle.Bundle.thresholds`; 0.5 when it records none)."""
+    if isinstance(threshold, dict):
+        return {c: float(threshold[c]) for c in LABELS}
+    if threshold is None:
+        return dict(bundle.thresholds) if bundle is not None else dict.fromkeys(LABELS, 0.5)
+    return dict.fromkeys(LABELS, float(threshold))
+
+
+def summarize_studies(slices: pd.DataFrame, threshold: float | dict[str, float] = 0.5) -> pd.DataFrame:
     """One row per study: slices, max final probability per label, findings (subtypes whose max reaches
-    ``threshold``, with it) and the slices involved as index ranges."""
+    their threshold, with it) and the slices involved as index ranges. ``threshold``: one number, or one
+    per label."""
+    thr = label_thresholds(threshold)
 
     cols = ["study_uid", "series_uid", "n_slices", "max_any", "positive", "findings",
             *[f"max_{c}" for c in LABELS[1:]], *[f"slices_{c}" for c in LABELS]]
@@ -174,26 +189,30 @@ def summarize_studies(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFr
     rows = []
     for uid, g in slices.groupby("study_uid", sort=False):
         row: dict[str, Any] = {"study_uid": uid, "series_uid": g["series_uid"].iloc[0], "n_slices": len(g),
-                               "max_any": float(g["p_any"].max()), "positive": bool(g["p_any"].max() >= threshold)}
+                               "max_any": float(g["p_any"].max()), "positive": bool(g["p_any"].max() >= thr["any"])}
         findings = []
         for c in LABELS:
             p = g[f"p_{c}"]
             row[f"max_{c}"] = float(p.max())
-            row[f"slices_{c}"] = index_ranges(g.loc[p >= threshold, "slice_index"] + 1)  # 1-based, as `slice`
-            if c != "any" and p.max() >= threshold:
+            row[f"slices_{c}"] = index_ranges(g.loc[p >= thr[c], "slice_index"] + 1)  # 1-based, as `slice`
+            if c != "any" and p.max() >= thr[c]:
                 findings.append((float(p.max()), c))
         row["findings"] = "; ".join(f"{c} ({m:.2f})" for m, c in sorted(findings, reverse=True))
         rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 
 
-def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None = "auto", threshold: float = 0.5,
+def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None = "auto",
+                threshold: float | dict[str, float] | None = None,
                 cam_dir: str | os.PathLike | None = None, progress: bool = False,
                 predictor: Predictor | None = None,
                 on_study: Callable[[Predictor, LoadedStudy, pd.DataFrame], Any] | None = None) -> Prediction:
     """Discover, read and predict every study under ``dicom_dir`` with ``bundle`` (a :class:`ichdlib.serve.bundle.Bundle`
     or a bundle folder). Bad input never raises: it ends up in ``problems``. With ``cam_dir``, Grad-CAM
-    overlays of the positive slices are written there. ``on_study(predictor, loaded, frame)`` is called after
+    overlays of the positive slices are written there (at the ``any`` threshold). ``threshold``: one number,
+    one per label, or None for the bundle's operating point. The series of each study is chosen by
+    :mod:`ichdlib.serve.series` for the bundle's training thickness; ``series`` lists every series with its
+    role and why it was (not) read. ``on_study(predictor, loaded, frame)`` is called after
     each study is predicted (e.g. :class:`ichdlib.serve.dicom_out.DicomWriter`); the problem rows it returns and what
     it raises go to ``problems``."""
 
@@ -202,8 +221,10 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
 
         bundle = Bundle.load(bundle)
     predictor = predictor or Predictor(bundle, device)
+    thr = label_thresholds(threshold, bundle)
     t_load_models = time.perf_counter() - t0
-    scans, problems = discover(dicom_dir, progress=progress)
+    found = discover_all(dicom_dir, progress=progress, training_mm=bundle.training_mm)
+    scans, problems = found.scans, found.problems
     frames, cams = [], []
     t_read, t_model = time.perf_counter() - t0 - t_load_models, 0.0
     for scan in tqdm(scans, desc="studies", unit="study", disable=not progress):
@@ -231,7 +252,7 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
         frames.append(frame)
         if cam_dir is not None:
             try:
-                cams += write_cams(predictor, loaded, frame, Path(cam_dir), threshold)
+                cams += write_cams(predictor, loaded, frame, Path(cam_dir), thr["any"])
             except ImportError as exc:
                 problems.append(problem(f"--cam: Grad-CAM unavailable ({exc})", severity=WARNING))
                 cam_dir = None
@@ -242,10 +263,11 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
                 problems.append(problem(f"output not written ({type(exc).__name__}: {exc})",
                                         study_uid=scan.study_uid, series_uid=scan.series_uid))
     slices = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    studies = summarize_studies(slices, threshold)
+    studies = summarize_studies(slices, thr)
     seconds = {"load_models": t_load_models, "read": t_read, "model": t_model,
                "total": time.perf_counter() - t0, "studies": len(frames)}
-    return Prediction(slices, studies, problems_frame(problems), seconds, cams)
+    series = pd.DataFrame([s.as_row() for s in found.series], columns=SERIES_COLUMNS)
+    return Prediction(slices, studies, problems_frame(problems), seconds, cams, series)
 
 
 def predict_study(dicom_dir: str | os.PathLike, bundle: Any, **kwargs: Any) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.dicom_out import DicomWriter
 from ichdlib.serve.dicomweb_run import run as run_dicomweb
 from ichdlib.serve.discover import PROBLEM_COLUMNS, discover, problem
-from ichdlib.serve.pipeline import Prediction, Predictor, predict_dir, predict_study
+from ichdlib.serve.pipeline import Prediction, Predictor, label_thresholds, predict_dir, predict_study
 from ichdlib.serve.transport import add_arguments as add_transport_arguments
 
 __all__ = ["predict_dir", "predict_study", "Predictor", "Prediction", "discover", "write_outputs", "PROBLEM_COLUMNS",
@@ -37,30 +37,38 @@ __all__ = ["predict_dir", "predict_study", "Predictor", "Prediction", "discover"
 # --------------------------------------------------------------------------------------------------
 # Output files and command line
 # --------------------------------------------------------------------------------------------------
-def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, threshold: float = 0.5) -> dict[str, Path]:
-    """``slices.csv``, ``studies.csv``, ``problems.csv`` and ``predictions.json`` under ``out``."""
+def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None,
+                  threshold: float | dict[str, float] | None = 0.5) -> dict[str, Path]:
+    """``slices.csv``, ``studies.csv``, ``series.csv`` (every series: role, read or not, why),
+    ``problems.csv`` and ``predictions.json`` under ``out``. ``threshold``: one number, one per label, or
+    None for the bundle's operating point."""
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / f"{name}.csv" for name in ("slices", "studies", "problems")}
+    thr = label_thresholds(threshold, bundle)
+    paths = {name: out / f"{name}.csv" for name in ("slices", "studies", "series", "problems")}
     write_text(paths["slices"], pred.slices.to_csv(index=False))
     write_text(paths["studies"], pred.studies.to_csv(index=False))
+    write_text(paths["series"], pred.series.to_csv(index=False))
     write_text(paths["problems"], pred.problems.to_csv(index=False))
     labels = list(LABELS)
     studies = []
+    read = pred.series[pred.series["read"].astype(bool)] if len(pred.series) else pred.series
+    why = dict(zip(read["study"], read["reason"], strict=True)) if len(read) else {}
     for st in pred.studies.to_dict("records"):
         g = pred.slices[pred.slices["study_uid"] == st["study_uid"]]
         studies.append({
             "study_uid": st["study_uid"], "series_uid": st["series_uid"], "n_slices": int(st["n_slices"]),
+            "series_reason": why.get(st["study_uid"], ""),
             "max_any": st["max_any"], "positive": st["positive"],
             "findings": [{"label": c, "max_prob": st[f"max_{c}"], "slices": st[f"slices_{c}"]}
-                         for c in labels[1:] if st[f"max_{c}"] >= threshold],
+                         for c in labels[1:] if st[f"max_{c}"] >= thr[c]],
             "max": {c: st[f"max_{c}"] for c in labels},
             "slices": [{"sop_uid": r["sop_uid"], "slice_index": int(r["slice_index"]), "slice": int(r["slice_index"]) + 1, "z": r["z"],
                         "p2d": {c: r[f"p2d_{c}"] for c in labels}, "p": {c: r[f"p_{c}"] for c in labels}}
                        for r in g.to_dict("records")],
         })
-    doc = {"threshold": threshold, "labels": labels, "studies": studies,
+    doc = {"threshold": thr, "labels": labels, "studies": studies,
            "problems": pred.problems.to_dict("records"), "cams": pred.cams,
            "seconds": {k: round(float(v), 3) for k, v in pred.seconds.items()}}
     if bundle is not None:
@@ -81,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cam", action="store_true", help="write Grad-CAM overlay PNGs for positive slices")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to run the models (default: cuda when available)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="probability for a finding (default 0.5)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="probability for a finding, every label (default: the bundle's operating point per "
+                             "label, chosen at export on the out-of-fold studies; 0.5 for older bundles)")
     dicom = parser.add_argument_group("DICOM outputs and PACS (docs/pacs.md)")
     dicom.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
                        help="write a DICOM SR per study (and, with --cam, a Grad-CAM Secondary Capture series) here")
@@ -120,9 +130,12 @@ def cli(args: argparse.Namespace) -> int:
             raise ValueError("give a folder of DICOM files, or --dicomweb URL --study UID")
         if not args.dir.exists():
             raise FileNotFoundError(f"{args.dir}: no such file or folder")
-    if not 0.0 <= args.threshold <= 1.0:  # also refuses nan
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # also refuses nan
         raise ValueError(f"--threshold {args.threshold}: expected a probability between 0 and 1")
     bundle = Bundle.load(args.bundle)
+    given = args.threshold is not None
+    thr = label_thresholds(args.threshold, bundle)
+    args.threshold = thr  # per label from here on (the DICOM outputs use the "any" threshold)
     if dicomweb:  # study by study from the PACS, resumable (ichdlib.serve.dicomweb_run)
         result = run_dicomweb(args, bundle)
         pred, writer = result.pred, result.writer
@@ -131,20 +144,25 @@ def cli(args: argparse.Namespace) -> int:
         writer = None
         if dicom_out is not None:
             # with --cam the writer also writes the PNGs, so that each Grad-CAM is computed once
-            writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam,
+            writer = DicomWriter(dicom_out, bundle, thr["any"], cam=args.cam,
                                  png_dir=args.out / "cam" if args.cam else None, pmap=getattr(args, "pmap", False))
         cam_dir = args.out / "cam" if args.cam and writer is None else None
-        pred = predict_dir(args.dir, bundle, device=args.device, threshold=args.threshold, cam_dir=cam_dir,
+        pred = predict_dir(args.dir, bundle, device=args.device, threshold=thr, cam_dir=cam_dir,
                            progress=True, on_study=writer)
     if writer is not None and args.cam and not dicomweb:
         pred.cams = writer.pngs
-    paths = write_outputs(pred, args.out, bundle, args.threshold)
+    paths = write_outputs(pred, args.out, bundle, thr)
     n_pos = int(pred.studies["positive"].sum()) if len(pred.studies) else 0
     print(f"{len(pred.studies)} stud{'y' if len(pred.studies) == 1 else 'ies'} predicted "
           f"({len(pred.slices)} slices, {n_pos} with a finding) in {pred.seconds['total']:.1f} s; "
           f"{len(pred.problems)} problem(s) listed in {paths['problems']}")
+    source = "--threshold" if given else "the bundle's operating point"
+    print(f"thresholds ({source}): " + ", ".join(f"{c} {t:.3g}" for c, t in thr.items()))
+    read = pred.series[pred.series["read"].astype(bool)].set_index("study") if len(pred.series) else None
     for st in pred.studies.head(20).itertuples():
         print(f"  {st.study_uid}: max any {st.max_any:.3f}" + (f"; {st.findings}" if st.findings else ""))
+        if read is not None and st.study_uid in read.index:
+            print(f"    series {st.series_uid}: {read.loc[st.study_uid, 'reason']}")
     if len(pred.studies) > 20:
         print(f"  ... {len(pred.studies) - 20} more in {paths['studies']}")
     for p in pred.problems.head(10).itertuples():
