@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.cnn.data import DeviceAugment
     from ichdlib.config import AugmentCfg, BackboneCfg, Params
 
-__all__ = ["ModelSpec", "SpecError"]
+__all__ = ["ModelSpec", "SpecError", "VolumeSpec"]
 
 #: How the model normalises its input: windowed channels in [0, 1], then (x - 0.456) / 0.224 inside the model.
 NORMALISATION = {"input": "windowed channels in [0, 1]", "mean": 0.456, "std": 0.224, "where": "in the model"}
@@ -139,3 +139,85 @@ class ModelSpec:
         """The preprocessing arguments of :func:`ichdlib.review.cam.compute_cams` for this model."""
         return {"recipe": self.recipe, "crop": self.val_center_crop, "size": self.size,
                 "single_window": self.single_window, "learnable": self.learnable_window}
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """What a 3D fold model (``cnn3d``) is and how it reads a study: a MONAI ResNet over ``(C, n, size, size)``
+    volumes, one channel per window of the recipe (on the slice itself: z is a real axis here, so the
+    recipe's slice offsets do not apply), z at slice resolution, one logit vector per slice."""
+
+    arch: str                                   # "resnet" (monai.networks.nets.ResNet, MedicalNet layout)
+    depth: int                                  # 10, 18 or 34
+    widen: float                                # channel width factor (1.0: MedicalNet's)
+    size: int                                   # in-plane side in pixels
+    slices: int                                 # K, consecutive slices per training crop
+    recipe: str
+    windows: tuple[tuple[float, float], ...]    # (center, width) of each input channel
+    val_center_crop: float
+    kind: str = "cnn3d"
+    in_chans: int = 3
+    num_classes: int = len(LABELS)
+    labels: tuple[str, ...] = LABELS
+    normalisation: dict[str, Any] = field(default_factory=lambda: dict(NORMALISATION))
+    #: How z is kept: stride 1 along z in conv1, the max-pool and every stage (in-plane strides only).
+    z: str = "slice resolution (z stride 1 everywhere, in-plane strides 2)"
+    key: str | None = None
+    library_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.kind != "cnn3d":
+            raise SpecError(f"3D model spec: kind {self.kind!r} is not 'cnn3d'")
+        if self.arch != "resnet" or int(self.depth) not in (10, 18, 34):
+            raise SpecError(f"3D model spec: {self.arch}{self.depth} is not resnet10/18/34")
+        if not 16 <= int(self.size) <= 2048:
+            raise SpecError(f"3D model spec: size {self.size} outside 16..2048 px")
+        if tuple(self.labels) != tuple(LABELS):
+            raise SpecError(f"3D model spec: label order {list(self.labels)} differs from {list(LABELS)}")
+        if len(self.windows) != self.in_chans:
+            raise SpecError(f"3D model spec: {len(self.windows)} windows for {self.in_chans} channels")
+
+    @classmethod
+    def from_params(cls, P: Params) -> VolumeSpec:
+        """The spec ``P.cnn3d`` trains."""
+        c = P.cnn3d
+        single = tuple(float(v) for v in P.windows.single_window)
+        wins = tuple(tuple(float(v) for v in w) for w in recipe_windows(P.windows.recipe, single))
+        return cls(arch=c.arch, depth=int(c.depth), widen=float(c.widen), size=int(c.size), slices=int(c.slices), recipe=P.windows.recipe,
+                   windows=wins, val_center_crop=float(P.cnn.augment.val_center_crop), in_chans=len(wins),
+                   key=c.key)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["windows"] = [list(w) for w in self.windows]
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VolumeSpec:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SpecError(f"3D model spec: unknown key(s) {', '.join(unknown)}")
+        try:
+            kw = dict(d)
+            kw["windows"] = tuple(tuple(float(v) for v in w) for w in kw["windows"])
+            kw["labels"] = tuple(kw.get("labels", LABELS))
+            for k in ("depth", "size", "slices"):
+                kw[k] = int(kw[k])
+            kw["val_center_crop"] = float(kw["val_center_crop"])
+            kw["widen"] = float(kw["widen"])
+            return cls(**kw)
+        except SpecError:
+            raise
+        except KeyError as exc:
+            raise SpecError(f"3D model spec: missing key {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"3D model spec: {exc}") from None
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> VolumeSpec:
+        """The one reader of a 3D checkpoint's ``meta["spec"]``."""
+        spec = meta.get("spec")
+        if not isinstance(spec, dict) or spec.get("kind") != "cnn3d":
+            raise SpecError("checkpoint meta holds no 3D model spec (kind 'cnn3d'); is this a 2D checkpoint?")
+        return cls.from_dict(spec)

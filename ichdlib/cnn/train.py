@@ -474,9 +474,10 @@ def _load_inputs(P: Params, cfg: BackboneCfg, catalog: pd.DataFrame | None,
     return catalog, cache
 
 
-def assemble_predictions(P: Params, cfg: BackboneCfg, cat: pd.DataFrame) -> dict[str, Any]:
-    """Write ``oof.parquet`` (when every fold is done) and ``test.parquet`` (mean over the done folds)."""
-    out = cnn_dir(P, cfg)
+def assemble_predictions(P: Params, cfg: BackboneCfg | None, cat: pd.DataFrame, out: Path | None = None) -> dict[str, Any]:
+    """Write ``oof.parquet`` (when every fold is done) and ``test.parquet`` (mean over the done folds) in
+    ``out`` (default the backbone's folder; the 3D stage passes its own)."""
+    out = out or cnn_dir(P, cfg)
     train_cat = cat[cat["split"] == "train"]
     all_folds = sorted(int(f) for f in train_cat["fold"].unique())
     done = [k for k in all_folds if _fold_finished(_Fold(out, k))]
