@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -50,9 +51,18 @@ class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the notebook, the cell and the error."""
 
 
+_NUMBERED = re.compile(r"^\d\d[a-z]?_")
+
+
+def stage_number(nb: Path | str) -> str:
+    """The stage number of ``NN_name.ipynb`` or ``NNx_name.ipynb`` (``02b_cnn3d_training`` -> ``02b``, run
+    after ``02`` and before ``03``)."""
+    return Path(nb).name.split("_", 1)[0]
+
+
 def list_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
-    """The numbered notebooks ``NN_name.ipynb`` in order."""
-    nbs = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    """The numbered notebooks ``NN_name.ipynb`` (and ``NNx_name.ipynb``) in order."""
+    nbs = sorted(p for p in folder.glob("[0-9][0-9]*_*.ipynb") if _NUMBERED.match(p.name))
     if not nbs:
         raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {folder}")
     return nbs
@@ -60,15 +70,15 @@ def list_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
 
 def select(nbs: list[Path], only: list[str] | None = None, start: str | None = None) -> list[Path]:
     """Filter by ``--only 02,03`` and ``--from 03`` (stage numbers)."""
-    stages = [p.name[:2] for p in nbs]
+    stages = [stage_number(p) for p in nbs]
     for s in (only or []) + ([start] if start else []):
         if s not in stages:
             raise ValueError(f"unknown stage {s!r}; available: {', '.join(stages)}")
     out = nbs
     if start:
-        out = [p for p in out if p.name[:2] >= start]
+        out = [p for p in out if stage_number(p) >= start]
     if only:
-        out = [p for p in out if p.name[:2] in set(only)]
+        out = [p for p in out if stage_number(p) in set(only)]
     return out
 
 
@@ -194,13 +204,16 @@ def plan(params_path: str | Path, *, only: list[str] | None = None, start: str |
     """
     P = load_params(Path(params_path).resolve(), dict(overrides or {}))
     all_nbs = list_notebooks(notebooks)
-    known = [p.name[:2] for p in all_nbs]
+    known = [stage_number(p) for p in all_nbs]
     chosen = select(all_nbs, only, start)
     store = stages.StampStore(P)
     out: list[stages.Decision] = []
     pending: set[str] = set()
     for nb in chosen:
-        st = stages.stage_for(nb.name[:2], known)
+        st = stages.stage_for(stage_number(nb), known)
+        if not stages.stage_enabled(P, st):
+            out.append(stages.Decision(st, run=False, force=False, reasons=[f"off ({st.enabled_by} is false)"]))
+            continue
         d = stages.decide(store, st, nb, known, force=force, report_exists=(P.reports_dir / nb.name).is_file())
         waiting = sorted(set(st.upstream) & pending)
         if waiting and not d.run:
@@ -222,15 +235,19 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     overrides = dict(overrides or {})
     P = load_params(params_path, overrides)
     all_nbs = list_notebooks(notebooks)
-    known = [p.name[:2] for p in all_nbs]
+    known = [stage_number(p) for p in all_nbs]
     chosen = select(all_nbs, only, start)
     store = stages.StampStore(P)
     timings = last_timings(P)  # the skip lines say how long each skipped notebook took when it last ran
     results: list[StageResult] = []
     print(f"ichd run: {P.run}: {len(chosen)} notebook(s) -> {P.reports_dir}", flush=True)
     for i, nb in enumerate(chosen, 1):
-        stage = stages.stage_for(nb.name[:2], known)
+        stage = stages.stage_for(stage_number(nb), known)
         head = f"[{i}/{len(chosen)}] {nb.stem}"
+        if not stages.stage_enabled(P, stage):
+            print(f"{head}: off ({stage.enabled_by} is false) 0 s", flush=True)
+            results.append(StageResult(stage.number, nb.name, "off", 0.0, f"{stage.enabled_by} is false"))
+            continue
         d = stages.decide(store, stage, nb, known, force=force,
                           report_exists=(P.reports_dir / nb.name).is_file())
         if not d.run:
@@ -275,8 +292,8 @@ def dry_run(params_path: str | Path, **kwargs: Any) -> str:
     lines = []
     for d in plan(params_path, **kwargs):
         verb = ("run (recompute)" if d.force else "run") if d.run else "skip"
-        lines.append(f"{d.stage.number} {d.stage.name:<9} {verb:<15} "
-                     f"{'; '.join(d.reasons) if d.run else 'up to date'}")
+        lines.append(f"{d.stage.number:<3} {d.stage.name:<9} {verb:<15} "
+                     f"{'; '.join(d.reasons) if d.run or d.reasons else 'up to date'}")
     return "\n".join(lines)
 
 
@@ -345,7 +362,7 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
     if figs:
         lines += ["", "## Key figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in key or figs]
         lines += ["", f"All {len(figs)} figures are in [figures/](figures/)."]
-    nbs = sorted(rep.glob("[0-9][0-9]_*.ipynb"))
+    nbs = sorted(p for p in rep.glob("[0-9][0-9]*_*.ipynb") if _NUMBERED.match(p.name))
     if nbs:
         lines += ["", "## Executed notebooks", ""]
         for nb in nbs:

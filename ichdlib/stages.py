@@ -40,7 +40,7 @@ from ichdlib.config import Params
 from ichdlib.files import nested_get, read_json, write_json
 from ichdlib.phantom import PHANTOM_VERSION
 
-__all__ = ["Stage", "STAGES", "stage_for", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
+__all__ = ["Stage", "STAGES", "stage_for", "stage_enabled", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
            "params_digest", "decide"]
 
 #: Files at the top of the data folder larger than this are fingerprinted by size, not content.
@@ -65,6 +65,9 @@ class Stage:
     #: Recompute (``force``) when upstream outputs or data changed. Ingest does not need it: its own
     #: fingerprint rebuilds what the new inputs change, and keeps an expensive cache that they do not.
     force_on_change: bool = True
+    #: A params switch (dotted path, e.g. ``cnn3d.enabled``) that turns an optional stage on; when it is false
+    #: ``ichd run`` skips the stage without starting its notebook.
+    enabled_by: str | None = None
 
 
 STAGES: dict[str, Stage] = {s.number: s for s in (
@@ -76,10 +79,17 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
           outputs=("features/*/meta.json", "features/*/*_prob.parquet", "features/*/test_prob_folds.npy")),
     Stage("04", "seq", ("seed", "cnn.backbones", "seq"), ("01", "03"),
           outputs=("seq/*/oof.parquet", "seq/*/test.parquet", "seq/*/fold*.pt")),
-    Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble"), ("01", "03", "04"), reads_data=True,
-          outputs=("reports:submission.csv",)),
-    Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True),
+    Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble", "cnn3d"), ("01", "02b", "03", "04"),
+          reads_data=True, outputs=("reports:submission.csv",)),
+    Stage("06", "review", ("seed", "cnn.backbones", "cam", "cnn3d"), ("01", "02", "02b", "05"), reads_data=True),
+    Stage("02b", "cnn3d", ("seed", "windows", "cnn.augment", "cnn.class_weights", "cnn.grad_clip", "cnn3d"), ("01",),
+          outputs=("cnn3d/*/fold*.pt", "cnn3d/*/oof.parquet", "cnn3d/*/test.parquet"), enabled_by="cnn3d.enabled"),
 )}
+
+
+def stage_enabled(P: Params, stage: Stage) -> bool:
+    """Whether an optional stage is switched on in ``P`` (always True for the others)."""
+    return stage.enabled_by is None or bool(nested_get(P.model_dump(mode="json"), *stage.enabled_by.split(".")))
 
 
 def stage_for(number: str, known: Iterable[str] = ()) -> Stage:

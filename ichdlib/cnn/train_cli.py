@@ -5,6 +5,7 @@ the notebooks, alone or under ``torchrun`` (see ``docs/distributed.md``).
   tables are assembled once every fold is in, by whichever job finishes last.
 - ``features``: pooled features + TTA probabilities, rows sharded across ranks, written by rank 0.
 - ``seq``: the sequence models; their folds fan out across ranks.
+- ``cnn3d``: the 3D CNN member (:mod:`ichdlib.cnn3d.train_cli`, which ``ichd train`` runs).
 
 Missing inputs are made first (phantom when ``synth.enabled``, ingest, cache) by rank 0 while the others
 wait. Notebooks 02-04 then load what this wrote (their summaries say where the models came from).
@@ -25,9 +26,9 @@ STAGES = ("cnn", "features", "seq")
 ORIGIN = "ichd train"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, stages: tuple[str, ...] = STAGES) -> None:
     parser.add_argument("params", help="params YAML (e.g. params/rsna_gpu.yaml)")
-    parser.add_argument("--stage", choices=STAGES, default="cnn", help="which stage to run (default: cnn)")
+    parser.add_argument("--stage", choices=stages, default="cnn", help="which stage to run (default: cnn)")
     parser.add_argument("--backbone", action="append", metavar="NAME",
                         help="only this backbone (name or key such as densenet121_256; repeatable)")
     parser.add_argument("--folds", metavar="K[,K...]", help="only these folds, e.g. 0,2 (cnn stage)")
@@ -58,8 +59,9 @@ def select_backbones(P: Any, names: list[str] | None) -> list[Any]:
     return chosen
 
 
-def prepare_inputs(P: Any, backbones: list[Any]) -> None:
-    """Phantom (if ``synth.enabled``), catalog and caches for ``backbones``: made by rank 0, others wait."""
+def prepare_inputs(P: Any, backbones: list[Any], sizes: tuple[int, ...] = ()) -> None:
+    """Phantom (if ``synth.enabled``), catalog and caches for ``backbones`` (and ``sizes``): made by rank 0,
+    others wait."""
     from ichdlib.cnn import distributed as D
 
     if D.is_main():
@@ -71,7 +73,7 @@ def prepare_inputs(P: Any, backbones: list[Any]) -> None:
 
                 ensure_phantom(P)
             ingest(P)
-            for size in sorted({b.size for b in backbones}):
+            for size in sorted({b.size for b in backbones} | set(sizes)):
                 ensure_cache(P, size)
     D.barrier()
 

@@ -120,18 +120,12 @@ def load_medicalnet(model: Net3d, path: str | Path) -> dict[str, Any]:
 
 
 def read_checkpoint3d(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state_dict, meta)`` of a 3D fold checkpoint (``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable 3D checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ck, dict) or "state_dict" not in ck or "meta" not in ck:
-        raise ValueError(f"{path}: not a 3D fold checkpoint (expected keys state_dict and meta)")
-    VolumeSpec.from_meta(ck["meta"])
-    return ck["state_dict"], ck["meta"]
+    """``(state_dict, meta)`` of a 3D fold checkpoint (the 2D reader, then the 3D spec checked)."""
+    from ichdlib.cnn.models import read_checkpoint
+
+    state, meta = read_checkpoint(path)
+    VolumeSpec.from_meta(meta)
+    return state, meta
 
 
 def build_from_meta3d(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> Net3d:
@@ -145,3 +139,24 @@ def build_from_meta3d(meta: dict[str, Any], state: dict[str, torch.Tensor] | Non
 def cam_target_layer3d(model: Net3d) -> nn.Module:
     """The 3D CAM layer: the last stage (``trunk.layer4``), whose map keeps z at slice resolution."""
     return model.trunk.layer4
+
+
+def shape_trace(model: Net3d, slices: int, size: int, in_chans: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(stage, output shape)]`` of a forward pass over one ``slices``-slice study at ``size`` px: shows z
+    kept at slice resolution through every stage (notebook 02b's table)."""
+    t = model.trunk
+    x = torch.zeros(1, in_chans or model.in_chans, slices, size, size)
+    out = []
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        x = t.act(t.bn1(t.conv1(x)))
+        out.append(("conv1", tuple(x.shape)))
+        x = t.maxpool(x)
+        out.append(("maxpool", tuple(x.shape)))
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(t, name)(x)
+            out.append((name, tuple(x.shape)))
+        out.append(("head (pool in plane, per slice)", tuple(model.head(x.mean(dim=(3, 4)).transpose(1, 2)).shape)))
+    model.train(was)
+    return out

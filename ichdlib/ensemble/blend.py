@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.config import Params
+from ichdlib.ensemble.optional import offer_member, offered_members
 from ichdlib.files import json_ready, write_text
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS, LabelFileError, long_to_wide, read_labels, split_id, write_long_csv
@@ -30,7 +31,7 @@ L = list(LABELS)
 # ----------------------------------------------------------------------------------------------------
 def stage_names(P: Params) -> list[str]:
     """Every stage this run produces: ``cnn:<key>`` per backbone, then the sequence models."""
-    return [f"cnn:{b.key}" for b in P.cnn.backbones] + list(P.seq.models)
+    return [f"cnn:{b.key}" for b in P.cnn.backbones] + list(P.seq.models) + (["cnn3d"] if P.cnn3d.enabled else [])
 
 
 def stage_dir(P: Params, name: str) -> Path:
@@ -39,7 +40,9 @@ def stage_dir(P: Params, name: str) -> Path:
         return P.work_dir / "cnn" / name[4:]
     if name in ("seq1", "seq2"):
         return P.work_dir / "seq" / name
-    raise ValueError(f"unknown stage {name!r}: expected 'cnn:<key>', 'seq1' or 'seq2'")
+    if name == "cnn3d":
+        return P.work_dir / "cnn3d" / P.cnn3d.key
+    raise ValueError(f"unknown stage {name!r}: expected 'cnn:<key>', 'seq1', 'seq2' or 'cnn3d'")
 
 
 @dataclass
@@ -70,7 +73,8 @@ def load_stage(P: Params, name: str, catalog: pd.DataFrame | None = None) -> Sta
     paths = stage_files(P, name)
     for path in paths:
         if not path.is_file():
-            nb = "02 (2D CNN)" if name.startswith("cnn:") else "04 (sequence models)"
+            nb = ("02 (2D CNN)" if name.startswith("cnn:") else "02b (3D CNN)" if name == "cnn3d"
+                  else "04 (sequence models)")
             raise FileNotFoundError(f"{path}: missing; run notebook {nb} first")
         df = pd.read_parquet(path)
         missing = [c for c in ["sop_uid", *L] if c not in df.columns]
@@ -353,6 +357,9 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     members = resolve_members(P)
     stages = {n: load_stage(P, n, cat) for n in dict.fromkeys(stage_names(P) + members)}
     bl = blend([stages[m] for m in members], P.ensemble.method, y_oof)
+    offers = {}
+    for name in offered_members(P):  # e.g. the 3D member: kept only when it lowers the blend's OOF loss
+        bl, members, offers[name] = offer_member(stages, members, name, P.ensemble.method, y_oof, blend, bl)
     sub_path, filled = write_submission(P, bl.test, prior)
     out: dict[str, dict] = {}
     for name, st in [*stages.items(), ("ensemble", Stage("ensemble", bl.oof, bl.test))]:
@@ -371,7 +378,7 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
                   "rows": 6 * len(sample_ids), "filled_with_prior": filled, "method": P.ensemble.method,
                   "members": members, "weights": bl.weights, "fold_weights": bl.fold_weights, "note": bl.note,
                   "scored_against": None if y_test is None else P.paths.answer_key,
-                  "sources": {n: st.source for n, st in stages.items()}}
+                  "sources": {n: st.source for n, st in stages.items()}, "offered": offers}
     metrics = update_metrics(P, {"stages": out, "prior": prior_scores, "submission": submission})
     return EnsembleReport(stage_table(metrics), metrics, sub_path, filled, bl, stages, y_oof, y_test)
 

@@ -57,9 +57,10 @@ from pydantic import (
 
 from ichdlib.config import Params, dump_params, load_params
 from ichdlib.ensemble.blend import resolve_members, stage_files
+from ichdlib.ensemble.optional import blended_members
 from ichdlib.files import json_ready
 from ichdlib.labels import LABELS
-from ichdlib.spec import ModelSpec
+from ichdlib.spec import ModelSpec, VolumeSpec
 from ichdlib.windows import WINDOWS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,6 +155,19 @@ class BackboneEntry(_MemberEntry):
         return self
 
 
+class VolumeEntry(_MemberEntry):
+    """The 3D CNN member (``cnn3d``) with its typed spec (:class:`ichdlib.spec.VolumeSpec`)."""
+
+    size: Size
+    spec: dict[str, Any]
+
+    @field_validator("spec")
+    @classmethod
+    def _spec_reads(cls, v: dict[str, Any]) -> dict[str, Any]:
+        VolumeSpec.from_dict(v)
+        return v
+
+
 class SeqModelEntry(_MemberEntry):
     """One sequence model of the bundle."""
 
@@ -175,7 +189,7 @@ class EnsembleSpec(_Schema):
     method: Literal["mean", "fit"]
     members: Annotated[list[str], Field(min_length=1)]
     weights: dict[str, Annotated[float, AfterValidator(_weight)]]
-    sources: dict[str, Literal["seq", "features", "cnn"]] = Field(default_factory=dict)
+    sources: dict[str, Literal["seq", "features", "cnn", "cnn3d"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _weights_match(self) -> EnsembleSpec:
@@ -207,6 +221,8 @@ class Manifest(_Schema):
     tta: Annotated[int, Field(strict=True, ge=1, le=64)]
     backbones: Annotated[list[BackboneEntry], Field(min_length=1)]
     seq: SeqSection
+    #: The 3D CNN member, when the run trained one (older bundles: none).
+    cnn3d: list[VolumeEntry] = Field(default_factory=list, max_length=1)
     ensemble: EnsembleSpec
     params: dict[str, Any]
     versions: dict[str, str]
@@ -225,10 +241,10 @@ class Manifest(_Schema):
         if unknown or (seq_keys and not self.seq.backbones):
             raise ValueError(f"seq.backbones {self.seq.backbones} must name backbones of the bundle {keys}")
         for m in self.ensemble.members:
-            if not ((m.startswith("cnn:") and m[4:] in keys) or m in seq_keys):
+            if not ((m.startswith("cnn:") and m[4:] in keys) or m in seq_keys or (m == "cnn3d" and self.cnn3d)):
                 raise ValueError(f"ensemble member {m!r} names no model of the bundle (backbones {keys}, "
                                  f"sequence models {seq_keys})")
-        listed = [f for e in [*self.backbones, *self.seq.models] for f in e.files.values()]
+        listed = [f for e in [*self.backbones, *self.seq.models, *self.cnn3d] for f in e.files.values()]
         missing = sorted(set(listed) - set(self.files))
         if missing:
             raise ValueError(f"weights file(s) {missing} have no checksum in 'files'")
@@ -358,6 +374,12 @@ def _build_cnn(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str
     return model.to(device).eval()
 
 
+def _build_cnn3d(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
+    from ichdlib.cnn3d.models import build_from_meta3d
+
+    return build_from_meta3d(meta, state).to(device).eval()
+
+
 def _build_seq(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
     from ichdlib.seq.models import build_seq_model
 
@@ -375,7 +397,7 @@ def _build_seq(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str
 class Member:
     """One trained stage: a 2D backbone or a sequence model, with one model per fold."""
 
-    kind: str  # "cnn" | "seq"
+    kind: str  # "cnn" | "seq" | "cnn3d"
     key: str  # backbone key (``BackboneCfg.key``) or sequence model name
     folds: list[int]
     metas: list[dict[str, Any]]
@@ -384,7 +406,7 @@ class Member:
 
     def build(self, device: str) -> list[torch.nn.Module]:
         """The fold models in eval mode on ``device`` (built once, moved when the device changes)."""
-        build = _build_cnn if self.kind == "cnn" else _build_seq
+        build = {"cnn": _build_cnn, "cnn3d": _build_cnn3d}.get(self.kind, _build_seq)
         if not self.models:
             self.models = [build(m, s, device) for m, s in zip(self.metas, self.states, strict=True)]
         else:
@@ -400,6 +422,8 @@ class Bundle:
     cnn: dict[str, Member]
     seq: dict[str, Member]
     source: str = ""
+    #: The 3D CNN member (at most one, key ``cnn3d``), when the run has one.
+    cnn3d: dict[str, Member] = field(default_factory=dict)
 
     # -- views on the manifest --------------------------------------------------------------------
     @property
@@ -450,15 +474,19 @@ class Bundle:
                 raise BundleError(f"backbone {key!r} is not among cnn.backbones ({', '.join(by_key)})")
             cnn[key] = _collect(work / "cnn" / key, "cnn", key, P.cnn.folds, "run notebook 02 (2D CNN) first")
         seq: dict[str, Member] = {}
-        seq_models = [m for m in members if not m.startswith("cnn:")]
+        seq_models = [m for m in members if not m.startswith("cnn:") and m != "cnn3d"]
         for name in seq_models:
             seq[name] = _collect(work / "seq" / name, "seq", name, "all", "run notebook 04 (sequence models) first")
             used = seq[name].metas[0].get("backbones")
             if used is not None and list(used) != seq_keys:
                 raise BundleError(f"{work / 'seq' / name}: trained on backbones {used}, but the params name "
                                   f"{seq_keys}; rerun notebook 04")
-        manifest = _manifest(P, cnn, seq, seq_keys)
-        return cls(manifest, cnn, seq, source=str(work))
+        cnn3d = {}
+        if P.cnn3d.enabled:  # in the bundle whenever trained; the blend weights say whether it counts
+            cnn3d["cnn3d"] = _collect(work / "cnn3d" / P.cnn3d.key, "cnn3d", "cnn3d", P.cnn3d.folds,
+                                      "run notebook 02b (3D CNN) first")
+        manifest = _manifest(P, cnn, seq, seq_keys, cnn3d=cnn3d)
+        return cls(manifest, cnn, seq, source=str(work), cnn3d=cnn3d)
 
     @classmethod
     def untrained(cls, P: Params, folds: int | None = None) -> Bundle:
@@ -492,11 +520,20 @@ class Bundle:
             states = [build_seq_model(name, meta["in_dim"], meta["n_cnn"], meta["x_channels"], **arch).state_dict()
                       for _ in range(n_folds)]
             seq[name] = Member("seq", name, list(range(n_folds)), [dict(meta, fold=k) for k in range(n_folds)], states)
-        members = list(P.seq.models) or [f"cnn:{k}" for k in cnn]
+        cnn3d = {}
+        if P.cnn3d.enabled:
+            from ichdlib.cnn3d.models import build_net3d
+
+            spec3 = VolumeSpec.from_params(P)
+            states = [build_net3d(spec3).state_dict() for _ in range(n_folds)]
+            metas = [{"spec": spec3.to_dict(), "key": spec3.key, "fold": k, "untrained": True} for k in range(n_folds)]
+            cnn3d["cnn3d"] = Member("cnn3d", "cnn3d", list(range(n_folds)), metas, states)
+        members = (list(P.seq.models) or [f"cnn:{k}" for k in cnn]) + list(cnn3d)
         ensemble = {"method": "mean", "members": members, "weights": {m: 1.0 / len(members) for m in members},
-                    "sources": {m: "features" if m.startswith("cnn:") else "seq" for m in members}}
-        manifest = _manifest(P, cnn, seq, keys, ensemble)
-        return cls(manifest, cnn, seq, source="untrained")
+                    "sources": {m: "features" if m.startswith("cnn:") else "cnn3d" if m == "cnn3d" else "seq"
+                                for m in members}}
+        manifest = _manifest(P, cnn, seq, keys, ensemble, cnn3d)
+        return cls(manifest, cnn, seq, source="untrained", cnn3d=cnn3d)
 
     # -- saving and loading -------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, force: bool = False) -> Path:
@@ -514,8 +551,9 @@ class Bundle:
             # NaN in a checkpoint's metrics becomes null: bundle.json is strict JSON
             manifest = json_ready(json.loads(json.dumps(self.manifest)))
             files: dict[str, str] = {}
-            for kind, members in (("cnn", self.cnn), ("seq", self.seq)):
-                entries = manifest["backbones"] if kind == "cnn" else manifest["seq"]["models"]
+            for kind, members in (("cnn", self.cnn), ("seq", self.seq), ("cnn3d", self.cnn3d)):
+                entries = {"cnn": manifest["backbones"], "seq": manifest["seq"]["models"],
+                           "cnn3d": manifest.get("cnn3d", [])}[kind]
                 for entry in entries:
                     member = members[entry["key"]]
                     entry["files"] = {}
@@ -564,7 +602,7 @@ class Bundle:
         base = path.resolve()
 
         def read(entry: dict[str, Any], kind: str, metas: list[dict]) -> Member:
-            what = "backbone" if kind == "cnn" else "sequence model"
+            what = {"cnn": "backbone", "cnn3d": "3D CNN"}.get(kind, "sequence model")
             folds = [int(k) for k in entry["folds"]]
             states = []
             for fold in folds:
@@ -584,7 +622,8 @@ class Bundle:
 
         cnn = {b["key"]: read(b, "cnn", b["metas"]) for b in manifest["backbones"]}
         seq = {m["key"]: read(m, "seq", m["metas"]) for m in manifest["seq"]["models"]}
-        return cls(manifest, cnn, seq, source=str(path))
+        cnn3d = {m["key"]: read(m, "cnn3d", m["metas"]) for m in manifest.get("cnn3d", [])}
+        return cls(manifest, cnn, seq, source=str(path), cnn3d=cnn3d)
 
 
 def _no_constant(name: str) -> Any:
@@ -616,7 +655,7 @@ def _collect(folder: Path, kind: str, key: str, folds: Any, advice: str) -> Memb
 
 
 def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_keys: list[str],
-              ensemble: dict[str, Any] | None = None) -> dict[str, Any]:
+              ensemble: dict[str, Any] | None = None, cnn3d: dict[str, Member] | None = None) -> dict[str, Any]:
 
     backbones = []
     for key, m in cnn.items():
@@ -643,6 +682,8 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
         "backbones": backbones,
         "seq": {"backbones": seq_keys,
                 "models": [{"key": k, "folds": m.folds, "metas": m.metas} for k, m in seq.items()]},
+        "cnn3d": [{"key": k, "size": VolumeSpec.from_meta(m.metas[0]).size, "spec": m.metas[0]["spec"],
+                   "folds": m.folds, "metas": m.metas} for k, m in (cnn3d or {}).items()],
         "ensemble": ensemble or ensemble_spec(P),
         "params": json.loads(json.dumps(P.model_dump(mode="json"))),
         "versions": library_versions(),
@@ -653,11 +694,11 @@ def ensemble_spec(P: Params) -> dict[str, Any]:
     """Blend method, members and weights: equal for ``mean``; for ``fit`` the weights notebook 05 fitted
     (``reports/<run>/metrics.json``, ``submission.weights``)."""
 
-    members = resolve_members(P)
+    members = blended_members(P, resolve_members(P))  # the 3D member when notebook 05 took it
     # which table notebook 05 blended for each 2D member: notebook 03's TTA probabilities ("features") or
     # notebook 02's validation-view probabilities ("cnn")
-    sources = {m: ("seq" if not m.startswith("cnn:") else stage_files(P, m)[1].parent.parent.name)
-               for m in members}
+    sources = {m: ("cnn3d" if m == "cnn3d" else "seq" if not m.startswith("cnn:")
+                   else stage_files(P, m)[1].parent.parent.name) for m in members}
     if P.ensemble.method == "mean":
         weights = {m: 1.0 / len(members) for m in members}
     else:

@@ -30,7 +30,7 @@ from ichdlib.serve.discover import (
     problems_frame,
     safe_name,
 )
-from ichdlib.spec import ModelSpec
+from ichdlib.spec import ModelSpec, VolumeSpec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,6 +76,29 @@ class Predictor:
             self.aug[key] = [eval_augment(self.P, meta) for meta in member.metas]
         self.seq = {name: member.build(self.device) for name, member in bundle.seq.items()}
         self.views = feature_views(self.P)
+        self.cnn3d, self.aug3d = self._volume_models(bundle)
+
+    def _volume_models(self, bundle: Any) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        """The 3D member's fold models and their evaluation views (none for bundles without one)."""
+        from ichdlib.cnn3d.data import VolumeAugment
+
+        members = getattr(bundle, "cnn3d", {}) or {}
+        models = {name: m.build(self.device) for name, m in members.items()}
+        augs = {name: [VolumeAugment.from_spec(VolumeSpec.from_meta(meta), self.P.cnn.augment).to(self.device)
+                       for meta in m.metas] for name, m in members.items()}
+        return models, augs
+
+    def cnn3d_outputs(self, loaded: LoadedStudy) -> dict[str, np.ndarray]:
+        """Per-slice probabilities ``(n, 6)`` of the 3D member (mean over its fold models) on the whole study,
+        as notebook 02b predicts test studies (:func:`ichdlib.cnn3d.infer.predict_volume`)."""
+        from ichdlib.cnn3d.infer import predict_volume
+
+        out = {}
+        for name, models in self.cnn3d.items():
+            vol = study_cache(loaded, self.aug3d[name][0].size)[0]
+            out[name] = np.mean([predict_volume(m, a, vol, self.device, self.amp)
+                                 for m, a in zip(models, self.aug3d[name], strict=True)], axis=0)
+        return out
 
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
@@ -123,6 +146,7 @@ class Predictor:
                 z=capped_z(sl["z"].to_numpy(np.float64)), feats=[outs[k].feat for k in keys], probs=probs)
             for name, models in self.seq.items():
                 stage[name] = predict_studies(models, inputs, device=self.device, batch=self.P.seq.batch)
+        stage.update(self.cnn3d_outputs(loaded))
         final = apply_weights(stage, self.bundle.ensemble["weights"])  # notebook 05's blend of the test rows
         p2d = np.mean([o.tta_prob for o in outs.values()], axis=0)
         frame = pd.DataFrame({
