@@ -31,6 +31,24 @@ class SpecError(ValueError):
     """A checkpoint or bundle entry whose model spec is missing a key or holds a bad value."""
 
 
+def _from_dict(cls: Any, d: dict[str, Any], what: str, convert: Any) -> Any:
+    """``cls(**d)`` after ``convert(kw)`` fixes the types; unknown or missing keys and bad values raise a
+    :class:`SpecError` naming them (the one reading path of both specs)."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise SpecError(f"{what}: unknown key(s) {', '.join(unknown)}")
+    try:
+        kw = dict(d)
+        convert(kw)
+        return cls(**kw)
+    except SpecError:
+        raise
+    except KeyError as exc:
+        raise SpecError(f"{what}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{what}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a 2D fold model is and how it reads a slice."""
@@ -86,25 +104,15 @@ class ModelSpec:
     # -- reading -----------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise SpecError(f"model spec: unknown key(s) {', '.join(unknown)}")
-        try:
-            kw = dict(d)
+        def convert(kw: dict[str, Any]) -> None:
             kw["windows"] = tuple(tuple(float(v) for v in w) for w in kw["windows"])
             kw["single_window"] = tuple(float(v) for v in kw["single_window"])
             kw["labels"] = tuple(kw.get("labels", LABELS))
             kw["size"] = int(kw["size"])
             kw["learnable_window"] = bool(kw["learnable_window"])
             kw["val_center_crop"] = float(kw["val_center_crop"])
-            return cls(**kw)
-        except SpecError:
-            raise
-        except KeyError as exc:
-            raise SpecError(f"model spec: missing key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"model spec: {exc}") from None
+
+        return _from_dict(cls, d, "model spec", convert)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
@@ -195,24 +203,15 @@ class VolumeSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VolumeSpec:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise SpecError(f"3D model spec: unknown key(s) {', '.join(unknown)}")
-        try:
-            kw = dict(d)
+        def convert(kw: dict[str, Any]) -> None:
             kw["windows"] = tuple(tuple(float(v) for v in w) for w in kw["windows"])
             kw["labels"] = tuple(kw.get("labels", LABELS))
             for k in ("depth", "size", "slices"):
                 kw[k] = int(kw[k])
             kw["val_center_crop"] = float(kw["val_center_crop"])
             kw["widen"] = float(kw["widen"])
-            return cls(**kw)
-        except SpecError:
-            raise
-        except KeyError as exc:
-            raise SpecError(f"3D model spec: missing key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"3D model spec: {exc}") from None
+
+        return _from_dict(cls, d, "3D model spec", convert)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> VolumeSpec:

@@ -144,7 +144,7 @@ def test_medicalnet_file_loads_and_a_mismatched_one_fails_in_one_line(tmp_path):
         load_medicalnet(Net3d(10, widen=0.5), good)
     junk = tmp_path / "junk.pth"
     junk.write_text("not weights")
-    with pytest.raises(WeightsLayoutError, match="junk.pth: not a readable torch weights file"):
+    with pytest.raises(WeightsLayoutError, match="junk.pth: cannot read weights"):
         load_medicalnet(model, junk)
     with pytest.raises(WeightsLayoutError, match="never downloaded"):
         load_medicalnet(model, tmp_path / "missing.pth")

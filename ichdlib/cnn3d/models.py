@@ -86,17 +86,15 @@ def load_medicalnet(model: Net3d, path: str | Path) -> dict[str, Any]:
     dict, ``module.`` prefixes allowed; never downloaded). MedicalNet's conv1 reads one channel: its kernel is
     spread over the window channels (divided by their number). Raises :class:`WeightsLayoutError` (one line)
     when the file is not a MedicalNet ResNet of this depth. Returns ``{"loaded", "adapted"}``."""
+    from ichdlib.cnn.models import WeightsError, read_state_dict
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsLayoutError(f"{path}: cnn3d.pretrained weights file not found (it is never downloaded)")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsLayoutError(f"{path}: not a readable torch weights file ({type(exc).__name__})") from None
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsLayoutError(f"{path}: holds no state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = read_state_dict(path)  # the 2D reader: wrappers ("state_dict") and "module." prefixes removed
+    except WeightsError as exc:
+        raise WeightsLayoutError(str(exc).splitlines()[0].split(";")[0]) from None
     own = model.trunk.state_dict()
     wanted = {k for k in own if not k.startswith("fc.")}
     missing = sorted(wanted - set(state))

@@ -33,32 +33,32 @@ from ichdlib.cnn import distributed as D
 from ichdlib.cnn.data import make_loader
 from ichdlib.cnn.infer import probs_frame
 from ichdlib.cnn.train import (
-    _config_diff,
     _Fold,
-    _fold_finished,
     _provenance,
-    _read_last,
     _val_metrics,
-    assemble_predictions,
+    complete_summary,
     data_digest,
     ddp_wrap,
-    describe_provenance,
+    finish_fold,
     fold_numbers,
+    fold_result,
+    fold_split,
     lr_at,
+    open_fold,
+    optimizer_step,
+    restore,
+    save_epoch,
     weighted_bce,
 )
 from ichdlib.cnn3d.data import CropDataset, CropSampler, Studies, VolumeAugment, flip_z
 from ichdlib.cnn3d.infer import predict_studies_sharded
 from ichdlib.cnn3d.models import Net3d, build_net3d, load_medicalnet
 from ichdlib.config import Params
-from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.native import open_slices
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
-from ichdlib.locks import output_lock
-from ichdlib.metrics import per_class_auc, prior_baseline, weighted_log_loss
 from ichdlib.progress import TrainingProgress
-from ichdlib.runtime import amp_mode, derive_seed, save_torch, torch_threads
+from ichdlib.runtime import amp_mode, derive_seed, torch_threads
 from ichdlib.runtime import autocast as _autocast
 from ichdlib.spec import VolumeSpec
 
@@ -106,27 +106,11 @@ def train_fold3d(P: Params, fold: int, cat: pd.DataFrame, cache: Any, force: boo
     out = cnn3d_dir(P)
     out.mkdir(parents=True, exist_ok=True)
     files = _Fold(out, fold)
-    train_cat = cat[cat["split"] == "train"]
-    tr, va = train_cat[train_cat["fold"] != fold], train_cat[train_cat["fold"] == fold]
-    te = cat[cat["split"] == "test"]
-    if len(va) == 0 or len(tr) == 0:
-        raise ValueError(f"cnn3d fold {fold}: {len(tr)} training and {len(va)} validation slices")
+    tr, va, te = fold_split(cat, fold)
     config = run_config3d(P, int(cache.shape[-1]), tr)
-    if force:
-        if D.is_main():
-            for f in files.all():
-                f.unlink(missing_ok=True)
-        D.barrier()
-    state = _read_last(files.last)
-    if state is not None:
-        diff = _config_diff(state["meta"].get("config", {}), config)
-        if diff:
-            raise ValueError(f"{files.last} was trained with other settings ({'; '.join(diff)}). Pass force=True "
-                             "(notebook: overrides={'force': ['02b']}) to retrain.")
-        if _fold_finished(files):
-            m = state["meta"]
-            return {"fold": fold, "status": "skipped", "best_epoch": m["best_epoch"], "best_wll": m["best_wll"],
-                    "epochs_run": m["epoch"] + 1, "provenance": m.get("provenance")}
+    state, skipped = open_fold(files, config, fold, force, stage="02b")
+    if skipped:
+        return skipped
 
     device = P.torch_device()
     cuda = torch.device(device).type == "cuda"
@@ -161,13 +145,7 @@ def train_fold3d(P: Params, fold: int, cat: pd.DataFrame, cache: Any, force: boo
     meta: dict[str, Any] = {"spec": spec.to_dict(), "key": c.key, "fold": fold, "epochs": c.epochs, "config": config,
                             "epoch": -1, "best_epoch": -1, "best_wll": None, "metrics": {}, "history": [],
                             "finished": False, "provenance": _provenance(origin, device)}
-    status = "trained"
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        meta.update({k: state["meta"][k] for k in ("epoch", "best_epoch", "best_wll", "metrics", "history")})
-        status = "resumed"
+    status = restore(state, opt, scaler, meta)
     start = int(meta["epoch"]) + 1
     if progress is None:
         progress = TrainingProgress(c.key) if main else TrainingProgress(c.key, live=False, stream=io.StringIO())
@@ -197,13 +175,7 @@ def train_fold3d(P: Params, fold: int, cat: pd.DataFrame, cache: Any, force: boo
                 logits = runner(inp)
             loss = weighted_bce(logits[mask], y[mask], weights)
             share = len(x) * world / c.batch if world > 1 else 1.0
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss * share if share != 1.0 else loss).backward()
-            if P.cnn.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), P.cnn.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(loss, share, opt, scaler, model, P.cnn.grad_clip)
             loss_sum += loss.detach() * (share / world)
             n_sl += int(mask.sum())
             if step == 0 and not torch.isfinite(loss):
@@ -230,17 +202,8 @@ def train_fold3d(P: Params, fold: int, cat: pd.DataFrame, cache: Any, force: boo
         best = meta["best_wll"] is None or row["val_wll"] < meta["best_wll"]
         if best:
             meta["best_epoch"], meta["best_wll"] = epoch, float(row["val_wll"])
-        if main:
-            if best:
-                save_torch({"state_dict": model.state_dict(), "meta": dict(meta, history=[])}, files.best)
-                save_parquet(probs_frame(np.concatenate(s_va.sop), p_va), files.val)
-            history = pd.DataFrame(meta["history"], columns=LOG_COLUMNS)
-            atomic_write(files.log, lambda t, h=history: h.to_csv(t, index=False))
-            last = {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta}
-            if scaler.is_enabled():
-                last["scaler"] = scaler.state_dict()
-            save_torch(last, files.last)
-        D.barrier()
+        save_epoch(files, model, opt, scaler, meta, best,
+                   probs_frame(np.concatenate(s_va.sop), p_va) if best else None, LOG_COLUMNS)
         if main:
             progress.epoch(epoch, train_loss, row["val_wll"], row["slices_per_s"], row["seconds"])
 
@@ -250,15 +213,8 @@ def train_fold3d(P: Params, fold: int, cat: pd.DataFrame, cache: Any, force: boo
         np.zeros((0, len(LABELS)), np.float32)
     if len(te):  # catalog order of the test slices (the 2D stage's test.parquet order)
         p_te = pd.DataFrame(p_te, index=np.concatenate(s_te.sop)).loc[te["sop_uid"].to_numpy(str)].to_numpy()
-    meta["finished"] = True
-    if main:
-        save_parquet(probs_frame(te["sop_uid"], p_te), files.test)
-        last = torch.load(files.last, map_location="cpu", weights_only=True)
-        last["meta"] = meta
-        save_torch(last, files.last)
-    D.barrier()
-    return {"fold": fold, "status": status, "best_epoch": meta["best_epoch"], "best_wll": meta["best_wll"],
-            "epochs_run": meta["epoch"] + 1, "provenance": meta["provenance"]}
+    finish_fold(files, meta, probs_frame(te["sop_uid"], p_te))
+    return fold_result(fold, status, meta)
 
 
 def train_cnn3d(P: Params, folds: Iterable[int] | str | None = None, force: bool = False, *,
@@ -282,22 +238,7 @@ def train_cnn3d(P: Params, folds: Iterable[int] | str | None = None, force: bool
         for k in fold_numbers(P, cat, want):
             with D.main_lock(out / f"fold{k}", what=f"train cnn3d {key} fold {k}"):
                 summary["folds"][k] = train_fold3d(P, k, cat, cache, force=force, origin=origin, progress=progress)
-    assembled = None
-    if D.is_main():
-        with output_lock(out / "oof.parquet", what=f"assemble cnn3d {key}", wait=600):
-            assembled = assemble_predictions(P, None, cat, out=out)
-    summary.update(D.broadcast_object(assembled))
-    summary["provenance"] = "; ".join(
-        f"fold {k}: {f['status']}, {describe_provenance(f.get('provenance'))}" for k, f in summary["folds"].items())
-    if summary.get("oof"):
-        oof = pd.read_parquet(summary["oof"])
-        y = cat.loc[cat["split"] == "train", list(LABELS)].to_numpy(dtype=np.float64)
-        p = oof[list(LABELS)].to_numpy()
-        summary["oof_wll"] = weighted_log_loss(y, p)
-        summary["prior_wll"] = weighted_log_loss(y, prior_baseline(y, len(y)))
-        summary["oof_auc"] = per_class_auc(y, p)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    return summary
+    return complete_summary(P, cat, out, summary, t0)
 
 
 def read_logs3d(P: Params) -> pd.DataFrame:
