@@ -36,10 +36,10 @@ py="${PYTHON:-python3}"
   "$py" benchmarks/train_throughput.py --model densenet169 --json "$out/train_throughput_densenet169.json"
   "$py" benchmarks/train_throughput.py --model seresnext101_32x4d --batch 80 \
     --json "$out/train_throughput_seresnext101.json"
-  echo "== 3D CNN member (rsna_gpu.yaml cnn3d: resnet18, 256 px, 16-slice crops, batch 32, bf16): slices/s, memory"
+  echo "== 3D CNN member (rsna_gpu.yaml cnn3d: resnet18, 256 px, 16-slice crops, batch 64, bf16): slices/s, memory"
   "$py" benchmarks/cnn3d_throughput.py --device cuda --json "$out/cnn3d_throughput.json" || echo "cnn3d_throughput failed"
-  "$py" benchmarks/cnn3d_throughput.py --device cuda --batch 64 --json "$out/cnn3d_throughput_b64.json" \
-    || echo "cnn3d_throughput (batch 64) failed"
+  "$py" benchmarks/cnn3d_throughput.py --device cuda --batch 128 --json "$out/cnn3d_throughput_b128.json" \
+    || echo "cnn3d_throughput (batch 128) failed"
   echo "== ichd train --stage cnn3d under torchrun on the smoke phantom (NCCL, bf16)"
   "$py" -m torch.distributed.run --standalone --nproc_per_node "$ngpu" -m ichdlib train params/smoke.yaml --stage cnn3d \
     --set device=cuda --set cnn.amp=true --set cnn3d.enabled=true --set "root=${TMPDIR:-/tmp}/ichd_ddp_smoke_cnn3d" \

@@ -68,6 +68,8 @@ PARAMS_M = {"densenet121_256": 7.98, "densenet169_256": 14.15, "seresnext101_32x
 FOLDS = 5
 STAGES = ["labels_catalog_folds", "feature_assembly", "level2_inputs", "seq_epoch_host", "ensemble_submission",
           "notebook_summaries", "cnn3d_epoch_host"]
+#: Stages that read what ``prepare_downstream`` writes.
+DOWNSTREAM = {"feature_assembly", "level2_inputs", "seq_epoch_host", "ensemble_submission", "notebook_summaries"}
 #: In-plane side of the benchmark's HU cache for the 3D stage (bytes read scale by (256 / 32)^2 at 256 px).
 CACHE3D = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -458,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--repeat", type=int, default=3, help="runs per stage and fraction, each in a fresh "
                     "process, fractions interleaved (the fastest is kept)")
+    ap.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages (the catalog is still built)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
@@ -484,8 +487,14 @@ def main(argv: list[str] | None = None) -> dict:
         for f, d in dirs.items():
             d.mkdir()
             runs[f] = {"sizes": _child(["--stage", "prepare", "--dir", str(d), "--fraction", str(f)])}
-        for name in STAGES:
-            if name == "feature_assembly":
+        chosen = [n for n in STAGES if not args.only or n in args.only]
+        if chosen[0] != "labels_catalog_folds":  # the later stages read the catalog it writes (not timed then)
+            for d in dirs.values():
+                _child(["--stage", "labels_catalog_folds", "--dir", str(d), "--repeat", "1"])
+        downstream = False
+        for name in chosen:
+            if name in DOWNSTREAM and not downstream:  # fold parts, features, predictions (not timed)
+                downstream = True
                 for d in dirs.values():
                     _child(["--stage", "prepare_downstream", "--dir", str(d)])
             # fractions interleaved, one process each time: a shared machine's slow spells hit both sizes
@@ -502,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs[f]["files_bytes"] = _table_bytes(d)
         disk = disk_budget(Path(tmp), runs)
     stages = {}
-    for name in STAGES:
+    for name in chosen:
         secs = [runs[f][name]["seconds"] for f in fractions]
         rss = [runs[f][name]["peak_rss_gb"] for f in fractions]
         stages[name] = {"fractions": fractions, "seconds": [round(s, 3) for s in secs],

@@ -226,6 +226,7 @@ def test_blend_takes_the_member_when_it_helps_and_says_so():
         bl, members, d = offer_member(stages, ["seq1"], "cnn3d", method, y, blend)
         assert d["taken"] and members == ["seq1", "cnn3d"] and d["oof_wll_with"] < d["oof_wll_without"]
         assert d["note"].startswith("cnn3d taken: the blend scores") and "cnn3d" in bl.weights
+        assert d["difference"]["hi"] < 0 and "95% CI" in d["note"] and "resampling slices" in d["note"]
         stages["cnn3d"] = stage("cnn3d", 0.05, sign=-1.0)  # confidently wrong: left out
         bl, members, d = offer_member(stages, ["seq1"], "cnn3d", method, y, blend)
         assert not d["taken"] and members == ["seq1"] and list(bl.weights) == ["seq1"]
@@ -374,3 +375,23 @@ def test_torchrun_two_ranks_gloo_matches_one_process(ingested, tmp_path):
         assert meta["finished"] and meta["provenance"]["world_size"] == 2
         a = ref["folds"][k]["best_wll"]
         assert abs(meta["best_wll"] - a) <= 0.05 * a, (k, a, meta["best_wll"])
+
+
+@pytest.mark.slow
+def test_notebook_02b_runs_headless_when_enabled(smoke_run, tmp_path):
+    """``ichd run --only 02b`` with ``cnn3d.enabled`` on a copy of the smoke run: one line per epoch, figures."""
+    import json
+    import re
+
+    from ichdlib.run import run_pipeline
+
+    shutil.copytree(smoke_run.P.root / "work", tmp_path / "work")
+    over = {"root": str(tmp_path), "cnn3d": {"enabled": True}}
+    (res,) = run_pipeline(REPO / "params/smoke.yaml", overrides=over, only=["02b"], html=False)
+    assert res.status == "ran" and res.stage == "02b"
+    nb = json.loads((tmp_path / "reports/smoke/02b_cnn3d_training.ipynb").read_text())
+    outs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+    text = "".join("".join(o.get("text", "")) for o in outs if o["output_type"] == "stream")
+    assert re.search(r"3D resnet10w0.125_48 fold 1 epoch 1/1 +train loss \d\.\d{4} +val wLL \d\.\d{4}", text), text
+    assert sum("image/png" in o.get("data", {}) for o in outs) >= 2
+    assert (tmp_path / "work/smoke/cnn3d/resnet10w0.125_48/oof.parquet").is_file()

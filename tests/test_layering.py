@@ -106,7 +106,8 @@ def test_inference_never_imports_training_code():
     """``ichd predict`` and bundles reach the models, the inference paths and the runtime helpers, never the
     training loops (lazy imports included)."""
     graph = import_graph()
-    training = {"ichdlib.cnn.train", "ichdlib.cnn.train_cli", "ichdlib.seq.train", "ichdlib.phantom.synth"}
+    training = {"ichdlib.cnn.train", "ichdlib.cnn.train_cli", "ichdlib.seq.train", "ichdlib.phantom.synth",
+                "ichdlib.cnn3d.train", "ichdlib.cnn3d.train_cli"}
     for module in (m for m in graph if m.startswith("ichdlib.serve.")):
         assert not (_reach(graph, module) & training), f"{module} reaches {sorted(_reach(graph, module) & training)}"
 

@@ -359,7 +359,8 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     bl = blend([stages[m] for m in members], P.ensemble.method, y_oof)
     offers = {}
     for name in offered_members(P):  # e.g. the 3D member: kept only when it lowers the blend's OOF loss
-        bl, members, offers[name] = offer_member(stages, members, name, P.ensemble.method, y_oof, blend, bl)
+        bl, members, offers[name] = offer_member(stages, members, name, P.ensemble.method, y_oof, blend, bl,
+                                                 groups=cat.set_index("sop_uid")["patient_id"])
     sub_path, filled = write_submission(P, bl.test, prior)
     out: dict[str, dict] = {}
     for name, st in [*stages.items(), ("ensemble", Stage("ensemble", bl.oof, bl.test))]:

@@ -30,19 +30,30 @@ def _oof_wll(b: Any, y_oof: pd.DataFrame) -> float:
 
 
 def offer_member(stages: dict[str, Any], members: list[str], name: str, method: str, y_oof: pd.DataFrame,
-                 blend_fn: Any, without: Any = None) -> tuple[Any, list[str], dict[str, Any]]:
+                 blend_fn: Any, without: Any = None, groups: pd.Series | None = None,
+                 n_boot: int = 200) -> tuple[Any, list[str], dict[str, Any]]:
     """Blend ``members`` with and without ``name`` (``blend_fn(stages, method, y_oof)``, i.e.
     :func:`ichdlib.ensemble.blend.blend`); return the better blend, its members and the decision (``taken``,
-    both OOF scores, ``weight``, ``note``: one sentence)."""
+    both OOF scores, ``weight``, the paired difference with its bootstrap interval over ``groups`` (patients,
+    by ``sop_uid``; :func:`ichdlib.stats.paired_wll`), ``note``: one sentence)."""
+    from ichdlib.stats import paired_wll
+
     without = without or blend_fn([stages[m] for m in members], method, y_oof)
     with_it = blend_fn([stages[m] for m in [*members, name]], method, y_oof)
     a, b = _oof_wll(without, y_oof), _oof_wll(with_it, y_oof)
     weight = float(with_it.weights.get(name, 0.0))
     taken = b < a and weight > 0
     verdict = "taken" if taken else "left out"
+    ids = without.oof.index
+    diff = paired_wll(y_oof.loc[ids, list(LABELS)].to_numpy(float), with_it.oof.loc[ids, list(LABELS)].to_numpy(float),
+                      without.oof.loc[ids, list(LABELS)].to_numpy(float),
+                      groups=None if groups is None else groups.reindex(ids).to_numpy(), n_boot=n_boot)
+    unit = "slices" if groups is None else "patients"
+    ci = "" if diff["lo"] is None else f", 95% CI {diff['lo']:+.4f} to {diff['hi']:+.4f} resampling {unit}"
     note = (f"{name} {verdict}: the blend scores {b:.4f} OOF with it (weight {weight:.2f}) and {a:.4f} without "
-            f"({'cross-fitted' if method == 'fit' else 'plain mean'})")
-    decision = {"taken": taken, "oof_wll_with": b, "oof_wll_without": a, "weight": weight, "note": note}
+            f"({'cross-fitted' if method == 'fit' else 'plain mean'}; difference {b - a:+.4f}{ci})")
+    decision = {"taken": taken, "oof_wll_with": b, "oof_wll_without": a, "weight": weight,
+                "difference": {k: diff[k] for k in ("delta", "lo", "hi", "p_value")}, "note": note}
     return (with_it, [*members, name], decision) if taken else (without, list(members), decision)
 
 
