@@ -33,7 +33,7 @@ from ichdlib.procs import kernel_manager_class as group_kernel_manager
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 #: Figure name prefixes listed in summary.md (everything else stays one click away in figures/).
-KEY_FIGURES = ("01_composite", "02_curves", "04_learning", "05_", "cam_any", "cam_viewer")
+KEY_FIGURES = ("01_composite", "02_curves", "02b_curves", "04_learning", "05_", "cam_any", "cam_viewer")
 
 
 @dataclass
@@ -346,6 +346,8 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
             lines += ["", f"`cnn:` rows score the test-time-augmented (TTA) probabilities of notebook 03 "
                           f"(`features.tta` = {P.features.tta} views); notebook 02 reports the single-view OOF loss "
                           f"of the same models, which differs slightly."]
+        offered = (m.get("submission") or {}).get("offered") or {}
+        lines += [""] + [f"Blend: {d['note']}." for d in offered.values() if d.get("note")] if offered else []
         pg = m.get("pointing_game") or {}
         if pg.get("per_class"):
             std = pg.get("standard_tolerance") or {}
