@@ -18,8 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ichdlib.ingest.catalog", "scan an RSNA-layout folder: catalog, folds, quarantine, HU cache"),
     "score": ("ichdlib.metrics", "score a Kaggle long-format prediction CSV against a truth CSV"),
     "run": ("ichdlib.run", "run notebooks 01-06 headless with papermill from one params file"),
-    "train": ("ichdlib.cnn3d.train_cli", "run one stage (cnn, features, seq, cnn3d) alone or under torchrun (DDP, fold jobs)"),
-    "export": ("ichdlib.serve.bundle", "write a self-contained model bundle from a finished run"),
+    "train": ("ichdlib.app.train_cli", "run one stage (cnn, features, seq, cnn3d) alone or under torchrun (DDP, fold jobs)"),
+    "export": ("ichdlib.serve.bundle_cli", "write a self-contained model bundle from a finished run"),
     "predict": ("ichdlib.serve.predict", "predict on a folder of DICOM studies with a model bundle"),
     "compare": ("ichdlib.review.compare", "compare two or more runs: stage scores, per-class losses, times, params"),
 }
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in {"-V", "--version"}:
-        from ichdlib import __version__
+        from ichdlib import __version__  # noqa: PLC0415  (the version only for --version)
 
         print(f"ichd {__version__}")
         return 0

@@ -19,12 +19,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from ichdlib.devices import resolve_device
+from ichdlib.layout import RunLayout
+from ichdlib.registry import CAM_METHODS, SEQ_MODELS
+from ichdlib.windows import RECIPES
 
 
 class ParamsError(ValueError):
@@ -107,10 +111,16 @@ class IngestCfg(_Strict):
 class WindowsCfg(_Strict):
     """How HU becomes the network's three channels."""
 
-    recipe: Literal["seed_3window", "adjacent_header", "three_window"] = "seed_3window"
+    #: A registered window recipe (:data:`ichdlib.windows.RECIPES`).
+    recipe: str = "seed_3window"
     #: Window (center, width) for ``adjacent_header``.
     single_window: tuple[float, float] = (40.0, 80.0)
     learnable: bool = False
+
+    @field_validator("recipe")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return RECIPES.check(v)
 
 
 class AugmentCfg(_Strict):
@@ -228,7 +238,8 @@ class FeaturesCfg(_Strict):
 class SeqCfg(_Strict):
     """Sequence models 1 and 2 (notebook 04)."""
 
-    models: list[Literal["seq1", "seq2"]] = Field(default_factory=lambda: ["seq1", "seq2"])
+    #: Registered sequence models (:data:`ichdlib.registry.SEQ_MODELS`).
+    models: list[str] = Field(default_factory=lambda: ["seq1", "seq2"])
     epochs: int = Field(40, ge=1)
     batch: int = Field(64, ge=1)
     crop: int = Field(24, ge=2)
@@ -265,6 +276,11 @@ class SeqCfg(_Strict):
     #: Which epoch a fold keeps: ``last`` (honest OOF) or ``best`` val loss (the original; biases OOF low).
     select: Literal["last", "best"] = "last"
 
+    @field_validator("models")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        return [SEQ_MODELS.check(m) for m in v]
+
 
 class EnsembleCfg(_Strict):
     """Blending and submission (notebook 05)."""
@@ -280,7 +296,8 @@ class EnsembleCfg(_Strict):
 class CamCfg(_Strict):
     """Grad-CAM review (notebook 06)."""
 
-    method: Literal["gradcam", "gradcam++", "hirescam"] = "gradcam"
+    #: A registered CAM method (:data:`ichdlib.registry.CAM_METHODS`).
+    method: str = "gradcam"
     cases_per_group: int = Field(3, ge=1)
     #: (slice, class) maps per forward/backward pass.
     batch: int = Field(16, ge=1)
@@ -294,6 +311,11 @@ class CamCfg(_Strict):
     threshold: float = Field(0.5, gt=0, lt=1)
     #: Pointing game: a peak within this many pixels of the lesion counts as a hit (0 = strictly inside).
     tolerance_px: int = Field(0, ge=0)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return CAM_METHODS.check(v)
 
 
 class Cnn3dCfg(_Strict):
@@ -351,8 +373,6 @@ class Params(_Strict):
     ensemble: EnsembleCfg = Field(default_factory=EnsembleCfg)
     cam: CamCfg = Field(default_factory=CamCfg)
     cnn3d: Cnn3dCfg = Field(default_factory=Cnn3dCfg)
-    #: Set by ``ichdlib.nb.setup`` from ``overrides["force"]``: True, or a list of stage numbers to recompute.
-    _force: Any = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Params:
@@ -394,6 +414,11 @@ class Params(_Strict):
         return p
 
     @property
+    def layout(self) -> RunLayout:
+        """Every path of this run's work and reports folders (:class:`ichdlib.layout.RunLayout`)."""
+        return RunLayout.from_params(self)
+
+    @property
     def data_root(self) -> Path:
         return self._resolve(self.paths.data_root)
 
@@ -407,15 +432,12 @@ class Params(_Strict):
 
     @property
     def catalog_path(self) -> Path:
-        return self.work_dir / "catalog.parquet"
+        return self.layout.catalog
 
     def torch_device(self) -> str:
-        """``cuda`` when asked for or available under ``auto``, else ``cpu``."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        """``cuda`` when asked for or available under ``auto``, else ``cpu``; ``device: cuda`` without a GPU is
+        an error (:func:`ichdlib.devices.resolve_device`, the one device resolver)."""
+        return resolve_device(self.device)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -42,7 +42,7 @@ def per_class_log_loss(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 def per_class_auc(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
     """ROC AUC of each label (None where the truth holds one class only)."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # noqa: PLC0415  (scikit-learn/SciPy load only to fit)
 
     y, p = _check(y, p)
     out: dict[str, float | None] = {}

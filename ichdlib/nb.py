@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ichdlib.config import Params, dump_params, load_params
+from ichdlib.config import Params, ParamsError, dump_params, load_params
 from ichdlib.runtime import seed_everything
+from ichdlib.stages import forced as _forced
 
 
 def interactive() -> bool:
@@ -18,13 +19,13 @@ def interactive() -> bool:
     if os.environ.get("ICHD_HEADLESS") == "1" or os.environ.get("PAPERMILL_EXECUTION") == "1":
         return False
     try:
-        from IPython import get_ipython
+        from IPython import get_ipython  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
     except ImportError:  # pragma: no cover
         return False
     ip = get_ipython()
     if ip is None or "IPKernelApp" not in ip.config:
         return False
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     return "inline" in matplotlib.get_backend().lower() or "widget" in matplotlib.get_backend().lower()
 
@@ -32,44 +33,43 @@ def interactive() -> bool:
 def setup(params_path: str | Path | None, overrides: dict[str, Any] | None = None) -> Params:
     """Load and validate params, seed everything, prepare output folders and plotting.
 
-    ``overrides`` is a nested dict merged over the file, e.g. ``{"cnn": {"backbones": [...]}}``. A top-level
-    ``force`` key is accepted and exposed as ``params_force(P)``; it is not part of the schema.
+    ``overrides`` is a nested dict merged over the file, e.g. ``{"cnn": {"backbones": [...]}}``. Whether to
+    recompute is not an override but the notebook's own ``force`` parameter (papermill ``-p force true``),
+    passed to its stage's ``run(P, force)``.
     """
     overrides = dict(overrides or {})
-    force = overrides.pop("force", False)
+    if "force" in overrides:
+        raise ParamsError("overrides: 'force' is a notebook parameter of its own (force = True in the parameters "
+                          "cell, or papermill -p force true), not a params override")
     P = load_params(params_path, overrides)
-    P._force = force
     seed_everything(P.seed)
-    P.work_dir.mkdir(parents=True, exist_ok=True)
-    (P.reports_dir / "figures").mkdir(parents=True, exist_ok=True)
+    L = P.layout
+    L.work.mkdir(parents=True, exist_ok=True)
+    L.figures.mkdir(parents=True, exist_ok=True)
     # The validated params travel with the run, so `ichd export --run work/<run>` can find them.
     # ... and a copy next to the reports, so `ichd compare` can list the params that differ between runs.
     text = dump_params(P)
-    for folder in (P.work_dir, P.reports_dir):
-        tmp = folder / "params.yaml.tmp"
+    for path in L.params_copies():
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
-        tmp.replace(folder / "params.yaml")
+        tmp.replace(path)
     use_inline_backend()
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     plt.rcParams.update({"figure.dpi": 90, "savefig.dpi": 110, "figure.max_open_warning": 0})
     return P
 
 
-def forced(P: Params, stage: str) -> bool:
-    """Whether the notebook was asked to recompute ``stage`` (``force: true`` or ``force: ["02", ...]``)."""
-    f = P._force
-    if isinstance(f, bool):
-        return f
-    if isinstance(f, str):
-        return f in {stage, "all"}
-    return stage in set(map(str, f))
+def forced(force: bool | str | list[str] | None, stage: str) -> bool:
+    """Whether the notebook's ``force`` parameter (``True``, ``"all"``, a stage number or a list of them) asks
+    ``stage`` to recompute (:func:`ichdlib.stages.forced`; a stage's ``run(P, force)`` applies it itself)."""
+    return _forced(force, stage)
 
 
 def in_kernel() -> bool:
     """True inside a Jupyter kernel (JupyterLab, papermill, nbclient), whether or not a front end watches."""
     try:
-        from IPython import get_ipython
+        from IPython import get_ipython  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
     except ImportError:  # pragma: no cover
         return False
     ip = get_ipython()
@@ -82,12 +82,12 @@ def use_inline_backend() -> str:
     A kernel's inline (or ipympl ``widget``) backend is kept; a forced non-interactive backend such as
     ``MPLBACKEND=Agg`` inherited from the shell is replaced by ``inline``. Returns the backend in use.
     """
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     backend = matplotlib.get_backend().lower()
     if in_kernel():
         if not any(k in backend for k in ("inline", "widget", "ipympl")):
-            from IPython import get_ipython
+            from IPython import get_ipython  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
             get_ipython().run_line_magic("matplotlib", "inline")
     elif backend not in {"agg", "pdf", "svg", "cairo", "ps"}:
@@ -106,10 +106,10 @@ def show_figure(fig: Any) -> None:
     """Show ``fig`` once in the cell's output (a kernel only) and close it, so it is not drawn again."""
     if not in_kernel():
         return
-    from IPython.display import display
+    from IPython.display import display  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     display(fig)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     plt.close(fig)
 
@@ -119,7 +119,7 @@ def save_figure(fig: Any, P: Params, name: str, show: bool = True) -> Path:
 
     Returns the path (whose notebook repr is empty, so it does not clutter the report).
     """
-    out = P.reports_dir / "figures" / f"{name}.png"
+    out = P.layout.figure(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
     if show:

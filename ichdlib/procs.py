@@ -10,6 +10,9 @@
 - **Worker pools** (ingest, cache): :func:`exit_with_parent` (a pool initializer) ends a worker process as
   soon as the process that created the pool is gone, instead of leaving it alive for minutes.
 
+The kernels' environment (:func:`kernel_environment`), transport (:func:`quiet_kernel_config`, local IPC
+sockets) and log file (:func:`file_logged_kernel_manager`) are set here too.
+
 The watchdog is ``python -m ichdlib.procs watch PARENT_PID PGID``; it only ever signals the process group it
 was given, and only after its own parent (the runner) has died or the group has already ended.
 """
@@ -23,6 +26,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 #: Seconds between SIGTERM and SIGKILL for a kernel's process group.
@@ -78,7 +83,7 @@ def start_watchdog(pgid: int) -> subprocess.Popen:
 
 
 def _kernel_manager_class() -> type:
-    from jupyter_client import AsyncKernelManager
+    from jupyter_client import AsyncKernelManager  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
 
     class GroupKernelManager(AsyncKernelManager):
         """A kernel in its own process group, ended with the runner (see the module docstring)."""
@@ -138,10 +143,74 @@ def kernel_manager_class() -> type:
 
 def execute_notebook(*args: Any, **kwargs: Any) -> Any:
     """``papermill.execute_notebook`` with each kernel in its own process group, ended with the runner."""
-    import papermill as pm
+    import papermill as pm  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
 
     kwargs.setdefault("kernel_manager_class", kernel_manager_class())
     return pm.execute_notebook(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel's environment, transport and log (what `ichd run` starts kernels with)
+# --------------------------------------------------------------------------------------------------
+#: Environment of a headless notebook kernel: static figures instead of widgets, no progress bars
+#: (the training loops print one line per epoch), no library chatter.
+KERNEL_ENV = {"ICHD_HEADLESS": "1", "TQDM_DISABLE": "1"}
+
+
+@contextlib.contextmanager
+def kernel_environment(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """Set :data:`KERNEL_ENV` (the kernel inherits it at start) and restore the caller's environment after.
+
+    ``MPLBACKEND`` is removed: the notebooks pick the inline backend themselves, so figures land in the
+    executed notebook (``ichdlib.nb.setup``).
+    """
+    env = {**KERNEL_ENV, **(extra or {})}
+    saved = {k: os.environ.get(k) for k in [*env, "MPLBACKEND"]}
+    os.environ.update(env)
+    os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def quiet_kernel_config(ipc_dir: Path) -> Any:
+    """nbclient config: talk to the kernel over local IPC sockets in ``ipc_dir`` instead of TCP.
+
+    Nothing listens on a network port, and ipykernel has no reason to print its "running over TCP without
+    encryption" warning once per notebook.
+    """
+    from traitlets.config import Config  # noqa: PLC0415  (notebook machinery loads only to run notebooks)
+
+    cfg = Config()
+    cfg.KernelManager.transport = "ipc"
+    cfg.KernelManager.ip = str(ipc_dir / "k")
+    return cfg
+
+
+def file_logged_kernel_manager(log_path: Path) -> type:
+    """A kernel manager whose kernel writes its own stdout/stderr (start-up and shutdown chatter such as
+    "KeyboardInterrupt caught in kernel" or asyncio's "Task was destroyed") to ``log_path``, not the console.
+
+    Cell outputs are unaffected: they travel as messages into the executed notebook.
+    """
+
+    class FileLoggedKernelManager(kernel_manager_class()):
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "ab")  # noqa: SIM115 - the kernel process owns it; closed when we exit
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            try:
+                await super()._async_launch_kernel(kernel_cmd, **kw)
+            finally:
+                log.close()  # the child holds its own copy of the descriptor
+
+    return FileLoggedKernelManager
 
 
 # --------------------------------------------------------------------------------------------------

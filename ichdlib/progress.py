@@ -12,6 +12,7 @@ The training loops call :class:`TrainingProgress`; nothing here knows about mode
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -73,7 +74,7 @@ class TrainingProgress:
         self._fold, self._epochs, self._best = fold, epochs, best
         self.history.setdefault(fold, [])
         if self.live:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # noqa: PLC0415  (progress bars load only when shown)
 
             if self._epoch_bar is None:
                 self._epoch_bar = tqdm(total=epochs, initial=start, desc=f"{self.model} fold {fold}", unit="epoch")
@@ -89,7 +90,7 @@ class TrainingProgress:
         if not self.live:
             yield from iterable
             return
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # noqa: PLC0415  (progress bars load only when shown)
 
         if total is None:
             total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
@@ -145,7 +146,7 @@ class TrainingProgress:
 
     def figure(self) -> Any:
         """The training curve so far (train loss and val wLL by epoch, one colour per fold)."""
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
         fig = self._fig or Figure(figsize=(9, 2.8), dpi=90)
         fig.clear()
@@ -161,7 +162,7 @@ class TrainingProgress:
                 ax_va.plot(*zip(*val, strict=True), ".-", color=colour, label=f"fold {fold}")
         ax_tr.set(xlabel="epoch", ylabel="train loss", title=f"{self.model}: training loss")
         ax_va.set(xlabel="epoch", ylabel="weighted log loss", title="validation (competition metric)")
-        from matplotlib.ticker import MaxNLocator
+        from matplotlib.ticker import MaxNLocator  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
         for ax in (ax_tr, ax_va):
             ax.set_xlim(0.5, max(self._epochs, 1) + 0.5)
@@ -174,10 +175,9 @@ class TrainingProgress:
 
     def _draw(self) -> None:
         """Show the curve as PNG in one output that is updated in place (whatever matplotlib backend is active)."""
-        import io
 
-        from IPython.display import Image, display
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from IPython.display import Image, display  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
 
         fig = self.figure()
         buf = io.BytesIO()
@@ -193,6 +193,6 @@ def track(iterable: Iterable[T], desc: str | None = None, total: int | None = No
     """A tqdm.auto bar around ``iterable`` in a live front end; the bare iterable headless or without ``desc``."""
     if desc is None or not live():
         return iterable
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # noqa: PLC0415  (progress bars load only when shown)
 
     return tqdm(iterable, desc=desc, total=total, leave=False, **kw)

@@ -73,7 +73,7 @@ def shm_free_bytes(path: str = "/dev/shm") -> int | None:
 def ram_available_bytes() -> int | None:
     """Host RAM available to new allocations (``MemAvailable``), None when unknown."""
     try:
-        import psutil
+        import psutil  # noqa: PLC0415  (psutil loads only to size memory)
 
         return int(psutil.virtual_memory().available)
     except Exception:  # psutil missing or unsupported platform
@@ -127,7 +127,7 @@ def training_loaders(P: Params, cfg: BackboneCfg, cuda: bool, val_batch: int | N
 def check_training_memory(P: Params, cfg: BackboneCfg, cuda: bool | None = None) -> dict[str, Any]:
     """:func:`check_loader_memory` for one backbone's training (call before building the loaders)."""
     if cuda is None:
-        import torch
+        import torch  # noqa: PLC0415  (torch stays out of light modules)
 
         cuda = torch.device(P.torch_device()).type == "cuda"
     return check_loader_memory(training_loaders(P, cfg, bool(cuda)))

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ichdlib.devices import resolve_device
 from ichdlib.files import atomic_write
+from ichdlib.procs import exit_with_parent
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -32,24 +34,12 @@ __all__ = ["resolve_device", "seed_everything", "derive_seed", "torch_threads", 
 
 
 # -- devices, seeds, threads, precision ----------------------------------------------------------------
-def resolve_device(device: str | None = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; asking for ``cuda`` without one is an error."""
-    import torch
-
-    device = device or "auto"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (if installed)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     try:
-        import torch
+        import torch  # noqa: PLC0415  (torch stays out of light modules)
     except ImportError:  # pragma: no cover
         return
     torch.manual_seed(seed)
@@ -64,7 +54,7 @@ def derive_seed(*parts: int) -> int:
 @contextlib.contextmanager
 def torch_threads(n: int | None, device: str) -> Iterator[None]:
     """Run with ``n`` torch CPU threads on a CPU device (``None`` leaves torch's setting), then restore."""
-    import torch
+    import torch  # noqa: PLC0415  (torch stays out of light modules)
 
     if n is None or torch.device(device).type != "cpu":
         yield
@@ -84,7 +74,7 @@ def cpu_threads(P: Params) -> contextlib.AbstractContextManager[None]:
 
 def amp_enabled(P: Params, device: str) -> bool:
     """Autocast only on CUDA (on the CPU float32 is as fast and simpler)."""
-    import torch
+    import torch  # noqa: PLC0415  (torch stays out of light modules)
 
     return bool(P.cnn.amp) and torch.device(device).type == "cuda"
 
@@ -92,7 +82,7 @@ def amp_enabled(P: Params, device: str) -> bool:
 def amp_mode(P: Params, device: str) -> torch.dtype | bool:
     """The ``amp`` argument of the 2D loops: the autocast dtype (``cnn.amp_dtype``) where autocast is on,
     else False."""
-    import torch
+    import torch  # noqa: PLC0415  (torch stays out of light modules)
 
     if not amp_enabled(P, device):
         return False
@@ -101,7 +91,7 @@ def amp_mode(P: Params, device: str) -> torch.dtype | bool:
 
 def autocast(device: str, amp: torch.dtype | bool) -> Any:
     """``torch.autocast`` for ``amp`` (a dtype, True for bf16, False for off)."""
-    import torch
+    import torch  # noqa: PLC0415  (torch stays out of light modules)
 
     dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=bool(amp))
@@ -110,7 +100,7 @@ def autocast(device: str, amp: torch.dtype | bool) -> Any:
 def prepare_model(model: Any, P: Params, device: str) -> tuple[Any, Any]:
     """``(model, runner)``: the model on ``device`` (channels_last on CUDA) and what to call (compiled if
     asked for on CUDA)."""
-    import torch
+    import torch  # noqa: PLC0415  (torch stays out of light modules)
 
     model = model.to(device)
     cuda = torch.device(device).type == "cuda"
@@ -122,7 +112,7 @@ def prepare_model(model: Any, P: Params, device: str) -> tuple[Any, Any]:
 
 def save_torch(obj: Any, path: Path) -> Path:
     """``torch.save`` atomically (a crash never leaves half a checkpoint)."""
-    import torch
+    import torch  # noqa: PLC0415  (torch stays out of light modules)
 
     return atomic_write(path, lambda t: torch.save(obj, t))
 
@@ -141,11 +131,10 @@ def resolve_workers(workers: int) -> int:
 def _worker_init(parent: int | None = None) -> None:
     """One OpenCV thread per worker process: the pool already uses every core (no oversubscription).
     The worker ends as soon as ``parent`` (the process that made the pool) is gone, even after ``kill -9``."""
-    import cv2
+    import cv2  # noqa: PLC0415  (OpenCV loads only where images are resized)
 
     cv2.setNumThreads(1)
     if parent is not None:
-        from ichdlib.procs import exit_with_parent
 
         exit_with_parent(parent)
 

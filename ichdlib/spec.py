@@ -1,11 +1,13 @@
-"""The typed model spec that travels with every 2D checkpoint and bundle.
+"""The typed model specs that travel with every checkpoint and bundle: :class:`CnnSpec` (2D fold models)
+and :class:`SeqSpec` (sequence models).
 
-In the spirit of timm's ``pretrained_cfg``: everything needed to feed a trained fold model the way it was
-trained, in one frozen dataclass with one reader. Training writes it (``meta["spec"]``), and the CAM code,
-feature extraction, ``ichd predict`` and bundles read it through :meth:`ModelSpec.from_meta`, so they
-cannot disagree about a default (the learnable-window flag, the window of ``adjacent_header``, ...).
+In the spirit of timm's ``pretrained_cfg``: everything needed to build a trained fold model and feed it the
+way it was trained, in one frozen dataclass with one reader. Training writes it into the checkpoint's meta,
+:func:`ichdlib.checkpoints.load_checkpoint` attaches it to the loaded model (``model.spec``), and the CAM
+code, feature extraction, ``ichd predict`` and bundles read it from there (or through :func:`spec_from_meta`),
+so they cannot disagree about a default (the learnable-window flag, the window of ``adjacent_header``, ...).
 
-No torch import at module level: bundles and the runner read specs without loading a model.
+No torch import: bundles and the runner read specs without loading a model.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from ichdlib.labels import LABELS
 from ichdlib.windows import RECIPES, recipe_windows
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ichdlib.cnn.data import DeviceAugment
-    from ichdlib.config import AugmentCfg, BackboneCfg, Params
+    from ichdlib.config import BackboneCfg, Params
 
-__all__ = ["ModelSpec", "SpecError", "VolumeSpec"]
+__all__ = ["CnnSpec", "ModelSpec", "SeqSpec", "SpecError", "VolumeSpec", "spec_from_meta"]
 
 #: How the model normalises its input: windowed channels in [0, 1], then (x - 0.456) / 0.224 inside the model.
 NORMALISATION = {"input": "windowed channels in [0, 1]", "mean": 0.456, "std": 0.224, "where": "in the model"}
@@ -50,8 +51,11 @@ def _from_dict(cls: Any, d: dict[str, Any], what: str, convert: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class CnnSpec:
     """What a 2D fold model is and how it reads a slice."""
+
+    #: Which model builder reads this spec (:data:`ichdlib.checkpoints.BUILDERS`).
+    kind = "cnn"
 
     name: str                                   # timm architecture, e.g. densenet121
     size: int                                   # input side in pixels
@@ -82,7 +86,7 @@ class ModelSpec:
 
     # -- writing -----------------------------------------------------------------------------------------
     @classmethod
-    def from_params(cls, P: Params, cfg: BackboneCfg, feature_dim: int | None = None) -> ModelSpec:
+    def from_params(cls, P: Params, cfg: BackboneCfg, feature_dim: int | None = None) -> CnnSpec:
         """The spec a backbone of ``P`` is trained with."""
         single = tuple(float(v) for v in P.windows.single_window)
         return cls(name=cfg.name, size=int(cfg.size), recipe=P.windows.recipe,
@@ -98,12 +102,12 @@ class ModelSpec:
         d["labels"] = list(self.labels)
         return d
 
-    def with_feature_dim(self, feature_dim: int) -> ModelSpec:
-        return ModelSpec(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "feature_dim": int(feature_dim)})
+    def with_feature_dim(self, feature_dim: int) -> CnnSpec:
+        return CnnSpec(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "feature_dim": int(feature_dim)})
 
     # -- reading -----------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+    def from_dict(cls, d: dict[str, Any]) -> CnnSpec:
         def convert(kw: dict[str, Any]) -> None:
             kw["windows"] = tuple(tuple(float(v) for v in w) for w in kw["windows"])
             kw["single_window"] = tuple(float(v) for v in kw["single_window"])
@@ -115,7 +119,7 @@ class ModelSpec:
         return _from_dict(cls, d, "model spec", convert)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
+    def from_meta(cls, meta: dict[str, Any]) -> CnnSpec:
         """The one reader: ``meta["spec"]`` when present, else the flat keys of checkpoints written before the
         spec existed. Older checkpoints carried every field the spec needs except (sometimes) ``windows``,
         which follows from the recipe; a missing ``learnable_window`` means False (the default then)."""
@@ -136,13 +140,6 @@ class ModelSpec:
             raise SpecError(f"checkpoint meta has no model spec and no {exc.args[0]!r}") from None
 
     # -- using -------------------------------------------------------------------------------------------
-    def eval_augment(self, augment: AugmentCfg) -> DeviceAugment:
-        """The evaluation view (windows + validation centre crop) on the device."""
-        from ichdlib.cnn.data import DeviceAugment
-
-        cfg = augment.model_copy(update={"val_center_crop": self.val_center_crop})
-        return DeviceAugment(self.size, cfg, self.recipe, self.single_window, self.learnable_window)
-
     def cam_kwargs(self) -> dict[str, Any]:
         """The preprocessing arguments of :func:`ichdlib.review.cam.compute_cams` for this model."""
         return {"recipe": self.recipe, "crop": self.val_center_crop, "size": self.size,
@@ -220,3 +217,56 @@ class VolumeSpec:
         if not isinstance(spec, dict) or spec.get("kind") != "cnn3d":
             raise SpecError("checkpoint meta holds no 3D model spec (kind 'cnn3d'); is this a 2D checkpoint?")
         return cls.from_dict(spec)
+
+
+#: The name older code and checkpoints' readers use (kept: ``ModelSpec`` is ``CnnSpec``).
+ModelSpec = CnnSpec
+
+
+@dataclass(frozen=True)
+class SeqSpec:
+    """What a sequence model fold is: its registered name (``seq.models``), input widths and architecture."""
+
+    kind = "seq"
+
+    model: str                                  # registered sequence model (seq1, seq2, ...)
+    in_dim: int                                 # per-slice feature width (the widest backbone)
+    n_cnn: int                                  # backbones feeding it
+    x_channels: int                             # channels of the probability image (2 per backbone + 2)
+    arch: dict[str, Any] = field(default_factory=dict)  # builder keywords (widths, slice_input, residual)
+    backbones: tuple[str, ...] | None = None    # backbone keys in input order (None: not recorded)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> SeqSpec:
+        """The one reader of a sequence checkpoint's meta: widths under ``arch`` (checkpoints before ``arch``
+        kept ``reduce_dim``/``hidden``/``dropout`` flat; the rest then had the defaults)."""
+        try:
+            arch = meta.get("arch")
+            if arch is None:
+                arch = {k: meta[k] for k in ("reduce_dim", "hidden", "dropout") if k in meta}
+            backbones = meta.get("backbones")
+            return cls(model=str(meta["model"]), in_dim=int(meta["in_dim"]), n_cnn=int(meta["n_cnn"]),
+                       x_channels=int(meta["x_channels"]), arch=dict(arch),
+                       backbones=None if backbones is None else tuple(backbones))
+        except KeyError as exc:
+            raise SpecError(f"sequence checkpoint meta has no {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"sequence model spec: {exc}") from None
+
+    def to_meta(self) -> dict[str, Any]:
+        """The keys a sequence checkpoint's meta holds for this spec."""
+        out = {"model": self.model, "in_dim": self.in_dim, "n_cnn": self.n_cnn, "x_channels": self.x_channels,
+               "arch": dict(self.arch)}
+        if self.backbones is not None:
+            out["backbones"] = list(self.backbones)
+        return out
+
+
+def spec_from_meta(meta: dict[str, Any]) -> CnnSpec | SeqSpec | VolumeSpec:
+    """A checkpoint's spec, whichever kind: sequence checkpoints name their ``model``, 3D ones carry a spec of
+    kind ``cnn3d``, 2D ones neither."""
+    if "model" in meta and "spec" not in meta:
+        return SeqSpec.from_meta(meta)
+    if isinstance(meta.get("spec"), dict) and meta["spec"].get("kind") == "cnn3d":
+        return VolumeSpec.from_meta(meta)
+    return CnnSpec.from_meta(meta)

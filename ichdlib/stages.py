@@ -27,29 +27,64 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from ichdlib import __version__
 from ichdlib.config import Params
 from ichdlib.files import nested_get, read_json, write_json
+from ichdlib.layout import STAGE_OUTPUTS
 from ichdlib.phantom import PHANTOM_VERSION
+from ichdlib.registry import resolve
 
-__all__ = ["Stage", "STAGES", "stage_for", "stage_enabled", "Decision", "StampStore", "data_fingerprint", "outputs_digest",
-           "params_digest", "decide"]
+__all__ = ["Stage", "STAGES", "StageReport", "stage_for", "stage_named", "stage_enabled", "forced", "Decision",
+           "StampStore", "data_fingerprint", "outputs_digest", "params_digest", "decide"]
 
 #: Files at the top of the data folder larger than this are fingerprinted by size, not content.
 _CONTENT_LIMIT = 2 << 30
 
 
+@dataclass
+class StageReport:
+    """What one run of a stage did, typed the same for every stage: one summary row per unit of work (a
+    backbone, a sequence model, a split, ...), the seconds it took, and the stage function's own result
+    (the catalog, the training summaries, ``{model: SeqResult}``, the ``EnsembleReport``, ...) for the
+    notebook's plots. ``table()`` is what a notebook displays."""
+
+    stage: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    result: Any = None
+
+    def table(self) -> pd.DataFrame:
+        """One row per unit of work."""
+        return pd.DataFrame(self.rows)
+
+    def __repr__(self) -> str:
+        return f"StageReport({self.stage}: {len(self.rows)} row(s), {self.seconds:.1f} s)"
+
+
+def forced(force: bool | str | Iterable[str] | None, number: str) -> bool:
+    """Whether ``force`` (a notebook's papermill parameter: ``True``, ``"all"``, a stage number or a list of
+    them) asks stage ``number`` to recompute."""
+    if force is None or isinstance(force, bool):
+        return bool(force)
+    if isinstance(force, str):
+        return force in {number, "all"}
+    return number in set(map(str, force))
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One node of the pipeline DAG (a notebook)."""
+    """One node of the pipeline DAG (a notebook): what it reads, what it writes, and ``run(params, force)``,
+    the one entry that its notebook, ``ichd train`` and scripts call."""
 
     number: str
     name: str
@@ -68,28 +103,66 @@ class Stage:
     #: A params switch (dotted path, e.g. ``cnn3d.enabled``) that turns an optional stage on; when it is false
     #: ``ichd run`` skips the stage without starting its notebook.
     enabled_by: str | None = None
+    #: The stage's work, ``"module:function"`` with ``function(P, force=False, **options) -> StageReport``
+    #: (resolved on first use: the core never imports a stage's code).
+    entry: str = ""
+
+    def run(self, P: Params, force: bool | str | Iterable[str] | None = False, **options: Any) -> StageReport:
+        """Do this stage's work in this process: skip what is current unless ``force`` (a bool, or the
+        notebook's papermill ``force`` parameter: a stage number or a list of them) names this stage.
+        ``options`` go to the entry (``ichd train``'s backbones, folds, ...)."""
+        if not self.entry:
+            raise ValueError(f"stage {self.number} ({self.name}) has no entry to run")
+        t0 = time.perf_counter()
+        report = resolve(self.entry)(P, force=forced(force, self.number), **options)
+        if not report.seconds:
+            report.seconds = round(time.perf_counter() - t0, 1)
+        return report
 
 
 STAGES: dict[str, Stage] = {s.number: s for s in (
     Stage("01", "ingest", ("seed", "synth", "ingest"), reads_data=True,
-          outputs=("catalog.parquet", "quarantine.csv"), force_on_change=False),
-    Stage("02", "cnn", ("seed", "windows", "cnn"), ("01",),
-          outputs=("cnn/*/fold*.pt", "cnn/*/oof.parquet", "cnn/*/test.parquet")),
-    Stage("03", "features", ("seed", "windows", "cnn", "features"), ("01", "02"),
-          outputs=("features/*/meta.json", "features/*/*_prob.parquet", "features/*/test_prob_folds.npy")),
-    Stage("04", "seq", ("seed", "cnn.backbones", "seq"), ("01", "03"),
-          outputs=("seq/*/oof.parquet", "seq/*/test.parquet", "seq/*/fold*.pt")),
-    Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble", "cnn3d"), ("01", "02b", "03", "04"),
-          reads_data=True, outputs=("reports:submission.csv",)),
-    Stage("06", "review", ("seed", "cnn.backbones", "cam", "cnn3d"), ("01", "02", "02b", "05"), reads_data=True),
+          outputs=STAGE_OUTPUTS["ingest"], force_on_change=False, entry="ichdlib.ingest.catalog:run_stage"),
+    Stage("02", "cnn", ("seed", "windows", "cnn"), ("01",), outputs=STAGE_OUTPUTS["cnn"],
+          entry="ichdlib.cnn.train:run_stage"),
     Stage("02b", "cnn3d", ("seed", "windows", "cnn.augment", "cnn.class_weights", "cnn.grad_clip", "cnn3d"), ("01",),
-          outputs=("cnn3d/*/fold*.pt", "cnn3d/*/oof.parquet", "cnn3d/*/test.parquet"), enabled_by="cnn3d.enabled"),
+          outputs=STAGE_OUTPUTS["cnn3d"], entry="ichdlib.cnn3d.train:run_stage", enabled_by="cnn3d.enabled"),
+    Stage("03", "features", ("seed", "windows", "cnn", "features"), ("01", "02"), outputs=STAGE_OUTPUTS["features"],
+          entry="ichdlib.cnn.features:run_stage"),
+    Stage("04", "seq", ("seed", "cnn.backbones", "seq"), ("01", "03"), outputs=STAGE_OUTPUTS["seq"],
+          entry="ichdlib.seq.train:run_stage"),
+    Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble", "cnn3d"), ("01", "02b", "03", "04"),
+          reads_data=True, outputs=STAGE_OUTPUTS["ensemble"], entry="ichdlib.ensemble.blend:run_stage"),
+    Stage("06", "review", ("seed", "cnn.backbones", "cam", "cnn3d"), ("01", "02", "02b", "05"), reads_data=True,
+          outputs=STAGE_OUTPUTS["review"], entry="ichdlib.review.stage:run_stage"),
 )}
+
+
+_NUMBERED = re.compile(r"^\d\d[a-z]?_.*\.ipynb$")
+
+
+def stage_number(nb: Path | str) -> str:
+    """The stage number of ``NN_name.ipynb`` or ``NNx_name.ipynb`` (``02b_cnn3d_training`` -> ``02b``, after
+    ``02`` and before ``03``)."""
+    return Path(nb).name.split("_", 1)[0]
+
+
+def numbered_notebooks(folder: Path) -> list[Path]:
+    """The stage notebooks (``NN_name.ipynb``, ``NNx_name.ipynb``) in a folder, in stage order."""
+    return sorted(p for p in folder.glob("[0-9][0-9]*_*.ipynb") if _NUMBERED.match(p.name))
 
 
 def stage_enabled(P: Params, stage: Stage) -> bool:
     """Whether an optional stage is switched on in ``P`` (always True for the others)."""
     return stage.enabled_by is None or bool(nested_get(P.model_dump(mode="json"), *stage.enabled_by.split(".")))
+
+
+def stage_named(name: str) -> Stage:
+    """The stage called ``name`` (``cnn``, ``features``, ``seq``, ...)."""
+    for s in STAGES.values():
+        if s.name == name:
+            return s
+    raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(s.name for s in STAGES.values())}")
 
 
 def stage_for(number: str, known: Iterable[str] = ()) -> Stage:
@@ -169,19 +242,13 @@ def data_fingerprint(root: Path, cache: _HashCache | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _resolve_outputs(P: Params, pattern: str) -> tuple[Path, str]:
-    if pattern.startswith("reports:"):
-        return P.reports_dir, pattern.split(":", 1)[1]
-    return P.work_dir, pattern
-
-
 def outputs_digest(P: Params, stage: Stage, cache: _HashCache | None = None) -> str:
     """Digest of a stage's declared outputs as they are on disk now (``none`` when there are none)."""
     cache = cache or _HashCache(None)
     h = hashlib.sha256()
     found = 0
     for pattern in stage.outputs:
-        base, pat = _resolve_outputs(P, pattern)
+        base, pat = P.layout.outputs_root(pattern)
         for f in sorted(base.glob(pat)):
             if f.is_file():
                 rel = f.relative_to(base).as_posix()
@@ -217,8 +284,9 @@ class StampStore:
 
     def __init__(self, P: Params):
         self.P = P
-        self.dir = P.work_dir / "stages"
-        self.cache = _HashCache(self.dir / "digests.json")
+        self.layout = P.layout
+        self.dir = self.layout.stages
+        self.cache = _HashCache(self.layout.digests)
         #: data fingerprint and upstream output digests, computed once until a stage starts running (which may
         #: change them): a full-size data folder is walked once per `ichd run`, not once per stage.
         self._memo: dict[str, str] = {}
@@ -229,10 +297,10 @@ class StampStore:
         return self._memo[key]
 
     def read(self, number: str) -> dict[str, Any]:
-        return read_json(self.dir / f"{number}.json") or {}
+        return read_json(self.layout.stamp(number)) or {}
 
     def write(self, number: str, record: dict[str, Any]) -> None:
-        write_json(self.dir / f"{number}.json", record)
+        write_json(self.layout.stamp(number), record)
         self.cache.save()
 
     def parts(self, stage: Stage, notebook: Path | None, known: Iterable[str]) -> dict[str, str]:

@@ -5,9 +5,11 @@ numpy and torch versions give the same numbers (tested); the torch versions run 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ichdlib.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -20,9 +22,6 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "soft": (40.0, 380.0),
 }
 
-Recipe = Literal["seed_3window", "adjacent_header", "three_window"]
-RECIPES: tuple[str, ...] = ("seed_3window", "adjacent_header", "three_window")
-
 
 def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     """Map HU to [0, 1]: ``center - width/2`` -> 0, ``center + width/2`` -> 1, clipped outside."""
@@ -31,23 +30,23 @@ def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-#: Each recipe as data: per output channel, the window (a preset name, or ``single`` for the recipe's one
-#: configurable window) and the slice it reads (-1 = s-1, 0 = s, +1 = s+1). numpy, torch and the learnable
-#: window all stack channels from this one table.
-RECIPE_TABLE: dict[str, tuple[tuple[str, int], ...]] = {
-    "seed_3window": (("brain", -1), ("subdural", 0), ("bone", +1)),
-    "adjacent_header": (("single", -1), ("single", 0), ("single", +1)),
-    "three_window": (("brain", 0), ("subdural", 0), ("bone", 0)),
-}
+#: The window recipe registry (``windows.recipe``): each recipe as data, per output channel the window (a
+#: preset name of :data:`WINDOWS`, or ``single`` for the recipe's one configurable window) and the slice it
+#: reads (-1 = s-1, 0 = s, +1 = s+1). numpy, torch and the learnable window all stack channels from it, and
+#: the params schema accepts its names: ``RECIPES.register(name, channels)`` adds a recipe.
+RECIPES: Registry[tuple[tuple[str, int], ...]] = Registry("channel recipe")
+RECIPES.register("seed_3window", (("brain", -1), ("subdural", 0), ("bone", +1)))
+RECIPES.register("adjacent_header", (("single", -1), ("single", 0), ("single", +1)))
+RECIPES.register("three_window", (("brain", 0), ("subdural", 0), ("bone", 0)))
+#: The older name of :data:`RECIPES`.
+RECIPE_TABLE = RECIPES
 
 
 def recipe_plan(recipe: str, single_window: tuple[float, float] = WINDOWS["brain"]
                 ) -> list[tuple[float, float, int]]:
     """``[(center, width, slice offset), ...]`` for each channel of ``recipe``."""
-    if recipe not in RECIPE_TABLE:
-        raise ValueError(f"unknown channel recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     out = []
-    for name, offset in RECIPE_TABLE[recipe]:
+    for name, offset in RECIPES[recipe]:
         c, w = tuple(single_window) if name == "single" else WINDOWS[name]
         out.append((float(c), float(w), offset))
     return out
@@ -100,7 +99,7 @@ def channels_torch(
     single_window: tuple[float, float] = WINDOWS["brain"],
 ) -> torch.Tensor:
     """Torch version of :func:`channels`: ``(..., H, W)`` tensors -> ``(..., 3, H, W)`` float."""
-    import torch
+    import torch  # noqa: PLC0415  (torch stays out of light modules)
 
     return _stack(prev, cur, nxt, recipe, single_window, window_torch, lambda xs: torch.stack(xs, dim=-3))
 
@@ -112,8 +111,8 @@ def stack_channels_torch(stack: torch.Tensor, recipe: str = "seed_3window",
 
 
 def _make_learnable_window():
-    import torch
-    from torch import nn
+    import torch  # noqa: PLC0415  (torch stays out of light modules)
+    from torch import nn  # noqa: PLC0415
 
     class LearnableWindow(nn.Module):
         """A learnable input layer: per-channel ``sigmoid(a * hu + b)``, initialised at the recipe's windows.

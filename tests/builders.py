@@ -123,7 +123,6 @@ def variant_files(tmp_path: Path) -> list[Path]:
     ]
 
 
-
 # -- CT series as a scanner writes them (predict tests) ----------------------------------------------------
 def head_hu(seed: int = 0, size: int = 64) -> np.ndarray:
     """A small head-like HU image: air, skull ring, brain with noise."""
@@ -167,7 +166,6 @@ def study_folder(P, out: Path, split: str = "test", k: int = 0, keep: int | None
     for p in cat.loc[cat["study_uid"] == study, "path"][:keep]:
         shutil.copy(p, out / Path(p).name)
     return out
-
 
 
 # -- fabricated level-1 outputs: the catalog and notebook 02/03 files (sequence and ensemble tests) -------
@@ -289,3 +287,55 @@ def fabricated_studies(n_studies: int = 3, n: int = 8, size: int = 48, seed: int
         studies.append(Study(uid=uid, hu=hu, probs={"2D": p2d, "final": final}, truth=truth))
         cams[uid] = maps
     return studies, cams
+
+
+# -- a toy catalog and HU cache without DICOM (2D CNN tests) ---------------------------------------------
+def toy_catalog(studies: int = 12, slices: int = 16, size: int = 48, folds: int = 3, test_studies: int = 2,
+                seed: int = 0, positive_rate: float = 0.5) -> tuple[pd.DataFrame, np.ndarray]:
+    """A catalog frame (the ingest contract's columns) and a matching int16 HU cache, without DICOM.
+
+    Each study is a stack of head-like slices (air, skull ring, brain); in every other study (or a
+    ``positive_rate`` share) a run of slices carries a bright blob (hemorrhage-like, 75 HU) whose position
+    encodes the subtype, cycling through the five, so a small network learns it in a few dozen steps.
+    Folds are grouped by study. Rows are in catalog order (split, study, z).
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1) * 2 - 1
+    rr = np.sqrt(xx**2 + (yy * 1.15) ** 2)
+    centres = [(0.0, -0.55), (0.45, 0.0), (0.0, 0.45), (-0.45, 0.0), (0.0, 0.0)]  # one per subtype
+    records, images = [], []
+    for s in range(studies):
+        split = "test" if s >= studies - test_studies else "train"
+        n = int(slices + rng.integers(-2, 3))
+        positive = (s % 2 == 0) if positive_rate == 0.5 else bool(rng.random() < positive_rate)
+        sub = (s // 2) % (len(LABELS) - 1) + 1  # every subtype in every fold once there are enough studies
+        first = int(rng.integers(0, n // 3))
+        lesion = range(first, first + int(rng.integers(n // 3, n // 2 + 1))) if positive else range(0)
+        for i in range(n):
+            scale = 1 - 0.5 * abs(i / max(1, n - 1) - 0.5)
+            img = np.where(rr < 0.85 * scale, 32.0, -1000.0) + rng.normal(0, 6, (size, size))
+            img = np.where((rr >= 0.85 * scale) & (rr < 0.95 * scale), 900.0, img)
+            y = np.zeros(len(LABELS), dtype=np.float64)
+            if i in lesion:
+                cx, cy = centres[sub - 1]
+                blob = ((xx - cx * scale) ** 2 + (yy - cy * scale) ** 2) < (0.3 * scale) ** 2
+                img = np.where(blob & (rr < 0.85 * scale), 75.0, img)
+                y[0] = y[sub] = 1.0
+            images.append(img)
+            records.append({
+                "sop_uid": f"ID_{s:03d}{i:03d}{rng.integers(16**4):04x}", "patient_id": f"ID_p{s:04d}",
+                "study_uid": f"ID_s{s:04d}", "series_uid": f"ID_r{s:04d}", "z": float(5 * i),
+                "slice_index": i,
+                "n_slices": n, "rows": size, "cols": size, "pixel_spacing": 0.5, "spacing_z": 5.0,
+                "path": f"toy/{s}/{i}.dcm", "split": split,
+                "fold": ((s // 2) % folds) if split == "train" else -1,
+                **{c: (float(v) if split == "train" else np.nan) for c, v in zip(LABELS, y, strict=True)},
+            })
+    cat = pd.DataFrame.from_records(records)
+    cat["row"] = np.arange(len(cat))
+    first = cat.groupby("study_uid")["row"].transform("min")
+    last = cat.groupby("study_uid")["row"].transform("max")
+    cat["prev_row"] = np.maximum(cat["row"] - 1, first)
+    cat["next_row"] = np.minimum(cat["row"] + 1, last)
+    cache = np.clip(np.stack(images), -32768, 32767).astype(np.int16)
+    return cat, cache

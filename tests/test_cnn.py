@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from builders import toy_catalog
 
 from ichdlib.cnn.data import (
     AIR_HU,
@@ -19,7 +20,6 @@ from ichdlib.cnn.data import (
     eval_view,
     make_loader,
     middle_weights,
-    toy_catalog,
     tta_views,
 )
 from ichdlib.config import AugmentCfg, CnnCfg, ParamsError, load_params
@@ -27,7 +27,6 @@ from ichdlib.labels import LABELS
 from ichdlib.windows import stack_channels_torch
 
 OFF = dict(slice_swap=0.0, hflip=0.0, shift_scale_rotate=0.0, erase=0.0, random_crop=0.0)
-
 
 
 # -- samplers --------------------------------------------------------------------------------------
@@ -196,7 +195,7 @@ def test_augment_config_rejects_bad_ranges():
 
 # -- models ----------------------------------------------------------------------------------------
 def test_build_cnn_logits_pooled_features_and_learnable_window():
-    from ichdlib.cnn.models import build_cnn, cam_target_layer
+    from ichdlib.cnn.models import build_cnn
 
     m = build_cnn("test_efficientnet").eval()
     x = torch.rand(2, 3, 32, 32)
@@ -204,7 +203,6 @@ def test_build_cnn_logits_pooled_features_and_learnable_window():
     f, logits = m.forward_both(x)
     assert f.shape == (2, m.feature_dim) and torch.allclose(logits, m(x), atol=1e-5)
     assert torch.equal(m.forward_pooled(x), f)
-    assert isinstance(cam_target_layer(m), torch.nn.Module)
     lw = build_cnn("test_efficientnet", learnable_window="seed_3window").eval()
     assert lw.learnable_window and lw(_hu(2, 32).float()).shape == (2, 6)
 

@@ -6,15 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import toy_catalog
 
-from ichdlib.cnn.data import toy_catalog
 from ichdlib.config import load_params
 from ichdlib.labels import LABELS
 from ichdlib.spec import ModelSpec
 
 REPO_PARAMS = "params/smoke.yaml"
 LIGHT = dict(slice_swap=0.5, hflip=0.5, shift_scale_rotate=0.0, erase=0.0, random_crop=0.0)
-
 
 
 def _params(repo, root, **cnn):

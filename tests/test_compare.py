@@ -49,7 +49,9 @@ def test_two_runs_side_by_side(tmp_path):
     assert "| cnn:r18_96 | OOF AUC any |  | 0.8000 |  |" in md  # a missing AUC is a blank, never "nan"
     assert "nan" not in md.lower()
     fig = cmp.figure()
-    assert fig.axes[0].patches
+    heights = [round(p.get_height(), 4) for p in fig.axes[0].patches]
+    oof = st[st.index.str.endswith("| OOF wLL")]
+    assert heights == [round(float(v), 4) for n in cmp.names for v in oof[n]]  # one bar per run and stage
 
 
 def test_cli_prints_the_table_and_writes_the_figure(tmp_path, capsys):

@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import toy_catalog
 
 from ichdlib.cnn import distributed as D
-from ichdlib.cnn.data import SliceBatchSampler, StudyBatchSampler, toy_catalog
+from ichdlib.cnn.data import SliceBatchSampler, StudyBatchSampler
 from ichdlib.config import ParamsError, load_params
 from ichdlib.labels import LABELS
 
@@ -56,7 +57,7 @@ def test_shard_slices_cover_the_rows_once_in_order_and_one_process_is_a_no_op():
 
 
 def test_cli_arguments_fail_with_one_line_naming_the_value(smoke_params):
-    from ichdlib.cnn.train_cli import parse_folds, select_backbones
+    from ichdlib.app.train_cli import parse_folds, select_backbones
 
     assert parse_folds("0,2") == [0, 2] and parse_folds(None) is None
     with pytest.raises(ValueError, match="--folds 'a'"):

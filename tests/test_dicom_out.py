@@ -100,7 +100,7 @@ def test_synth_cli_valid_uids(tmp_path, capsys):
     from ichdlib.cli import main as ichd
 
     assert ichd(["synth", "--out", str(tmp_path / "p"), "--studies", "2", "--size", "32", "--workers", "1",
-                 "--valid-uids"]) == 0
+                 "--no-quirks", "--no-masks", "--valid-uids"]) == 0
     names = [p.stem for p in (tmp_path / "p").glob("stage_2_*/*.dcm")]
     assert names and all(n.startswith("2.25.") for n in names)
     assert json.loads((tmp_path / "p" / ".phantom_complete").read_text())["valid_uids"] is True
@@ -268,3 +268,30 @@ def test_id_sources_only_inherited_uid_complaints(phantoms, ubundle, tmp_path):
     assert ichd(["predict", str(src), "--bundle", str(ubundle), "--out", str(tmp_path / "out"), "--dicom-out",
                  str(dicom), "--cam", "--threshold", "1", "--device", "cpu"]) == 0
     assert [p.name for p in dicom.rglob("*.dcm")] == ["sr.dcm"]
+
+
+def test_one_explain_path_reads_the_preprocessing_from_the_model(phantoms, ubundle, tmp_path):
+    """PNGs and DICOM overlays come from ``pipeline.explain_study``: the window recipe is the model's own spec
+    (never the run's params), and the maps are those of ``review.cam.explain`` (as notebook 06's)."""
+    from ichdlib.review.cam import explain
+    from ichdlib.serve.bundle import Bundle
+    from ichdlib.serve.discover import discover, load_study
+    from ichdlib.serve.pipeline import Predictor, explain_study, study_cache, write_cam_pngs
+
+    bundle = Bundle.load(ubundle)
+    other = "three_window" if bundle.params().windows.recipe != "three_window" else "seed_3window"
+    bundle.manifest["params"]["windows"]["recipe"] = other  # the run's params now disagree with the model
+    predictor = Predictor(bundle, "cpu")
+    scans, _ = discover(one_study(phantoms["rsna"], tmp_path / "in"))
+    loaded = load_study(scans[0])
+    frame = predictor.predict(loaded)
+    overlays = explain_study(predictor, loaded, frame, threshold=0.0)
+    assert overlays and {o.label for o in overlays} <= set(LABELS)
+    model = bundle.cnn[next(iter(predictor.cnn))].models[0]
+    assert model.spec.recipe != other
+    cache, rows = study_cache(loaded, model.spec.size)
+    o = overlays[0]
+    want = explain(model, cache[rows[o.row]][None], [o.label], predictor.P.cam, out_size=loaded.hu[o.row].shape)[0, 0]
+    np.testing.assert_allclose(o.cam, want, atol=1e-6)
+    paths = write_cam_pngs(overlays, frame, loaded.scan.study_uid, tmp_path / "png")
+    assert len(paths) == len(set(paths)) == len(overlays)

@@ -11,7 +11,6 @@ from builders import fabricate_level1, smoke, two_backbones
 
 from ichdlib.cli import main as ichd
 from ichdlib.ensemble.blend import (
-    Stage,
     blend,
     fit_weights,
     plot_reliability,
@@ -23,6 +22,7 @@ from ichdlib.ensemble.blend import (
 )
 from ichdlib.labels import LABELS, write_long_csv
 from ichdlib.metrics import weighted_log_loss
+from ichdlib.predictions import StagePredictions
 
 L = list(LABELS)
 
@@ -116,7 +116,7 @@ def _stage(name, oof, test, fold):
     o = pd.DataFrame(oof, columns=L, index=pd.Index([f"ID_{i}" for i in range(len(oof))], name="sop_uid"))
     o["fold"] = fold
     t = pd.DataFrame(test, columns=L, index=pd.Index([f"ID_t{i}" for i in range(len(test))], name="sop_uid"))
-    return Stage(name, o, t)
+    return StagePredictions(name, o, t)
 
 
 def test_blend_mean_and_fitted_weights():

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycles (lazy imports inside functions count too)."""
+"""The package's shape: sub-packages import only downwards, no import cycles (lazy imports inside functions
+count too), inference never reaches training code, real-data ingest never loads the phantom."""
 
 from __future__ import annotations
 
@@ -82,6 +83,65 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+#: The sub-packages from the bottom up: a module may import its own level and the levels below, never one
+#: above. ``core`` is the top-level modules (config, layout, spec, checkpoints, registry, stages, runtime, ...).
+#: A new sub-package goes in by name at its level, e.g. ``"cnn3d"`` between ``cnn`` and ``seq``, or
+#: ``"validate"`` beside ``"serve"``.
+LAYERS: list[tuple[str, ...]] = [
+    ("core",),
+    ("phantom",),
+    ("ingest",),
+    ("cnn",),
+    ("cnn3d",),
+    ("seq",),
+    ("ensemble",),
+    ("review",),
+    ("serve", "validate"),
+    ("app",),
+]
+#: Upward imports allowed on purpose, each with its reason.
+ALLOWED: dict[tuple[str, str], str] = {
+    # the stamps record the phantom's version; its package __init__ holds only that constant
+    ("ichdlib.stages", "ichdlib.phantom"): "PHANTOM_VERSION",
+}
+
+
+def layer_of(module: str) -> str:
+    """``ichdlib.cnn.train`` -> ``cnn``; a top-level module (``ichdlib.config``) -> ``core``."""
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and (PKG / parts[1]).is_dir()):
+        return parts[1]
+    return "core"
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[tuple[str, ...]],
+                   allowed: dict[tuple[str, str], str] | None = None) -> list[str]:
+    """``importer -> imported`` for every import of a module in a higher layer (or in no layer at all)."""
+    rank = {name: i for i, level in enumerate(layers) for name in level}
+    out = []
+    for mod in sorted(graph):
+        for dep in sorted(graph[mod]):
+            a, b = layer_of(mod), layer_of(dep)
+            if a not in rank or b not in rank:
+                out.append(f"{mod} -> {dep} (sub-package {a if a not in rank else b!r} is not in LAYERS)")
+            elif rank[b] > rank[a] and (mod, dep) not in (allowed or {}):
+                out.append(f"{mod} ({a}) -> {dep} ({b})")
+    return out
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"ichdlib.cnn.train": {"ichdlib.seq.train", "ichdlib.config"}, "ichdlib.seq.train": {"ichdlib.cnn.train"},
+             "ichdlib.config": set()}
+    assert upward_imports(graph, LAYERS) == ["ichdlib.cnn.train (cnn) -> ichdlib.seq.train (seq)"]
+    assert upward_imports({"ichdlib.newpkg.x": set(), "ichdlib.config": {"ichdlib.newpkg.x"}}, LAYERS)
+
+
+def test_sub_packages_import_only_downwards():
+    """core <- phantom <- ingest <- cnn <- seq <- ensemble <- review <- serve <- app (lazy imports included)."""
+    bad = upward_imports(import_graph(), LAYERS, ALLOWED)
+    assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
 def test_the_checker_finds_a_cycle():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -106,8 +166,8 @@ def test_inference_never_imports_training_code():
     """``ichd predict`` and bundles reach the models, the inference paths and the runtime helpers, never the
     training loops (lazy imports included)."""
     graph = import_graph()
-    training = {"ichdlib.cnn.train", "ichdlib.cnn.train_cli", "ichdlib.seq.train", "ichdlib.phantom.synth",
-                "ichdlib.cnn3d.train", "ichdlib.cnn3d.train_cli"}
+    training = {"ichdlib.cnn.train", "ichdlib.app.train_cli", "ichdlib.seq.train", "ichdlib.phantom.synth",
+                "ichdlib.cnn3d.train"}
     for module in (m for m in graph if m.startswith("ichdlib.serve.")):
         assert not (_reach(graph, module) & training), f"{module} reaches {sorted(_reach(graph, module) & training)}"
 

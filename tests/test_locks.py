@@ -72,7 +72,9 @@ def test_wait_for_a_short_holder_and_timeout_for_a_long_one(tmp_path):
 
 def test_reentrant_in_one_process(tmp_path):
     target = tmp_path / "x"
-    with output_lock(target), output_lock(target):
-        pass
-    with output_lock(target):  # released after the outer block
-        pass
+    with output_lock(target, what="outer"), output_lock(target, what="inner") as path:
+        assert holder(target)["what"] == "outer"  # the inner block re-entered, it did not re-lock
+        assert path == lock_path(target).resolve()
+    p = _hold(target, 0.1)  # released after the outer block: another process takes it at once
+    p.wait()
+    assert p.returncode == 0

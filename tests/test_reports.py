@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 from ichdlib import nb
+from ichdlib.config import load_params
 from ichdlib.progress import TrainingProgress, epoch_line
 from ichdlib.run import StageResult, last_timings, quiet_kernel_config, record_timing, write_summary
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_headless_progress_is_one_compact_line_per_epoch():
@@ -39,19 +43,26 @@ def test_live_curve_has_a_line_per_fold():
     assert epoch_line("m", 0, 9, 10, 0.1) == "m fold 0 epoch 10/10  train loss 0.1000"
 
 
-def test_save_figure_keeps_the_png_and_shows_no_path(smoke_params):
+def _own_params(tmp_path):
+    """The smoke params in this test's own folder (the shared ``smoke_params`` reports folder belongs to the
+    session fixtures that run the stages)."""
+    return load_params(REPO / "params" / "smoke.yaml", {"root": str(tmp_path)})
+
+
+def test_save_figure_keeps_the_png_and_shows_no_path(tmp_path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
     ax.plot([0, 1])
-    path = nb.save_figure(fig, smoke_params, "unit_test_fig")
-    assert path.is_file() and path.name == "unit_test_fig.png"
+    P = _own_params(tmp_path)
+    path = nb.save_figure(fig, P, "unit_test_fig")
+    assert path == P.layout.figure("unit_test_fig") and path.is_file() and path.stat().st_size > 1000
     assert path._ipython_display_() is None  # a cell ending in save_figure(...) shows no PosixPath(...)
     plt.close(fig)
 
 
-def test_summary_keeps_the_last_real_timings(smoke_params):
-    P = smoke_params
+def test_summary_keeps_the_last_real_timings(tmp_path):
+    P = _own_params(tmp_path)
     record_timing(P, "02_cnn_training.ipynb", 175.4)
     record_timing(P, "03_feature_extraction.ipynb", 19.0)
     assert last_timings(P) == {"02_cnn_training.ipynb": 175.4, "03_feature_extraction.ipynb": 19.0}
@@ -60,9 +71,10 @@ def test_summary_keeps_the_last_real_timings(smoke_params):
     text = write_summary(P, results).read_text()
     assert "| 02_cnn_training.ipynb | skipped; last ran in 175 s | 175 |" in text
     assert "| 03_feature_extraction.ipynb | ran | 21 |" in text
-    (P.reports_dir / "timings.json").write_text("{broken")
+    P.layout.timings.write_text("{broken")
     assert last_timings(P) == {}  # a damaged file means "unknown", not a crash
-    json.loads(json.dumps(last_timings(P)))
+    record_timing(P, "04_sequence_models.ipynb", 3.0)  # and the next run writes a valid file again
+    assert json.loads(P.layout.timings.read_text())["04_sequence_models.ipynb"]["seconds"] == 3.0
 
 
 def test_kernels_talk_over_ipc(tmp_path):

@@ -13,7 +13,7 @@ from ichdlib.run import NotebookFailed, list_notebooks, run_pipeline, select, wr
 
 def _nb(path, body: str) -> None:
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('params_path = ""\noverrides = {}')
+    params = nbformat.v4.new_code_cell('params_path = ""\noverrides = {}\nforce = False')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -31,7 +31,7 @@ def toy(tmp_path):
     _nb(nbs / "01_first.ipynb",
         "from ichdlib import nb\n"
         "P = nb.setup(params_path, overrides)\n"
-        f"open({str(marker)!r}, 'a').write(P.run + ' ' + str(nb.forced(P, '01')) + '\\n')")
+        f"open({str(marker)!r}, 'a').write(P.run + ' ' + str(nb.forced(force, '01')) + '\\n')")
     _nb(nbs / "02_second.ipynb", "x = 1\ny = x + 1")
     return tmp_path, nbs, params, marker
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ichdlib.cnn.infer import spec_augment
 from ichdlib.cnn.models import build_from_spec
 from ichdlib.config import load_params
 from ichdlib.labels import LABELS
@@ -54,5 +55,5 @@ def test_build_gives_the_architecture_the_spec_names(P):
     spec = ModelSpec.from_params(P, P.cnn.backbones[0])
     model = build_from_spec(spec)
     assert model.learnable_window and model.feature_dim > 0
-    aug = spec.eval_augment(P.cnn.augment)
+    aug = spec_augment(spec, P.cnn.augment)
     assert aug.learnable and aug.single_window == (50.0, 100.0)

@@ -438,7 +438,7 @@ def test_cli(tmp_path, capsys):
     from ichdlib.cli import main
 
     assert main(["synth", "--out", str(tmp_path / "p"), "--studies", "2", "--seed", "1", "--size", "32",
-                 "--masks", "--workers", "1"]) == 0
+                 "--no-quirks", "--masks", "--workers", "1"]) == 0
     assert "2 studies" in capsys.readouterr().out
     assert (tmp_path / "p" / TRAIN_CSV).exists() and (tmp_path / "p" / COMPLETE_MARKER).exists()
     assert main(["synth", "--out", str(tmp_path / "q"), "--studies", "1"]) == 2  # a clear error, not a traceback

@@ -24,9 +24,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.decomposition import PCA
 
 from ichdlib.cnn import distributed as D
 from ichdlib.cnn.data import SliceDataset, TtaView
@@ -38,16 +40,15 @@ from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.native import open_slices
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
+from ichdlib.layout import FeaturesDir, ModelDir
 from ichdlib.metrics import prior_baseline, weighted_log_loss
 from ichdlib.runtime import amp_mode, cpu_threads, prepare_model
-
-OUTPUTS = ("oof_feat.npy", "test_feat.npy", "oof_prob.parquet", "test_prob.parquet", "test_prob_folds.npy",
-           "meta.json")
+from ichdlib.stages import StageReport
 
 
 def features_dir(P: Params, cfg: BackboneCfg) -> Path:
-    """``work/<run>/features/<key>``."""
-    return P.work_dir / "features" / cfg.key
+    """``work/<run>/features/<key>`` (:meth:`ichdlib.layout.RunLayout.features`)."""
+    return P.layout.features(cfg.key).path
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> Path:
@@ -66,7 +67,7 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
     t0 = time.perf_counter()
     if cache is None:  # the cache at the backbone's size, or the DICOM files above ingest.size (512 px)
 
-        catalog = load_catalog(P.work_dir) if catalog is None else catalog
+        catalog = load_catalog(P.layout.work) if catalog is None else catalog
         cache = open_slices(P, backbone_cfg.size, catalog)
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
     out = features_dir(P, backbone_cfg)
@@ -74,18 +75,19 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
     train_cat = cat[cat["split"] == "train"]
     test_cat = cat[cat["split"] == "test"]
     folds = sorted(int(f) for f in train_cat["fold"].unique())
-    missing = [k for k in folds if not (src / f"fold{k}.pt").is_file()]
+    models = ModelDir(src)
+    missing = [k for k in folds if not models.checkpoint(k).is_file()]
     if missing:
         raise FileNotFoundError(f"{src}: no model for folds {missing} (fold<k>.pt); run notebook 02 "
                                 f"(train_cnn) for backbone {backbone_cfg.key!r} on every fold first")
     views = feature_views(P)
     settings: Any = {"key": backbone_cfg.key, "tta": P.features.tta, "views": [asdict(v) for v in views],
                      "folds": folds, "n_train": len(train_cat), "n_test": len(test_cat),
-                     "models": {k: (src / f"fold{k}.pt").stat().st_mtime_ns for k in folds}}
-    meta_path = out / "meta.json"
+                     "models": {k: models.checkpoint(k).stat().st_mtime_ns for k in folds}}
+    meta_path = FeaturesDir(out).meta
     settings = json.loads(json.dumps(settings))
     stale = False
-    if not force and all((out / n).is_file() for n in OUTPUTS):
+    if not force and all(f.is_file() for f in FeaturesDir(out).outputs()):
         meta = json.loads(meta_path.read_text())
         if meta.get("settings") == settings:
             return {**meta["summary"], "status": "skipped"}
@@ -99,11 +101,12 @@ def extract_features(P: Params, backbone_cfg: BackboneCfg, force: bool = False, 
 def _extract(P: Params, backbone_cfg: BackboneCfg, cat: pd.DataFrame, cache: Any, out: Path, src: Path,
              train_cat: pd.DataFrame, test_cat: pd.DataFrame, folds: list[int], views: list[TtaView],
              settings: Any, clear: bool, t0: float) -> dict[str, Any]:
-    meta_path = out / "meta.json"
+    fd = FeaturesDir(out)
+    meta_path = fd.meta
     if clear and D.is_main():
-        for name in OUTPUTS:
-            (out / name).unlink(missing_ok=True)
-        for p in out.glob("part_fold*.npz"):
+        for f in fd.outputs():
+            f.unlink(missing_ok=True)
+        for p in fd.parts():
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     D.barrier()
@@ -119,11 +122,10 @@ def _extract(P: Params, backbone_cfg: BackboneCfg, cat: pd.DataFrame, cache: Any
     # assemble in catalog order, streaming: one fold part's array in memory at a time
     dim, oof_prob, test_folds = assemble_parts(out, folds, train_cat["fold"].to_numpy(), len(test_cat))
     test_prob = test_folds.mean(axis=0)
-    _save_npy(test_folds, out / "test_prob_folds.npy")
-    save_parquet(probs_frame(train_cat["sop_uid"], oof_prob), out / "oof_prob.parquet")
+    _save_npy(test_folds, fd.test_prob_folds)
+    save_parquet(probs_frame(train_cat["sop_uid"], oof_prob), fd.oof_prob)
     save_parquet(probs_frame(test_cat["sop_uid"], test_prob.reshape(len(test_cat), len(LABELS))),
-                 out / "test_prob.parquet")
-
+                 fd.test_prob)
 
     y = train_cat[list(LABELS)].to_numpy(dtype=np.float64)
     summary = {
@@ -136,7 +138,7 @@ def _extract(P: Params, backbone_cfg: BackboneCfg, cat: pd.DataFrame, cache: Any
     atomic_write(meta_path, lambda t: t.write_text(json.dumps({"settings": settings, "summary": summary},
                                                               indent=1, default=str)))
     for k in folds:
-        (out / f"part_fold{k}.npz").unlink(missing_ok=True)
+        fd.part(k).unlink(missing_ok=True)
     return D.broadcast_object(summary)
 
 
@@ -145,11 +147,21 @@ def extract_all(P: Params, force: bool = False) -> list[dict[str, Any]]:
     return [extract_features(P, cfg, force=force) for cfg in P.cnn.backbones]
 
 
+def run_stage(P: Params, force: bool = False, *, backbones: list[BackboneCfg] | None = None) -> StageReport:
+    """Stage 03 (:data:`ichdlib.stages.STAGES`): :func:`extract_features` for ``backbones`` (default every
+    one of ``cnn.backbones``); the report's ``result`` is the list of their summaries."""
+    summaries = [extract_features(P, b, force=force) for b in (backbones or P.cnn.backbones)]
+    rows = [{"backbone": s["key"], "status": s["status"], "dim": s["dim"], "TTA views": s["tta"],
+             "oof wLL (TTA)": s["oof_wll"], "seconds": s["seconds"]} for s in summaries]
+    return StageReport("features", rows, result=summaries)
+
+
 def load_features(P: Params, cfg: BackboneCfg, split: str = "oof") -> tuple[np.ndarray, pd.DataFrame]:
     """``(features float16 (n, D), probabilities frame)`` of ``split`` (``oof`` or ``test``)."""
-    d = features_dir(P, cfg)
-    feat = np.load(d / f"{split}_feat.npy", mmap_mode="r")
-    return feat, pd.read_parquet(d / f"{split}_prob.parquet")
+    d = P.layout.features(cfg.key)
+    feat_path, prob_path = (d.oof_feat, d.oof_prob) if split == "oof" else (d.test_feat, d.test_prob)
+    feat = np.load(feat_path, mmap_mode="r")
+    return feat, pd.read_parquet(prob_path)
 
 
 def feature_sample(feat: np.ndarray, y: np.ndarray, n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +175,6 @@ def plot_feature_map(feat: np.ndarray, y_any: np.ndarray, title: str = "", max_p
                      seed: int = 0) -> Any:
     """The OOF features in the plane of their first two principal components, coloured by ``any``; PCA on
     at most ``max_points`` random rows (:func:`feature_sample`), so a memory-mapped full-size array is fine."""
-    import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
 
     feat, y_any = feature_sample(feat, y_any, max_points, seed)
     xy = PCA(n_components=2, random_state=0).fit_transform(feat)
@@ -180,7 +190,6 @@ def plot_feature_map(feat: np.ndarray, y_any: np.ndarray, title: str = "", max_p
 
 def plot_study_trace(cat: pd.DataFrame, prob: pd.DataFrame, study_uid: str, label: str = "any") -> Any:
     """Predicted probability of ``label`` along z for one study of the training split, beside the truth."""
-    import matplotlib.pyplot as plt
 
     train = cat[cat["split"] == "train"].reset_index(drop=True)
     sel = (train["study_uid"] == study_uid).to_numpy()
@@ -200,12 +209,12 @@ def _fold_part(P: Params, k: int, out: Path, src: Path, train_cat: pd.DataFrame,
                cache: np.ndarray, views: list) -> dict[int, float]:
     """Fold ``k``'s model over its validation rows and the test rows -> ``part_fold<k>.npz``; returns
     ``{k: seconds}`` (empty when the part exists)."""
-    part = out / f"part_fold{k}.npz"
+    part = FeaturesDir(out).part(k)
     if part.is_file():
         return {}
     t0 = time.perf_counter()
     device = P.torch_device()
-    model, meta = load_cnn(src / f"fold{k}.pt", device)
+    model, meta = load_cnn(ModelDir(src).checkpoint(k), device)
     model, runner = prepare_model(model, P, device)
     aug = eval_augment(P, meta)
     cl = torch.device(device).type == "cuda" and P.cnn.channels_last
@@ -232,7 +241,7 @@ def _fold_part(P: Params, k: int, out: Path, src: Path, train_cat: pd.DataFrame,
 
 def _part_array(out: Path, k: int, name: str) -> np.ndarray:
     """One array of fold ``k``'s part (only that member is read)."""
-    with np.load(out / f"part_fold{k}.npz") as z:
+    with np.load(FeaturesDir(out).part(k)) as z:
         return z[name]
 
 
@@ -261,20 +270,21 @@ def assemble_parts(out: Path, folds: list[int], fold_of: np.ndarray,
             sel = np.flatnonzero(fold_of == k)
             f_va = _part_array(out, k, "f_va")
             if len(sel) != len(f_va) or (len(f_va) and f_va.shape[1] != dim):
-                raise ValueError(f"{out / f'part_fold{k}.npz'} does not match the catalog "
+                raise ValueError(f"{FeaturesDir(out).part(k)} does not match the catalog "
                                  f"({len(f_va)} rows for {len(sel)} fold-{k} slices); pass force=True")
             mm = np.load(tmp, mmap_mode="r+")
             mm[sel] = f_va
             del mm, f_va  # unmapped: the written pages are the page cache's, not this process's
             oof_prob[sel] = _part_array(out, k, "p_va")
 
-    atomic_write(out / "oof_feat.npy", fill_oof)
+    atomic_write(FeaturesDir(out).oof_feat, fill_oof)
     test_folds = np.stack([_part_array(out, k, "p_te").reshape(n_test, len(LABELS)) for k in folds])
+
     def test_parts():
         for k in folds:
             f_te = _part_array(out, k, "f_te").reshape(n_test, -1)
             if f_te.shape[1] != dim and n_test:
-                raise ValueError(f"{out / f'part_fold{k}.npz'}: test features of width {f_te.shape[1]}, not {dim}")
+                raise ValueError(f"{FeaturesDir(out).part(k)}: test features of width {f_te.shape[1]}, not {dim}")
             yield f_te
 
     acc = fold_feature_mean(test_parts()).reshape(n_test, dim)
@@ -285,7 +295,7 @@ def assemble_parts(out: Path, folds: list[int], fold_of: np.ndarray,
         mm[:] = acc
         del mm
 
-    atomic_write(out / "test_feat.npy", fill_test)
+    atomic_write(FeaturesDir(out).test_feat, fill_test)
     return dim, oof_prob, test_folds
 
 

@@ -24,11 +24,11 @@ from ichdlib.cnn.data import (
     to_device,
     tta_views,
 )
-from ichdlib.config import Params
+from ichdlib.config import AugmentCfg, Params
 from ichdlib.labels import LABELS
 from ichdlib.progress import track
 from ichdlib.runtime import autocast, derive_seed
-from ichdlib.spec import ModelSpec
+from ichdlib.spec import CnnSpec
 
 
 def probs_frame(sop_uid: Iterable[str], probs: np.ndarray) -> pd.DataFrame:
@@ -113,9 +113,17 @@ def feature_views(P: Params) -> list[TtaView]:
     return tta_views(P.features.tta, tuple(P.cnn.augment.crop_range), derive_seed(P.seed, 3))
 
 
-def eval_augment(P: Params, meta: dict[str, Any]) -> DeviceAugment:
-    """The evaluation view (windows + validation centre crop) of a fold model, from its checkpoint meta."""
-    return ModelSpec.from_meta(meta).eval_augment(P.cnn.augment)
+def spec_augment(spec: CnnSpec, augment: AugmentCfg) -> DeviceAugment:
+    """The evaluation view (windows + validation centre crop) a model's :class:`CnnSpec` asks for."""
+    cfg = augment.model_copy(update={"val_center_crop": spec.val_center_crop})
+    return DeviceAugment(spec.size, cfg, spec.recipe, spec.single_window, spec.learnable_window)
+
+
+def eval_augment(P: Params, meta: dict[str, Any] | CnnSpec) -> DeviceAugment:
+    """The evaluation view (windows + validation centre crop) of a fold model, from its spec (``model.spec``)
+    or its checkpoint meta."""
+    spec = meta if isinstance(meta, CnnSpec) else CnnSpec.from_meta(meta)
+    return spec_augment(spec, P.cnn.augment)
 
 
 def fold_feature_mean(parts: Iterable[np.ndarray]) -> np.ndarray:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ichdlib.checkpoints import load_checkpoint, register_builder
 from ichdlib.labels import LABELS
-from ichdlib.spec import ModelSpec
+from ichdlib.spec import CnnSpec
 from ichdlib.windows import LearnableWindow
 
 #: The original's input normalisation (albumentations ``Normalize(mean=0.456, std=0.224)`` on [0, 1]).
@@ -76,7 +77,7 @@ class CnnNet(nn.Module):
 
 
 def _timm():
-    import timm
+    import timm  # noqa: PLC0415  (model libraries load only to build or save a model)
 
     return timm
 
@@ -118,7 +119,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # noqa: PLC0415  (model libraries load only to build or save a model)
 
             obj: Any = load_file(str(path))
         else:
@@ -204,41 +205,23 @@ def build_cnn(
     return CnnNet(backbone, window)
 
 
-def build_from_spec(spec: ModelSpec, pretrained: bool | str | Path = False) -> CnnNet:
-    """An untrained model of the architecture a :class:`ModelSpec` names (load a state dict into it)."""
+@register_builder("cnn")
+def build_from_spec(spec: CnnSpec, pretrained: bool | str | Path = False) -> CnnNet:
+    """An untrained model of the architecture a :class:`CnnSpec` names (load a state dict into it)."""
     return build_cnn(spec.name, pretrained=pretrained, num_classes=spec.num_classes, in_chans=spec.in_chans,
                      learnable_window=spec.recipe if spec.learnable_window else None,
                      recipe=spec.recipe, single_window=spec.single_window)
 
 
 def build_from_meta(meta: dict[str, Any]) -> CnnNet:
-    """An untrained model with the architecture a checkpoint's ``meta`` describes (its :class:`ModelSpec`)."""
-    return build_from_spec(ModelSpec.from_meta(meta))
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``{"state_dict", "meta"}`` checkpoint (2D or sequence fold) -> ``(state_dict, meta)``, loaded with
-    ``weights_only=True``; a missing or foreign file raises an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
-        raise ValueError(f"{path}: not a finished fold checkpoint (expected keys 'state_dict' and 'meta')")
-    return ckpt["state_dict"], dict(ckpt["meta"])
+    """An untrained model with the architecture a checkpoint's ``meta`` describes (its :class:`CnnSpec`)."""
+    return build_from_spec(CnnSpec.from_meta(meta))
 
 
 def load_cnn(path: str | Path, device: str | torch.device = "cpu") -> tuple[CnnNet, dict[str, Any]]:
-    """A trained fold model ``work/cnn/<key>/fold<k>.pt`` -> ``(model in eval mode on device, meta)``."""
-    state, meta = read_checkpoint(path)
-    model = build_from_meta(meta)
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
-
-
-def cam_target_layer(model: CnnNet) -> nn.Module:
-    """The backbone's last feature stage (DenseNet ``features.norm5``, ResNet ``layer4``, ...)."""
-    return model.backbone.get_submodule(model.backbone.feature_info[-1]["module"])
+    """A trained fold model ``work/cnn/<key>/fold<k>.pt`` -> ``(model in eval mode on device, meta)``; the
+    model carries ``.spec`` (:func:`ichdlib.checkpoints.load_checkpoint`)."""
+    model = load_checkpoint(path, device)
+    if not isinstance(model.spec, CnnSpec):
+        raise ValueError(f"{path}: a {model.spec.kind} checkpoint, not a 2D CNN")
+    return model, model.meta

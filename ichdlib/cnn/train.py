@@ -34,10 +34,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ichdlib.cnn import distributed as D
 from ichdlib.cnn.data import (
@@ -55,6 +57,7 @@ from ichdlib.files import atomic_write, save_parquet
 from ichdlib.ingest.native import open_slices
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
+from ichdlib.layout import ModelDir
 from ichdlib.locks import output_lock
 from ichdlib.metrics import per_class_auc, prior_baseline, weighted_log_loss
 from ichdlib.progress import TrainingProgress
@@ -62,6 +65,7 @@ from ichdlib.resources import check_training_memory
 from ichdlib.runtime import amp_mode, cpu_threads, derive_seed, prepare_model, save_torch
 from ichdlib.runtime import autocast as _autocast
 from ichdlib.spec import ModelSpec
+from ichdlib.stages import StageReport
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
                "images_per_s", "seconds", "val_kind", "val_images", "val_images_per_s"]
@@ -71,8 +75,8 @@ LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" f
 # Small shared pieces
 # --------------------------------------------------------------------------------------------------
 def cnn_dir(P: Params, cfg: BackboneCfg) -> Path:
-    """``work/<run>/cnn/<key>``."""
-    return P.work_dir / "cnn" / cfg.key
+    """``work/<run>/cnn/<key>`` (:meth:`ichdlib.layout.RunLayout.cnn`)."""
+    return P.layout.cnn(cfg.key).path
 
 
 def lr_at(cnn: CnnCfg, base_lr: float, epochs: int, epoch: int, step: int = 0, steps: int = 1) -> float:
@@ -114,7 +118,6 @@ def init_bias(model: CnnNet, y: np.ndarray) -> None:
 def ddp_wrap(model: CnnNet, P: Params, device: str) -> torch.nn.Module:
     """The training runner under torchrun: ``model`` (optionally with SyncBatchNorm, CUDA only) in
     DistributedDataParallel, compiled if asked for on CUDA. Call only when :func:`ichdlib.cnn.distributed.is_dist`."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     cuda = torch.device(device).type == "cuda"
     if P.cnn.sync_bn:
@@ -175,11 +178,9 @@ class _Fold:
     """File names of one fold."""
 
     def __init__(self, out: Path, fold: int) -> None:
-        self.best = out / f"fold{fold}.pt"
-        self.last = out / f"fold{fold}_last.pt"
-        self.log = out / f"fold{fold}_log.csv"
-        self.val = out / f"fold{fold}_val.parquet"
-        self.test = out / f"fold{fold}_test.parquet"
+        d = ModelDir(out)
+        self.best, self.last, self.log = d.checkpoint(fold), d.last(fold), d.log(fold)
+        self.val, self.test = d.val(fold), d.test_part(fold)
 
     def all(self) -> list[Path]:
         return [self.best, self.last, self.log, self.val, self.test]
@@ -244,7 +245,7 @@ def open_fold(files: _Fold, config: dict[str, Any], fold: int, force: bool, stag
     if diff:
         raise ValueError(
             f"{files.last} was trained with other settings ({'; '.join(diff)}). Pass force=True "
-            f"(notebook: overrides={{'force': ['{stage}']}}) to retrain, or give the model a new `tag`.")
+            f"(notebook {stage}: force = True) to retrain, or give the model a new `tag`.")
     if _fold_finished(files):
         return state, fold_result(fold, "skipped", state["meta"])
     return state, None
@@ -531,10 +532,10 @@ def _load_inputs(P: Params, cfg: BackboneCfg, catalog: pd.DataFrame | None,
     return catalog, cache
 
 
-def assemble_predictions(P: Params, cfg: BackboneCfg | None, cat: pd.DataFrame, out: Path | None = None) -> dict[str, Any]:
-    """Write ``oof.parquet`` (when every fold is done) and ``test.parquet`` (mean over the done folds) in
-    ``out`` (default the backbone's folder; the 3D stage passes its own)."""
-    out = out or cnn_dir(P, cfg)
+def assemble_predictions(P: Params, d: ModelDir, cat: pd.DataFrame) -> dict[str, Any]:
+    """Write ``oof.parquet`` (when every fold is done) and ``test.parquet`` (mean over the done folds) in the
+    model folder ``d`` (a backbone's ``P.layout.cnn(key)``, or the 3D member's ``P.layout.cnn3d(key)``)."""
+    out = d.path
     train_cat = cat[cat["split"] == "train"]
     all_folds = sorted(int(f) for f in train_cat["fold"].unique())
     done = [k for k in all_folds if _fold_finished(_Fold(out, k))]
@@ -542,7 +543,7 @@ def assemble_predictions(P: Params, cfg: BackboneCfg | None, cat: pd.DataFrame, 
     if not done:
         return result
     if result["complete"]:
-        parts = [pd.read_parquet(out / f"fold{k}_val.parquet").assign(fold=k) for k in done]
+        parts = [pd.read_parquet(d.val(k)).assign(fold=k) for k in done]
         oof = pd.concat(parts, ignore_index=True)
         if oof["sop_uid"].duplicated().any():
             raise ValueError(f"{out}: a slice appears in the validation files of two folds")
@@ -552,19 +553,19 @@ def assemble_predictions(P: Params, cfg: BackboneCfg | None, cat: pd.DataFrame, 
                              "retrain with force=True")
         oof = oof[["sop_uid", "fold", *LABELS]]
         oof["fold"] = oof["fold"].astype(int)
-        save_parquet(oof, out / "oof.parquet")
-        result["oof"] = out / "oof.parquet"
+        save_parquet(oof, d.oof)
+        result["oof"] = d.oof
     te = cat.loc[cat["split"] == "test", ["sop_uid"]].reset_index(drop=True)
     stack = []
     for k in done:
-        t = pd.read_parquet(out / f"fold{k}_test.parquet")
+        t = pd.read_parquet(d.test_part(k))
         if not t["sop_uid"].reset_index(drop=True).equals(te["sop_uid"]):
-            raise ValueError(f"{out / f'fold{k}_test.parquet'}: rows do not match the catalog's test slices; "
+            raise ValueError(f"{d.test_part(k)}: rows do not match the catalog's test slices; "
                              "retrain with force=True")
         stack.append(t[list(LABELS)].to_numpy())
     mean = np.mean(stack, axis=0) if stack else np.zeros((len(te), len(LABELS)))
-    save_parquet(probs_frame(te["sop_uid"], mean), out / "test.parquet")
-    result["test"] = out / "test.parquet"
+    save_parquet(probs_frame(te["sop_uid"], mean), d.test)
+    result["test"] = d.test
     return result
 
 
@@ -583,25 +584,26 @@ def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str |
 
     t0 = time.perf_counter()
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
-    out = cnn_dir(P, backbone_cfg)
+    d = P.layout.cnn(backbone_cfg.key)
+    out = d.path
     summary: dict[str, Any] = {"key": backbone_cfg.key, "dir": str(out), "folds": {}}
     with cpu_threads(P), TrainingProgress(backbone_cfg.key) as progress:
         for k in fold_numbers(P, cat, folds):
             # one writer per fold: a second job on the same fold stops at once and names the holder
-            with D.main_lock(out / f"fold{k}", what=f"train {backbone_cfg.key} fold {k}"):
+            with D.main_lock(d.fold_lock(k), what=f"train {backbone_cfg.key} fold {k}"):
                 summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force, origin=origin,
                                                  progress=progress)
-    return complete_summary(P, cat, out, summary, t0)
+    return complete_summary(P, cat, d, summary, t0)
 
 
-def complete_summary(P: Params, cat: pd.DataFrame, out: Path, summary: dict[str, Any], t0: float) -> dict[str, Any]:
-    """After the folds (2D or 3D, in ``out``): assemble the OOF/test tables, one provenance line, OOF scores,
-    seconds since ``t0``."""
+def complete_summary(P: Params, cat: pd.DataFrame, d: ModelDir, summary: dict[str, Any], t0: float) -> dict[str, Any]:
+    """After the folds (2D or 3D, in the model folder ``d``): assemble the OOF/test tables, one provenance
+    line, OOF scores, seconds since ``t0``."""
     # fold jobs sharing the folder assemble one at a time; the one that sees every fold writes oof.parquet
     assembled = None
     if D.is_main():
-        with output_lock(out / "oof.parquet", what=f"assemble {summary['key']}", wait=600):
-            assembled = assemble_predictions(P, None, cat, out=out)
+        with output_lock(d.oof, what=f"assemble {summary['key']}", wait=600):
+            assembled = assemble_predictions(P, d, cat)
     summary.update(D.broadcast_object(assembled))
     summary["provenance"] = "; ".join(
         f"fold {k}: {f['status']}, {describe_provenance(f.get('provenance'))}" for k, f in summary["folds"].items())
@@ -613,6 +615,16 @@ def complete_summary(P: Params, cat: pd.DataFrame, out: Path, summary: dict[str,
 def train_all(P: Params, force: bool = False) -> list[dict[str, Any]]:
     """:func:`train_cnn` for every backbone in ``P.cnn.backbones``."""
     return [train_cnn(P, cfg, force=force) for cfg in P.cnn.backbones]
+
+
+def run_stage(P: Params, force: bool = False, *, backbones: list[BackboneCfg] | None = None,
+              folds: Iterable[int] | str | None = None, origin: str = "train_cnn") -> StageReport:
+    """Stage 02 (:data:`ichdlib.stages.STAGES`): :func:`train_cnn` for ``backbones`` (default every one of
+    ``cnn.backbones``); the report's ``result`` is the list of their summaries."""
+    summaries = [train_cnn(P, b, folds=folds, force=force, origin=origin) for b in (backbones or P.cnn.backbones)]
+    rows = [{"backbone": s["key"], "folds done": len(s.get("folds_done", s["folds"])), "oof wLL": s.get("oof_wll"),
+             "prior wLL": s.get("prior_wll"), "seconds": s["seconds"]} for s in summaries]
+    return StageReport("cnn", rows, result=summaries)
 
 
 def read_logs(P: Params, cfg: BackboneCfg) -> pd.DataFrame:
@@ -628,7 +640,6 @@ def read_logs(P: Params, cfg: BackboneCfg) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 def plot_schedule(P: Params, cfg: BackboneCfg, steps_per_epoch: int = 20) -> Any:
     """The learning rate over training (per step) for ``cfg``'s epochs and ``P.cnn.schedule``."""
-    import matplotlib.pyplot as plt
 
     x = np.arange(cfg.epochs * steps_per_epoch) / steps_per_epoch
     lr = [lr_at(P.cnn, cfg.lr, cfg.epochs, int(e), int(round((e % 1) * steps_per_epoch)), steps_per_epoch)
@@ -642,7 +653,6 @@ def plot_schedule(P: Params, cfg: BackboneCfg, steps_per_epoch: int = 20) -> Any
 
 def plot_curves(logs: pd.DataFrame, prior_wll: float | None = None, title: str = "") -> Any:
     """Per-fold training loss and validation weighted log loss / mean AUC by epoch."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for fold, g in logs.groupby("fold"):

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ichdlib.cnn.data import AIR_HU, DeviceAugment, epoch_rng
+from ichdlib.cnn.data import AIR_HU, DeviceAugment, SliceDataset, epoch_rng
 from ichdlib.labels import LABELS
 from ichdlib.windows import recipe_windows, window_torch
 
@@ -115,13 +115,9 @@ class CropDataset(torch.utils.data.Dataset):
 
     # a memmap must not be pickled into worker processes: reopen it there (as the 2D dataset does)
     def __getstate__(self) -> dict[str, Any]:
-        from ichdlib.cnn.data import SliceDataset
-
         return SliceDataset.__getstate__(self)  # type: ignore[arg-type]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from ichdlib.cnn.data import SliceDataset
-
         SliceDataset.__setstate__(self, state)  # type: ignore[arg-type]
 
 

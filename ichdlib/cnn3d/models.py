@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.networks.nets import resnet
+from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 from torch import nn
 
+from ichdlib.checkpoints import register_builder
+from ichdlib.cnn.models import WeightsError, read_state_dict
 from ichdlib.labels import LABELS
 from ichdlib.spec import NORMALISATION, VolumeSpec
 
@@ -49,9 +53,6 @@ class Net3d(nn.Module):
 
     def __init__(self, depth: int = 18, in_chans: int = 3, num_classes: int = len(LABELS), widen: float = 1.0) -> None:
         super().__init__()
-        from monai.networks.nets import resnet
-        from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
-
         bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(depth)
         build = {10: resnet.resnet10, 18: resnet.resnet18, 34: resnet.resnet34}[int(depth)]
         self.trunk = build(spatial_dims=3, n_input_channels=in_chans, num_classes=num_classes, conv1_t_size=7,
@@ -76,8 +77,10 @@ class Net3d(nn.Module):
         return self.head(f.transpose(1, 2))    # (B, n, 6)
 
 
+@register_builder("cnn3d")
 def build_net3d(spec: VolumeSpec) -> Net3d:
-    """The architecture a spec describes (random weights)."""
+    """The architecture a spec describes (random weights); the 3D builder of :func:`ichdlib.checkpoints.build_model`
+    (checkpoints of kind ``cnn3d`` load through :func:`ichdlib.checkpoints.load_checkpoint`)."""
     return Net3d(spec.depth, spec.in_chans, spec.num_classes, spec.widen)
 
 
@@ -86,8 +89,6 @@ def load_medicalnet(model: Net3d, path: str | Path) -> dict[str, Any]:
     dict, ``module.`` prefixes allowed; never downloaded). MedicalNet's conv1 reads one channel: its kernel is
     spread over the window channels (divided by their number). Raises :class:`WeightsLayoutError` (one line)
     when the file is not a MedicalNet ResNet of this depth. Returns ``{"loaded", "adapted"}``."""
-    from ichdlib.cnn.models import WeightsError, read_state_dict
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsLayoutError(f"{path}: cnn3d.pretrained weights file not found (it is never downloaded)")
@@ -115,23 +116,6 @@ def load_medicalnet(model: Net3d, path: str | Path) -> dict[str, Any]:
         adapted.append("conv1.weight")
     model.trunk.load_state_dict({k: state[k] for k in wanted}, strict=False)
     return {"loaded": len(wanted), "adapted": adapted}
-
-
-def read_checkpoint3d(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state_dict, meta)`` of a 3D fold checkpoint (the 2D reader, then the 3D spec checked)."""
-    from ichdlib.cnn.models import read_checkpoint
-
-    state, meta = read_checkpoint(path)
-    VolumeSpec.from_meta(meta)
-    return state, meta
-
-
-def build_from_meta3d(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> Net3d:
-    """The fold model a checkpoint meta describes, with ``state`` loaded when given."""
-    model = build_net3d(VolumeSpec.from_meta(meta))
-    if state is not None:
-        model.load_state_dict(state)
-    return model
 
 
 def cam_target_layer3d(model: Net3d) -> nn.Module:

@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 
 from ichdlib.labels import LABELS
+from ichdlib.metrics import per_class_auc, weighted_log_loss
 
 
 def plot_study_strips(cat: pd.DataFrame, probs: dict[str, pd.DataFrame], studies: list[str], label: str = "any") -> Any:
     """One panel per study: ``label`` probability per slice (z order) of each named prediction table (indexed by
     ``sop_uid``) and the truth as grey bars."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting libraries load only to draw)
 
     fig, axes = plt.subplots(1, len(studies), figsize=(4.2 * len(studies), 2.8), squeeze=False)
     for ax, uid in zip(axes[0], studies, strict=True):
@@ -34,8 +35,6 @@ def plot_study_strips(cat: pd.DataFrame, probs: dict[str, pd.DataFrame], studies
 
 def oof_table(y: np.ndarray, preds: dict[str, np.ndarray]) -> pd.DataFrame:
     """Weighted log loss and per-class AUC of each named OOF prediction ``(N, 6)`` against ``y``."""
-    from ichdlib.metrics import per_class_auc, weighted_log_loss
-
     rows = []
     for name, p in preds.items():
         auc = per_class_auc(y, p)

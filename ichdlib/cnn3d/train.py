@@ -61,14 +61,15 @@ from ichdlib.progress import TrainingProgress
 from ichdlib.runtime import amp_mode, derive_seed, torch_threads
 from ichdlib.runtime import autocast as _autocast
 from ichdlib.spec import VolumeSpec
+from ichdlib.stages import StageReport
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_wll", "val_bce", *[f"auc_{c}" for c in LABELS], "auc_mean",
                "slices_per_s", "seconds", "val_slices", "val_slices_per_s"]
 
 
 def cnn3d_dir(P: Params) -> Path:
-    """``work/<run>/cnn3d/<key>``."""
-    return P.work_dir / "cnn3d" / P.cnn3d.key
+    """``work/<run>/cnn3d/<key>`` (:meth:`ichdlib.layout.RunLayout.cnn3d`)."""
+    return P.layout.cnn3d(P.cnn3d.key).path
 
 
 def run_config3d(P: Params, cache_size: int, train_rows: pd.DataFrame) -> dict[str, Any]:
@@ -225,23 +226,36 @@ def train_cnn3d(P: Params, folds: Iterable[int] | str | None = None, force: bool
     ``oof_wll`` beside ``prior_wll`` and per-class AUC. ``catalog``/``cache`` default to the run's catalog and
     its HU cache at ``cnn3d.size`` (memory-mapped: studies are read one crop or one study at a time)."""
     t0 = time.perf_counter()
-    cat = catalog if catalog is not None else load_catalog(P.work_dir)
+    cat = catalog if catalog is not None else load_catalog(P.layout.work)
     if cache is None:
         cache = open_slices(P, P.cnn3d.size, cat)
     if cache.shape[-1] != P.cnn3d.size:
         raise ValueError(f"cache images are {cache.shape[-1]} px but cnn3d.size is {P.cnn3d.size}")
-    out = cnn3d_dir(P)
     key = P.cnn3d.key
-    summary: dict[str, Any] = {"key": key, "dir": str(out), "folds": {}}
+    d = P.layout.cnn3d(key)
+    summary: dict[str, Any] = {"key": key, "dir": str(d.path), "folds": {}}
     want = P.cnn3d.folds if folds is None else folds
     with torch_threads(P.cnn3d.cpu_threads, P.torch_device()), TrainingProgress(f"3D {key}") as progress:
         for k in fold_numbers(P, cat, want):
-            with D.main_lock(out / f"fold{k}", what=f"train cnn3d {key} fold {k}"):
+            with D.main_lock(d.fold_lock(k), what=f"train cnn3d {key} fold {k}"):
                 summary["folds"][k] = train_fold3d(P, k, cat, cache, force=force, origin=origin, progress=progress)
-    return complete_summary(P, cat, out, summary, t0)
+    return complete_summary(P, cat, d, summary, t0)
+
+
+def run_stage(P: Params, force: bool = False, *, folds: Iterable[int] | str | None = None,
+              origin: str = "train_cnn3d") -> StageReport:
+    """Stage 02b (:data:`ichdlib.stages.STAGES`): :func:`train_cnn3d`; the report's ``result`` is its summary
+    (nothing to do when ``cnn3d.enabled`` is false: an empty report)."""
+    if not P.cnn3d.enabled:
+        return StageReport("cnn3d", [], result=None)
+    s = train_cnn3d(P, folds=folds, force=force, origin=origin)
+    rows = [{"model": s["key"], "folds done": len(s.get("folds_done", s["folds"])), "oof wLL": s.get("oof_wll"),
+             "prior wLL": s.get("prior_wll"), "seconds": s["seconds"]}]
+    return StageReport("cnn3d", rows, result=s)
 
 
 def read_logs3d(P: Params) -> pd.DataFrame:
     """Every fold's per-epoch log with a ``fold`` column (empty if none yet)."""
-    frames = [pd.read_csv(p).assign(fold=int(p.name[4:].split("_")[0])) for p in sorted(cnn3d_dir(P).glob("fold*_log.csv"))]
+    d = P.layout.cnn3d(P.cnn3d.key)
+    frames = [pd.read_csv(d.log(k)).assign(fold=k) for k in range(P.ingest.folds) if d.log(k).is_file()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*LOG_COLUMNS, "fold"])

@@ -16,6 +16,7 @@ import pandas as pd
 from ichdlib.config import Params
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
+from ichdlib.stats import paired_wll
 
 
 def offered_members(P: Params) -> list[str]:
@@ -36,8 +37,6 @@ def offer_member(stages: dict[str, Any], members: list[str], name: str, method: 
     :func:`ichdlib.ensemble.blend.blend`); return the better blend, its members and the decision (``taken``,
     both OOF scores, ``weight``, the paired difference with its bootstrap interval over ``groups`` (patients,
     by ``sop_uid``; :func:`ichdlib.stats.paired_wll`), ``note``: one sentence)."""
-    from ichdlib.stats import paired_wll
-
     without = without or blend_fn([stages[m] for m in members], method, y_oof)
     with_it = blend_fn([stages[m] for m in [*members, name]], method, y_oof)
     a, b = _oof_wll(without, y_oof), _oof_wll(with_it, y_oof)
@@ -63,7 +62,7 @@ def blended_members(P: Params, members: list[str]) -> list[str]:
     offered = offered_members(P)
     if not offered:
         return members
-    path = P.reports_dir / "metrics.json"
+    path = P.layout.metrics
     sub = json.loads(path.read_text()).get("submission", {}) if path.is_file() else {}
     taken = [m for m in offered if (sub.get("offered") or {}).get(m, {}).get("taken")]
     return members + taken

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ichdlib.files import read_json, write_json
 from ichdlib.ingest.dicom import DicomReadError, fix_stored, read_hu, read_stored, rescale
+from ichdlib.layout import RunLayout
 from ichdlib.runtime import LazyPool, run_tasks
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ _SAVE_EVERY_S = 1.0
 
 def cache_path(work: str | os.PathLike, size: int) -> Path:
     """``WORK/cache_<size>.npy``."""
-    return Path(work) / f"cache_{int(size)}.npy"
+    return RunLayout.of_work(work).cache(size)
 
 
 def _partial(final: Path) -> Path:
@@ -187,7 +188,7 @@ def finish_cache(work: str | os.PathLike, size: int) -> None:
 
 def remove_caches(work: str | os.PathLike) -> None:
     """Delete every cache, partial cache and sidecar in ``work`` (they belong to an older catalog)."""
-    for p in Path(work).glob("cache_*"):
+    for p in RunLayout.of_work(work).caches():
         if p.is_file() and (p.suffix in {".npy", ".partial", ".json", ".tmp"}):
             p.unlink()
 

@@ -26,13 +26,13 @@ import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ichdlib.config import IngestCfg, check_values, load_params
+from ichdlib.config import IngestCfg, Params, check_values, load_params
 from ichdlib.files import atomic_write, read_json, write_json
 from ichdlib.ingest import cache as _cache
 from ichdlib.ingest.dicom import read_headers
@@ -53,12 +53,10 @@ from ichdlib.ingest.validity import list_files, slice_problem
 from ichdlib.labels import LABELS, read_labels
 from ichdlib.locks import output_lock
 from ichdlib.runtime import LazyPool, run_tasks
+from ichdlib.stages import StageReport
 
 #: Modules the ingest pool's workers import once (forkserver preload).
 INGEST_MODULES = ("ichdlib.ingest.dicom", "ichdlib.ingest.cache", "ichdlib.ingest.catalog")
-
-if TYPE_CHECKING:
-    from ichdlib.config import Params
 
 _VERSION = 1
 
@@ -123,7 +121,7 @@ def assign_folds(cat: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
 
     Test rows get -1. Raises ``ValueError`` when there are fewer patients than folds.
     """
-    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold  # noqa: PLC0415  (scikit-learn/SciPy load only to fit)
 
     out = np.full(len(cat), -1, dtype=np.int64)
     train = cat["split"].to_numpy() == "train"
@@ -450,13 +448,13 @@ def ingest(
     root = params.data_root
     p = params.paths
     if params.synth.enabled:
-        from ichdlib.phantom.synth import ensure_phantom
+        from ichdlib.phantom.synth import ensure_phantom  # noqa: PLC0415  (the phantom loads only for synth.enabled, never for real data)
 
         ensure_phantom(params, progress=progress)
     i = params.ingest
     return build_catalog(
         root,
-        params.work_dir,
+        params.layout.work,
         size=i.size if size is None else size,
         workers=i.workers,
         folds=i.folds,
@@ -473,24 +471,41 @@ def ingest(
     )
 
 
+def run_stage(P: Params, force: bool = False, *, progress: bool = True) -> StageReport:
+    """Stage 01 (:data:`ichdlib.stages.STAGES`): :func:`ingest`; the report's ``result`` is the catalog."""
+    cat = ingest(P, force=force, progress=progress)
+    q = load_quarantine(P.layout.work)
+    rows = [{"split": split, "slices": int((cat["split"] == split).sum()),
+             "studies": int(cat.loc[cat["split"] == split, "study_uid"].nunique())} for split in ("train", "test")]
+    rows.append({"split": "quarantined", "slices": len(q), "studies": None})
+    return StageReport("ingest", rows, result=cat)
+
+
 def ensure_cache(params: Params, size: int, force: bool = False) -> np.memmap:
     """Open the cache at ``size`` for ``params``' work folder, building it from the catalog when missing."""
-    final = _cache.cache_path(params.work_dir, size)
+    final = params.layout.cache(size)
     if force or not final.is_file() or _cache._sidecar(final).exists():
         ingest(params, force=False, size=size, rebuild_cache=force)
-    return _cache.open_cache(params.work_dir, size)
+    return _cache.open_cache(params.layout.work, size)
 
 
 # -- command line ----------------------------------------------------------------------------------
+def _cli_defaults() -> dict[str, Any]:
+    """``ichd ingest``'s defaults without ``--params``: the params schema's (``ingest`` section, ``seed``)."""
+    d = {name: f.default for name, f in IngestCfg.model_fields.items()}
+    return {"size": d["size"], "workers": d["workers"], "folds": d["folds"], "seed": Params.model_fields["seed"].default}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ichd ingest``."""
     parser.add_argument("--params", help="params YAML (paths and ingest section); flags below override it")
     parser.add_argument("--root", help="data folder in the RSNA layout (stage_2_train/, stage_2_test/, CSVs)")
     parser.add_argument("--work", help="output folder for catalog.parquet, quarantine.csv, cache_<size>.npy")
-    parser.add_argument("--size", type=int, help="cache image size in pixels (default 256)")
-    parser.add_argument("--workers", type=int, help="worker processes; 0 = one per CPU core (default)")
-    parser.add_argument("--folds", type=int, help="number of patient folds (default 5)")
-    parser.add_argument("--seed", type=int, help="fold seed (default 42)")
+    d = _cli_defaults()
+    parser.add_argument("--size", type=int, help=f"cache image size in pixels (default {d['size']})")
+    parser.add_argument("--workers", type=int, help=f"worker processes; 0 = one per CPU core (default {d['workers']})")
+    parser.add_argument("--folds", type=int, help=f"number of patient folds (default {d['folds']})")
+    parser.add_argument("--seed", type=int, help=f"fold seed (default {d['seed']})")
     parser.add_argument(
         "--skip-ids", default=None, help="comma-separated IDs to leave out, e.g. ID_6431af929"
     )
@@ -523,19 +538,18 @@ def cli(args: argparse.Namespace) -> int:
         if paths:
             over["paths"] = paths
         params = load_params(args.params, over)
-        work = params.work_dir
+        work = params.layout.work
         cat = ingest(params, force=args.force, progress=not args.no_progress, wait=args.wait)
     else:
         if not args.root or not args.work:
             raise ValueError("give --root and --work (or --params)")
         work = Path(args.work)
+        d = _cli_defaults()
         cat = build_catalog(
             args.root,
             work,
-            size=256 if args.size is None else args.size,  # 0 or -5 are errors, not "use the default"
-            workers=0 if args.workers is None else args.workers,
-            folds=5 if args.folds is None else args.folds,
-            seed=42 if args.seed is None else args.seed,
+            # the schema's defaults; 0 or -5 are errors, not "use the default"
+            **{k: d[k] if getattr(args, k) is None else getattr(args, k) for k in ("size", "workers", "folds", "seed")},
             skip_ids=skip or (),
             force=args.force,
             progress=not args.no_progress,

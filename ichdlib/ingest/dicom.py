@@ -335,7 +335,7 @@ def _decode_error(path: Path, ts: UID, exc: Exception) -> DicomReadError:
     msg = f"{type(exc).__name__}: {exc}".split("\n")[0]
     if ts.is_compressed:
         try:
-            from pydicom.pixels import get_decoder
+            from pydicom.pixels import get_decoder  # noqa: PLC0415  (DICOM libraries load only to read or write DICOM)
 
             available = get_decoder(ts).is_available
         except NotImplementedError:

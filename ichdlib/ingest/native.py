@@ -172,8 +172,7 @@ def open_slices(P: Params, size: int, catalog: pd.DataFrame | None = None) -> An
     if int(size) <= int(P.ingest.size):
         return ensure_cache(P, size)
     if catalog is None:
-
-        catalog = load_catalog(P.work_dir)
+        catalog = load_catalog(P.layout.work)
     return DicomSlices(catalog, size)
 
 

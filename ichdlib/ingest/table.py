@@ -14,6 +14,7 @@ import pandas as pd
 
 from ichdlib.ingest.cache import DECODE_COLUMNS
 from ichdlib.labels import LABELS
+from ichdlib.layout import CATALOG, INGEST_REPORT, INGEST_STATE, QUARANTINE
 
 CATALOG_COLUMNS = [
     "sop_uid",
@@ -47,12 +48,8 @@ HEADER_COLUMNS = [
     "pixel_nbytes",
 ]
 QUARANTINE_COLUMNS = ["sop_uid", "path", "split", "reason"]
-CATALOG, QUARANTINE, REPORT, STATE = (
-    "catalog.parquet",
-    "quarantine.csv",
-    "ingest_report.json",
-    "ingest_state.json",
-)
+#: File names in the work folder (:mod:`ichdlib.layout`, where the run layout is spelled).
+REPORT, STATE = INGEST_REPORT, INGEST_STATE
 _SPLITS = ("train", "test")
 
 

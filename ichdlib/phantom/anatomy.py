@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 from ichdlib.labels import SUBTYPES
@@ -193,7 +194,6 @@ class _Head:
     def cells(self, win) -> np.ndarray:
         """A fixed random texture in [0, 1] (about 2 mm blobs) for air cells, on window ``win``."""
         if self._cells is None:
-            import cv2
 
             rows, cols = self.u.shape
             n = max(4, int(rows * self.ps / 2.0)), max(4, int(cols * self.ps / 2.0))
@@ -205,7 +205,6 @@ class _Head:
 
     def lowfreq_at(self, k: float, shape: tuple[int, int]) -> np.ndarray:
         """Smooth parenchymal variation for slice position ``k`` (in units of 5 slices)."""
-        import cv2
 
         g = self.lowfreq
         k = min(max(k, 0.0), g.shape[0] - 1.001)
@@ -228,6 +227,7 @@ def _paint(img: np.ndarray, win, value, m) -> None:
 def _max_into(acc: np.ndarray, win, m) -> None:
     if m is not None:
         np.maximum(acc[win], m, out=acc[win])
+
 
 class _Slice:
     """The arrays of one rendered slice that lesions reuse (sulci, ventricles, cisterns, brain masks)."""
@@ -262,7 +262,6 @@ def render_slice(head: _Head, s: float, k: int, lesions: list[Lesion], min_px: i
     ``slab`` is half the slice thickness in head-height units: lesions that fill only part of the slab are
     drawn at the size of that part's middle level with proportionally lower contrast (partial volume).
     """
-    import cv2
 
     H = head
     sl = _Slice(H, s)
@@ -445,6 +444,7 @@ def render_slice(head: _Head, s: float, k: int, lesions: list[Lesion], min_px: i
         img = cv2.GaussianBlur(img, (0, 0), sig)
     return img, mask
 
+
 def _skull_base(H: _Head, sl: _Slice, img: np.ndarray, base: np.ndarray, m_cran: np.ndarray) -> None:
     """Paint the lowest slices: orbits and ethmoid cells in front, sphenoid sinus, clivus, petrous bones
     with mastoid air cells; ``base`` receives where bone/face replaces brain."""
@@ -508,7 +508,6 @@ def _edema(H: _Head, les: Lesion, mem: np.ndarray, f: float) -> np.ndarray:
 
 
 def _dilate(m: np.ndarray, r: int) -> np.ndarray:
-    import cv2
 
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     return cv2.dilate(m.astype(np.float32), k)
@@ -597,7 +596,6 @@ class RenderedStudy:
 def render_study(plan: Any) -> RenderedStudy:
     """Render every slice of a planned study (a :class:`ichdlib.phantom.synth.StudyPlan`; before the
     missing-slice quirk drops one)."""
-    import cv2
 
     rng = np.random.default_rng([plan.seed, 7])
     head = _Head(plan, rng)

@@ -6,15 +6,16 @@ import io
 import os
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom import config as pd_config
+from pydicom.datadict import dictionary_has_tag, tag_for_keyword
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from ichdlib.files import write_bytes
-
-if TYPE_CHECKING:
-    pass
-
 
 #: Pixel encodings understood by :func:`write_ct_dicom`.
 ENCODINGS = ("signed", "unsigned", "unsigned12", "wrap12", "monochrome1", "monochrome1_raw")
@@ -89,11 +90,6 @@ _META_KEYS = ("sop_uid", "patient_id", "study_uid", "series_uid", "z", "position
 
 
 def _dicom_bytes(hu: np.ndarray, path: Path, meta: dict[str, Any]) -> bytes:
-    import pydicom
-    from pydicom import config as pd_config
-    from pydicom.datadict import dictionary_has_tag, tag_for_keyword
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
 
     unknown = [k for k in meta if k not in _META_KEYS and not (k[:1].isupper() and tag_for_keyword(k))]
     if unknown:

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ichdlib.labels import SUBTYPES
-
-if TYPE_CHECKING:
-    pass
-
 
 #: Mask bit ``k-1`` marks subtype ``LABELS[k]``.
 MASK_BITS: dict[str, int] = {name: 1 << i for i, name in enumerate(SUBTYPES)}
@@ -23,7 +18,6 @@ MIN_LESION_PX = 3
 #: A lesion that only partly fills the slab is drawn with its contrast scaled by the filled fraction
 #: (partial volume), so hemorrhage fades at its ends along z the way it does on 5 mm CT slices.
 MIN_SLAB_COVER = 0.25
-
 
 
 @dataclass

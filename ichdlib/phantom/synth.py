@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ichdlib.config import SynthCfg, check_values
 from ichdlib.files import write_text
 from ichdlib.labels import LABELS, SUBTYPES, wide_to_long
+from ichdlib.layout import MASKS
 from ichdlib.phantom import PHANTOM_VERSION
 from ichdlib.phantom.anatomy import render_study
 from ichdlib.phantom.encoding import ds_value, write_ct_dicom, write_mask
@@ -47,7 +50,7 @@ TEST_DIR = "stage_2_test"
 TRAIN_CSV = "stage_2_train.csv"
 SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"
 ANSWER_KEY = "answer_key.csv"
-MASK_DIR = "masks"
+MASK_DIR = MASKS
 MANIFEST = "phantom_manifest.json"
 #: Written first / last: a folder with ``COMPLETE_MARKER`` holds a finished phantom.
 PROGRESS_MARKER = ".phantom_in_progress"
@@ -268,7 +271,6 @@ def valid_uid(rsna_id: str) -> str:
     """A numeric DICOM UID (``2.25.<decimal>``, at most 64 characters) derived from an RSNA-style ``ID_<hex>``
     string: the same ID always gives the same UID, different IDs different UIDs (a name-based UUID, version 5,
     as ISO/IEC 9834-8 forms ``2.25`` UIDs)."""
-    import uuid
 
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, rsna_id).int}"
 
@@ -326,7 +328,7 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
     not for ``ichd ingest``: the Kaggle label files' IDs must read ``ID_<hex>`` (it fails there with a message
     naming the row).
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # noqa: PLC0415  (progress bars load only when shown)
 
     if studies < 2:
         raise ValueError(f"studies={studies}: need at least 2 (one patient per split)")
@@ -482,14 +484,18 @@ def ensure_phantom(params: Params, force: bool = False, progress: bool = True) -
 # Command line
 # ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ichd synth``."""
+    """Options of ``ichd synth``; the defaults are the params schema's (:class:`ichdlib.config.SynthCfg`)."""
+    d = {name: f.default for name, f in SynthCfg.model_fields.items()}
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created; an old phantom is replaced)")
-    parser.add_argument("--studies", type=int, default=60, help="number of studies (default 60)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--size", type=int, default=512, help="rows/columns of a slice (default 512)")
-    parser.add_argument("--quirks", action="store_true", help="inject the real data's problems (see the manifest)")
-    parser.add_argument("--masks", action="store_true", help="write per-slice lesion masks to masks/<sop>.npz")
-    parser.add_argument("--workers", type=int, default=0, help="processes (default 0 = one per CPU core)")
+    parser.add_argument("--studies", type=int, default=d["studies"], help=f"number of studies (default {d['studies']})")
+    parser.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
+    parser.add_argument("--size", type=int, default=d["size"], help=f"rows/columns of a slice (default {d['size']})")
+    parser.add_argument("--quirks", action=argparse.BooleanOptionalAction, default=d["quirks"],
+                        help="inject the real data's problems (see the manifest)")
+    parser.add_argument("--masks", action=argparse.BooleanOptionalAction, default=d["masks"],
+                        help="write per-slice lesion masks to masks/<sop>.npz")
+    parser.add_argument("--workers", type=int, default=d["workers"],
+                        help=f"processes (default {d['workers']} = one per CPU core)")
     parser.add_argument("--valid-uids", action="store_true",
                         help="numeric DICOM UIDs (2.25.<n>) instead of RSNA's ID_<hex> strings, as hospital data "
                              "carry (for DICOM-output/PACS tests; not ingestible, its label IDs lack 'ID_')")
@@ -497,6 +503,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """Run ``ichd synth``."""
+    check_values(SynthCfg, {k: getattr(args, k) for k in ("studies", "seed", "size", "quirks", "masks", "workers")},
+                 "ichd synth")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         man = generate_phantom(args.out, args.studies, args.seed, args.size, args.quirks, args.masks,

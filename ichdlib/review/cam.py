@@ -23,19 +23,23 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
+from ichdlib.cnn.data import center_crop_box, eval_view
 from ichdlib.labels import LABELS
+from ichdlib.registry import CAM_METHODS
 from ichdlib.windows import WINDOWS, stack_channels_torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import nn
-
+    from ichdlib.config import CamCfg
 
 log = logging.getLogger(__name__)
 
-#: ``cam.method`` -> pytorch-grad-cam class name.
-METHODS: dict[str, str] = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM"}
+#: ``cam.method`` -> pytorch-grad-cam class (the registry :data:`ichdlib.registry.CAM_METHODS`).
+METHODS = CAM_METHODS
 #: Target layers by backbone family, tried in order (matched as a dotted-name suffix, so wrapped models work).
 FAMILY_LAYERS: tuple[str, ...] = ("features.norm5", "layer4")
 #: The usual pointing-game tolerance (Zhang et al. 2016): 15 px at 224 px, as a fraction of the image side.
@@ -50,16 +54,11 @@ GROUPS: tuple[str, ...] = ("tp", "fp", "fn")
 # Target layer and hooks
 # --------------------------------------------------------------------------------------------------
 def cam_class(method: str) -> type:
-    """The pytorch-grad-cam class for ``method`` (``gradcam``, ``gradcam++`` or ``hirescam``)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
-    import pytorch_grad_cam
-
-    return getattr(pytorch_grad_cam, METHODS[method])
+    """The pytorch-grad-cam class registered for ``method`` in :data:`ichdlib.registry.CAM_METHODS`."""
+    return CAM_METHODS[method].cls()
 
 
 def _input_channels(model: nn.Module) -> int:
-    from torch import nn
 
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -70,7 +69,6 @@ def _input_channels(model: nn.Module) -> int:
 def spatial_outputs(model: nn.Module, size: int = 128) -> list[tuple[str, tuple[int, int]]]:
     """``(module name, (h, w))`` of every module with a 4-D output, in completion order, for one dummy
     ``size`` x ``size`` input (forward hooks, all removed before returning; the model's mode is kept)."""
-    import torch
 
     events: list[tuple[str, tuple[int, int]]] = []
 
@@ -172,9 +170,6 @@ def preprocess(
     :func:`ichdlib.cnn.data.eval_view` (centre crop, bilinear resize to the model size), then the recipe's
     windows (skipped when the model windows its own input with a learnable first layer), as in training.
     """
-    import torch
-
-    from ichdlib.cnn.data import eval_view
 
     x = stack_hu if isinstance(stack_hu, torch.Tensor) else torch.from_numpy(np.asarray(stack_hu))
     if x.ndim != 4 or x.shape[1] != 3:
@@ -192,10 +187,6 @@ def undo_geometry(
     the slice's rows x cols (default ``in_hw``). The map is resized into the crop's footprint and left at
     zero outside it.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from ichdlib.cnn.data import center_crop_box
 
     h, w = in_hw
     h0, w0 = out_hw or in_hw
@@ -255,8 +246,6 @@ def compute_cams(
     pytorch-grad-cam (an all-zero map stays zero). The model's mode and hooks are left as they were.
     ``target_layer`` / ``min_map``: see :func:`find_target_layer`.
     """
-    import torch
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     cls = _class_indices(classes)
     x = preprocess(stack_hu, size or int(np.shape(stack_hu)[-2]), crop, recipe, single_window, learnable)
@@ -287,3 +276,11 @@ def compute_cams(
     return undo_geometry(np.nan_to_num(out, nan=0.0), in_hw, crop, out_size)
 
 
+def explain(model: nn.Module, stack_hu: np.ndarray | torch.Tensor, classes: Iterable[str | int] | None,
+            cam: CamCfg, out_size: tuple[int, int] | None = None) -> np.ndarray:
+    """The one way slices are explained (notebook 06, ``ichd predict --cam``, the DICOM outputs): the
+    preprocessing the model was trained with, from the spec it carries (``model.spec``, see
+    :func:`ichdlib.checkpoints.load_checkpoint`), and the method, batch, target layer and coarsest map of the
+    ``cam`` params section. Returns :func:`compute_cams`' ``(B, n_classes, H, W)`` maps."""
+    return compute_cams(model, stack_hu, classes, method=cam.method, out_size=out_size, **model.spec.cam_kwargs(),
+                        batch=cam.batch, target_layer=cam.target_layer, min_map=cam.min_map)

@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from ichdlib.checkpoints import load_checkpoint
 from ichdlib.cnn3d.data import VolumeAugment, read_volume
 from ichdlib.cnn3d.models import cam_target_layer3d
 from ichdlib.config import AugmentCfg
+from ichdlib.ingest.native import open_slices
 from ichdlib.review.cam import _class_indices, cam_class, undo_geometry
 from ichdlib.spec import VolumeSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from ichdlib.config import Params
 
 
@@ -42,8 +43,6 @@ def compute_cams3d(model: Any, spec: VolumeSpec, hu: np.ndarray, classes: Iterab
                    method: str = "gradcam", out_size: tuple[int, int] | None = None) -> np.ndarray:
     """``(n, H, W)`` HU slices of one study (z order) -> ``(n, n_classes, H0, W0)`` maps in [0, 1], one per slice
     and class (``out_size`` the slices' own rows x cols, default ``(H, W)``). The model's mode is restored."""
-    import torch
-
     cls = _class_indices(classes)
     aug = VolumeAugment.from_spec(spec, AugmentCfg()).eval()
     device = next(model.parameters()).device
@@ -68,13 +67,11 @@ class Cam3dEngine:
     training study is explained by the fold model that did not see it, a test study by the first fold."""
 
     def __init__(self, P: Params, catalog: pd.DataFrame, device: str | None = None) -> None:
-        from ichdlib.ingest.native import open_slices
-
         self.P = P
-        self.dir = P.work_dir / "cnn3d" / P.cnn3d.key
-        self.folds = sorted(int(p.stem[4:]) for p in self.dir.glob("fold*.pt") if p.stem[4:].isdigit())
+        self.d = P.layout.cnn3d(P.cnn3d.key)
+        self.folds = self.d.folds()
         if not self.folds:
-            raise FileNotFoundError(f"{self.dir}: no fold<k>.pt checkpoints; run notebook 02b first")
+            raise FileNotFoundError(f"{self.d.path}: no fold<k>.pt checkpoints; run notebook 02b first")
         self.device = device or P.torch_device()
         self.catalog = catalog
         self.cache = open_slices(P, P.cnn3d.size, catalog)
@@ -84,10 +81,10 @@ class Cam3dEngine:
         if fold not in self.folds:
             fold = self.folds[0]
         if fold not in self._models:
-            from ichdlib.cnn3d.models import build_from_meta3d, read_checkpoint3d
-
-            state, meta = read_checkpoint3d(self.dir / f"fold{fold}.pt")
-            self._models[fold] = (build_from_meta3d(meta, state).to(self.device).eval(), VolumeSpec.from_meta(meta))
+            model = load_checkpoint(self.d.checkpoint(fold), self.device)
+            if not isinstance(model.spec, VolumeSpec):
+                raise ValueError(f"{self.d.checkpoint(fold)}: not a 3D checkpoint (spec kind {model.spec.kind!r})")
+            self._models[fold] = (model, model.spec)
         return self._models[fold]
 
     def cams(self, rows: pd.DataFrame, classes: Iterable[str | int] | None = None) -> list[np.ndarray]:

@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from ichdlib.ensemble.blend import blend, load_stage, read_truth, resolve_members
+from ichdlib.ensemble.outputs import read_truth
+from ichdlib.ensemble.weights import blend
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
+from ichdlib.predictions import load_stage, resolve_members
 
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.config import Params
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 def _read_probs(path: Path, prefix: str) -> pd.DataFrame:
     df = pd.read_parquet(path, columns=["sop_uid", *LABELS])
     return df.rename(columns={c: f"{prefix}{c}" for c in LABELS})
+
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,9 @@ def review_table(P: Params, key: str | None = None, catalog: pd.DataFrame | None
     ``cols``, ``path``, ``row``, ``prev_row``, ``next_row``.
     """
     if catalog is None:
-
-        catalog = load_catalog(P.work_dir)
+        catalog = load_catalog(P.layout.work)
     key = key or P.cnn.backbones[0].key
-    cnn_path = P.work_dir / "cnn" / key / "oof.parquet"
+    cnn_path = P.layout.cnn(key).oof
     if not cnn_path.is_file():
         raise FileNotFoundError(f"{cnn_path}: no 2D CNN OOF predictions; run notebook 02 first")
     cols = ["sop_uid", "study_uid", "slice_index", "n_slices", "fold", "rows", "cols", "path", "row",

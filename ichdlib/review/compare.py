@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import yaml
 
 from ichdlib.config import load_params
 from ichdlib.files import nested_get as _get
 from ichdlib.labels import LABELS
+from ichdlib.layout import RunLayout
 
 #: (split, metric path in metrics.json, column label) of the stage table.
 STAGE_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -61,15 +64,14 @@ def _read_json(path: Path) -> Any:
 def resolve_reports(spec: str | Path) -> Path:
     """The reports folder of ``spec``: a reports folder, a params YAML, or a run name under ``reports/``."""
     p = Path(spec)
+    here = RunLayout.of_reports(p)
     if p.is_file() and p.suffix in {".yaml", ".yml"}:
-
-        return load_params(p).reports_dir
-    if p.is_dir() and (p / "metrics.json").is_file():
+        return load_params(p).layout.reports
+    if p.is_dir() and here.metrics.is_file():
         return p
-    if p.is_dir() and (p / "params.yaml").is_file() and not (p / "metrics.json").exists():
-
-        return load_params(p / "params.yaml").reports_dir
-    if not p.exists() and len(p.parts) == 1 and (Path("reports") / p / "metrics.json").is_file():
+    if p.is_dir() and here.params_copies()[1].is_file() and not here.metrics.exists():
+        return load_params(here.params_copies()[1]).layout.reports
+    if not p.exists() and len(p.parts) == 1 and RunLayout.of_reports(Path("reports") / p).metrics.is_file():
         return Path("reports") / p
     what = "has no metrics.json (run notebook 05 first)" if p.is_dir() else "does not exist"
     raise FileNotFoundError(f"{spec}: {what}; give a reports folder (reports/<run>), a params file or a run name")
@@ -86,19 +88,20 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def load_run(spec: str | Path) -> Run:
     """Read a run's ``metrics.json``, ``timings.json`` (optional) and ``params.yaml`` (optional)."""
-    import yaml
 
     rep = resolve_reports(spec)
-    metrics = _read_json(rep / "metrics.json")
+    L = RunLayout.of_reports(rep)
+    metrics = _read_json(L.metrics)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("stages"), dict):
-        raise ValueError(f"{rep / 'metrics.json'}: no 'stages' table (not written by notebook 05?)")
+        raise ValueError(f"{L.metrics}: no 'stages' table (not written by notebook 05?)")
     timings: dict[str, float] = {}
-    if (rep / "timings.json").is_file():
-        raw = _read_json(rep / "timings.json")
+    if L.timings.is_file():
+        raw = _read_json(L.timings)
         timings = {k: float(v["seconds"]) for k, v in raw.items() if isinstance(v, dict) and "seconds" in v}
     params = None
-    if (rep / "params.yaml").is_file():
-        params = _flatten(yaml.safe_load((rep / "params.yaml").read_text()) or {})
+    params_file = L.params_copies()[1]
+    if params_file.is_file():
+        params = _flatten(yaml.safe_load(params_file.read_text()) or {})
     return Run(rep.resolve().name, rep, metrics, timings, params)
 
 
@@ -145,8 +148,7 @@ class Comparison:
 
     def figure(self) -> Any:
         """OOF and test weighted log loss per stage, one bar per run."""
-        import matplotlib.pyplot as plt
-        import numpy as np
+        import matplotlib.pyplot as plt  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=False)
         metric = self.stages.index.str.split(" | ", regex=False).str[1]
@@ -265,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (plotting and notebook libraries load only to draw)
 
     matplotlib.use("Agg")
     cmp = compare_runs(*args.runs)

@@ -8,16 +8,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 import pandas as pd
 
+from ichdlib.cnn.models import load_cnn
 from ichdlib.ingest.dicom import read_hu
 from ichdlib.ingest.native import open_slices
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
-from ichdlib.review.cam import compute_cams, find_target_layer
+from ichdlib.review.cam import explain, find_target_layer
 from ichdlib.runtime import cpu_threads
-from ichdlib.spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.config import Params
@@ -46,12 +47,13 @@ class CamEngine:
         if key not in backbones:
             raise ValueError(f"backbone {key!r} is not in cnn.backbones ({', '.join(backbones)})")
         self.key, self.backbone = key, backbones[key]
-        self.model_dir = P.work_dir / "cnn" / key
+        self.models_dir = P.layout.cnn(key)
+        self.model_dir = self.models_dir.path
         self.device = device or P.torch_device()
-        self.catalog = catalog if catalog is not None else load_catalog(P.work_dir)
+        self.catalog = catalog if catalog is not None else load_catalog(P.layout.work)
         self.cache = open_slices(P, self.backbone.size, self.catalog)
         self._models: dict[int, tuple[Any, dict]] = {}
-        self.folds = sorted(int(p.stem[4:]) for p in self.model_dir.glob("fold*.pt") if p.stem[4:].isdigit())
+        self.folds = self.models_dir.folds()
         if not self.folds:
             raise FileNotFoundError(f"{self.model_dir}: no fold<k>.pt checkpoints; run notebook 02 first")
 
@@ -60,15 +62,13 @@ class CamEngine:
         if fold not in self.folds:
             fold = self.folds[0]
         if fold not in self._models:
-            from ichdlib.cnn.models import load_cnn
-
-            self._models[fold] = load_cnn(self.model_dir / f"fold{fold}.pt", self.device)
+            self._models[fold] = load_cnn(self.models_dir.checkpoint(fold), self.device)
         return self._models[fold]
 
     def target_layer(self) -> str:
         """Name of the layer the maps come from (``cam.target_layer``, or chosen as in :func:`compute_cams`)."""
-        model, meta = self.model(self.folds[0])
-        size = ModelSpec.from_meta(meta).size
+        model, _ = self.model(self.folds[0])
+        size = model.spec.size
         return find_target_layer(model, self.P.cam.target_layer, size, self.P.cam.min_map)[0]
 
     def stacks(self, rows: pd.DataFrame) -> np.ndarray:
@@ -79,8 +79,6 @@ class CamEngine:
     def hu(self, rows: pd.DataFrame) -> list[np.ndarray]:
         """The slices' HU images at their own geometry (rows x cols), read from the DICOM files; for a file
         that cannot be read now, its cache row resized to that geometry (a warning says which)."""
-        import cv2
-
 
         out = []
         for _, r in rows.iterrows():
@@ -115,12 +113,9 @@ class CamEngine:
         for i, key in enumerate(zip(rows["fold"].astype(int), geo, strict=True)):
             groups.setdefault(key, []).append(i)
         for (fold, hw), pos in groups.items():
-            model, meta = self.model(int(fold))
+            model, _ = self.model(int(fold))
             with cpu_threads(self.P):  # cnn.cpu_threads on the CPU, as in training
-                maps = compute_cams(
-                    model, self.stacks(rows.iloc[pos]), cls, method=cfg.method, out_size=tuple(hw),
-                    **ModelSpec.from_meta(meta).cam_kwargs(), batch=cfg.batch, target_layer=cfg.target_layer, min_map=cfg.min_map,
-                )
+                maps = explain(model, self.stacks(rows.iloc[pos]), cls, cfg, out_size=tuple(hw))
             for j, p in enumerate(pos):
                 result[p] = maps[j]
         return result  # type: ignore[return-value]

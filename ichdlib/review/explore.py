@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
+import ipywidgets as W
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -57,7 +60,6 @@ def sample_rows(cat: pd.DataFrame, n: int, seed: int = 0) -> np.ndarray:
 
 def plot_hu_histogram(cache: np.ndarray, rows: np.ndarray, ax: Any = None) -> Any:
     """HU histogram over some cache rows with tissue bands and the three windows marked."""
-    import matplotlib.pyplot as plt
 
     ax = ax or plt.subplots(figsize=(10, 4))[1]
     hu = np.asarray(cache[rows], dtype=np.float32).ravel()
@@ -76,7 +78,6 @@ def plot_hu_histogram(cache: np.ndarray, rows: np.ndarray, ax: Any = None) -> An
 
 def zoom_hu_histogram(cache: np.ndarray, rows: np.ndarray, ax: Any = None) -> Any:
     """The brain range (-20..120 HU) of the histogram, where grey/white matter, CSF and blood separate."""
-    import matplotlib.pyplot as plt
 
     ax = ax or plt.subplots(figsize=(10, 3))[1]
     hu = np.asarray(cache[rows], dtype=np.float32).ravel()
@@ -99,7 +100,6 @@ def neighbours(cat: pd.DataFrame, i: int, cache: np.ndarray) -> tuple[np.ndarray
 
 def plot_windows(hu: np.ndarray, title: str = "") -> Any:
     """One slice as raw HU and under each window preset."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(WINDOWS) + 1, figsize=(3 * (len(WINDOWS) + 1), 3.2))
     axes[0].imshow(hu, cmap="gray", vmin=-1000, vmax=2000)
@@ -116,7 +116,6 @@ def plot_windows(hu: np.ndarray, title: str = "") -> Any:
 def plot_composite(prev: np.ndarray, cur: np.ndarray, nxt: np.ndarray, recipe: str = "seed_3window",
                    single_window: tuple[float, float] = WINDOWS["brain"], title: str = "") -> Any:
     """The three channels the network sees, and their RGB composite."""
-    import matplotlib.pyplot as plt
 
     ch = channels(prev, cur, nxt, recipe, single_window)
     names = {"seed_3window": ["brain(s-1)", "subdural(s)", "bone(s+1)"],
@@ -149,7 +148,6 @@ def subtype_examples(cat: pd.DataFrame, per_subtype: int = 2) -> pd.DataFrame:
 
 def plot_subtype_examples(cat: pd.DataFrame, cache: np.ndarray, picks: pd.DataFrame) -> Any:
     """Grid of example slices per subtype under the brain and subdural windows."""
-    import matplotlib.pyplot as plt
 
     n = max(len(picks), 1)
     fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.6), squeeze=False)
@@ -187,7 +185,6 @@ def study_montage(cat: pd.DataFrame, cache: np.ndarray, study_uid: str, window_n
     """Static view of a study: evenly spaced slices in z order with their labels (the headless browser).
 
     Slices are numbered 1..n as in the interactive browser and in notebook 06's viewer."""
-    import matplotlib.pyplot as plt
 
     g = cat[cat.study_uid == study_uid]
     idx = np.unique(np.linspace(0, len(g) - 1, min(max_slices, len(g))).round().astype(int))
@@ -212,7 +209,6 @@ def study_montage(cat: pd.DataFrame, cache: np.ndarray, study_uid: str, window_n
 
 def window_png(hu: np.ndarray, center: float, width: float) -> bytes:
     """One slice under a window as 8-bit grey PNG bytes at its native size (the browser scales it)."""
-    import cv2
 
     img = np.round(window(hu, center, width) * 255).astype(np.uint8)
     ok, buf = cv2.imencode(".png", img)
@@ -228,7 +224,6 @@ def study_browser(cat: pd.DataFrame, cache: np.ndarray, study_uid: str | None = 
     caption. Slider and caption number slices 1..n in z order, as notebook 06's viewer does; test studies
     are captioned as unlabelled. Returns the widget box; ``.controls`` and ``.render()`` serve tests.
     """
-    import ipywidgets as W
 
     studies = list(dict.fromkeys(cat.study_uid))
     wide = {"description_width": "initial"}

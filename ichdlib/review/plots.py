@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import cv2
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 
 from ichdlib.labels import LABELS
 from ichdlib.review.cam import GROUPS, OUTLINE_RGB
@@ -25,8 +28,6 @@ def overlay(hu: np.ndarray, cam: np.ndarray | None, window: tuple[float, float] 
             opacity: float = 0.5, cmap: str = "jet", outline: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8 image: the windowed slice with the CAM blended in (weighted by the map) and the ``outline``
     mask's border in magenta (a colour neither the grey image nor the jet map uses)."""
-    from matplotlib import colormaps
-
 
     gray = apply_window(hu, *window)[..., None].repeat(3, axis=-1)
     img = gray
@@ -38,7 +39,6 @@ def overlay(hu: np.ndarray, cam: np.ndarray | None, window: tuple[float, float] 
         img = (1 - a) * gray + a * heat
     out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if outline is not None and outline.any():
-        import cv2
 
         m = outline.astype(np.uint8)
         edge = m - cv2.erode(m, np.ones((3, 3), np.uint8))
@@ -65,7 +65,6 @@ def gallery_figure(cases: pd.DataFrame, hu: Sequence[np.ndarray], cams: Sequence
     ``hu[i]``, ``cams[i]`` (the map of ``cases.label[i]``) and ``masks[i]`` (bitmask or None) belong to the
     ``i``-th row of ``cases`` and share its geometry.
     """
-    import matplotlib.pyplot as plt
 
     cases = cases.reset_index(drop=True)
     # only the groups that have cases get a row: no large empty panels; the others are named in the title

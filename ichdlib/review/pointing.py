@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 import pandas as pd
 
-from ichdlib.ensemble.blend import update_metrics
+from ichdlib.ensemble.outputs import update_metrics
 from ichdlib.labels import LABELS
+from ichdlib.layout import RunLayout
 from ichdlib.progress import track
 from ichdlib.review.cam import STANDARD_TOLERANCE
 
@@ -24,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-
 def cam_peak(cam: np.ndarray) -> tuple[int, int]:
     """``(row, col)`` of a map's maximum."""
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))  # type: ignore[return-value]
@@ -33,7 +34,6 @@ def cam_peak(cam: np.ndarray) -> tuple[int, int]:
 def peak_distances(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
     """Per map: Euclidean distance in pixels from its peak to the nearest mask pixel (0 inside the mask;
     ``inf`` for an all-zero map, which has no peak, or an empty mask)."""
-    import cv2
 
     if len(cams) != len(masks):
         raise ValueError(f"pointing game: {len(cams)} maps but {len(masks)} masks")
@@ -68,7 +68,7 @@ def pointing_game(cams: Sequence[np.ndarray], masks: Sequence[np.ndarray], toler
 
 def load_mask(data_root: str | Path, sop_uid: str) -> np.ndarray | None:
     """The phantom's lesion bitmask for one slice (bit ``k-1`` = ``LABELS[k]``), or None when absent."""
-    path = Path(data_root) / "masks" / f"{sop_uid}.npz"
+    path = RunLayout(Path(), Path(), Path(data_root)).mask(sop_uid)
     if not path.is_file():
         return None
     try:
@@ -113,9 +113,10 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
     """
 
     threshold, tolerance = P.cam.threshold, P.cam.tolerance_px
-    metrics_path = P.reports_dir / "metrics.json"
-    if not (P.data_root / "masks").is_dir():
-        log.info("%s: no lesion masks; pointing game skipped", P.data_root / "masks")
+    L = P.layout
+    metrics_path = L.metrics
+    if not L.masks.is_dir():
+        log.info("%s: no lesion masks; pointing game skipped", L.masks)
         return None
     settings = {"method": P.cam.method, "backbone": engine.key, "target_layer": engine.target_layer(),
                 "threshold": threshold, "tolerance_px": tolerance}
@@ -148,7 +149,7 @@ def pointing_game_run(P: Params, engine: CamEngine, table: pd.DataFrame, force: 
         tp[lab] = (pos[f"p2d_{lab}"] >= threshold).to_numpy()
         chance[lab] = np.array([m.mean() for m in masks], dtype=float)
     if missing:
-        log.warning("pointing game: %d positive slices have no mask file under %s", missing, P.data_root / "masks")
+        log.warning("pointing game: %d positive slices have no mask file under %s", missing, L.masks)
     result = {**settings, **_rates({c: hits[c][tp[c]] for c in LABELS}),
               "standard_tolerance": _rates({c: hits_std[c][tp[c]] for c in LABELS}),
               "positives": _rates(hits), "chance": _rates(chance), "missing_masks": missing}

@@ -18,8 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import cv2
+import ipywidgets as W
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import display
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ichdlib.labels import LABELS
 from ichdlib.metrics import weighted_log_loss
@@ -92,7 +99,6 @@ def summarize(study: Study) -> dict[str, Any]:
 
 
 def _png(rgb: np.ndarray) -> bytes:
-    import cv2
 
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:  # pragma: no cover
@@ -252,8 +258,6 @@ class ViewerState:
     def _strip_base(self) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         key = (self.uid, self.label)
         if key not in self._strips:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
 
             study, k = self.study_obj(), LABELS.index(self.label)
             x = np.arange(1, study.n + 1)  # slices numbered 1..n, as on the slider and in the caption
@@ -265,7 +269,6 @@ class ViewerState:
             for (name, p), colour in zip(study.probs.items(), _STRIP_COLOURS, strict=False):
                 ax.plot(x, np.asarray(p)[:, k], ".-", color=colour, lw=1.2, ms=3, label=name)
             ax.set_xlim(0.5, study.n + 0.5)
-            from matplotlib.ticker import MaxNLocator
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylim(0, 1.02)
@@ -307,7 +310,6 @@ class SliceViewer:
     """ipywidgets front end of a :class:`ViewerState` (display it, or its ``widget``, in a notebook)."""
 
     def __init__(self, state: ViewerState, width: int = 400) -> None:
-        import ipywidgets as W
 
         self.state = state
         self._busy = False
@@ -360,7 +362,6 @@ class SliceViewer:
         self.refresh()
 
     def _ipython_display_(self) -> None:  # pragma: no cover - needs a front end
-        from IPython.display import display
 
         display(self.widget)
 
@@ -443,7 +444,6 @@ class SliceViewer:
 def static_figure(state: ViewerState, studies: Sequence[str] | None = None, slices: int = 3) -> Any:
     """A matplotlib gallery of what the viewer would show: per study, the ``slices`` slices with the highest
     final probability of the state's class (CAM overlay) and the probability strip."""
-    import matplotlib.pyplot as plt
 
     studies = list(studies or state.study_ids)
     cur = (state.uid, state.index)
@@ -478,7 +478,6 @@ def show(state: ViewerState, studies: Sequence[str] | None = None, slices: int =
     """The interactive viewer in a live notebook; a static gallery figure under papermill / headless."""
 
     if interactive():
-        from IPython.display import display
 
         viewer = SliceViewer(state)
         display(viewer.widget)

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ichdlib.checkpoints import load_checkpoint
 from ichdlib.labels import LABELS
 from ichdlib.seq.inputs import SeqInputs
-from ichdlib.seq.models import build_seq_model, model_logits
+from ichdlib.seq.models import model_logits
+from ichdlib.spec import SeqSpec
 
 
 @torch.no_grad()
@@ -41,15 +43,9 @@ def predict_studies(models: list[torch.nn.Module], inputs: SeqInputs, studies: n
 
 
 def load_seq_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A trained sequence model from ``fold<k>.pt`` (``weights_only`` load), in eval mode, and its meta."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot load sequence checkpoint ({exc})") from exc
-    meta = ckpt["meta"]
-    model = build_seq_model(meta["model"], meta["in_dim"], meta["n_cnn"], meta["x_channels"], **meta["arch"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), meta
-
-
+    """A trained sequence model from ``fold<k>.pt`` (``weights_only`` load), in eval mode, and its meta; the
+    model carries ``.spec`` (:func:`ichdlib.checkpoints.load_checkpoint`)."""
+    model = load_checkpoint(path, device)
+    if not isinstance(model.spec, SeqSpec):
+        raise ValueError(f"{path}: a {model.spec.kind} checkpoint, not a sequence model")
+    return model, model.meta

@@ -28,8 +28,10 @@ from torch.utils.data import Dataset
 from ichdlib.config import Params
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
+from ichdlib.registry import SEQ_MODELS
 
-MODELS = ("seq1", "seq2")
+#: The sequence model registry (:data:`ichdlib.registry.SEQ_MODELS`; the older name).
+MODELS = SEQ_MODELS
 SD_FLOOR = 0.1  # logit units
 
 
@@ -289,7 +291,7 @@ def epoch_plan(st: StudyTensors, studies: np.ndarray, rng: np.random.Generator, 
 
 
 def _load_catalog(P: Params) -> pd.DataFrame:
-    return load_catalog(P.work_dir)
+    return load_catalog(P.layout.work)
 
 
 def backbone_keys(P: Params) -> list[str]:
@@ -319,7 +321,7 @@ def load_inputs(P: Params, split: str, catalog: pd.DataFrame | None = None) -> S
     else:
         per_fold = []
         for key in inputs.keys:
-            path = P.work_dir / "features" / key / "test_prob_folds.npy"
+            path = P.layout.features(key).test_prob_folds
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing; rerun notebook 03 (features) for backbone {key!r}")
             arr = np.load(path)
@@ -329,7 +331,7 @@ def load_inputs(P: Params, split: str, catalog: pd.DataFrame | None = None) -> S
             per_fold.append(arr)
         folds = sorted(int(k) for k in stats["folds"])
         if len(per_fold) and per_fold[0].shape[0] != len(folds):
-            raise ValueError(f"{P.work_dir / 'features'}: {per_fold[0].shape[0]} fold models' test outputs, "
+            raise ValueError(f"{P.layout.features_root}: {per_fold[0].shape[0]} fold models' test outputs, "
                              f"but the OOF rows come from folds {folds}; rerun notebook 03")
         out = normalize_test(np.stack(per_fold, axis=2), stats, folds) if per_fold else inputs.probs
     inputs.probs, inputs.norm = out.astype(np.float32), stats
@@ -339,12 +341,12 @@ def load_inputs(P: Params, split: str, catalog: pd.DataFrame | None = None) -> S
 def _load_inputs(P: Params, split: str, catalog: pd.DataFrame | None = None) -> SeqInputs:
     cat = _load_catalog(P) if catalog is None else catalog
     rows = cat[cat["split"] == split].reset_index(drop=True)
-    prefix = "oof" if split == "train" else "test"
     feats, probs = [], []
     keys = backbone_keys(P)
     for key in keys:
-        d = P.work_dir / "features" / key
-        fpath, ppath = d / f"{prefix}_feat.npy", d / f"{prefix}_prob.parquet"
+        fd = P.layout.features(key)
+        d = fd.path
+        fpath, ppath = (fd.oof_feat, fd.oof_prob) if split == "train" else (fd.test_feat, fd.test_prob)
         for p in (fpath, ppath):
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: missing; run notebook 03 (features) for backbone {key!r}")

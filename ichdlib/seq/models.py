@@ -14,12 +14,17 @@ positions do not depend on how much padding a batch has.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ichdlib.checkpoints import register_builder
 from ichdlib.labels import LABELS, WEIGHTS
+from ichdlib.registry import SEQ_MODELS
+from ichdlib.spec import SeqSpec
 
 N_LABELS = len(LABELS)
 
@@ -169,19 +174,34 @@ class SeqModel2(nn.Module):
         return out * mask[..., None], out0
 
 
-def build_seq_model(name: str, in_dim: int, n_cnn: int, x_channels: int, *, mid: int = 512,
-                    reduce_dim: int = 128, hidden: int = 96, dropout: float = 0.5,
-                    conv: tuple[int, int] | list[int] = (512, 256), slice_input: str = "pooled",
-                    residual: bool = False) -> nn.Module:
-    """``seq1`` -> :class:`SeqModel1`; ``seq2`` -> :class:`SeqModel2` (the original's widths by default).
-    ``residual``: every head adds its output to the logit of the backbones' mean probability."""
-    if name == "seq1":
-        return SeqModel1(in_dim, n_cnn, mid=mid, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout,
-                         slice_input=slice_input, residual=residual)
-    if name == "seq2":
-        return SeqModel2(in_dim, n_cnn, x_channels, mid=mid, reduce_dim=reduce_dim, hidden=hidden,
-                         dropout=dropout, conv=tuple(conv), slice_input=slice_input, residual=residual)
-    raise ValueError(f"unknown sequence model {name!r}: expected 'seq1' or 'seq2'")
+def build_seq1(in_dim: int, n_cnn: int, x_channels: int, *, mid: int = 512, reduce_dim: int = 128,
+               hidden: int = 96, dropout: float = 0.5, conv: tuple[int, int] | list[int] = (512, 256),
+               slice_input: str = "pooled", residual: bool = False) -> nn.Module:
+    """Sequence model 1 (``x_channels`` and ``conv`` are seq2's and unused here)."""
+    return SeqModel1(in_dim, n_cnn, mid=mid, reduce_dim=reduce_dim, hidden=hidden, dropout=dropout,
+                     slice_input=slice_input, residual=residual)
+
+
+def build_seq2(in_dim: int, n_cnn: int, x_channels: int, *, mid: int = 512, reduce_dim: int = 128,
+               hidden: int = 96, dropout: float = 0.5, conv: tuple[int, int] | list[int] = (512, 256),
+               slice_input: str = "pooled", residual: bool = False) -> nn.Module:
+    """Sequence model 2."""
+    return SeqModel2(in_dim, n_cnn, x_channels, mid=mid, reduce_dim=reduce_dim, hidden=hidden,
+                     dropout=dropout, conv=tuple(conv), slice_input=slice_input, residual=residual)
+
+
+def build_seq_model(name: str, in_dim: int, n_cnn: int, x_channels: int, **arch: Any) -> nn.Module:
+    """The sequence model registered as ``name`` in :data:`ichdlib.registry.SEQ_MODELS` (``seq1`` ->
+    :class:`SeqModel1`, ``seq2`` -> :class:`SeqModel2`; the original's widths by default). ``arch``:
+    ``mid``, ``reduce_dim``, ``hidden``, ``dropout``, ``conv``, ``slice_input``, ``residual`` (every head
+    adds its output to the logit of the backbones' mean probability)."""
+    return SEQ_MODELS.load(name)(in_dim, n_cnn, x_channels, **arch)
+
+
+@register_builder("seq")
+def build_from_seq_spec(spec: SeqSpec) -> nn.Module:
+    """An untrained sequence model of a :class:`ichdlib.spec.SeqSpec` (load a state dict into it)."""
+    return build_seq_model(spec.model, spec.in_dim, spec.n_cnn, spec.x_channels, **spec.arch)
 
 
 def init_output_bias(model: nn.Module, prior: torch.Tensor | list[float]) -> None:

@@ -29,16 +29,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
 from ichdlib.cnn import distributed as D
 from ichdlib.config import Params
-from ichdlib.ensemble.blend import load_stage
 from ichdlib.files import atomic_write, save_parquet
 from ichdlib.labels import LABELS
+from ichdlib.layout import ModelDir
 from ichdlib.metrics import weighted_log_loss
+from ichdlib.predictions import load_stage
 from ichdlib.progress import TrainingProgress
 from ichdlib.runtime import derive_seed, save_torch, torch_threads
 from ichdlib.seq.infer import load_seq_model, predict_studies
@@ -52,6 +54,7 @@ from ichdlib.seq.inputs import (
     seq_arch,
 )
 from ichdlib.seq.models import build_seq_model, init_output_bias, masked_weighted_bce, model_logits
+from ichdlib.stages import StageReport
 
 # ----------------------------------------------------------------------------------------------------
 # Inputs
@@ -121,7 +124,8 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
                 signature: dict | None, progress: TrainingProgress | None = None) -> pd.DataFrame:
     cfg, device = P.seq, P.torch_device()
     signature = signature or _signature(P, model_name, inputs)
-    final, last, log_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}_last.pt", out_dir / f"fold{fold}_log.csv"
+    d = ModelDir(out_dir)
+    final, last, log_path = d.checkpoint(fold), d.last(fold), d.log(fold)
     if not force and final.is_file() and log_path.is_file():
         meta = torch.load(final, map_location="cpu", weights_only=True)["meta"]
         if meta.get("signature") == signature:
@@ -196,8 +200,9 @@ def _train_fold(P: Params, model_name: str, inputs: SeqInputs, fold: int, out_di
 
 
 def _outputs_current(out_dir: Path, signature: dict) -> bool:
-    done = out_dir / "done.json"
-    if not (done.is_file() and (out_dir / "oof.parquet").is_file() and (out_dir / "test.parquet").is_file()):
+    d = ModelDir(out_dir)
+    done = d.done
+    if not (done.is_file() and d.oof.is_file() and d.test.is_file()):
         return False
     return json.loads(done.read_text()).get("signature") == signature
 
@@ -218,15 +223,24 @@ def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
     over all fold models and both directions. Finished outputs are reused unless ``force`` (or unless the
     settings changed); an interrupted fold resumes from its last epoch.
     """
-    if model_name not in MODELS:
-        raise ValueError(f"unknown sequence model {model_name!r}: expected one of {MODELS}")
-    with D.main_lock(P.work_dir / "seq" / model_name, what=f"seq {model_name}"), \
+    MODELS.check(model_name)
+    with D.main_lock(P.layout.seq(model_name).path, what=f"seq {model_name}"), \
             torch_threads(P.seq.cpu_threads, P.torch_device()):
         return _train_seq(P, model_name, force)
 
 
+def run_stage(P: Params, force: bool = False) -> StageReport:
+    """Stage 04 (:data:`ichdlib.stages.STAGES`): :func:`train_seq` for every model of ``seq.models``; the
+    report's ``result`` is ``{model: SeqResult}``."""
+    results = {m: train_seq(P, m, force=force) for m in P.seq.models}
+    rows = [{"model": m, "oof rows": len(r.oof), "test rows": len(r.test), "folder": str(r.out_dir)}
+            for m, r in results.items()]
+    return StageReport("seq", rows, result=results)
+
+
 def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
-    out_dir = P.work_dir / "seq" / model_name
+    d = P.layout.seq(model_name)
+    out_dir = d.path
     out_dir.mkdir(parents=True, exist_ok=True)
     cat = _load_catalog(P)
     tr_in = load_inputs(P, "train", cat)
@@ -237,16 +251,15 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
     out_signature = {**signature, "test_inputs": test_digest}
     folds = sorted(set(tr_in.study_fold().tolist()))
     if not force and _outputs_current(out_dir, out_signature):
-        hist = pd.concat([pd.read_csv(out_dir / f"fold{k}_log.csv") for k in folds], ignore_index=True)
-        return SeqResult(model_name, pd.read_parquet(out_dir / "oof.parquet"),
-                         pd.read_parquet(out_dir / "test.parquet"), hist, out_dir)
+        hist = pd.concat([pd.read_csv(d.log(k)) for k in folds], ignore_index=True)
+        return SeqResult(model_name, pd.read_parquet(d.oof), pd.read_parquet(d.test), hist, out_dir)
     with TrainingProgress(model_name) as progress:
         for k in D.shard_list(folds):  # under torchrun the folds fan out across ranks (all of them alone)
             train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature, progress=progress)
     D.barrier()
     logs = [train_fold(P, model_name, tr_in, k, out_dir, signature=signature) for k in folds]  # read back
     device = P.torch_device()
-    models = [load_seq_model(out_dir / f"fold{k}.pt", device)[0] for k in folds]
+    models = [load_seq_model(d.checkpoint(k), device)[0] for k in folds]
     oof = np.full((len(tr_in.sop_uid), len(LABELS)), np.nan)
     for k, m in zip(folds, models, strict=True):
         va = fold_split(tr_in, k)[1]
@@ -259,10 +272,10 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
             else np.zeros((0, len(LABELS))))
     oof_df, test_df = _frame(tr_in, oof, True), _frame(te_in, test, False)
     if D.is_main():
-        save_parquet(oof_df, out_dir / "oof.parquet")
-        save_parquet(test_df, out_dir / "test.parquet")
+        save_parquet(oof_df, d.oof)
+        save_parquet(test_df, d.test)
         done = json.dumps({"signature": out_signature, "folds": folds}, indent=1)
-        atomic_write(out_dir / "done.json", lambda t: t.write_text(done))
+        atomic_write(d.done, lambda t: t.write_text(done))
     D.barrier()
     return SeqResult(model_name, oof_df, test_df, pd.concat(logs, ignore_index=True), out_dir)
 
@@ -284,7 +297,6 @@ def inputs_summary(train: SeqInputs, test: SeqInputs) -> pd.DataFrame:
 
 def plot_history(histories: dict[str, pd.DataFrame]):
     """Training loss and validation weighted log loss (flip TTA) per epoch, one line per fold and model."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (name, h) in enumerate(histories.items()):
@@ -304,7 +316,6 @@ def plot_history(histories: dict[str, pd.DataFrame]):
 def plot_studies(inputs: SeqInputs, preds: dict[str, pd.DataFrame], n: int = 3, label: str = "any"):
     """``label`` probability along the slices of the ``n`` training studies with the most positive slices:
     the truth, the backbones' mean and each model's OOF prediction."""
-    import matplotlib.pyplot as plt
 
     k = LABELS.index(label)
     pos = [float(inputs.y[r, k].sum()) for r in inputs.study_rows]

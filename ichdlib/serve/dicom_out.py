@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -38,17 +39,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pandas as pd
+import pydicom
+from highdicom import UID
+from highdicom.sc import SCImage
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurement,
+    TrackingIdentifier,
+)
+from pydicom import config
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from ichdlib import __version__
 from ichdlib.files import write_bytes
 from ichdlib.labels import LABELS
 from ichdlib.locks import output_lock
-from ichdlib.review.cam import compute_cams
-from ichdlib.review.plots import overlay
-from ichdlib.serve.discover import WARNING, problem, safe_name
-from ichdlib.serve.pipeline import study_cache
+from ichdlib.registry import CAM_METHODS
+from ichdlib.serve.discover import WARNING, problem
+from ichdlib.serve.pipeline import CamOverlay, explain_study, write_cam_pngs
 
 #: Said on every series written here.
 NOT_CLINICAL = "not for clinical use"
@@ -93,7 +113,6 @@ def bundle_identity(bundle: Any) -> dict[str, str]:
 def lenient_uids() -> Iterator[None]:
     """pydicom accepts RSNA's ``ID_...`` UIDs while datasets are built and written (they are the sources'
     identity and are copied as they are); its warnings about them are silenced."""
-    from pydicom import config
 
     s = config.settings
     old = s.reading_validation_mode, s.writing_validation_mode
@@ -109,7 +128,6 @@ def lenient_uids() -> Iterator[None]:
 def read_source(path: str | os.PathLike) -> Any:
     """A source slice's header (no pixels) with SOPClassUID filled from the file meta when the body lacks it
     (RSNA's files do), as references need it."""
-    import pydicom
 
     with lenient_uids():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -122,7 +140,6 @@ def read_source(path: str | os.PathLike) -> Any:
 
 
 def _new_uid() -> str:
-    from highdicom import UID
 
     return str(UID())
 
@@ -131,7 +148,6 @@ def _new_uid() -> str:
 # Structured report
 # --------------------------------------------------------------------------------------------------
 def _codes() -> dict[str, Any]:
-    from pydicom.sr.codedict import codes
 
     return {"probability": codes.DCM.Probability, "presence": codes.DCM.PresenceOfProperty, "present": codes.SCT.Present,
             "absent": codes.SCT.Absent, "maximum": codes.SCT.Maximum, "unit": codes.UCUM.NoUnits,
@@ -140,8 +156,6 @@ def _codes() -> dict[str, Any]:
 
 def finding_code(label: str) -> Any:
     """The finding-type code of a label (see the module docstring)."""
-    from highdicom.sr import CodedConcept
-    from pydicom.sr.codedict import codes
 
     if label == "any":
         return codes.SCT.IntracranialHemorrhage
@@ -152,21 +166,6 @@ def build_sr(sources: Sequence[Any], frame: pd.DataFrame, *, identity: dict[str,
              labels: Sequence[str]) -> Any:
     """The Structured Report of one study: ``sources`` are the predicted slices' headers in ``frame``'s row
     order (``frame``: :meth:`ichdlib.serve.predict.Predictor.predict`'s table with ``p_<label>``)."""
-    import highdicom as hd
-    from highdicom.sr import (
-        AlgorithmIdentification,
-        DeviceObserverIdentifyingAttributes,
-        Measurement,
-        MeasurementReport,
-        MeasurementsAndQualitativeEvaluations,
-        ObservationContext,
-        ObserverContext,
-        QualitativeEvaluation,
-        SourceImageForMeasurement,
-        TrackingIdentifier,
-    )
-    from pydicom.dataset import Dataset
-    from pydicom.sr.codedict import codes
 
     if len(sources) != len(frame) or not len(frame):
         raise DicomOutError(f"study {frame['study_uid'].iloc[0] if len(frame) else '?'}: {len(sources)} source "
@@ -245,9 +244,6 @@ def build_cam_image(source: Any, rgb: np.ndarray, *, series_uid: str, instance_n
                     prob: float, method: str) -> Any:
     """One Secondary Capture instance: the overlay ``rgb`` (H x W x 3 uint8, the slice's own size) of
     ``source``, referencing it."""
-    from highdicom.sc import SCImage
-    from pydicom.dataset import Dataset
-    from pydicom.sr.codedict import codes
 
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise DicomOutError(f"overlay of {source.SOPInstanceUID}: expected H x W x 3 uint8, got {rgb.dtype} {rgb.shape}")
@@ -280,39 +276,16 @@ def build_cam_image(source: Any, rgb: np.ndarray, *, series_uid: str, instance_n
     return sc
 
 
-def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame,
-                      threshold: float) -> Iterator[tuple[int, str, float, np.ndarray, np.ndarray]]:
-    """``(row, label, prob, rgb, cam)`` for each slice and label at or above ``threshold`` (slices whose ``any``
-    reaches it), computed as ``ichd predict --cam`` does (first backbone's first fold model); ``cam`` is the
-    map in [0, 1] at the slice's size, ``rgb`` its overlay on the brain-window slice."""
-
-    pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
-    if len(pos) == 0:
-        return
-    P, key = predictor.P, next(iter(predictor.cnn))
-    spec = predictor.bundle.backbone(key)
-    meta = spec["metas"][0]
-    model = predictor.bundle.cnn[key].models[0]
-    cache, rows = study_cache(loaded, int(spec["size"]))
-    for i in pos:
-        labels = [c for c in LABELS if frame[f"p_{c}"].iloc[i] >= threshold]
-        hu = loaded.hu[i]
-        maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
-                            recipe=meta.get("recipe", P.windows.recipe),
-                            crop=float(meta.get("val_center_crop", P.cnn.augment.val_center_crop)),
-                            size=int(spec["size"]), out_size=hu.shape, single_window=tuple(P.windows.single_window),
-                            learnable=bool(meta.get("learnable_window", False)), batch=P.cam.batch,
-                            target_layer=P.cam.target_layer)[0]
-        for c, m in zip(labels, maps, strict=True):
-            yield int(i), c, float(frame[f"p_{c}"].iloc[i]), overlay(hu, m), np.asarray(m, dtype=np.float32)
+def iter_cam_overlays(predictor: Any, loaded: Any, frame: pd.DataFrame, threshold: float) -> list[CamOverlay]:
+    """``(row, label, prob, rgb, cam)`` for each slice and label at or above ``threshold``: the study explained
+    by :func:`ichdlib.serve.pipeline.explain_study`, the same path as ``ichd predict --cam``'s PNGs."""
+    return explain_study(predictor, loaded, frame, threshold)
 
 
 def build_cam_pmap(sources: Sequence[Any], maps: np.ndarray, *, label: str, series_uid: str, instance_number: int,
                    identity: dict[str, str], method: str) -> Any:
     """A Parametric Map (float32 frames in [0, 1], one per source slice, in the sources' order) of one label's
     Grad-CAM. The sources need a FrameOfReferenceUID (hospital data have one; RSNA's files do not)."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     for key in ("FrameOfReferenceUID", "SliceThickness", "PixelSpacing", "ImagePositionPatient",
                 "ImageOrientationPatient"):
@@ -364,8 +337,6 @@ def _safe(uid: str) -> str:
 
 
 def _save(ds: Any, path: Path) -> Path:
-    import io
-
 
     buf = io.BytesIO()
     with lenient_uids():
@@ -382,7 +353,6 @@ def write_study(out: str | os.PathLike, frame: pd.DataFrame, *, identity: dict[s
     one study's predicted slices (``frame``, with a ``path`` column naming each source file); with ``pmap``
     also ``pmap_<label>.dcm`` per label (a Parametric Map of the raw maps; skipped with a note in
     ``result.notes`` when the sources lack a FrameOfReferenceUID)."""
-
 
     study = str(frame["study_uid"].iloc[0])
     folder = Path(out) / _safe(study)
@@ -445,19 +415,10 @@ class DicomWriter:
         self.pngs: list[str] = []
 
     def __call__(self, predictor: Any, loaded: Any, frame: pd.DataFrame) -> list[dict[str, str]]:
-        overlays = list(iter_cam_overlays(predictor, loaded, frame, self.threshold)) if self.cam else []
-        if self.png_dir is not None and overlays:  # the PNGs of 'ichd predict --cam', from the same maps
-            import cv2
-
-
-            folder = self.png_dir / safe_name(loaded.scan.study_uid)
-            folder.mkdir(parents=True, exist_ok=True)
-            for row, label, _, rgb, _ in overlays:
-                path = folder / f"slice{int(frame['slice_index'].iloc[row]):03d}_{label}.png"
-                cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-                self.pngs.append(str(path))
-        method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}.get(str(predictor.P.cam.method).lower(),
-                                                                        str(predictor.P.cam.method))
+        overlays = explain_study(predictor, loaded, frame, self.threshold) if self.cam else []
+        if self.png_dir is not None:  # the PNGs of 'ichd predict --cam', from the same maps (computed once)
+            self.pngs += write_cam_pngs(overlays, frame, loaded.scan.study_uid, self.png_dir)
+        method = CAM_METHODS[predictor.P.cam.method].label
         result = write_study(self.out, frame, identity=self.identity, threshold=self.threshold,
                              overlays=overlays, method=method, pmap=self.pmap)
         self.written.append(result)

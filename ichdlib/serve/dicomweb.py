@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+
 from ichdlib.files import write_json
 from ichdlib.serve.dicom_out import lenient_uids
 
@@ -50,7 +54,6 @@ def split_url(url: str) -> tuple[str, str | None]:
 
 def _describe(exc: BaseException) -> str:
     """One line for a requests/HTTP error."""
-    import requests
 
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         r = exc.response
@@ -67,8 +70,6 @@ class Server:
     """A DICOMweb service (QIDO/WADO/STOW under one base URL)."""
 
     def __init__(self, url: str, timeout: float = TIMEOUT, attempts: int = ATTEMPTS) -> None:
-        import requests
-        from dicomweb_client.api import DICOMwebClient
 
         self.url = url.rstrip("/")
         session = requests.Session()
@@ -188,8 +189,6 @@ class StoreReport:
 def store(server: Server, study_uid: str, paths: Iterable[str | os.PathLike]) -> StoreReport:
     """Send the files (one study's outputs) in one STOW-RS request and report instance by instance. Files that
     the server neither confirmed nor refused count as failed ("no answer for this instance")."""
-    import pydicom
-
 
     with lenient_uids():
         datasets = [pydicom.dcmread(p) for p in paths]

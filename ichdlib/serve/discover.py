@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pydicom
+from tqdm import tqdm
 
 from ichdlib.ingest.dicom import DicomReadError, read_header, read_hu
 from ichdlib.ingest.table import order_slices as catalog_order
@@ -74,7 +76,6 @@ def _image_type(meta: dict[str, Any]) -> str:
     """ImageType as ``A\\B\\C`` upper case (from ``meta`` when the reader provides it, else the file)."""
     value = meta.get("image_type")
     if value is None:
-        import pydicom
 
         try:
             ds = pydicom.dcmread(meta["path"], stop_before_pixels=True, specific_tags=["ImageType"], force=True)
@@ -88,8 +89,6 @@ def _image_type(meta: dict[str, Any]) -> str:
 
 def scan_headers(paths: Sequence[str | os.PathLike], progress: bool = False) -> tuple[pd.DataFrame, list[dict]]:
     """Header of every file (no pixels): a table with one row per DICOM file, and the unreadable files."""
-    from tqdm import tqdm
-
 
     metas, problems = [], []
     for p in tqdm(paths, desc="headers", unit="file", disable=not progress, leave=False):
@@ -352,8 +351,6 @@ def index_ranges(indices: Iterable[int]) -> str:
         else:
             runs.append([i, i])
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
-
-
 
 
 def safe_name(uid: str) -> str:

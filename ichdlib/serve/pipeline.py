@@ -4,21 +4,31 @@ the inputs notebook 04 gives them, the blend of notebook 05; then folders of stu
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from ichdlib.ensemble.blend import apply_weights
+from ichdlib.cnn import infer as cnn_infer  # cnn_infer.predict looked up per call (tests wrap it)
+from ichdlib.cnn.data import SliceDataset
+from ichdlib.cnn.infer import eval_augment, feature_views, fold_feature_mean
+from ichdlib.cnn3d.data import VolumeAugment
+from ichdlib.cnn3d.infer import predict_volume
+from ichdlib.ensemble.weights import apply_weights
 from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import capped_z
 from ichdlib.labels import LABELS
-from ichdlib.review.cam import compute_cams
+from ichdlib.review.cam import explain
 from ichdlib.review.plots import overlay
 from ichdlib.runtime import amp_enabled, prepare_model, resolve_device
+from ichdlib.seq.infer import predict_studies
+from ichdlib.seq.inputs import SeqInputs, normalize_test
 from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.discover import (
     WARNING,
@@ -30,7 +40,6 @@ from ichdlib.serve.discover import (
     problems_frame,
     safe_name,
 )
-from ichdlib.spec import ModelSpec, VolumeSpec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,7 +70,6 @@ class Predictor:
     """A bundle's models on one device, ready to predict studies."""
 
     def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None) -> None:
-        from ichdlib.cnn.infer import eval_augment, feature_views
 
         self.bundle = bundle
         self.device = resolve_device(device)
@@ -80,19 +88,14 @@ class Predictor:
 
     def _volume_models(self, bundle: Any) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
         """The 3D member's fold models and their evaluation views (none for bundles without one)."""
-        from ichdlib.cnn3d.data import VolumeAugment
-
         members = getattr(bundle, "cnn3d", {}) or {}
         models = {name: m.build(self.device) for name, m in members.items()}
-        augs = {name: [VolumeAugment.from_spec(VolumeSpec.from_meta(meta), self.P.cnn.augment).to(self.device)
-                       for meta in m.metas] for name, m in members.items()}
+        augs = {name: [VolumeAugment.from_spec(m.spec, self.P.cnn.augment) for m in models[name]] for name in models}
         return models, augs
 
     def cnn3d_outputs(self, loaded: LoadedStudy) -> dict[str, np.ndarray]:
         """Per-slice probabilities ``(n, 6)`` of the 3D member (mean over its fold models) on the whole study,
         as notebook 02b predicts test studies (:func:`ichdlib.cnn3d.infer.predict_volume`)."""
-        from ichdlib.cnn3d.infer import predict_volume
-
         out = {}
         for name, models in self.cnn3d.items():
             vol = study_cache(loaded, self.aug3d[name][0].size)[0]
@@ -103,28 +106,23 @@ class Predictor:
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
         blend used its table, notebook 02) does for test slices (:func:`ichdlib.cnn.infer.predict`)."""
-        from ichdlib.cnn.data import SliceDataset
-        from ichdlib.cnn.infer import fold_feature_mean
-        from ichdlib.cnn.infer import predict as cnn_predict
 
         ds = SliceDataset(cache, rows)
         kw = {"batch": self.batch, "device": self.device, "amp": self.amp, "channels_last": self.channels_last}
         val_view = self.bundle.ensemble.get("sources", {}).get(f"cnn:{key}") == "cnn"
         probs, tta_probs, feats = [], [], []
         for runner, aug in zip(self.cnn[key], self.aug[key], strict=True):
-            tp, f = cnn_predict(runner, aug, ds, pooled=True, views=self.views, **kw)
+            tp, f = cnn_infer.predict(runner, aug, ds, pooled=True, views=self.views, **kw)
             tta_probs.append(tp)
             feats.append(f)
             if val_view:
-                probs.append(cnn_predict(runner, aug, ds, **kw)[0])
+                probs.append(cnn_infer.predict(runner, aug, ds, **kw)[0])
         tta = np.mean(tta_probs, axis=0)
         feat = fold_feature_mean(feats).astype(np.float32)  # as notebook 03 stores test rows
         return CnnOutput(np.mean(probs, axis=0) if val_view else tta, tta, feat, np.stack(tta_probs))
 
     def predict(self, loaded: LoadedStudy) -> pd.DataFrame:
         """Per-slice 2D and final probabilities of one loaded study (rows in z order)."""
-        from ichdlib.seq.infer import predict_studies
-        from ichdlib.seq.inputs import SeqInputs, normalize_test
 
         sl = loaded.slices
         n = len(sl)
@@ -210,9 +208,6 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
     overlays of the positive slices are written there. ``on_study(predictor, loaded, frame)`` is called after
     each study is predicted (e.g. :class:`ichdlib.serve.dicom_out.DicomWriter`); the problem rows it returns and what
     it raises go to ``problems``."""
-    import time
-
-    from tqdm import tqdm
 
     t0 = time.perf_counter()
     if not hasattr(bundle, "cnn"):
@@ -265,11 +260,6 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
     return Prediction(slices, studies, problems_frame(problems), seconds, cams)
 
 
-def _labels() -> list[str]:
-
-    return list(LABELS)
-
-
 def predict_study(dicom_dir: str | os.PathLike, bundle: Any, **kwargs: Any) -> pd.DataFrame:
     """Per-slice probabilities (``p2d_<label>`` 2D, ``p_<label>`` final, plus each ensemble member's) of the
     studies under ``dicom_dir``; the problems are in ``frame.attrs["problems"]`` (a DataFrame)."""
@@ -281,37 +271,57 @@ def predict_study(dicom_dir: str | os.PathLike, bundle: Any, **kwargs: Any) -> p
 
 
 # --------------------------------------------------------------------------------------------------
-# Grad-CAM overlays
+# Explaining a study: Grad-CAM overlays (PNGs here, DICOM in ichdlib.serve.dicom_out)
 # --------------------------------------------------------------------------------------------------
-def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, out: Path,
-               threshold: float = 0.5) -> list[str]:
-    """Overlay PNGs ``<out>/<study>/slice<k>_<label>.png`` for slices whose final ``any`` reaches
-    ``threshold``, one per label found there, from the first backbone's first fold model (as notebook 06
-    explains test slices), at the slice's own size."""
-    import cv2
+class CamOverlay(NamedTuple):
+    """One explained slice and label of a study: its row in the study frame, the label, its final
+    probability, the overlay on the brain-window slice (RGB uint8) and the map in [0, 1] at the slice's size."""
+
+    row: int
+    label: str
+    prob: float
+    rgb: np.ndarray
+    cam: np.ndarray
 
 
+def explain_study(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame,
+                  threshold: float = 0.5) -> list[CamOverlay]:
+    """The one "explain a study" path (``ichd predict --cam``'s PNGs and the DICOM outputs): for each slice
+    whose final ``any`` reaches ``threshold``, one map per label found there, from the first backbone's first
+    fold model (as notebook 06 explains test slices), with the preprocessing its spec names and the run's
+    ``cam`` settings (:func:`ichdlib.review.cam.explain`), at the slice's own size."""
     pos = np.flatnonzero(frame["p_any"].to_numpy() >= threshold)
     if len(pos) == 0:
         return []
-    P, key = predictor.P, next(iter(predictor.cnn))
-    spec = predictor.bundle.backbone(key)
-    meta = spec["metas"][0]
+    key = next(iter(predictor.cnn))
     model = predictor.bundle.cnn[key].models[0]
-    cache, rows = study_cache(loaded, int(spec["size"]))
-    written = []
-    folder = out / safe_name(loaded.scan.study_uid)
-    folder.mkdir(parents=True, exist_ok=True)
+    cache, rows = study_cache(loaded, int(model.spec.size))
+    out = []
     for i in pos:
-        labels = [c for c in _labels() if frame[f"p_{c}"].iloc[i] >= threshold]
+        labels = [c for c in LABELS if frame[f"p_{c}"].iloc[i] >= threshold]
         hu = loaded.hu[i]
-        maps = compute_cams(model, cache[rows[i]][None], labels, method=P.cam.method,
-                            out_size=hu.shape, **ModelSpec.from_meta(meta).cam_kwargs(), batch=P.cam.batch,
-                            target_layer=P.cam.target_layer)[0]
-        for c, m in zip(labels, maps, strict=True):
-            path = folder / f"slice{int(frame['slice_index'].iloc[i]):03d}_{c}.png"
-            cv2.imwrite(str(path), cv2.cvtColor(overlay(hu, m), cv2.COLOR_RGB2BGR))
-            written.append(str(path))
+        maps = explain(model, cache[rows[i]][None], labels, predictor.P.cam, out_size=hu.shape)[0]
+        out += [CamOverlay(int(i), c, float(frame[f"p_{c}"].iloc[i]), overlay(hu, m), np.asarray(m, dtype=np.float32))
+                for c, m in zip(labels, maps, strict=True)]
+    return out
+
+
+def write_cam_pngs(overlays: list[CamOverlay], frame: pd.DataFrame, study_uid: str, out: str | os.PathLike
+                   ) -> list[str]:
+    """``<out>/<study>/slice<k>_<label>.png`` for each overlay; returns the paths written."""
+    if not overlays:
+        return []
+    folder = Path(out) / safe_name(study_uid)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for o in overlays:
+        path = folder / f"slice{int(frame['slice_index'].iloc[o.row]):03d}_{o.label}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(o.rgb, cv2.COLOR_RGB2BGR))
+        written.append(str(path))
     return written
 
 
+def write_cams(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame, out: Path,
+               threshold: float = 0.5) -> list[str]:
+    """Overlay PNGs ``<out>/<study>/slice<k>_<label>.png`` of :func:`explain_study`."""
+    return write_cam_pngs(explain_study(predictor, loaded, frame, threshold), frame, loaded.scan.study_uid, out)

@@ -15,7 +15,9 @@ severity, message) and the readable slices are still predicted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,12 @@ from ichdlib.serve.pipeline import Prediction, Predictor, predict_dir, predict_s
 __all__ = ["predict_dir", "predict_study", "Predictor", "Prediction", "discover", "write_outputs", "PROBLEM_COLUMNS",
            "problem"]
 
+
 # --------------------------------------------------------------------------------------------------
 # Output files and command line
 # --------------------------------------------------------------------------------------------------
 def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None, threshold: float = 0.5) -> dict[str, Path]:
     """``slices.csv``, ``studies.csv``, ``problems.csv`` and ``predictions.json`` under ``out``."""
-    import json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,8 +103,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """``ichd predict``: exit 0 when at least one study was predicted, 1 when none could be."""
-    import tempfile
-
 
     dicomweb = getattr(args, "dicomweb", None)
     if dicomweb and args.dir is not None:
