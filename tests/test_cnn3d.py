@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import toy_catalog
 
-from ichdlib.cnn.data import toy_catalog
 from ichdlib.cnn3d.data import CropDataset, CropSampler, Studies, VolumeAugment, flip_z
 from ichdlib.cnn3d.models import Net3d, WeightsLayoutError, load_medicalnet, shape_trace
 from ichdlib.config import ParamsError, load_params
@@ -207,7 +207,8 @@ def test_training_writes_the_2d_layout_and_resumes_to_the_uninterrupted_result(t
 # The blend's decision
 # --------------------------------------------------------------------------------------------------
 def test_blend_takes_the_member_when_it_helps_and_says_so():
-    from ichdlib.ensemble.blend import Stage, blend
+    from ichdlib.ensemble.weights import blend
+    from ichdlib.predictions import StagePredictions as Stage
     from ichdlib.ensemble.optional import offer_member
 
     rng = np.random.default_rng(0)
