@@ -472,12 +472,13 @@ def ingest(
 
 
 def run_stage(P: Params, force: bool = False, *, progress: bool = True) -> StageReport:
-    """Stage 01 (:data:`ichdlib.stages.STAGES`): :func:`ingest`; the report's ``result`` is the catalog."""
+    """Stage 01 (:data:`ichdlib.stages.STAGES`): :func:`ingest`; the report's ``result`` is the catalog, its
+    rows the slices and studies per split (and the files quarantined, in ``quarantine.csv``)."""
     cat = ingest(P, force=force, progress=progress)
-    q = load_quarantine(P.layout.work)
+    n_quarantined = len(load_quarantine(P.layout.work))
     rows = [{"split": split, "slices": int((cat["split"] == split).sum()),
-             "studies": int(cat.loc[cat["split"] == split, "study_uid"].nunique())} for split in ("train", "test")]
-    rows.append({"split": "quarantined", "slices": len(q), "studies": None})
+             "studies": int(cat.loc[cat["split"] == split, "study_uid"].nunique()), "files left out": n_quarantined}
+            for split in ("train", "test")]
     return StageReport("ingest", rows, result=cat)
 
 
