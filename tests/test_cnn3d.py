@@ -207,9 +207,9 @@ def test_training_writes_the_2d_layout_and_resumes_to_the_uninterrupted_result(t
 # The blend's decision
 # --------------------------------------------------------------------------------------------------
 def test_blend_takes_the_member_when_it_helps_and_says_so():
+    from ichdlib.ensemble.optional import offer_member
     from ichdlib.ensemble.weights import blend
     from ichdlib.predictions import StagePredictions as Stage
-    from ichdlib.ensemble.optional import offer_member
 
     rng = np.random.default_rng(0)
     n = 600
