@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
            "size": c.size, "slices": c.slices, "batch": c.batch, "amp": str(amp),
            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
            "train_step_s": round(secs, 4), "train_slices_per_s": round(c.batch * c.slices / secs, 1),
-           "saved_activation_gb_per_crop": round(per_crop / 1e9, 3),
+           "saved_activation_gb_per_crop": round(per_crop / 1e9, 3), "saved_activation_bytes_per_crop": per_crop,
            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None}
     model.eval()
     for n in (32, 60):

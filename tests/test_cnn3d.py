@@ -396,3 +396,17 @@ def test_notebook_02b_runs_headless_when_enabled(smoke_run, tmp_path):
     assert re.search(r"3D resnet10w0.125_48 fold 1 epoch 1/1 +train loss \d\.\d{4} +val wLL \d\.\d{4}", text), text
     assert sum("image/png" in o.get("data", {}) for o in outs) >= 2
     assert (tmp_path / "work/smoke/cnn3d/resnet10w0.125_48/oof.parquet").is_file()
+
+
+def test_throughput_benchmark_reports_memory_and_rates(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cnn3d_throughput", REPO / "benchmarks/cnn3d_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--params", str(REPO / "params/smoke.yaml"), "--steps", "1", "--batch", "2",
+                    "--json", str(tmp_path / "t.json")])
+    assert out["train_slices_per_s"] > 0 and out["study60_forward_s"] > 0 and out["peak_gpu_gb"] is None
+    # saved activations grow with the crop (the weights autograd keeps are a fixed part)
+    big = mod.main(["--params", str(REPO / "params/smoke.yaml"), "--steps", "1", "--batch", "2", "--slices", "12"])
+    assert 1.2 < big["saved_activation_bytes_per_crop"] / out["saved_activation_bytes_per_crop"] < 2.2
