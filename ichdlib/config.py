@@ -96,6 +96,8 @@ class SynthCfg(_Strict):
     masks: bool = True
     #: Processes for generation (0 = one per CPU core); the output does not depend on it.
     workers: int = Field(0, ge=0)
+    #: Scanner profile of ``ichdlib.phantom.shift.SHIFTS`` (``none``: the ordinary phantom).
+    shift: str = "none"
 
 
 class IngestCfg(_Strict):
@@ -145,6 +147,26 @@ class AugmentCfg(_Strict):
     random_crop: float = Field(0.5, ge=0, le=1)
     crop_range: tuple[float, float] = (0.6, 0.99)
     val_center_crop: float = Field(0.8, gt=0, le=1)
+    #: Scanner robustness (after the geometry, in HU, before windowing; 0 = off, the original had none).
+    #: ``intensity``: calibration drift ``hu * (1 + U(-hu_scale, hu_scale)) + U(-hu_offset, hu_offset)``.
+    intensity: float = Field(0.0, ge=0, le=1)
+    hu_offset: float = Field(6.0, ge=0)
+    hu_scale: float = Field(0.05, ge=0, lt=1)
+    #: ``noise``: added Gaussian noise with a standard deviation drawn from U(0, noise_std) HU.
+    noise: float = Field(0.0, ge=0, le=1)
+    noise_std: float = Field(6.0, ge=0)
+    #: ``kernel``: another reconstruction kernel, ``x + a * (x - gauss(x, kernel_sigma px))`` with ``a`` drawn
+    #: from ``kernel_range`` (-1: fully blurred, > 0: edge enhancement).
+    kernel: float = Field(0.0, ge=0, le=1)
+    kernel_sigma: float = Field(1.0, gt=0, le=8)
+    kernel_range: tuple[float, float] = (-1.0, 1.0)
+
+    @field_validator("kernel_range")
+    @classmethod
+    def _kernel(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not -1 <= v[0] <= v[1]:
+            raise ValueError("expected (low, high) with -1 <= low <= high")
+        return v
 
     @field_validator("erase_area", "erase_ratio", "crop_range")
     @classmethod

@@ -138,6 +138,9 @@ def test_sr_holds_predictions_json(written):
     # patient/study from the source, new series/instance UIDs, the disclaimer
     assert sr.StudyInstanceUID == ref.StudyInstanceUID == study["study_uid"] and sr.PatientID == ref.PatientID
     assert sr.SeriesInstanceUID not in {str(d.SeriesInstanceUID) for d in src.values()}
+    raw = pydicom.dcmread(sr_path)  # every container SEPARATE: SR viewers list items with their names, not as prose
+    containers = [raw, *(i for g in raw.ContentSequence for i in [g, *g.get("ContentSequence", [])])]
+    assert all(c.ContinuityOfContent == "SEPARATE" for c in containers if c.get("ValueType") == "CONTAINER")
     assert "not for clinical use" in sr.SeriesDescription
     evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
@@ -194,7 +197,10 @@ def test_cam_series_references_its_slices(written):
         label = ds.ImageComments.split(":")[0]
         got.append((str(item.ReferencedSOPInstanceUID), label))
         src = next(f for f in written["src"].iterdir() if f.stem == item.ReferencedSOPInstanceUID)
-        assert pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID == item.ReferencedSOPInstanceUID
+        head = pydicom.dcmread(src, stop_before_pixels=True)
+        assert head.SOPInstanceUID == item.ReferencedSOPInstanceUID
+        for key in ("ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID"):  # viewers line it up
+            assert key not in head or ds[key].value == head[key].value, key
         assert ds.pixel_array.std() > 0
     assert len(series) == 1 and sorted(got) == want
     # the PNGs of --cam are the same overlays (computed once for both)

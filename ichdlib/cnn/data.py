@@ -267,6 +267,27 @@ def affine_resample(hu: torch.Tensor, theta: torch.Tensor, size: int, fill: floa
                          align_corners=False) + fill
 
 
+def _blur_matrix(n: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(n, n)`` matrix ``M`` with ``x @ M`` = a 1-D Gaussian blur of rows of length ``n`` (replicated borders)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    out = torch.zeros(n, n, device=device, dtype=torch.float64)
+    src = (torch.arange(n, device=device)[None, :] + torch.arange(-radius, radius + 1, device=device)[:, None])
+    cols = torch.arange(n, device=device).expand_as(src)
+    out.index_put_((src.clamp(0, n - 1), cols), k[:, None].expand_as(src), accumulate=True)
+    return out.to(dtype)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)`` with ``sigma`` pixels (replicated borders; same shape).
+    Two matrix products (a depthwise convolution is several times slower on the CPU)."""
+    h, w = x.shape[-2:]
+    y = x @ _blur_matrix(w, sigma, x.device, x.dtype)
+    return _blur_matrix(h, sigma, x.device, x.dtype).transpose(0, 1) @ y
+
+
 @dataclass(frozen=True)
 class TtaView:
     """One deterministic test-time view: flips, slice swap, and a crop (scale, centre in [-1, 1] coords);
@@ -297,7 +318,7 @@ class DeviceAugment(nn.Module):
 
     In ``train()`` mode, per image with the probabilities of ``augment`` (an ``AugmentCfg``): slice-order
     swap (before windowing), h-flip, shift/scale/rotate, random crop resized back (all one affine
-    resample), random erasing. In ``eval()`` mode: :func:`eval_view`. Then the recipe's windows, unless
+    resample), another scanner (kernel blur/sharpening, noise, HU calibration drift), random erasing. In ``eval()`` mode: :func:`eval_view`. Then the recipe's windows, unless
     ``learnable`` (the model windows its own input; HU are returned). Random numbers come from an own
     generator on the input's device, set with :meth:`reseed`.
     """
@@ -364,7 +385,33 @@ class DeviceAugment(nn.Module):
         geometry = crop_on | ssr_on[:, 0, 0] | (flip < 0)
         if bool(geometry.any()) or x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = affine_resample(x, torch.cat([a, t[..., None]], -1), self.size)
+        x = self._scanner(x, g)
         return self._erase(x, u[:, 12:17])
+
+    def _scanner(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Another scanner, per image: reconstruction kernel, noise, HU calibration drift (in HU). Draws
+        random numbers only when one of them is on, so the other augmentations' stream stays the same."""
+        cfg = self.cfg
+        if not (cfg.kernel > 0 or cfg.noise > 0 or cfg.intensity > 0):
+            return x
+        b, dev = x.shape[0], x.device
+        u = torch.rand(b, 7, generator=g, device=dev, dtype=torch.float32)
+        one, zero = torch.ones_like(u[:, 0]), torch.zeros_like(u[:, 0])
+        lo, hi = cfg.kernel_range
+        amount = torch.where(u[:, 0] < cfg.kernel, lo + (hi - lo) * u[:, 1], zero)
+        std = torch.where(u[:, 2] < cfg.noise, cfg.noise_std * u[:, 3], zero)
+        on = u[:, 4] < cfg.intensity
+        scale = torch.where(on, 1 + cfg.hu_scale * (2 * u[:, 5] - 1), one)
+        offset = torch.where(on, cfg.hu_offset * (2 * u[:, 6] - 1), zero)
+        # scale * (x + amount * (x - blur(x)) + std * noise) + offset, in place on a fresh tensor
+        blurred = gaussian_blur(x, cfg.kernel_sigma) if cfg.kernel > 0 else None
+        x = x.mul((scale * (1 + amount)).view(-1, 1, 1, 1))
+        if blurred is not None:
+            x.add_(blurred.mul_((-scale * amount).view(-1, 1, 1, 1)))
+        if cfg.noise > 0:
+            noise = torch.randn(x.shape, generator=g, device=dev, dtype=x.dtype)
+            x.add_(noise.mul_((scale * std).view(-1, 1, 1, 1)))
+        return x.add_(offset.view(-1, 1, 1, 1))
 
     def _erase(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         cfg, size, dev = self.cfg, self.size, x.device

@@ -18,6 +18,7 @@ from ichdlib.phantom.lesions import (
     Lesion,
     draw_lesions,
 )
+from ichdlib.phantom.shift import ScannerShift
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ class _Head:
 
     def __init__(self, plan: Any, rng: np.random.Generator):
         r = rng.uniform
+        sh = getattr(plan, "shift", None) or ScannerShift()
         self.A = r(62.0, 72.0)
         self.B = self.A * r(1.16, 1.30)
         self.T0, self.Tv, self.S = r(4.5, 6.5), r(0.1, 0.35), r(4.0, 7.0)
@@ -67,7 +69,7 @@ class _Head:
         theta = math.radians(r(-8.0, 8.0))
         cx, cy = np.clip(rng.normal(0.0, 4.0, 2), -10, 10)
         extent = 2 * (self.B * (1 + self.egg) + self.T0 * (1 + self.Tv) + self.S)
-        fov = extent * r(1.06, 1.18) + 2 * max(abs(cx), abs(cy))
+        fov = (extent * r(1.06, 1.18) + 2 * max(abs(cx), abs(cy))) * sh.fov_scale
         self.ps = round(fov / plan.size, 6)
         self.H = plan.head_height
         # Tissue values (HU).
@@ -78,8 +80,8 @@ class _Head:
         self.table, self.diploe = r(1300.0, 1800.0), r(500.0, 900.0)
         self.petrous = r(1600.0, 2100.0)
         # Image quality.
-        self.noise = r(1.5, 4.5) * (0.47 / self.ps) ** 0.5
-        self.blur_mm = r(0.3, 0.8)
+        self.noise = r(1.5, 4.5) * (0.47 / self.ps) ** 0.5 * sh.noise_scale
+        self.blur_mm = r(0.3, 0.8) * sh.blur_scale
         # Folding, CSF spaces, ventricles.
         self.k0 = r(16.0, 24.0)
         self.sulc_w = r(1.0, 2.6)
@@ -610,14 +612,21 @@ def render_study(plan: Any) -> RenderedStudy:
     masks[:] = 0
     bits = np.array([MASK_BITS[name] for name in SUBTYPES], np.uint8)
     labels = np.zeros((n, len(SUBTYPES)), np.uint8)
+    sh = getattr(plan, "shift", None) or ScannerShift()
     smooth = head.ps < 0.8  # CT noise is correlated over a few pixels at fine pixel spacing
-    gain = 1.0 / float(np.sum(cv2.getGaussianKernel(5, 0.7) ** 2)) if smooth else 1.0
+    k, sig = sh.noise_kernel, sh.noise_sigma_px
+    gain = 1.0 / float(np.sum(cv2.getGaussianKernel(k, sig) ** 2)) if smooth else 1.0  # unit std after blur
     for i, s in enumerate(levels):
-        hu[i][head.crop], masks[i][head.crop] = render_slice(head, s, i, lesions, thr, slab)
+        img, masks[i][head.crop] = render_slice(head, s, i, lesions, thr, slab)
+        if sh.sharpen > 0:  # edge-enhancing reconstruction kernel (overshoot at edges, as sharp kernels do)
+            img = img + np.float32(sh.sharpen) * (img - cv2.GaussianBlur(img, (0, 0), sh.sharpen_mm / head.ps))
+        hu[i][head.crop] = img
         noise = rng.standard_normal((plan.rows, plan.cols), dtype=np.float32)
         if smooth:
-            noise = cv2.GaussianBlur(noise, (5, 5), 0.7)
+            noise = cv2.GaussianBlur(noise, (k, k), sig)
         hu[i] += np.float32(head.noise * gain) * noise
+        if sh.hu_scale != 1.0 or sh.hu_offset != 0.0:  # calibration drift
+            hu[i] = np.float32(sh.hu_scale) * hu[i] + np.float32(sh.hu_offset)
         labels[i] = (np.bitwise_or.reduce(masks[i][head.crop], axis=None) & bits) > 0
     return RenderedStudy(hu, masks, labels, head.ps, levels, lesions)
 

@@ -40,6 +40,7 @@ from ichdlib.phantom import PHANTOM_VERSION
 from ichdlib.phantom.anatomy import render_study
 from ichdlib.phantom.encoding import ds_value, write_ct_dicom, write_mask
 from ichdlib.phantom.lesions import MASK_BITS
+from ichdlib.phantom.shift import ScannerShift, get_shift
 from ichdlib.runtime import LazyPool, run_tasks
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class StudyPlan:
     duplicate: dict[int, str] = field(default_factory=dict)
     #: FrameOfReferenceUID written with ``valid_uids`` (with SliceThickness; RSNA's files have neither).
     frame_of_reference: str | None = None
+    #: Scanner settings (:mod:`ichdlib.phantom.shift`); None = the ordinary phantom.
+    shift: ScannerShift | None = None
 
 
 class _Ids:
@@ -112,8 +115,14 @@ class _Ids:
                 return uid
 
 
-def plan_phantom(studies: int, seed: int, size: int = 512, quirks: bool = False) -> tuple[list[StudyPlan], dict]:
-    """Draw patients, studies, split by patient, IDs, geometry along z and the quirks (no pixels yet)."""
+def plan_phantom(studies: int, seed: int, size: int = 512, quirks: bool = False,
+                 shift: str | ScannerShift | None = None) -> tuple[list[StudyPlan], dict]:
+    """Draw patients, studies, split by patient, IDs, geometry along z and the quirks (no pixels yet).
+
+    ``shift`` (a :data:`ichdlib.phantom.shift.SHIFTS` name) draws slice spacing, header windows and encodings
+    as that scanner would and hands its pixel settings to the renderer.
+    """
+    sh = get_shift(shift)
     rng = np.random.default_rng([seed, 20191])
     ids = _Ids(rng, {CORRUPT_ID})
     # Patients: about 1 in 5 has two studies; at least two patients so both splits are populated.
@@ -136,16 +145,16 @@ def plan_phantom(studies: int, seed: int, size: int = 512, quirks: bool = False)
     n_pos = int(round(0.42 * studies))
     positive = np.zeros(studies, bool)
     positive[rng.permutation(studies)[:n_pos]] = True
-    encodings = rng.choice(["signed", "signed", "unsigned", "unsigned12"], size=studies)
-    windows = [(40, 80), (40, 80), (40, 150), (35, 80), (30, 80), (40, 100)]
+    encodings = rng.choice(list(sh.encodings), size=studies)
+    windows = list(sh.windows)
     plans: list[StudyPlan] = []
     k = 0
     for p, n_st in enumerate(patients):
         pid = ids.new(8)
         for _ in range(n_st):
-            dz = round(float(rng.uniform(4.0, 6.0)), 2)
+            dz = round(float(rng.uniform(*sh.spacing_z)), 2)
             extent = rng.uniform(125.0, 160.0)
-            n = int(np.clip(round(extent / dz) + 1, 24, 40))
+            n = int(np.clip(round(extent / dz) + 1, *sh.slices))
             s0 = float(rng.uniform(-0.04, 0.04))
             s1 = float(rng.uniform(0.94, 1.0))
             height = float(np.clip((n - 1) * dz / (s1 - s0), 118.0, 170.0))
@@ -156,6 +165,7 @@ def plan_phantom(studies: int, seed: int, size: int = 512, quirks: bool = False)
                 positive=bool(positive[k]), rows=size, cols=size, size=size,
                 sop_uids=[ids.new(9) for _ in range(n)], encoding=str(encodings[k]),
                 window=tuple(float(w) for w in windows[int(rng.integers(len(windows)))]),
+                shift=None if sh.is_default else sh,
             ))
             k += 1
     quirk_log: dict[str, list] = {key: [] for key in _QUIRK_KEYS}
@@ -309,15 +319,19 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _config(studies: int, seed: int, size: int, quirks: bool, masks: bool, valid_uids: bool = False) -> dict[str, Any]:
+def _config(studies: int, seed: int, size: int, quirks: bool, masks: bool, valid_uids: bool = False,
+            shift: str = "none") -> dict[str, Any]:
     cfg = {"studies": studies, "seed": seed, "size": size, "quirks": quirks, "masks": masks, "version": PHANTOM_VERSION}
     if valid_uids:  # only when set, so that markers of ordinary phantoms keep their form
         cfg["valid_uids"] = True
+    if shift != "none":  # likewise
+        cfg["shift"] = shift
     return cfg
 
 
 def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int = 512, quirks: bool = False,
-                     masks: bool = False, workers: int = 0, progress: bool = True, valid_uids: bool = False) -> dict:
+                     masks: bool = False, workers: int = 0, progress: bool = True, valid_uids: bool = False,
+                     shift: str = "none") -> dict:
     """Write a phantom in the RSNA/Kaggle layout under ``out``; returns the manifest (also written).
 
     Same arguments -> identical files and labels (independent of ``workers``). ``workers=0`` uses one
@@ -326,9 +340,13 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
     also in file names and CSV rows), a FrameOfReferenceUID per series and SliceThickness, as hospital data
     carry, for the DICOM-output and PACS tests; the pixels, labels and layout are the same. Such a phantom is
     not for ``ichd ingest``: the Kaggle label files' IDs must read ``ID_<hex>`` (it fails there with a message
-    naming the row).
+    naming the row). ``shift`` names a scanner profile of :data:`ichdlib.phantom.shift.SHIFTS` (other
+    slice spacing, field of view, noise, kernel, HU calibration, header windows and encodings; the manifest
+    records its settings); ``none`` is the ordinary phantom.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415  (progress bars load only when shown)
+
+    sh = get_shift(shift)
 
     if studies < 2:
         raise ValueError(f"studies={studies}: need at least 2 (one patient per split)")
@@ -337,13 +355,13 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
     out = Path(out)
     t0 = time.perf_counter()
     _prepare_out(out)
-    config = _config(studies, seed, size, quirks, masks, valid_uids)
+    config = _config(studies, seed, size, quirks, masks, valid_uids, sh.name)
     write_text(out / PROGRESS_MARKER, json.dumps(config))
     (out / TRAIN_DIR).mkdir()
     (out / TEST_DIR).mkdir()
     if masks:
         (out / MASK_DIR).mkdir()
-    plans, quirk_log = plan_phantom(studies, seed, size, quirks)
+    plans, quirk_log = plan_phantom(studies, seed, size, quirks, sh)
     if valid_uids:
         _use_valid_uids(plans, quirk_log)
     jobs = [(pl, str(out), masks) for pl in plans]
@@ -364,6 +382,9 @@ def generate_phantom(out: str | os.PathLike, studies: int, seed: int, size: int 
                     results[res["index"]] = res
                     bar.update()
     manifest = _finish(out, plans, results, quirk_log, config, seed)
+    if not sh.is_default:
+        manifest["shift"] = sh.summary()
+        write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     manifest["seconds"] = round(time.perf_counter() - t0, 1)
     return manifest
 
@@ -454,7 +475,7 @@ def ensure_phantom(params: Params, force: bool = False, progress: bool = True) -
     """
     root = params.data_root
     cfg = params.synth
-    want = _config(cfg.studies, cfg.seed, cfg.size, cfg.quirks, cfg.masks)
+    want = _config(cfg.studies, cfg.seed, cfg.size, cfg.quirks, cfg.masks, shift=get_shift(cfg.shift).name)
     done = root / COMPLETE_MARKER
     if done.exists() and not force:
         have = json.loads(done.read_text())
@@ -476,7 +497,7 @@ def ensure_phantom(params: Params, force: bool = False, progress: bool = True) -
         raise ValueError(f"the phantom writes the Kaggle names {TRAIN_DIR}, {TEST_DIR}, {TRAIN_CSV}, "
                          f"{SAMPLE_SUBMISSION}; params.paths names {names}")
     generate_phantom(root, cfg.studies, cfg.seed, cfg.size, cfg.quirks, cfg.masks, workers=cfg.workers,
-                     progress=progress)
+                     progress=progress, shift=cfg.shift)
     return root
 
 
@@ -499,6 +520,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid-uids", action="store_true",
                         help="numeric DICOM UIDs (2.25.<n>) instead of RSNA's ID_<hex> strings, as hospital data "
                              "carry (for DICOM-output/PACS tests; not ingestible, its label IDs lack 'ID_')")
+    parser.add_argument("--shift", default="none", metavar="PROFILE",
+                        help="draw the studies as another scanner would: scannerB, scannerC (other slice spacing, "
+                             "field of view, noise, kernel, HU calibration, windows; default none)")
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -508,11 +532,13 @@ def cli(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         man = generate_phantom(args.out, args.studies, args.seed, args.size, args.quirks, args.masks,
-                               args.workers, valid_uids=args.valid_uids)
+                               args.workers, valid_uids=args.valid_uids, shift=args.shift)
     c = man["counts"]
     print(f"wrote {c['train_images']} train + {c['test_images']} test slices of {c['studies']} studies "
           f"({c['patients']} patients) to {args.out} in {man['seconds']} s; "
           f"{c['positive_studies']} positive studies, {c['positive_slices']['any']} positive slices")
+    if "shift" in man:
+        print(f"scanner {man['shift']['name']}: {man['shift']['description']}")
     if args.quirks:
         print("quirks: " + ", ".join(f"{k}={len(v)}" for k, v in man["quirks"].items()))
     return 0

@@ -211,7 +211,17 @@ def build_sr(sources: Sequence[Any], frame: pd.DataFrame, *, identity: dict[str,
         scheme.CodingSchemeName = "ichd-workbench RSNA ICH labels"
         scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
         sr.CodingSchemeIdentificationSequence = [scheme]
+        _separate(sr)
     return sr
+
+
+def _separate(item: Any) -> None:
+    """Containers' ContinuityOfContent SEPARATE: SR viewers then show each item (``Probability = 0.87``, the
+    finding, ``Present``) on its own line with its name, instead of running the numbers together as prose."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate(child)
 
 
 _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -271,6 +281,11 @@ def build_cam_image(source: Any, rgb: np.ndarray, *, series_uid: str, instance_n
         sc.DerivationDescription = f"{method} for {label} over the brain-window slice"[:1024]
         sc.ImageComments = f"{label}: p={prob:.3f}; {NOT_CLINICAL}"
         sc.BurnedInAnnotation = "NO"
+        # the slice's place in the patient, so that viewers sort the overlays as the CT and can sync the two series
+        for key in ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation",
+                    "SliceThickness"):
+            if source.get(key) not in (None, ""):
+                setattr(sc, key, source.get(key))
         if "Laterality" not in sc:  # type 2C (General Series): a head is unpaired, so present and empty
             sc.Laterality = source.get("Laterality", "") or ""
     return sc

@@ -1,24 +1,22 @@
-"""A PACS round trip over DICOMweb (QIDO-RS, WADO-RS, STOW-RS) with dicomweb-client.
+"""A PACS over DICOMweb (QIDO-RS, WADO-RS, STOW-RS) with dicomweb-client: the requests of
+``ichd predict --dicomweb URL --study UID [--since YYYYMMDD] [--filter KEY=VALUE] ... [--store]``.
 
-``ichd predict --dicomweb URL --study UID [--study UID ...] [--since YYYYMMDD] [--filter KEY=VALUE] --bundle B
---out OUT [--cam] [--store]``:
+- :func:`select_studies` finds the studies (QIDO-RS): each ``--study`` must exist on the server; ``--since``
+  and ``--filter`` add the studies that match (StudyDate from that day on, any QIDO attribute).
+- :func:`retrieve_ct` downloads one study's CT series (WADO-RS, streamed) into a folder, one file per instance.
+- :func:`store` sends one study's outputs back (STOW-RS) and reads the server's answer instance by instance:
+  what was stored, what was refused and why. Nothing is reported as stored that the server did not confirm.
 
-1. :func:`select_studies` finds the studies (QIDO-RS): each ``--study`` must exist on the server; ``--since``
-   and ``--filter`` add the studies that match (StudyDate from that day on, any QIDO attribute).
-2. :func:`retrieve_ct` downloads each study's CT series (WADO-RS) into a folder, one file per instance.
-3. ``ichd predict`` predicts that folder as any other and writes ``--dicom-out`` objects.
-4. :func:`store` sends them back to the same server (STOW-RS), one request per study, and reads the server's
-   answer instance by instance: what was stored, what was refused and why. Nothing is reported as stored
-   that the server did not confirm.
-
-Every failure (server unreachable, HTTP error, unknown study, refused store) raises :class:`DicomWebError`
-whose message is one line naming the URL and the study.
+Credentials, TLS, timeouts and retries are the session's (:mod:`ichdlib.serve.transport`); the run over many
+studies (one at a time, resumable) is :mod:`ichdlib.serve.dicomweb_run`. Every failure raises
+:class:`DicomWebError` whose message is one line naming the URL and the study.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +26,19 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from ichdlib.files import write_json
 from ichdlib.serve.dicom_out import lenient_uids
+from ichdlib.serve.transport import Transport, describe, is_fatal, make_session
 
-#: Seconds before a request counts as failed.
-TIMEOUT = 60.0
-#: Tries per request (dicomweb-client's retry with exponential back-off).
-ATTEMPTS = 3
 _STUDY_IN_URL = re.compile(r"^(?P<base>.+?)/studies/(?P<study>[^/?#]+)/?$")
 
 
 class DicomWebError(ValueError):
-    """A DICOMweb request that failed; the message names the server and the study."""
+    """A DICOMweb request that failed; the message names the server and the study. ``fatal``: every further
+    request would fail the same way (credentials, TLS, server gone), so a many-study run stops."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 def split_url(url: str) -> tuple[str, str | None]:
@@ -52,32 +51,22 @@ def split_url(url: str) -> tuple[str, str | None]:
     return (m["base"], m["study"]) if m else (url, None)
 
 
-def _describe(exc: BaseException) -> str:
-    """One line for a requests/HTTP error."""
-
-    if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        r = exc.response
-        text = " ".join((r.text or "").split())[:160]
-        return f"HTTP {r.status_code} {r.reason or ''}".strip() + (f": {text}" if text else "")
-    if isinstance(exc, requests.ConnectionError):
-        return "cannot connect (server down, wrong host or port?)"
-    if isinstance(exc, requests.Timeout):
-        return f"no answer within {TIMEOUT:g} s"
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-
-
 class Server:
-    """A DICOMweb service (QIDO/WADO/STOW under one base URL)."""
+    """A DICOMweb service (QIDO/WADO/STOW under one base URL), reached with ``transport``'s credentials, TLS,
+    timeout and retries (:mod:`ichdlib.serve.transport`)."""
 
-    def __init__(self, url: str, timeout: float = TIMEOUT, attempts: int = ATTEMPTS) -> None:
-
+    def __init__(self, url: str, transport: Transport | None = None) -> None:
         self.url = url.rstrip("/")
-        session = requests.Session()
-        session.request = _with_timeout(session.request, timeout)  # type: ignore[method-assign]
-        self.client = DICOMwebClient(url=self.url, session=session)
-        # busy servers (429/408/503/504) and dropped connections: a few tries, 0.5 s then 1 s apart
-        self.client.set_http_retry_params(retry=attempts > 1, max_attempts=max(1, attempts),
-                                          wait_exponential_multiplier=250)
+        self.transport = transport or Transport()
+        session, self.credentials = make_session(self.url, self.transport)
+        self.client = DICOMwebClient(url=self.url, session=session, timeout=self.transport.timeout)
+        # retries are the session's (urllib3 Retry: 429/5xx, dropped connections, back-off), not a second layer
+        self.client.set_http_retry_params(retry=False)
+
+    def error(self, what: str, exc: BaseException) -> DicomWebError:
+        """The one-line error of a failed request (``what``: the request and its study)."""
+        return DicomWebError(f"{self.url}: {what} failed: {describe(exc, self.credentials, self.transport.timeout)}",
+                             fatal=is_fatal(exc))
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -85,11 +74,15 @@ class Server:
         except DicomWebError:
             raise
         except Exception as exc:  # requests' and dicomweb-client's errors -> one line
-            raise DicomWebError(f"{self.url}: {what} failed: {_describe(exc)}") from exc
+            raise self.error(what, exc) from None
 
     def find_studies(self, filters: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        """QIDO-RS studies matching ``filters`` (attribute keyword -> value), as DICOM JSON."""
-        return self._call("QIDO study search", self.client.search_for_studies, search_filters=filters or {}) or []
+        """QIDO-RS studies matching ``filters`` (attribute keyword -> value), as DICOM JSON; every page of
+        the answer (servers cap each answer, e.g. at 100 studies) unless one study is asked for."""
+        one = bool(filters and "StudyInstanceUID" in filters)
+        what = "QIDO study search" + (f" for study {filters['StudyInstanceUID']}" if one and filters else "")
+        return self._call(what, self.client.search_for_studies, search_filters=filters or {},
+                          get_remaining=not one) or []
 
     def ct_series(self, study_uid: str) -> list[str]:
         """SeriesInstanceUIDs of the study's CT series (QIDO-RS)."""
@@ -105,13 +98,15 @@ class Server:
         return [{"uid": _value(s, "0020000E"), "modality": _value(s, "00080060"),
                  "description": _value(s, "0008103E"), "instances": int(_value(s, "00201209") or 0)} for s in found]
 
+    def instances(self, study_uid: str, series_uid: str) -> set[str]:
+        """SOPInstanceUIDs the server holds in one series of a study (QIDO-RS)."""
+        found = self._call(f"QIDO instance search in study {study_uid}", self.client.search_for_instances,
+                           study_instance_uid=study_uid, series_instance_uid=series_uid) or []
+        return {_value(i, "00080018") for i in found}
 
-def _with_timeout(request: Any, timeout: float) -> Any:
-    def call(method: str, url: str, **kwargs: Any) -> Any:
-        kwargs.setdefault("timeout", timeout)
-        return request(method, url, **kwargs)
-
-    return call
+    def instance_url(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """The WADO-RS address of one instance (what ``problems.csv`` names for a PACS source)."""
+        return f"{self.url}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
 
 
 def _value(item: dict[str, Any], tag: str) -> str:
@@ -147,25 +142,52 @@ def select_studies(server: Server, studies: Sequence[str] = (), since: str | Non
     return list(dict.fromkeys(out))
 
 
-def retrieve_ct(server: Server, study_uid: str, dest: str | os.PathLike) -> list[Path]:
-    """Download the study's CT series (WADO-RS) as ``dest/<study>/<series>/<k>.dcm``; returns the files."""
+@dataclass
+class Retrieved:
+    """One study's CT instances downloaded by :func:`retrieve_ct`: local file -> (series, SOP instance UID)."""
 
-    series = server.ct_series(study_uid)
+    study_uid: str
+    files: dict[Path, tuple[str, str]] = field(default_factory=dict)
+
+
+def retrieve_ct(server: Server, study_uid: str, dest: str | os.PathLike) -> Retrieved:
+    """Download the study's CT series (WADO-RS, streamed: one instance in memory at a time) as
+    ``dest/<study>/<series>/<SOPInstanceUID>.dcm``. A download that breaks after the server began answering
+    (dropped connection, fewer instances than QIDO-RS announced) is tried again, ``retries`` times."""
+    series = [s for s in server.series(study_uid) if s["modality"] == "CT"]
     if not series:
         raise DicomWebError(f"{server.url}: study {study_uid} has no CT series")
-    files = []
+    out = Retrieved(study_uid)
     for s in series:
-        folder = Path(dest) / _safe(study_uid) / _safe(s)
-        folder.mkdir(parents=True, exist_ok=True)
-        with lenient_uids():
-            instances = server._call(f"WADO-RS retrieval of series {s} of study {study_uid}",
-                                     server.client.retrieve_series, study_instance_uid=study_uid,
-                                     series_instance_uid=s)
-            for k, ds in enumerate(instances):
-                path = folder / f"{k:05d}.dcm"
-                ds.save_as(path, enforce_file_format=True)
-                files.append(path)
-    return files
+        folder = Path(dest) / _safe(study_uid) / _safe(s["uid"])
+        what = f"WADO-RS retrieval of series {s['uid']} of study {study_uid}"
+        for attempt in range(server.transport.retries + 1):
+            got: dict[Path, tuple[str, str]] = {}
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with lenient_uids():
+                    for ds in server.client.iter_series(study_instance_uid=study_uid, series_instance_uid=s["uid"]):
+                        sop = str(ds.SOPInstanceUID)
+                        path = folder / f"{_safe(sop)}.dcm"
+                        ds.save_as(path, enforce_file_format=True)
+                        got[path] = (s["uid"], sop)
+                if s["instances"] and len(got) < s["instances"]:
+                    raise requests.exceptions.ChunkedEncodingError(
+                        f"{len(got)} of {s['instances']} instances received")
+                break
+            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError,
+                    requests.Timeout) as exc:  # broke mid-answer: the session's retries do not cover this
+                if attempt == server.transport.retries:
+                    raise server.error(what, exc) from None
+                time.sleep(server.transport.backoff * 2 ** attempt)
+            except requests.ConnectionError as exc:  # refused/unreachable: the session already retried
+                raise server.error(what, exc) from None
+            except DicomWebError:
+                raise
+            except Exception as exc:
+                raise server.error(what, exc) from None
+        out.files.update(got)
+    return out
 
 
 def _safe(uid: str) -> str:
@@ -180,6 +202,7 @@ class StoreReport:
     stored: list[str] = field(default_factory=list)  # SOPInstanceUIDs the server confirmed
     failed: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
     warnings: dict[str, str] = field(default_factory=dict)
+    fatal: bool = False  # the request failed in a way every further one would (credentials, TLS, server gone)
 
     @property
     def ok(self) -> bool:
@@ -189,7 +212,6 @@ class StoreReport:
 def store(server: Server, study_uid: str, paths: Iterable[str | os.PathLike]) -> StoreReport:
     """Send the files (one study's outputs) in one STOW-RS request and report instance by instance. Files that
     the server neither confirmed nor refused count as failed ("no answer for this instance")."""
-
     with lenient_uids():
         datasets = [pydicom.dcmread(p) for p in paths]
     report = StoreReport(study_uid)
@@ -200,8 +222,8 @@ def store(server: Server, study_uid: str, paths: Iterable[str | os.PathLike]) ->
         try:
             answer = server.client.store_instances(datasets=datasets, study_instance_uid=study_uid)
         except Exception as exc:
-            reason = _describe(exc)
-            report.failed = dict.fromkeys(sent, reason)
+            report.failed = dict.fromkeys(sent, describe(exc, server.credentials, server.transport.timeout))
+            report.fatal = is_fatal(exc)
             return report
     for item in answer.get("ReferencedSOPSequence", []) or []:
         uid = str(item.ReferencedSOPInstanceUID)
@@ -216,12 +238,6 @@ def store(server: Server, study_uid: str, paths: Iterable[str | os.PathLike]) ->
     return report
 
 
-__all__ = ["Server", "DicomWebError", "StoreReport", "split_url", "select_studies", "retrieve_ct", "store"]
-
-
-# --------------------------------------------------------------------------------------------------
-# ichd predict --dicomweb
-# --------------------------------------------------------------------------------------------------
 def parse_filters(items: Sequence[str] | None) -> dict[str, str]:
     """``["Modality=CT", "PatientID=X"]`` -> dict; a malformed item is an error naming it."""
     out = {}
@@ -233,35 +249,5 @@ def parse_filters(items: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
-def fetch(args: Any, dest: str | os.PathLike) -> tuple[Server, list[str]]:
-    """``ichd predict --dicomweb``: resolve the studies and download their CT series under ``dest``."""
-    base, in_url = split_url(args.dicomweb)
-    server = Server(base)
-    studies = list(args.study or []) + ([in_url] if in_url else [])
-    uids = select_studies(server, studies, since=args.since, filters=parse_filters(args.filter))
-    n = 0
-    for uid in uids:
-        n += len(retrieve_ct(server, uid, dest))
-    print(f"retrieved {n} CT instance(s) of {len(uids)} stud{'y' if len(uids) == 1 else 'ies'} from {base}")
-    return server, uids
-
-
-def store_outputs(server: Server, written: Sequence[Any], out: str | os.PathLike) -> int:
-    """STOW-RS each study's outputs (:class:`ichdlib.serve.dicom_out.StudyOutputs`) back to ``server``; print and
-    write ``out/stored.json`` (per study: stored and failed SOPInstanceUIDs). 0 when everything was stored."""
-
-    reports = [store(server, w.study_uid, w.paths) for w in written]
-    doc = {"server": server.url, "studies": [{"study_uid": r.study_uid, "stored": r.stored, "failed": r.failed,
-                                              "warnings": r.warnings} for r in reports]}
-    write_json(Path(out) / "stored.json", doc)
-    bad = 0
-    for r in reports:
-        total = len(r.stored) + len(r.failed)
-        if r.ok:
-            print(f"stored {len(r.stored)} instance(s) in study {r.study_uid} on {server.url}")
-        else:
-            bad += 1
-            first = next(iter(r.failed.items()))
-            print(f"store incomplete for study {r.study_uid}: {len(r.stored)} of {total} instance(s) stored, "
-                  f"{len(r.failed)} refused (e.g. {first[0]}: {first[1]}); see {Path(out) / 'stored.json'}")
-    return 0 if bad == 0 else 1
+__all__ = ["Server", "DicomWebError", "StoreReport", "Retrieved", "split_url", "select_studies", "retrieve_ct", "store",
+           "parse_filters"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from ichdlib.files import json_ready, write_text
 from ichdlib.labels import LABELS
 from ichdlib.serve.bundle import Bundle
 from ichdlib.serve.dicom_out import DicomWriter
-from ichdlib.serve.dicomweb import fetch, store_outputs
+from ichdlib.serve.dicomweb_run import run as run_dicomweb
 from ichdlib.serve.discover import PROBLEM_COLUMNS, discover, problem
 from ichdlib.serve.pipeline import Prediction, Predictor, predict_dir, predict_study
+from ichdlib.serve.transport import add_arguments as add_transport_arguments
 
 __all__ = ["predict_dir", "predict_study", "Predictor", "Prediction", "discover", "write_outputs", "PROBLEM_COLUMNS",
            "problem"]
@@ -99,19 +100,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dicom.add_argument("--store", action="store_true",
                        help="send the DICOM outputs back to the --dicomweb server (STOW-RS); default --dicom-out "
                             "OUT/dicom")
+    add_transport_arguments(dicom)
 
 
 def cli(args: argparse.Namespace) -> int:
-    """``ichd predict``: exit 0 when at least one study was predicted, 1 when none could be."""
-
+    """``ichd predict``: exit 0 when at least one study was predicted, 1 when none could be (with --dicomweb:
+    1 when a study failed, 2 when the run stopped on an error every request would repeat)."""
     dicomweb = getattr(args, "dicomweb", None)
     if dicomweb and args.dir is not None:
         raise ValueError(f"give a folder ({args.dir}) or --dicomweb, not both")
     if getattr(args, "pmap", False) and not (args.cam and (args.dicom_out or getattr(args, "store", False))):
         raise ValueError("--pmap needs --cam and --dicom-out (or --store)")
     if not dicomweb:
-        if args.store or args.study or args.since or args.filter:
-            raise ValueError("--store, --study, --since and --filter need --dicomweb URL")
+        if (args.store or args.study or args.since or args.filter or getattr(args, "netrc", None)
+                or getattr(args, "ca_bundle", None) or getattr(args, "insecure", False)):
+            raise ValueError("--store, --study, --since, --filter, --netrc, --ca-bundle and --insecure need "
+                             "--dicomweb URL")
         if args.dir is None:
             raise ValueError("give a folder of DICOM files, or --dicomweb URL --study UID")
         if not args.dir.exists():
@@ -119,40 +123,30 @@ def cli(args: argparse.Namespace) -> int:
     if not 0.0 <= args.threshold <= 1.0:  # also refuses nan
         raise ValueError(f"--threshold {args.threshold}: expected a probability between 0 and 1")
     bundle = Bundle.load(args.bundle)
-    folder, server, tmp = args.dir, None, None
-    fetched: list[str] = []
-    if dicomweb:
-
-        tmp = tempfile.TemporaryDirectory(prefix="ichd-dicomweb-")
-        folder = Path(tmp.name)
-        try:
-            server, fetched = fetch(args, folder)
-        except BaseException:
-            tmp.cleanup()
-            raise
-    dicom_out = getattr(args, "dicom_out", None) or (args.out / "dicom" if getattr(args, "store", False) else None)
-    writer = None
-    if dicom_out is not None:
-
-        # with --cam the writer also writes the PNGs, so that each Grad-CAM is computed once
-        writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam,
-                             png_dir=args.out / "cam" if args.cam else None, pmap=getattr(args, "pmap", False))
-    cam_dir = args.out / "cam" if args.cam and writer is None else None
-    try:
-        pred = predict_dir(folder, bundle, device=args.device, threshold=args.threshold, cam_dir=cam_dir,
+    if dicomweb:  # study by study from the PACS, resumable (ichdlib.serve.dicomweb_run)
+        result = run_dicomweb(args, bundle)
+        pred, writer = result.pred, result.writer
+    else:
+        dicom_out = getattr(args, "dicom_out", None)
+        writer = None
+        if dicom_out is not None:
+            # with --cam the writer also writes the PNGs, so that each Grad-CAM is computed once
+            writer = DicomWriter(dicom_out, bundle, args.threshold, cam=args.cam,
+                                 png_dir=args.out / "cam" if args.cam else None, pmap=getattr(args, "pmap", False))
+        cam_dir = args.out / "cam" if args.cam and writer is None else None
+        pred = predict_dir(args.dir, bundle, device=args.device, threshold=args.threshold, cam_dir=cam_dir,
                            progress=True, on_study=writer)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    if writer is not None and args.cam:
+    if writer is not None and args.cam and not dicomweb:
         pred.cams = writer.pngs
     paths = write_outputs(pred, args.out, bundle, args.threshold)
     n_pos = int(pred.studies["positive"].sum()) if len(pred.studies) else 0
     print(f"{len(pred.studies)} stud{'y' if len(pred.studies) == 1 else 'ies'} predicted "
           f"({len(pred.slices)} slices, {n_pos} with a finding) in {pred.seconds['total']:.1f} s; "
           f"{len(pred.problems)} problem(s) listed in {paths['problems']}")
-    for st in pred.studies.itertuples():
+    for st in pred.studies.head(20).itertuples():
         print(f"  {st.study_uid}: max any {st.max_any:.3f}" + (f"; {st.findings}" if st.findings else ""))
+    if len(pred.studies) > 20:
+        print(f"  ... {len(pred.studies) - 20} more in {paths['studies']}")
     for p in pred.problems.head(10).itertuples():
         print(f"  [{p.severity}] {p.path or p.study_uid}: {p.message}")
     if len(pred.problems) > 10:
@@ -160,15 +154,9 @@ def cli(args: argparse.Namespace) -> int:
     print(f"outputs: {args.out}")
     if writer is not None:
         print(f"DICOM outputs: {len(writer.paths)} file(s) for {len(writer.written)} stud"
-              f"{'y' if len(writer.written) == 1 else 'ies'} in {dicom_out}")
-    if server is not None and args.store:
-
-        rc = store_outputs(server, writer.written, args.out)
-        done = {w.study_uid for w in writer.written}
-        for uid in fetched:
-            if uid not in done:
-                rc = 1
-                print(f"nothing stored for study {uid}: no outputs were written (see {paths['problems']})")
-        if rc != 0:
-            return 1
+              f"{'y' if len(writer.written) == 1 else 'ies'} in {writer.out}")
+    if dicomweb:
+        if result.stopped:
+            print(f"ichd predict: error: {result.stopped}", file=sys.stderr)
+        return result.rc
     return 0 if len(pred.studies) else 1
