@@ -36,6 +36,14 @@ py="${PYTHON:-python3}"
   "$py" benchmarks/train_throughput.py --model densenet169 --json "$out/train_throughput_densenet169.json"
   "$py" benchmarks/train_throughput.py --model seresnext101_32x4d --batch 80 \
     --json "$out/train_throughput_seresnext101.json"
+  echo "== 3D CNN member (rsna_gpu.yaml cnn3d: resnet18, 256 px, 16-slice crops, batch 64, bf16): slices/s, memory"
+  "$py" benchmarks/cnn3d_throughput.py --device cuda --json "$out/cnn3d_throughput.json" || echo "cnn3d_throughput failed"
+  "$py" benchmarks/cnn3d_throughput.py --device cuda --batch 128 --json "$out/cnn3d_throughput_b128.json" \
+    || echo "cnn3d_throughput (batch 128) failed"
+  echo "== ichd train --stage cnn3d under torchrun on the smoke phantom (NCCL, bf16)"
+  "$py" -m torch.distributed.run --standalone --nproc_per_node "$ngpu" -m ichdlib train params/smoke.yaml --stage cnn3d \
+    --set device=cuda --set cnn.amp=true --set cnn3d.enabled=true --set "root=${TMPDIR:-/tmp}/ichd_ddp_smoke_cnn3d" \
+    2>&1 | grep -v "it/s\]\|s/it\]" || echo "ichd train --stage cnn3d failed"
   echo "== host loading at 512 px from DICOM files, one worker"
   "$py" benchmarks/native_loading.py --json "$out/native_loading.json"
   echo "== tests marked gpu"

@@ -25,6 +25,12 @@ peak resident memory, imports included) and times the stage's work (imports excl
   the submission, score, metrics.json);
 - ``notebook_summaries``: notebook 01's catalog tables, 03's PCA on a 20,000-row sample of the features,
   05's OOF scores with per-class AUC and calibration.
+- ``cnn3d_epoch_host``: the host work of one 3D CNN epoch of one fold (``params/rsna_gpu.yaml``'s ``cnn3d``:
+  crops of K slices, ``crops_per_study`` per study) and of its whole-study validation, every volume streamed
+  from a memory-mapped HU cache (:class:`ichdlib.cnn3d.data.CropDataset`, :func:`ichdlib.cnn3d.data.read_volume`);
+  the cache here is 32 px (bytes read grow 64x at 256 px: page-cache or disk bandwidth, what the loader workers
+  hide); peak RSS must stay flat with size (one batch in memory). The model's time per slice is the GPU
+  check's (``benchmarks/cnn3d_throughput.py``).
 
 ``exponent`` is the least-squares slope of log(seconds) against log(fraction); ``full_seconds`` and
 ``full_peak_rss_gb`` come from a straight-line fit (a constant plus a part proportional to size) evaluated at
@@ -61,7 +67,11 @@ PARAMS_M = {"densenet121_256": 7.98, "densenet169_256": 14.15, "seresnext101_32x
             "densenet121_512": 7.98}
 FOLDS = 5
 STAGES = ["labels_catalog_folds", "feature_assembly", "level2_inputs", "seq_epoch_host", "ensemble_submission",
-          "notebook_summaries"]
+          "notebook_summaries", "cnn3d_epoch_host"]
+#: Stages that read what ``prepare_downstream`` writes.
+DOWNSTREAM = {"feature_assembly", "level2_inputs", "seq_epoch_host", "ensemble_submission", "notebook_summaries"}
+#: In-plane side of the benchmark's HU cache for the 3D stage (bytes read scale by (256 / 32)^2 at 256 px).
+CACHE3D = 32
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # this checkout's ichdlib, also when run without PYTHONPATH
     sys.path.insert(0, str(REPO))
@@ -292,6 +302,44 @@ def stage_seq_epoch_host(d: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _cache3d(d: Path) -> Path:
+    """A memory-mapped int16 HU cache at ``CACHE3D`` px over the catalog's rows (written once, not timed)."""
+    from ichdlib.ingest.table import load_catalog
+
+    path = d / "work" / f"cache_{CACHE3D}.npy"
+    if not path.is_file():
+        n = len(load_catalog(d / "work"))
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int16, shape=(n, CACHE3D, CACHE3D))
+        for a in range(0, n, 4096):
+            mm[a:a + 4096] = np.arange(a, min(n, a + 4096), dtype=np.int64)[:, None, None] % 2000 - 1000
+        mm.flush()
+        del mm
+    return path
+
+
+def stage_cnn3d_epoch_host(d: Path) -> float:
+    from ichdlib.cnn3d.data import CropDataset, CropSampler, Studies, read_volume
+    from ichdlib.ingest.table import load_catalog
+
+    P = _params(d)
+    c = P.cnn3d
+    cache = np.load(_cache3d(d), mmap_mode="r")
+    cat = load_catalog(P.work_dir)
+    t0 = time.perf_counter()
+    train = cat[cat["split"] == "train"]
+    tr, va = Studies.from_catalog(train[train["fold"] != 0]), Studies.from_catalog(train[train["fold"] == 0])
+    ds = CropDataset(cache, tr, c.slices)
+    sampler = CropSampler(tr.lengths, c.slices, c.batch, c.crops_per_study, seed=0)
+    n = 0
+    for batch in sampler:  # one epoch's crops, one batch in memory at a time
+        x, _, mask = ds.__getitems__(batch)
+        n += int(mask.sum())
+    for rows in va.rows:  # whole-study validation reads
+        n += len(read_volume(cache, rows))
+    assert n > 0
+    return time.perf_counter() - t0
+
+
 def stage_ensemble_submission(d: Path) -> float:
     import ichdlib.ingest.catalog  # noqa: F401 - imported before the clock starts, as in a running notebook
     import ichdlib.seq.train  # noqa: F401
@@ -412,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--repeat", type=int, default=3, help="runs per stage and fraction, each in a fresh "
                     "process, fractions interleaved (the fastest is kept)")
+    ap.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages (the catalog is still built)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
@@ -438,8 +487,14 @@ def main(argv: list[str] | None = None) -> dict:
         for f, d in dirs.items():
             d.mkdir()
             runs[f] = {"sizes": _child(["--stage", "prepare", "--dir", str(d), "--fraction", str(f)])}
-        for name in STAGES:
-            if name == "feature_assembly":
+        chosen = [n for n in STAGES if not args.only or n in args.only]
+        if chosen[0] != "labels_catalog_folds":  # the later stages read the catalog it writes (not timed then)
+            for d in dirs.values():
+                _child(["--stage", "labels_catalog_folds", "--dir", str(d), "--repeat", "1"])
+        downstream = False
+        for name in chosen:
+            if name in DOWNSTREAM and not downstream:  # fold parts, features, predictions (not timed)
+                downstream = True
                 for d in dirs.values():
                     _child(["--stage", "prepare_downstream", "--dir", str(d)])
             # fractions interleaved, one process each time: a shared machine's slow spells hit both sizes
@@ -456,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs[f]["files_bytes"] = _table_bytes(d)
         disk = disk_budget(Path(tmp), runs)
     stages = {}
-    for name in STAGES:
+    for name in chosen:
         secs = [runs[f][name]["seconds"] for f in fractions]
         rss = [runs[f][name]["peak_rss_gb"] for f in fractions]
         stages[name] = {"fractions": fractions, "seconds": [round(s, 3) for s in secs],

@@ -27,7 +27,7 @@ __all__ = ["BUILDERS", "register_builder", "read_checkpoint", "build_model", "lo
 #: spec kind -> builder of an untrained model from the spec.
 BUILDERS: dict[str, Callable[[Any], torch.nn.Module]] = {}
 #: spec kind -> the module that registers its builder when imported.
-BUILDER_MODULES = {"cnn": "ichdlib.cnn.models", "seq": "ichdlib.seq.models"}
+BUILDER_MODULES = {"cnn": "ichdlib.cnn.models", "seq": "ichdlib.seq.models", "cnn3d": "ichdlib.cnn3d.models"}
 
 
 def register_builder(kind: str) -> Callable[[Callable[[Any], torch.nn.Module]], Callable[[Any], torch.nn.Module]]:

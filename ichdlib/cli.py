@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ichdlib.ingest.catalog", "scan an RSNA-layout folder: catalog, folds, quarantine, HU cache"),
     "score": ("ichdlib.metrics", "score a Kaggle long-format prediction CSV against a truth CSV"),
     "run": ("ichdlib.run", "run notebooks 01-06 headless with papermill from one params file"),
-    "train": ("ichdlib.app.train_cli", "run one stage (cnn, features, seq, distill) alone or under torchrun (DDP, fold jobs)"),
+    "train": ("ichdlib.app.train_cli", "run one stage (cnn, features, seq, cnn3d, distill) alone or under torchrun (DDP, fold jobs)"),
     "export": ("ichdlib.app.export_cli", "write a self-contained model bundle from a finished run (profile, runtime)"),
     "predict": ("ichdlib.serve.predict", "predict on a folder of DICOM studies with a model bundle"),
     "compare": ("ichdlib.review.compare", "compare two or more runs: stage scores, per-class losses, times, params"),

@@ -397,6 +397,44 @@ class ExternalCfg(_Strict):
     phantom_size: int = Field(128, ge=32)
 
 
+class Cnn3dCfg(_Strict):
+    """The 3D CNN member (notebook 02b): a MONAI ResNet over K consecutive slices, per-slice logits."""
+
+    enabled: bool = False
+    #: MONAI's ResNet (``monai.networks.nets.resnet10/18/34``, the MedicalNet layout).
+    arch: Literal["resnet"] = "resnet"
+    depth: Literal[10, 18, 34] = 18
+    #: Channel width factor (MONAI ``widen_factor``): 1.0 is the MedicalNet width (64..512 channels); smaller
+    #: ones suit the CPU (a MedicalNet weights file needs 1.0).
+    widen: float = Field(1.0, gt=0, le=4)
+    #: In-plane side in pixels (an HU cache size; z stays at slice resolution).
+    size: int = Field(256, ge=16, le=2048)
+    #: Slices per training crop (K); inference reads the whole study, any length.
+    slices: int = Field(16, ge=1, le=256)
+    #: Training crops per study and epoch (random start, seeded per epoch).
+    crops_per_study: int = Field(2, ge=1)
+    epochs: int = Field(10, ge=1)
+    #: Crops per global batch.
+    batch: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(2e-5, ge=0)
+    #: Per-step cosine from ``lr`` down to ``lr * min_lr_ratio``.
+    min_lr_ratio: float = Field(0.02, ge=0, le=1)
+    #: A local MedicalNet weights file (``resnet_18_23dataset.pth``; never downloaded), or None.
+    pretrained: str | None = None
+    folds: Literal["all"] | list[int] = "all"
+    #: DataLoader worker processes (0 = load in the main process).
+    num_workers: int = Field(0, ge=0)
+    cpu_threads: int | None = Field(None, ge=1)
+    #: Offer the member to the blend (notebook 05 keeps it only when it lowers the OOF loss, and says so).
+    blend: bool = True
+
+    @property
+    def key(self) -> str:
+        width = "" if self.widen == 1.0 else f"w{self.widen:g}"
+        return f"{self.arch}{self.depth}{width}_{self.size}"
+
+
 class Params(_Strict):
     """A whole experiment."""
 
@@ -416,6 +454,7 @@ class Params(_Strict):
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     distill: DistillCfg = Field(default_factory=DistillCfg)
     external: ExternalCfg = Field(default_factory=ExternalCfg)
+    cnn3d: Cnn3dCfg = Field(default_factory=Cnn3dCfg)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Params:
@@ -431,6 +470,9 @@ class Params(_Strict):
             if m.startswith("cnn:"):
                 if m != "cnn:*" and m[4:] not in keys:
                     raise ValueError(f"ensemble.members: {m!r} names no backbone; cnn.backbones keys are {keys}")
+            elif m == "cnn3d":
+                if not self.cnn3d.enabled:
+                    raise ValueError("ensemble.members: 'cnn3d' is listed but cnn3d.enabled is false")
             elif m not in self.seq.models:
                 raise ValueError(f"ensemble.members: {m!r} is neither a sequence model of seq.models "
                                  f"{list(self.seq.models)} nor cnn:<key> / cnn:*")
@@ -441,6 +483,9 @@ class Params(_Strict):
             if bad or len(set(self.cnn.folds)) != len(self.cnn.folds) or not self.cnn.folds:
                 raise ValueError(f"cnn.folds: {self.cnn.folds} must be distinct fold numbers in "
                                  f"0..{self.ingest.folds - 1} (ingest.folds is {self.ingest.folds})")
+        if self.cnn3d.folds != "all" and (not self.cnn3d.folds or any(
+                not 0 <= f < self.ingest.folds for f in self.cnn3d.folds)):
+            raise ValueError(f"cnn3d.folds: {self.cnn3d.folds} must be fold numbers in 0..{self.ingest.folds - 1}")
         return self
 
     # -- resolved locations ---------------------------------------------------------------------

@@ -14,6 +14,8 @@ stage reads or writes is an attribute or method of it::
                                                                 sequence models (04) -> L.seq(name)
       distill/<key>/   fold<k>.pt fold<k>_last.pt fold<k>_val.parquet oof.parquet test.parquet done.json
                                                                 the student (08)     -> L.distill(key)
+      cnn3d/<key>/     the 2D stage's files (fold<k>.pt ... oof.parquet test.parquet)
+                                                                3D CNN (02b)         -> L.cnn3d(key)
       stages/          <NN>.json digests.json <notebook>.lock   stamps (ichd run)
       logs/            <notebook>.kernel.log
       params.yaml
@@ -45,6 +47,7 @@ INGEST_REPORT, INGEST_STATE = "ingest_report.json", "ingest_state.json"
 CACHE_GLOB = "cache_*"
 CNN, FEATURES, SEQ, STAGES, LOGS, INPUTS, FIGURES = "cnn", "features", "seq", "stages", "logs", "inputs", "figures"
 DISTILL = "distill"
+CNN3D = "cnn3d"
 OOF, TEST = "oof.parquet", "test.parquet"
 DONE = "done.json"
 META = "meta.json"
@@ -70,6 +73,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "cnn": (f"{CNN}/*/fold*.pt", f"{CNN}/*/{OOF}", f"{CNN}/*/{TEST}"),
     "features": (f"{FEATURES}/*/{META}", f"{FEATURES}/*/*_prob.parquet", f"{FEATURES}/*/{TEST_PROB_FOLDS}"),
     "seq": (f"{SEQ}/*/{OOF}", f"{SEQ}/*/{TEST}", f"{SEQ}/*/fold*.pt"),
+    "cnn3d": (f"{CNN3D}/*/fold*.pt", f"{CNN3D}/*/{OOF}", f"{CNN3D}/*/{TEST}"),
     "ensemble": (f"reports:{SUBMISSION}",),
     "review": (),
     "distill": (f"{DISTILL}/*/fold*.pt", f"{DISTILL}/*/{DONE}"),
@@ -235,6 +239,10 @@ class RunLayout:
     def distill(self, key: str) -> ModelDir:
         """``distill/<key>``: the student's fold models, OOF/test tables and ``done.json`` (07)."""
         return ModelDir(self.work / DISTILL / key)
+
+    def cnn3d(self, key: str) -> ModelDir:
+        """``cnn3d/<key>``: the 3D CNN member's fold models and OOF/test tables (02b)."""
+        return ModelDir(self.work / CNN3D / key)
 
     @property
     def inputs_lock(self) -> Path:

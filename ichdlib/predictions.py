@@ -24,8 +24,9 @@ L = list(LABELS)
 # Stages
 # ----------------------------------------------------------------------------------------------------
 def stage_names(P: Params) -> list[str]:
-    """Every stage this run produces: ``cnn:<key>`` per backbone, then the sequence models."""
-    return [f"cnn:{b.key}" for b in P.cnn.backbones] + list(P.seq.models)
+    """Every stage this run produces: ``cnn:<key>`` per backbone, then the sequence models, then ``cnn3d`` (the
+    3D member, when ``cnn3d.enabled``)."""
+    return [f"cnn:{b.key}" for b in P.cnn.backbones] + list(P.seq.models) + (["cnn3d"] if P.cnn3d.enabled else [])
 
 
 def stage_dir(P: Params, name: str) -> Path:
@@ -34,7 +35,10 @@ def stage_dir(P: Params, name: str) -> Path:
         return P.layout.cnn(name[4:]).path
     if name in SEQ_MODELS:
         return P.layout.seq(name).path
-    raise ValueError(f"unknown stage {name!r}: expected 'cnn:<key>' or a sequence model ({', '.join(SEQ_MODELS)})")
+    if name == "cnn3d":
+        return P.layout.cnn3d(P.cnn3d.key).path
+    raise ValueError(f"unknown stage {name!r}: expected 'cnn:<key>', 'cnn3d' or a sequence model "
+                     f"({', '.join(SEQ_MODELS)})")
 
 
 @dataclass
@@ -65,7 +69,8 @@ def load_stage(P: Params, name: str, catalog: pd.DataFrame | None = None) -> Sta
     paths = stage_files(P, name)
     for path in paths:
         if not path.is_file():
-            nb = "02 (2D CNN)" if name.startswith("cnn:") else "04 (sequence models)"
+            nb = ("02 (2D CNN)" if name.startswith("cnn:") else "02b (3D CNN)" if name == "cnn3d"
+                  else "04 (sequence models)")
             raise FileNotFoundError(f"{path}: missing; run notebook {nb} first")
         df = pd.read_parquet(path)
         missing = [c for c in ["sop_uid", *L] if c not in df.columns]

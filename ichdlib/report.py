@@ -15,9 +15,10 @@ from typing import Any
 from ichdlib.config import Params
 from ichdlib.files import nested_get as _get
 from ichdlib.files import write_json
+from ichdlib.stages import numbered_notebooks
 
 #: Figure name prefixes listed in summary.md (everything else stays one click away in figures/).
-KEY_FIGURES = ("01_composite", "02_curves", "04_learning", "05_", "cam_any", "cam_viewer", "07_roc")
+KEY_FIGURES = ("01_composite", "02_curves", "02b_curves", "04_learning", "05_", "cam_any", "cam_viewer", "07_roc")
 
 
 @dataclass
@@ -126,6 +127,8 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
             lines += ["", f"`cnn:` rows score the test-time-augmented (TTA) probabilities of notebook 03 "
                           f"(`features.tta` = {P.features.tta} views); notebook 02 reports the single-view OOF loss "
                           f"of the same models, which differs slightly."]
+        offered = (m.get("submission") or {}).get("offered") or {}
+        lines += [""] + [f"Blend: {d['note']}." for d in offered.values() if d.get("note")] if offered else []
         pg = m.get("pointing_game") or {}
         if pg.get("per_class"):
             std = pg.get("standard_tolerance") or {}
@@ -143,7 +146,7 @@ def write_summary(P: Params, results: list[StageResult] | None = None) -> Path |
     if figs:
         lines += ["", "## Key figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in key or figs]
         lines += ["", f"All {len(figs)} figures are in [figures/](figures/)."]
-    nbs = sorted(rep.glob("[0-9][0-9]_*.ipynb"))
+    nbs = numbered_notebooks(rep)
     if nbs:
         lines += ["", "## Executed notebooks", ""]
         for nb in nbs:

@@ -37,6 +37,7 @@ from ichdlib.report import (  # noqa: F401  (the report files; re-exported under
     record_timing,
     write_summary,
 )
+from ichdlib.stages import numbered_notebooks, stage_number
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -46,8 +47,8 @@ class NotebookFailed(RuntimeError):
 
 
 def list_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
-    """The numbered notebooks ``NN_name.ipynb`` in order."""
-    nbs = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    """The numbered notebooks ``NN_name.ipynb`` (and ``NNx_name.ipynb``) in order."""
+    nbs = numbered_notebooks(folder)
     if not nbs:
         raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {folder}")
     return nbs
@@ -55,15 +56,15 @@ def list_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
 
 def select(nbs: list[Path], only: list[str] | None = None, start: str | None = None) -> list[Path]:
     """Filter by ``--only 02,03`` and ``--from 03`` (stage numbers)."""
-    stages = [p.name[:2] for p in nbs]
+    stages = [stage_number(p) for p in nbs]
     for s in (only or []) + ([start] if start else []):
         if s not in stages:
             raise ValueError(f"unknown stage {s!r}; available: {', '.join(stages)}")
     out = nbs
     if start:
-        out = [p for p in out if p.name[:2] >= start]
+        out = [p for p in out if stage_number(p) >= start]
     if only:
-        out = [p for p in out if p.name[:2] in set(only)]
+        out = [p for p in out if stage_number(p) in set(only)]
     return out
 
 
@@ -72,7 +73,7 @@ def applicable(nbs: list[Path], known: list[str], P: Params, only: list[str] | N
     one of them with ``--only`` is an error naming the key."""
     out = []
     for nb in nbs:
-        stage = stages.stage_for(nb.name[:2], known)
+        stage = stages.stage_for(stage_number(nb), known)
         if stages.applies(stage, P):
             out.append(nb)
         elif only and stage.number in only:
@@ -130,13 +131,16 @@ def plan(params_path: str | Path, *, only: list[str] | None = None, start: str |
     """
     P = load_params(Path(params_path).resolve(), dict(overrides or {}))
     all_nbs = list_notebooks(notebooks)
-    known = [p.name[:2] for p in all_nbs]
+    known = [stage_number(p) for p in all_nbs]
     chosen = applicable(select(all_nbs, only, start), known, P, only)
     store = stages.StampStore(P)
     out: list[stages.Decision] = []
     pending: set[str] = set()
     for nb in chosen:
-        st = stages.stage_for(nb.name[:2], known)
+        st = stages.stage_for(stage_number(nb), known)
+        if not stages.stage_enabled(P, st):
+            out.append(stages.Decision(st, run=False, force=False, reasons=[f"off ({st.enabled_by} is false)"]))
+            continue
         d = stages.decide(store, st, nb, known, force=force, report_exists=P.layout.report(nb.name).is_file())
         waiting = sorted(set(st.upstream) & pending)
         if waiting and not d.run:
@@ -159,7 +163,7 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     overrides = dict(overrides or {})
     P = load_params(params_path, overrides)
     all_nbs = list_notebooks(notebooks)
-    known = [p.name[:2] for p in all_nbs]
+    known = [stage_number(p) for p in all_nbs]
     chosen = applicable(select(all_nbs, only, start), known, P, only)
     store = stages.StampStore(P)
     timings = last_timings(P)  # the skip lines say how long each skipped notebook took when it last ran
@@ -167,8 +171,12 @@ def run_pipeline(params_path: str | Path, *, only: list[str] | None = None, star
     tracker = tracking.RunTracker(P) if tracking.enabled(P, track) else None
     print(f"ichd run: {P.run}: {len(chosen)} notebook(s) -> {P.layout.reports}", flush=True)
     for i, nb in enumerate(chosen, 1):
-        stage = stages.stage_for(nb.name[:2], known)
+        stage = stages.stage_for(stage_number(nb), known)
         head = f"[{i}/{len(chosen)}] {nb.stem}"
+        if not stages.stage_enabled(P, stage):
+            print(f"{head}: off ({stage.enabled_by} is false) 0 s", flush=True)
+            results.append(StageResult(stage.number, nb.name, "off", 0.0, f"{stage.enabled_by} is false"))
+            continue
         d = stages.decide(store, stage, nb, known, force=force,
                           report_exists=P.layout.report(nb.name).is_file())
         if not d.run:
@@ -220,8 +228,8 @@ def dry_run(params_path: str | Path, **kwargs: Any) -> str:
     lines = []
     for d in plan(params_path, **kwargs):
         verb = ("run (recompute)" if d.force else "run") if d.run else "skip"
-        lines.append(f"{d.stage.number} {d.stage.name:<9} {verb:<15} "
-                     f"{'; '.join(d.reasons) if d.run else 'up to date'}")
+        lines.append(f"{d.stage.number:<3} {d.stage.name:<9} {verb:<15} "
+                     f"{'; '.join(d.reasons) if d.run or d.reasons else 'up to date'}")
     return "\n".join(lines)
 
 

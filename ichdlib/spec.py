@@ -22,7 +22,7 @@ from ichdlib.windows import RECIPES, recipe_windows
 if TYPE_CHECKING:  # pragma: no cover
     from ichdlib.config import BackboneCfg, Params
 
-__all__ = ["CnnSpec", "ModelSpec", "SeqSpec", "SpecError", "spec_from_meta"]
+__all__ = ["CnnSpec", "ModelSpec", "SeqSpec", "SpecError", "VolumeSpec", "spec_from_meta"]
 
 #: How the model normalises its input: windowed channels in [0, 1], then (x - 0.456) / 0.224 inside the model.
 NORMALISATION = {"input": "windowed channels in [0, 1]", "mean": 0.456, "std": 0.224, "where": "in the model"}
@@ -30,6 +30,24 @@ NORMALISATION = {"input": "windowed channels in [0, 1]", "mean": 0.456, "std": 0
 
 class SpecError(ValueError):
     """A checkpoint or bundle entry whose model spec is missing a key or holds a bad value."""
+
+
+def _from_dict(cls: Any, d: dict[str, Any], what: str, convert: Any) -> Any:
+    """``cls(**d)`` after ``convert(kw)`` fixes the types; unknown or missing keys and bad values raise a
+    :class:`SpecError` naming them (the one reading path of both specs)."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise SpecError(f"{what}: unknown key(s) {', '.join(unknown)}")
+    try:
+        kw = dict(d)
+        convert(kw)
+        return cls(**kw)
+    except SpecError:
+        raise
+    except KeyError as exc:
+        raise SpecError(f"{what}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -90,25 +108,15 @@ class CnnSpec:
     # -- reading -----------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CnnSpec:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise SpecError(f"model spec: unknown key(s) {', '.join(unknown)}")
-        try:
-            kw = dict(d)
+        def convert(kw: dict[str, Any]) -> None:
             kw["windows"] = tuple(tuple(float(v) for v in w) for w in kw["windows"])
             kw["single_window"] = tuple(float(v) for v in kw["single_window"])
             kw["labels"] = tuple(kw.get("labels", LABELS))
             kw["size"] = int(kw["size"])
             kw["learnable_window"] = bool(kw["learnable_window"])
             kw["val_center_crop"] = float(kw["val_center_crop"])
-            return cls(**kw)
-        except SpecError:
-            raise
-        except KeyError as exc:
-            raise SpecError(f"model spec: missing key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"model spec: {exc}") from None
+
+        return _from_dict(cls, d, "model spec", convert)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> CnnSpec:
@@ -136,6 +144,79 @@ class CnnSpec:
         """The preprocessing arguments of :func:`ichdlib.review.cam.compute_cams` for this model."""
         return {"recipe": self.recipe, "crop": self.val_center_crop, "size": self.size,
                 "single_window": self.single_window, "learnable": self.learnable_window}
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """What a 3D fold model (``cnn3d``) is and how it reads a study: a MONAI ResNet over ``(C, n, size, size)``
+    volumes, one channel per window of the recipe (on the slice itself: z is a real axis here, so the
+    recipe's slice offsets do not apply), z at slice resolution, one logit vector per slice."""
+
+    arch: str                                   # "resnet" (monai.networks.nets.ResNet, MedicalNet layout)
+    depth: int                                  # 10, 18 or 34
+    widen: float                                # channel width factor (1.0: MedicalNet's)
+    size: int                                   # in-plane side in pixels
+    slices: int                                 # K, consecutive slices per training crop
+    recipe: str
+    windows: tuple[tuple[float, float], ...]    # (center, width) of each input channel
+    val_center_crop: float
+    kind: str = "cnn3d"
+    in_chans: int = 3
+    num_classes: int = len(LABELS)
+    labels: tuple[str, ...] = LABELS
+    normalisation: dict[str, Any] = field(default_factory=lambda: dict(NORMALISATION))
+    #: How z is kept: stride 1 along z in conv1, the max-pool and every stage (in-plane strides only).
+    z: str = "slice resolution (z stride 1 everywhere, in-plane strides 2)"
+    key: str | None = None
+    library_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.kind != "cnn3d":
+            raise SpecError(f"3D model spec: kind {self.kind!r} is not 'cnn3d'")
+        if self.arch != "resnet" or int(self.depth) not in (10, 18, 34):
+            raise SpecError(f"3D model spec: {self.arch}{self.depth} is not resnet10/18/34")
+        if not 16 <= int(self.size) <= 2048:
+            raise SpecError(f"3D model spec: size {self.size} outside 16..2048 px")
+        if tuple(self.labels) != tuple(LABELS):
+            raise SpecError(f"3D model spec: label order {list(self.labels)} differs from {list(LABELS)}")
+        if len(self.windows) != self.in_chans:
+            raise SpecError(f"3D model spec: {len(self.windows)} windows for {self.in_chans} channels")
+
+    @classmethod
+    def from_params(cls, P: Params) -> VolumeSpec:
+        """The spec ``P.cnn3d`` trains."""
+        c = P.cnn3d
+        single = tuple(float(v) for v in P.windows.single_window)
+        wins = tuple(tuple(float(v) for v in w) for w in recipe_windows(P.windows.recipe, single))
+        return cls(arch=c.arch, depth=int(c.depth), widen=float(c.widen), size=int(c.size), slices=int(c.slices), recipe=P.windows.recipe,
+                   windows=wins, val_center_crop=float(P.cnn.augment.val_center_crop), in_chans=len(wins),
+                   key=c.key)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["windows"] = [list(w) for w in self.windows]
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VolumeSpec:
+        def convert(kw: dict[str, Any]) -> None:
+            kw["windows"] = tuple(tuple(float(v) for v in w) for w in kw["windows"])
+            kw["labels"] = tuple(kw.get("labels", LABELS))
+            for k in ("depth", "size", "slices"):
+                kw[k] = int(kw[k])
+            kw["val_center_crop"] = float(kw["val_center_crop"])
+            kw["widen"] = float(kw["widen"])
+
+        return _from_dict(cls, d, "3D model spec", convert)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> VolumeSpec:
+        """The one reader of a 3D checkpoint's ``meta["spec"]``."""
+        spec = meta.get("spec")
+        if not isinstance(spec, dict) or spec.get("kind") != "cnn3d":
+            raise SpecError("checkpoint meta holds no 3D model spec (kind 'cnn3d'); is this a 2D checkpoint?")
+        return cls.from_dict(spec)
 
 
 #: The name older code and checkpoints' readers use (kept: ``ModelSpec`` is ``CnnSpec``).
@@ -181,8 +262,11 @@ class SeqSpec:
         return out
 
 
-def spec_from_meta(meta: dict[str, Any]) -> CnnSpec | SeqSpec:
-    """A checkpoint's spec, whichever kind: sequence checkpoints name their ``model``, 2D ones do not."""
+def spec_from_meta(meta: dict[str, Any]) -> CnnSpec | SeqSpec | VolumeSpec:
+    """A checkpoint's spec, whichever kind: sequence checkpoints name their ``model``, 3D ones carry a spec of
+    kind ``cnn3d``, 2D ones neither."""
     if "model" in meta and "spec" not in meta:
         return SeqSpec.from_meta(meta)
+    if isinstance(meta.get("spec"), dict) and meta["spec"].get("kind") == "cnn3d":
+        return VolumeSpec.from_meta(meta)
     return CnnSpec.from_meta(meta)

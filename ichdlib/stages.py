@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from ichdlib.layout import STAGE_OUTPUTS
 from ichdlib.phantom import PHANTOM_VERSION
 from ichdlib.registry import resolve
 
-__all__ = ["Stage", "STAGES", "StageReport", "stage_for", "stage_named", "forced", "applies", "Decision",
+__all__ = ["Stage", "STAGES", "StageReport", "stage_for", "stage_named", "stage_enabled", "forced", "applies", "Decision",
            "StampStore", "data_fingerprint", "outputs_digest", "params_digest", "decide"]
 
 #: Files at the top of the data folder larger than this are fingerprinted by size, not content.
@@ -102,6 +103,9 @@ class Stage:
     #: Dotted params key naming a folder the stage reads besides the RSNA data (fingerprinted like it) and
     #: without which the stage does not apply (``ichd run`` leaves it out): notebook 07's ``external.data``.
     needs: str | None = None
+    #: A params switch (dotted path, e.g. ``cnn3d.enabled``) that turns an optional stage on; when it is false
+    #: ``ichd run`` skips the stage without starting its notebook.
+    enabled_by: str | None = None
     #: The stage's work, ``"module:function"`` with ``function(P, force=False, **options) -> StageReport``
     #: (resolved on first use: the core never imports a stage's code).
     entry: str = ""
@@ -124,15 +128,18 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
           outputs=STAGE_OUTPUTS["ingest"], force_on_change=False, entry="ichdlib.ingest.catalog:run_stage"),
     Stage("02", "cnn", ("seed", "windows", "cnn"), ("01",), outputs=STAGE_OUTPUTS["cnn"],
           entry="ichdlib.cnn.train:run_stage"),
+    Stage("02b", "cnn3d", ("seed", "windows", "cnn.augment", "cnn.class_weights", "cnn.grad_clip", "cnn3d"), ("01",),
+          outputs=STAGE_OUTPUTS["cnn3d"], entry="ichdlib.cnn3d.train:run_stage", enabled_by="cnn3d.enabled"),
     Stage("03", "features", ("seed", "windows", "cnn", "features"), ("01", "02"), outputs=STAGE_OUTPUTS["features"],
           entry="ichdlib.cnn.features:run_stage"),
     Stage("04", "seq", ("seed", "cnn.backbones", "seq"), ("01", "03"), outputs=STAGE_OUTPUTS["seq"],
           entry="ichdlib.seq.train:run_stage"),
-    Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble"), ("01", "03", "04"), reads_data=True,
-          outputs=STAGE_OUTPUTS["ensemble"], entry="ichdlib.ensemble.blend:run_stage"),
-    Stage("06", "review", ("seed", "cnn.backbones", "cam"), ("01", "02", "05"), reads_data=True,
+    Stage("05", "ensemble", ("seed", "cnn.backbones", "seq.models", "ensemble", "cnn3d"), ("01", "02b", "03", "04"),
+          reads_data=True, outputs=STAGE_OUTPUTS["ensemble"], entry="ichdlib.ensemble.blend:run_stage"),
+    Stage("06", "review", ("seed", "cnn.backbones", "cam", "cnn3d"), ("01", "02", "02b", "05"), reads_data=True,
           outputs=STAGE_OUTPUTS["review"], entry="ichdlib.review.stage:run_stage"),
-    Stage("07", "external", ("seed", "cnn.backbones", "seq.models", "ensemble", "external"), ("01", "02", "04", "05"),
+    Stage("07", "external", ("seed", "cnn.backbones", "seq.models", "ensemble", "cnn3d", "external"),
+          ("01", "02", "02b", "04", "05"),
           outputs=STAGE_OUTPUTS["external"], entry="ichdlib.validate.run:run_stage", needs="external.data"),
     # no notebook (off in the demo): ``ichd train PARAMS --stage distill`` runs it (ichdlib.distill)
     Stage("08", "distill", ("seed", "windows", "cnn", "distill"), ("01", "05"), reads_data=True,
@@ -143,6 +150,25 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
 def applies(stage: Stage, P: Params) -> bool:
     """Whether ``ichd run`` runs the stage for these params (a stage with ``needs`` only when that key is set)."""
     return stage.needs is None or nested_get(P.model_dump(mode="json"), *stage.needs.split(".")) is not None
+
+
+_NUMBERED = re.compile(r"^\d\d[a-z]?_.*\.ipynb$")
+
+
+def stage_number(nb: Path | str) -> str:
+    """The stage number of ``NN_name.ipynb`` or ``NNx_name.ipynb`` (``02b_cnn3d_training`` -> ``02b``, after
+    ``02`` and before ``03``)."""
+    return Path(nb).name.split("_", 1)[0]
+
+
+def numbered_notebooks(folder: Path) -> list[Path]:
+    """The stage notebooks (``NN_name.ipynb``, ``NNx_name.ipynb``) in a folder, in stage order."""
+    return sorted(p for p in folder.glob("[0-9][0-9]*_*.ipynb") if _NUMBERED.match(p.name))
+
+
+def stage_enabled(P: Params, stage: Stage) -> bool:
+    """Whether an optional stage is switched on in ``P`` (always True for the others)."""
+    return stage.enabled_by is None or bool(nested_get(P.model_dump(mode="json"), *stage.enabled_by.split(".")))
 
 
 def stage_named(name: str) -> Stage:

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_stage_has_one_entry_taking_params_and_force():
-    assert list(STAGES) == ["01", "02", "03", "04", "05", "06", "07", "08"]
+    assert list(STAGES) == ["01", "02", "02b", "03", "04", "05", "06", "07", "08"]  # 02b: the optional 3D member
     for s in STAGES.values():
         fn = resolve(s.entry)
         params = list(inspect.signature(fn).parameters)

@@ -1,10 +1,11 @@
-"""``ichd train PARAMS [--stage cnn|features|seq] [--backbone NAME] [--folds 0,2]``: one stage's work outside
+"""``ichd train PARAMS [--stage cnn|features|seq|cnn3d] [--backbone NAME] [--folds 0,2]``: one stage's work outside
 the notebooks, alone or under ``torchrun`` (see ``docs/distributed.md``).
 
 - ``cnn`` (default): the 2D CNN folds of every backbone (or ``--backbone``), DDP across the ranks; OOF/test
   tables are assembled once every fold is in, by whichever job finishes last.
 - ``features``: pooled features + TTA probabilities, rows sharded across ranks, written by rank 0.
 - ``seq``: the sequence models; their folds fan out across ranks.
+- ``cnn3d``: the 3D CNN member's folds (``cnn3d.enabled``; notebook 02b), DDP across the ranks like ``cnn``.
 
 Missing inputs are made first (phantom when ``synth.enabled``, ingest, cache) by rank 0 while the others
 wait. Notebooks 02-04 then load what this wrote (their summaries say where the models came from).
@@ -25,7 +26,7 @@ from ichdlib.runtime import cpu_threads
 from ichdlib.stages import stage_named
 
 #: The stages ``ichd train --stage`` runs, by their names in :data:`ichdlib.stages.STAGES`.
-TRAIN_STAGES = ("cnn", "features", "seq", "distill")
+TRAIN_STAGES = ("cnn", "features", "seq", "cnn3d", "distill")
 ORIGIN = "ichd train"
 
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=TRAIN_STAGES, default="cnn", help="which stage to run (default: cnn)")
     parser.add_argument("--backbone", action="append", metavar="NAME",
                         help="only this backbone (name or key such as densenet121_256; repeatable)")
-    parser.add_argument("--folds", metavar="K[,K...]", help="only these folds, e.g. 0,2 (cnn stage)")
+    parser.add_argument("--folds", metavar="K[,K...]", help="only these folds, e.g. 0,2 (cnn and cnn3d stages)")
     parser.add_argument("--force", action="store_true", help="recompute outputs that exist")
     parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set cnn.num_workers=8 (repeatable)")
@@ -63,8 +64,9 @@ def select_backbones(P: Any, names: list[str] | None) -> list[Any]:
     return chosen
 
 
-def prepare_inputs(P: Any, backbones: list[Any]) -> None:
-    """Phantom (if ``synth.enabled``), catalog and caches for ``backbones``: made by rank 0, others wait."""
+def prepare_inputs(P: Any, backbones: list[Any], sizes: tuple[int, ...] = ()) -> None:
+    """Phantom (if ``synth.enabled``), catalog and caches for ``backbones`` (and ``sizes``): made by rank 0,
+    others wait."""
     if D.is_main():
         # fold jobs started side by side: the first prepares, the others wait and then find it done
         with output_lock(P.layout.inputs_lock, what="ichd train: prepare inputs", wait=True):
@@ -73,7 +75,7 @@ def prepare_inputs(P: Any, backbones: list[Any]) -> None:
 
                 ensure_phantom(P)
             ingest(P)
-            for size in sorted({b.size for b in backbones}):
+            for size in sorted({b.size for b in backbones} | set(sizes)):
                 ensure_cache(P, size)
     D.barrier()
 
@@ -89,11 +91,15 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
     ``STAGES[...].run`` (what the notebooks call); returns the summaries."""
     if stage not in TRAIN_STAGES:
         raise ValueError(f"--stage {stage!r}: expected one of {', '.join(TRAIN_STAGES)}")
-    if stage in ("cnn", "features"):  # ranks must not build caches at once (a no-op when already made)
-        prepare_inputs(P, backbones)
+    if stage == "cnn3d" and not P.cnn3d.enabled:
+        raise ValueError("--stage cnn3d: cnn3d.enabled is false in the params (add --set cnn3d.enabled=true)")
+    if stage in ("cnn", "features", "cnn3d"):  # ranks must not build caches at once (a no-op when already made)
+        prepare_inputs(P, backbones if stage != "cnn3d" else [], (P.cnn3d.size,) if stage == "cnn3d" else ())
     options: dict[str, Any] = {}
     if stage == "cnn":
         options = {"backbones": backbones, "folds": folds, "origin": ORIGIN}
+    elif stage == "cnn3d":
+        options = {"folds": folds, "origin": ORIGIN}
     elif stage == "features":
         options = {"backbones": backbones}
     report = stage_named(stage).run(P, force, **options)
@@ -106,6 +112,13 @@ def run_stage(P: Any, stage: str, backbones: list[Any], folds: list[int] | None 
                                  if s.get("oof") else f"folds done {s['folds_done']}; oof.parquet once every "
                                                       "fold is in"))
             out.append(s)
+    elif stage == "cnn3d":
+        s = report.result
+        for k, f in s["folds"].items():
+            _say(f"cnn3d {s['key']} fold {k}: {f['status']}, best epoch {f['best_epoch']}, val wLL {f['best_wll']:.4f}")
+        _say(f"cnn3d {s['key']}: " + (f"OOF wLL {s['oof_wll']:.4f} (prior {s['prior_wll']:.4f}) -> {s['oof']}"
+                                      if s.get("oof") else f"folds done {s['folds_done']}"))
+        out.append(s)
     elif stage == "features":
         for s in report.result:
             _say(f"{s['key']}: features {s['status']}, dim {s['dim']}, OOF wLL (TTA) {s['oof_wll']:.4f} -> {s['dir']}")
@@ -125,10 +138,10 @@ def cli(args: argparse.Namespace) -> int:
     """``ichd train``: load params, join the torchrun job (if any), run the stage."""
     P = load_params(args.params, parse_overrides(args.overrides))
     folds = parse_folds(args.folds)
-    if folds is not None and args.stage != "cnn":
-        raise ValueError(f"--folds applies to --stage cnn (the {args.stage} stage uses every fold)")
-    if args.backbone and args.stage == "seq":
-        raise ValueError("--backbone does not apply to --stage seq (the sequence models read every backbone)")
+    if folds is not None and args.stage not in ("cnn", "cnn3d"):
+        raise ValueError(f"--folds applies to --stage cnn and cnn3d (the {args.stage} stage uses every fold)")
+    if args.backbone and args.stage in ("seq", "cnn3d"):
+        raise ValueError(f"--backbone does not apply to --stage {args.stage} (it reads every backbone or none)")
     backbones = select_backbones(P, args.backbone)
     # one MLflow run for this `ichd train` (rank 0 only; docs/tracking.md), its epochs logged as they finish
     tracker = tracking.RunTracker(P, f"ichd train --stage {args.stage}") if tracking.enabled(P, args.track) else None

@@ -223,6 +223,97 @@ def _one_based(epoch: int | None) -> int | None:
     return None if epoch is None or epoch < 0 else int(epoch) + 1
 
 
+def fold_split(cat: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(training rows, validation rows, test rows)`` of a fold of the catalog's patient folds."""
+    train_cat = cat[cat["split"] == "train"]
+    tr, va = train_cat[train_cat["fold"] != fold], train_cat[train_cat["fold"] == fold]
+    if len(va) == 0 or len(tr) == 0:
+        folds = sorted(train_cat["fold"].unique().tolist())
+        raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation slices; the catalog's "
+                         f"folds are {folds}")
+    return tr, va, cat[cat["split"] == "test"]
+
+
+def open_fold(files: _Fold, config: dict[str, Any], fold: int, force: bool, stage: str = "02"
+              ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """A fold's resume state: ``(last checkpoint or None, skip summary when the fold is finished)``. ``force``
+    deletes its files first (rank 0); a checkpoint trained with other settings is refused, naming them.
+    Shared by the 2D and 3D loops."""
+    if force:
+        if D.is_main():
+            for f in files.all():
+                f.unlink(missing_ok=True)
+        D.barrier()
+    state = _read_last(files.last)
+    if state is None:
+        return None, None
+    diff = _config_diff(state["meta"].get("config", {}), config)
+    if diff:
+        raise ValueError(
+            f"{files.last} was trained with other settings ({'; '.join(diff)}). Pass force=True "
+            f"(notebook {stage}: force = True) to retrain, or give the model a new `tag`.")
+    if _fold_finished(files):
+        return state, fold_result(fold, "skipped", state["meta"])
+    return state, None
+
+
+def fold_result(fold: int, status: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The summary a fold returns (``status``, best epoch and loss, epochs run, provenance)."""
+    return {"fold": fold, "status": status, "best_epoch": _one_based(meta["best_epoch"]), "best_wll": meta["best_wll"],
+            "epochs_run": meta["epoch"] + 1, "provenance": meta.get("provenance")}
+
+
+def restore(state: dict[str, Any] | None, opt: torch.optim.Optimizer, scaler: Any, meta: dict[str, Any]) -> str:
+    """Load a resumed fold's optimizer/scaler state and history into ``opt``/``scaler``/``meta``; its status."""
+    if state is None:
+        return "trained"
+    opt.load_state_dict(state["optimizer"])
+    if "scaler" in state and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    meta.update({k: state["meta"][k] for k in ("epoch", "best_epoch", "best_wll", "metrics", "history")})
+    return "resumed"
+
+
+def save_epoch(files: _Fold, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, meta: dict[str, Any],
+               best: bool, val: pd.DataFrame | None, columns: list[str]) -> None:
+    """Rank 0 writes an epoch: the best checkpoint and its validation table (when ``best``), the log, the
+    resume checkpoint; every rank then waits."""
+    if D.is_main():
+        if best:
+            save_torch({"state_dict": model.state_dict(), "meta": dict(meta, history=[])}, files.best)
+            save_parquet(val, files.val)
+        history = pd.DataFrame(meta["history"], columns=columns)
+        atomic_write(files.log, lambda t, h=history: h.to_csv(t, index=False))
+        last = {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta}
+        if scaler.is_enabled():
+            last["scaler"] = scaler.state_dict()
+        save_torch(last, files.last)
+    D.barrier()
+
+
+def finish_fold(files: _Fold, meta: dict[str, Any], test: pd.DataFrame) -> None:
+    """Rank 0 writes the fold's test table and marks its resume checkpoint finished."""
+    meta["finished"] = True
+    if D.is_main():
+        save_parquet(test, files.test)
+        last = torch.load(files.last, map_location="cpu", weights_only=True)
+        last["meta"] = meta
+        save_torch(last, files.last)
+    D.barrier()
+
+
+def add_oof_scores(summary: dict[str, Any], cat: pd.DataFrame) -> None:
+    """Once ``oof.parquet`` exists: its weighted log loss beside the prior's, and per-class AUC."""
+    if not summary.get("oof"):
+        return
+    oof = pd.read_parquet(summary["oof"])
+    y = cat.loc[cat["split"] == "train", list(LABELS)].to_numpy(dtype=np.float64)
+    p = oof[list(LABELS)].to_numpy()
+    summary["oof_wll"] = weighted_log_loss(y, p)
+    summary["prior_wll"] = weighted_log_loss(y, prior_baseline(y, len(y)))
+    summary["oof_auc"] = per_class_auc(y, p)
+
+
 def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache: np.ndarray,
                force: bool = False, origin: str = "train_cnn",
                progress: TrainingProgress | None = None) -> dict[str, Any]:
@@ -231,30 +322,11 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
     out = cnn_dir(P, cfg)
     out.mkdir(parents=True, exist_ok=True)
     files = _Fold(out, fold)
-    train_cat = cat[cat["split"] == "train"]
-    tr, va = train_cat[train_cat["fold"] != fold], train_cat[train_cat["fold"] == fold]
-    te = cat[cat["split"] == "test"]
-    if len(va) == 0 or len(tr) == 0:
-        folds = sorted(train_cat["fold"].unique().tolist())
-        raise ValueError(f"fold {fold}: {len(tr)} training and {len(va)} validation slices; the catalog's "
-                         f"folds are {folds}")
+    tr, va, te = fold_split(cat, fold)
     config = run_config(P, cfg, int(cache.shape[-1]), tr)
-    if force:
-        if D.is_main():
-            for f in files.all():
-                f.unlink(missing_ok=True)
-        D.barrier()
-    state = _read_last(files.last)
-    if state is not None:
-        diff = _config_diff(state["meta"].get("config", {}), config)
-        if diff:
-            raise ValueError(
-                f"{files.last} was trained with other settings ({'; '.join(diff)}). Pass force=True "
-                f"(notebook 02: force = True) to retrain, or give the backbone a new `tag`.")
-        if _fold_finished(files):
-            m = state["meta"]
-            return {"fold": fold, "status": "skipped", "best_epoch": _one_based(m["best_epoch"]),
-                    "best_wll": m["best_wll"], "epochs_run": m["epoch"] + 1, "provenance": m.get("provenance")}
+    state, skipped = open_fold(files, config, fold, force)
+    if skipped:
+        return skipped
 
     device = P.torch_device()
     cuda = torch.device(device).type == "cuda"
@@ -326,13 +398,7 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         "epoch": -1, "best_epoch": -1, "best_wll": None, "metrics": {}, "history": [], "finished": False,
         "provenance": _provenance(origin, device),
     }
-    status = "trained"
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        meta.update({k: state["meta"][k] for k in ("epoch", "best_epoch", "best_wll", "metrics", "history")})
-        status = "resumed"
+    status = restore(state, opt, scaler, meta)
     start = int(meta["epoch"]) + 1
 
     if progress is None:  # under torchrun only rank 0 reports
@@ -359,17 +425,8 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
         best = full and (meta["best_wll"] is None or row["val_wll"] < meta["best_wll"])
         if best:
             meta["best_epoch"], meta["best_wll"] = epoch, float(row["val_wll"])
-        if main:
-            if best:
-                save_torch({"state_dict": model.state_dict(), "meta": dict(meta, history=[])}, files.best)
-                save_parquet(probs_frame(va["sop_uid"], p_va), files.val)
-            history = pd.DataFrame(meta["history"], columns=LOG_COLUMNS)
-            atomic_write(files.log, lambda t, h=history: h.to_csv(t, index=False))
-            last = {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta}
-            if scaler.is_enabled():
-                last["scaler"] = scaler.state_dict()
-            save_torch(last, files.last)
-        D.barrier()
+        save_epoch(files, model, opt, scaler, meta, best, probs_frame(va["sop_uid"], p_va) if best else None,
+                   LOG_COLUMNS)
         if main:  # the subset score between full validations is not comparable with the best: not shown
             progress.epoch(epoch, row["train_loss"], row["val_wll"] if row["val_kind"] == "full" else None,
                            row["images_per_s"], row["seconds"])
@@ -383,15 +440,21 @@ def train_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache:
                                   num_workers=P.cnn.num_workers, channels_last=cuda and P.cnn.channels_last)
     else:
         p_te = np.zeros((0, len(LABELS)), dtype=np.float32)
-    meta["finished"] = True
-    if main:
-        save_parquet(probs_frame(te["sop_uid"], p_te), files.test)
-        last = torch.load(files.last, map_location="cpu", weights_only=True)
-        last["meta"] = meta
-        save_torch(last, files.last)
-    D.barrier()
-    return {"fold": fold, "status": status, "best_epoch": _one_based(meta["best_epoch"]), "best_wll": meta["best_wll"],
-            "epochs_run": meta["epoch"] + 1, "provenance": meta["provenance"]}
+    finish_fold(files, meta, probs_frame(te["sop_uid"], p_te))
+    return fold_result(fold, status, meta)
+
+
+def optimizer_step(loss: torch.Tensor, share: float, opt: torch.optim.Optimizer, scaler: Any, model: torch.nn.Module,
+                   grad_clip: float | None) -> None:
+    """Backward of ``loss`` scaled by this rank's share of the global batch (DDP averages the gradients),
+    gradient clipping (after unscaling), the optimizer and GradScaler steps."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss * share if share != 1.0 else loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
 
 
 def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet, runner: torch.nn.Module,
@@ -429,13 +492,7 @@ def run_epoch(P: Params, cfg: BackboneCfg, fold: int, epoch: int, model: CnnNet,
             logits = runner(inp)
         loss = weighted_bce(logits, y, weights)
         share = len(x) * world / global_batch if world > 1 and global_batch else 1.0
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss * share if share != 1.0 else loss).backward()
-        if P.cnn.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), P.cnn.grad_clip)
-        scaler.step(opt)
-        scaler.update()
+        optimizer_step(loss, share, opt, scaler, model, P.cnn.grad_clip)
         loss_sum += loss.detach() * (share / world)
         n_img += len(x)
         if step == 0 and not torch.isfinite(loss):
@@ -481,9 +538,9 @@ def _load_inputs(P: Params, cfg: BackboneCfg, catalog: pd.DataFrame | None,
     return catalog, cache
 
 
-def assemble_predictions(P: Params, cfg: BackboneCfg, cat: pd.DataFrame) -> dict[str, Any]:
-    """Write ``oof.parquet`` (when every fold is done) and ``test.parquet`` (mean over the done folds)."""
-    d = P.layout.cnn(cfg.key)
+def assemble_predictions(P: Params, d: ModelDir, cat: pd.DataFrame) -> dict[str, Any]:
+    """Write ``oof.parquet`` (when every fold is done) and ``test.parquet`` (mean over the done folds) in the
+    model folder ``d`` (a backbone's ``P.layout.cnn(key)``, or the 3D member's ``P.layout.cnn3d(key)``)."""
     out = d.path
     train_cat = cat[cat["split"] == "train"]
     all_folds = sorted(int(f) for f in train_cat["fold"].unique())
@@ -542,21 +599,21 @@ def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str |
             with D.main_lock(d.fold_lock(k), what=f"train {backbone_cfg.key} fold {k}"):
                 summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force, origin=origin,
                                                  progress=progress)
+    return complete_summary(P, cat, d, summary, t0)
+
+
+def complete_summary(P: Params, cat: pd.DataFrame, d: ModelDir, summary: dict[str, Any], t0: float) -> dict[str, Any]:
+    """After the folds (2D or 3D, in the model folder ``d``): assemble the OOF/test tables, one provenance
+    line, OOF scores, seconds since ``t0``."""
     # fold jobs sharing the folder assemble one at a time; the one that sees every fold writes oof.parquet
     assembled = None
     if D.is_main():
-        with output_lock(d.oof, what=f"assemble {backbone_cfg.key}", wait=600):
-            assembled = assemble_predictions(P, backbone_cfg, cat)
+        with output_lock(d.oof, what=f"assemble {summary['key']}", wait=600):
+            assembled = assemble_predictions(P, d, cat)
     summary.update(D.broadcast_object(assembled))
     summary["provenance"] = "; ".join(
         f"fold {k}: {f['status']}, {describe_provenance(f.get('provenance'))}" for k, f in summary["folds"].items())
-    if summary.get("oof"):
-        oof = pd.read_parquet(summary["oof"])
-        y = cat.loc[cat["split"] == "train", list(LABELS)].to_numpy(dtype=np.float64)
-        p = oof[list(LABELS)].to_numpy()
-        summary["oof_wll"] = weighted_log_loss(y, p)
-        summary["prior_wll"] = weighted_log_loss(y, prior_baseline(y, len(y)))
-        summary["oof_auc"] = per_class_auc(y, p)
+    add_oof_scores(summary, cat)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 

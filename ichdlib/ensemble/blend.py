@@ -17,6 +17,7 @@ import pandas as pd
 
 from ichdlib.config import Params
 from ichdlib.ensemble.intervals import METHOD, groups_for, score_with_intervals, write_predictions
+from ichdlib.ensemble.optional import offer_member, offered_members
 from ichdlib.ensemble.outputs import (  # noqa: F401  (re-exported: notebook 05's API in one import)
     fill_prior,
     read_sample_ids,
@@ -88,6 +89,10 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
     members = resolve_members(P)
     stages = {n: load_stage(P, n, cat) for n in dict.fromkeys(stage_names(P) + members)}
     bl = blend([stages[m] for m in members], P.ensemble.method, y_oof)
+    offers = {}
+    for name in offered_members(P):  # e.g. the 3D member: kept only when it lowers the blend's OOF loss
+        bl, members, offers[name] = offer_member(stages, members, name, P.ensemble.method, y_oof, blend, bl,
+                                                 groups=cat.set_index("sop_uid")["patient_id"])
     sub_path, filled = write_submission(P, bl.test, prior)
     out: dict[str, dict] = {}
     groups = groups_for(y_oof.index.append(sample_ids).append(
@@ -114,7 +119,7 @@ def run_ensemble(P: Params, force: bool = False) -> EnsembleReport:
                   "rows": 6 * len(sample_ids), "filled_with_prior": filled, "method": P.ensemble.method,
                   "members": members, "weights": bl.weights, "fold_weights": bl.fold_weights, "note": bl.note,
                   "scored_against": None if y_test is None else P.paths.answer_key,
-                  "sources": {n: st.source for n, st in stages.items()}}
+                  "sources": {n: st.source for n, st in stages.items()}, "offered": offers}
     ci = {"method": METHOD, "n_boot": P.ensemble.bootstrap, "seed": P.ensemble.bootstrap_seed, "level": 0.95,
           "predictions": P.layout.predictions.name}
     metrics = update_metrics(P, {"stages": out, "prior": prior_scores, "submission": submission, "intervals": ci})

@@ -489,10 +489,13 @@ def show(state: ViewerState, studies: Sequence[str] | None = None, slices: int =
 # A run's studies (notebook 06)
 # --------------------------------------------------------------------------------------------------
 def run_state(P: Params, engine: CamEngine, table: pd.DataFrame, studies: Sequence[str] | None = None,
-              summary: pd.DataFrame | None = None) -> ViewerState:
+              summary: pd.DataFrame | None = None, cams: Any = None,
+              series: dict[str, pd.DataFrame] | None = None) -> ViewerState:
     """A viewer over a run's training studies: the review table's probabilities (2D, final, truth),
     HU from the DICOM files at each slice's own geometry (:meth:`CamEngine.hu`), the phantom's lesion
-    masks when present, and CAMs from ``engine`` (computed on first view)."""
+    masks when present, and CAMs from ``engine`` (computed on first view). ``cams``: another CAM source
+    with ``cams(rows)`` (e.g. :class:`ichdlib.review.cam3d.Cam3dEngine`, the 3D member's maps per slice);
+    ``series``: more probability strips (name -> table by ``sop_uid``, e.g. the 3D member's OOF)."""
 
     if summary is None:
         summary = study_summary(table)
@@ -507,9 +510,11 @@ def run_state(P: Params, engine: CamEngine, table: pd.DataFrame, studies: Sequen
         return Study(
             uid=uid, hu=hu, sop_uids=list(g["sop_uid"]),
             probs={"2D": g[[f"p2d_{c}" for c in LABELS]].to_numpy(float),
+                   **{k: t.reindex(g["sop_uid"])[list(LABELS)].to_numpy(float) for k, t in (series or {}).items()},
                    "final": g[[f"p_{c}" for c in LABELS]].to_numpy(float)},
             truth=g[[f"y_{c}" for c in LABELS]].to_numpy(float),
             masks=masks if any(m is not None for m in masks) else None,
         )
 
-    return ViewerState(studies, load, lambda study: engine.cams(by_study[study.uid]), summary=summary)
+    source = cams or engine
+    return ViewerState(studies, load, lambda study: source.cams(by_study[study.uid]), summary=summary)

@@ -40,7 +40,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ from ichdlib.serve.bundle_schema import (  # noqa: F401
     EnsembleSpec,
     Manifest,
     SeqModelEntry,
+    VolumeEntry,
     _schema_error,
     manifest_digest,
     validate_manifest,
@@ -92,6 +93,8 @@ class Bundle:
     manifest: dict[str, Any]
     cnn: dict[str, Member]
     seq: dict[str, Member]
+    #: The 3D CNN member (at most one, key ``cnn3d``), when the run has one.
+    cnn3d: dict[str, Member] = field(default_factory=dict)
     source: str = ""
 
     # -- views on the manifest --------------------------------------------------------------------
@@ -164,8 +167,9 @@ class Bundle:
             # NaN in a checkpoint's metrics becomes null: bundle.json is strict JSON
             manifest = json_ready(json.loads(json.dumps(self.manifest)))
             files: dict[str, str] = {}
-            for kind, members in (("cnn", self.cnn), ("seq", self.seq)):
-                entries = manifest["backbones"] if kind == "cnn" else manifest["seq"]["models"]
+            for kind, members in (("cnn", self.cnn), ("seq", self.seq), ("cnn3d", self.cnn3d)):
+                entries = {"cnn": manifest["backbones"], "seq": manifest["seq"]["models"],
+                           "cnn3d": manifest.get("cnn3d", [])}[kind]
                 for entry in entries:
                     member = members[entry["key"]]
                     entry["files"] = {}
@@ -212,7 +216,7 @@ class Bundle:
         base = path.resolve()
 
         def read(entry: dict[str, Any], kind: str, metas: list[dict]) -> Member:
-            what = "backbone" if kind == "cnn" else "sequence model"
+            what = {"cnn": "backbone", "cnn3d": "3D CNN"}.get(kind, "sequence model")
             folds = [int(k) for k in entry["folds"]]
             states = []
             for fold in folds:
@@ -232,7 +236,8 @@ class Bundle:
 
         cnn = {b["key"]: read(b, "cnn", b["metas"]) for b in manifest["backbones"]}
         seq = {m["key"]: read(m, "seq", m["metas"]) for m in manifest["seq"]["models"]}
-        return cls(manifest, cnn, seq, source=str(path))
+        cnn3d = {m["key"]: read(m, "cnn3d", m["metas"]) for m in manifest.get("cnn3d", [])}
+        return cls(manifest, cnn, seq, cnn3d, source=str(path))
 
 
 def _no_constant(name: str) -> Any:

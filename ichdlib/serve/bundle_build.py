@@ -17,6 +17,7 @@ import torch
 from ichdlib.checkpoints import build_model, read_checkpoint
 from ichdlib.cnn.models import build_cnn
 from ichdlib.config import Params
+from ichdlib.ensemble.optional import blended_members
 from ichdlib.labels import LABELS
 from ichdlib.layout import ModelDir
 from ichdlib.predictions import resolve_members, stage_files
@@ -24,7 +25,7 @@ from ichdlib.seq.inputs import backbone_keys, seq_arch
 from ichdlib.seq.models import build_seq_model
 from ichdlib.serve.bundle_schema import FORMAT, FORMAT_VERSION, BundleError
 from ichdlib.serve.operating import internal_oof_studies, operating_points
-from ichdlib.spec import ModelSpec
+from ichdlib.spec import ModelSpec, VolumeSpec
 from ichdlib.windows import WINDOWS
 
 
@@ -72,7 +73,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 class Member:
     """One trained stage: a 2D backbone or a sequence model, with one model per fold."""
 
-    kind: str  # "cnn" | "seq"
+    kind: str  # "cnn" | "seq" | "cnn3d"
     key: str  # backbone key (``BackboneCfg.key``) or sequence model name
     folds: list[int]
     metas: list[dict[str, Any]]
@@ -89,9 +90,10 @@ class Member:
         return self.models
 
 
-def collect_run(P: Params) -> tuple[dict[str, Any], dict[str, Member], dict[str, Member]]:
-    """A finished run's checkpoints, recipe and blend as ``(manifest, cnn members, seq members)`` (nothing
-    is written; :meth:`ichdlib.serve.bundle.Bundle.from_run`)."""
+def collect_run(P: Params) -> tuple[dict[str, Any], dict[str, Member], dict[str, Member], dict[str, Member]]:
+    """A finished run's checkpoints, recipe and blend as ``(manifest, cnn members, seq members, cnn3d member)``
+    (nothing is written; :meth:`ichdlib.serve.bundle.Bundle.from_run`). The 3D member is in the bundle whenever
+    the run trained one (``cnn3d.enabled``); the blend weights say whether it counts."""
 
     L = P.layout
     seq_keys = backbone_keys(P)
@@ -110,22 +112,26 @@ def collect_run(P: Params) -> tuple[dict[str, Any], dict[str, Member], dict[str,
             raise BundleError(f"backbone {key!r} is not among cnn.backbones ({', '.join(by_key)})")
         cnn[key] = _collect(L.cnn(key).path, "cnn", key, P.cnn.folds, "run notebook 02 (2D CNN) first")
     seq: dict[str, Member] = {}
-    seq_models = [m for m in members if not m.startswith("cnn:")]
+    seq_models = [m for m in members if not m.startswith("cnn:") and m != "cnn3d"]
     for name in seq_models:
         seq[name] = _collect(L.seq(name).path, "seq", name, "all", "run notebook 04 (sequence models) first")
         used = seq[name].metas[0].get("backbones")
         if used is not None and list(used) != seq_keys:
             raise BundleError(f"{L.seq(name).path}: trained on backbones {used}, but the params name "
                               f"{seq_keys}; rerun notebook 04")
-    manifest = _manifest(P, cnn, seq, seq_keys)
+    cnn3d: dict[str, Member] = {}
+    if P.cnn3d.enabled:
+        cnn3d["cnn3d"] = _collect(L.cnn3d(P.cnn3d.key).path, "cnn3d", "cnn3d", P.cnn3d.folds,
+                                  "run notebook 02b (3D CNN) first")
+    manifest = _manifest(P, cnn, seq, seq_keys, cnn3d=cnn3d)
     manifest["training"] = training_section(P)
     manifest["operating_point"] = operating_point_section(P, manifest["ensemble"]["weights"])
-    return manifest, cnn, seq
+    return manifest, cnn, seq, cnn3d
 
 
 def untrained_members(P: Params, folds: int | None = None
-                      ) -> tuple[dict[str, Any], dict[str, Member], dict[str, Member]]:
-    """``(manifest, cnn members, seq members)`` of randomly initialised models with the architectures, sizes and folds of ``P`` (every backbone,
+                      ) -> tuple[dict[str, Any], dict[str, Member], dict[str, Member], dict[str, Member]]:
+    """``(manifest, cnn members, seq members, cnn3d member)`` of randomly initialised models with the architectures, sizes and folds of ``P`` (every backbone,
     every sequence model, an equal-weight blend): for timing and smoke checks, never for predictions."""
     n_folds = folds or (len(P.cnn.folds) if P.cnn.folds != "all" else P.ingest.folds)
     torch.manual_seed(P.seed)
@@ -149,11 +155,18 @@ def untrained_members(P: Params, folds: int | None = None
         states = [build_seq_model(name, meta["in_dim"], meta["n_cnn"], meta["x_channels"], **arch).state_dict()
                   for _ in range(n_folds)]
         seq[name] = Member("seq", name, list(range(n_folds)), [dict(meta, fold=k) for k in range(n_folds)], states)
-    members = list(P.seq.models) or [f"cnn:{k}" for k in cnn]
+    cnn3d: dict[str, Member] = {}
+    if P.cnn3d.enabled:
+        spec3 = VolumeSpec.from_params(P)
+        states = [build_model(spec3).state_dict() for _ in range(n_folds)]
+        metas = [{"spec": spec3.to_dict(), "key": spec3.key, "fold": k, "untrained": True} for k in range(n_folds)]
+        cnn3d["cnn3d"] = Member("cnn3d", "cnn3d", list(range(n_folds)), metas, states)
+    members = (list(P.seq.models) or [f"cnn:{k}" for k in cnn]) + list(cnn3d)
     ensemble = {"method": "mean", "members": members, "weights": {m: 1.0 / len(members) for m in members},
-                "sources": {m: "features" if m.startswith("cnn:") else "seq" for m in members}}
-    manifest = _manifest(P, cnn, seq, keys, ensemble)
-    return manifest, cnn, seq
+                "sources": {m: "features" if m.startswith("cnn:") else "cnn3d" if m == "cnn3d" else "seq"
+                            for m in members}}
+    manifest = _manifest(P, cnn, seq, keys, ensemble, cnn3d)
+    return manifest, cnn, seq, cnn3d
 
 
 def _collect(folder: Path, kind: str, key: str, folds: Any, advice: str) -> Member:
@@ -174,7 +187,7 @@ def _collect(folder: Path, kind: str, key: str, folds: Any, advice: str) -> Memb
 
 
 def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_keys: list[str],
-              ensemble: dict[str, Any] | None = None) -> dict[str, Any]:
+              ensemble: dict[str, Any] | None = None, cnn3d: dict[str, Member] | None = None) -> dict[str, Any]:
 
     backbones = []
     for key, m in cnn.items():
@@ -201,6 +214,8 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
         "backbones": backbones,
         "seq": {"backbones": seq_keys,
                 "models": [{"key": k, "folds": m.folds, "metas": m.metas} for k, m in seq.items()]},
+        "cnn3d": [{"key": k, "size": VolumeSpec.from_meta(m.metas[0]).size, "spec": m.metas[0]["spec"],
+                   "folds": m.folds, "metas": m.metas} for k, m in (cnn3d or {}).items()],
         "ensemble": ensemble or ensemble_spec(P),
         "params": {**json.loads(json.dumps(P.model_dump(mode="json"))), "root": None},  # a bundle travels
         "versions": library_versions(),
@@ -240,11 +255,11 @@ def ensemble_spec(P: Params) -> dict[str, Any]:
     """Blend method, members and weights: equal for ``mean``; for ``fit`` the weights notebook 05 fitted
     (``reports/<run>/metrics.json``, ``submission.weights``)."""
 
-    members = resolve_members(P)
+    members = blended_members(P, resolve_members(P))  # the 3D member when notebook 05 took it
     # which table notebook 05 blended for each 2D member: notebook 03's TTA probabilities ("features") or
     # notebook 02's validation-view probabilities ("cnn")
-    sources = {m: ("seq" if not m.startswith("cnn:") else stage_files(P, m)[1].parent.parent.name)
-               for m in members}
+    sources = {m: ("cnn3d" if m == "cnn3d" else "seq" if not m.startswith("cnn:")
+                   else stage_files(P, m)[1].parent.parent.name) for m in members}
     if P.ensemble.method == "mean":
         weights = {m: 1.0 / len(members) for m in members}
     else:

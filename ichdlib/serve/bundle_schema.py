@@ -22,7 +22,7 @@ from pydantic import (
 
 from ichdlib.config import Params
 from ichdlib.labels import LABELS
-from ichdlib.spec import ModelSpec
+from ichdlib.spec import ModelSpec, VolumeSpec
 
 FORMAT = "ichd-bundle"
 #: 2: ``integrity`` (the manifest's own checksum) added; format 1 bundles are refused (export again).
@@ -111,6 +111,19 @@ class BackboneEntry(_MemberEntry):
         return self
 
 
+class VolumeEntry(_MemberEntry):
+    """The 3D CNN member (``cnn3d``) with its typed spec (:class:`ichdlib.spec.VolumeSpec`)."""
+
+    size: Size
+    spec: dict[str, Any]
+
+    @field_validator("spec")
+    @classmethod
+    def _spec_reads(cls, v: dict[str, Any]) -> dict[str, Any]:
+        VolumeSpec.from_dict(v)
+        return v
+
+
 class SeqModelEntry(_MemberEntry):
     """One sequence model of the bundle."""
 
@@ -132,7 +145,7 @@ class EnsembleSpec(_Schema):
     method: Literal["mean", "fit"]
     members: Annotated[list[str], Field(min_length=1)]
     weights: dict[str, Annotated[float, AfterValidator(_weight)]]
-    sources: dict[str, Literal["seq", "features", "cnn"]] = Field(default_factory=dict)
+    sources: dict[str, Literal["seq", "features", "cnn", "cnn3d"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _weights_match(self) -> EnsembleSpec:
@@ -202,6 +215,8 @@ class Manifest(_Schema):
     tta: Annotated[int, Field(strict=True, ge=1, le=64)]
     backbones: Annotated[list[BackboneEntry], Field(min_length=1)]
     seq: SeqSection
+    #: The 3D CNN member, when the run trained one (bundles without one: empty).
+    cnn3d: list[VolumeEntry] = Field(default_factory=list, max_length=1)
     ensemble: EnsembleSpec
     params: dict[str, Any]
     versions: dict[str, str]
@@ -226,10 +241,10 @@ class Manifest(_Schema):
         if unknown or (seq_keys and not self.seq.backbones):
             raise ValueError(f"seq.backbones {self.seq.backbones} must name backbones of the bundle {keys}")
         for m in self.ensemble.members:
-            if not ((m.startswith("cnn:") and m[4:] in keys) or m in seq_keys):
+            if not ((m.startswith("cnn:") and m[4:] in keys) or m in seq_keys or (m == "cnn3d" and self.cnn3d)):
                 raise ValueError(f"ensemble member {m!r} names no model of the bundle (backbones {keys}, "
                                  f"sequence models {seq_keys})")
-        listed = [f for e in [*self.backbones, *self.seq.models] for f in e.files.values()]
+        listed = [f for e in [*self.backbones, *self.seq.models, *self.cnn3d] for f in e.files.values()]
         missing = sorted(set(listed) - set(self.files))
         if missing:
             raise ValueError(f"weights file(s) {missing} have no checksum in 'files'")

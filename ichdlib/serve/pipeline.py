@@ -18,6 +18,8 @@ from tqdm import tqdm
 from ichdlib.cnn import infer as cnn_infer  # cnn_infer.predict looked up per call (tests wrap it)
 from ichdlib.cnn.data import SliceDataset
 from ichdlib.cnn.infer import eval_augment, feature_views, fold_feature_mean
+from ichdlib.cnn3d.data import VolumeAugment
+from ichdlib.cnn3d.infer import predict_volume
 from ichdlib.ensemble.weights import apply_weights
 from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import capped_z
@@ -91,6 +93,24 @@ class Predictor:
             self.aug[key] = [eval_augment(self.P, meta) for meta in member.metas]
         self.seq = {name: member.build(self.device) for name, member in bundle.seq.items()}
         self.views = profile_views(bundle, feature_views(self.P))
+        self.cnn3d, self.aug3d = self._volume_models(bundle)
+
+    def _volume_models(self, bundle: Any) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        """The 3D member's fold models and their evaluation views (none for bundles without one)."""
+        members = getattr(bundle, "cnn3d", {}) or {}
+        models = {name: m.build(self.device) for name, m in members.items()}
+        augs = {name: [VolumeAugment.from_spec(m.spec, self.P.cnn.augment) for m in models[name]] for name in models}
+        return models, augs
+
+    def cnn3d_outputs(self, loaded: LoadedStudy) -> dict[str, np.ndarray]:
+        """Per-slice probabilities ``(n, 6)`` of the 3D member (mean over its fold models) on the whole study,
+        as notebook 02b predicts test studies (:func:`ichdlib.cnn3d.infer.predict_volume`)."""
+        out = {}
+        for name, models in self.cnn3d.items():
+            vol = study_cache(loaded, self.aug3d[name][0].size)[0]
+            out[name] = np.mean([predict_volume(m, a, vol, self.device, self.amp)
+                                 for m, a in zip(models, self.aug3d[name], strict=True)], axis=0)
+        return out
 
     def cnn_outputs(self, key: str, cache: np.ndarray, rows: np.ndarray) -> CnnOutput:
         """Run every fold model of backbone ``key`` on a study's cache rows, as notebook 03 (and, when the
@@ -133,6 +153,7 @@ class Predictor:
                 z=capped_z(sl["z"].to_numpy(np.float64)), feats=[outs[k].feat for k in keys], probs=probs)
             for name, models in self.seq.items():
                 stage[name] = predict_studies(models, inputs, device=self.device, batch=self.P.seq.batch)
+        stage.update(self.cnn3d_outputs(loaded))
         final = apply_weights(stage, self.bundle.ensemble["weights"])  # notebook 05's blend of the test rows
         p2d = np.mean([o.tta_prob for o in outs.values()], axis=0)
         frame = pd.DataFrame({
