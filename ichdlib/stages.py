@@ -41,7 +41,6 @@ from ichdlib import __version__
 from ichdlib.config import Params
 from ichdlib.files import nested_get, read_json, write_json
 from ichdlib.layout import STAGE_OUTPUTS
-from ichdlib.phantom import PHANTOM_VERSION
 from ichdlib.registry import resolve
 
 __all__ = ["Stage", "STAGES", "StageReport", "stage_for", "stage_named", "stage_enabled", "forced", "applies", "Decision",
@@ -327,6 +326,9 @@ class StampStore:
         if stage.reads_data:
             parts["data"] = self._once("data", lambda: data_fingerprint(self.P.data_root, self.cache))
             if self.P.synth.enabled:
+                # the phantom's package (its version constant only) loads for phantom runs, never for real data
+                from ichdlib.phantom import PHANTOM_VERSION  # noqa: PLC0415
+
                 parts["phantom_version"] = str(PHANTOM_VERSION)
         if stage.needs is not None:
             folder = nested_get(dump, *stage.needs.split("."))
