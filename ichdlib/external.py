@@ -34,6 +34,16 @@ def _ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray | None) -> list[float] 
     return None if ci is None else [round(float(ci[0]), 4), round(float(ci[1]), 4)]
 
 
+def expand_slabs(slices: pd.DataFrame) -> pd.DataFrame:
+    """One row per source slice: a slab row (a thin series read as slabs, ``slab`` = its SOPs joined by ``;``)
+    gives its prediction to every slice averaged into it, so thin-series studies are scored on all their slices."""
+    if "slab" not in slices.columns or not slices["slab"].notna().any():
+        return slices
+    rows = slices.assign(sop_uid=[s.split(";") if isinstance(s, str) and s else [u]
+                                  for s, u in zip(slices["slab"], slices["sop_uid"], strict=True)])
+    return rows.explode("sop_uid", ignore_index=True)
+
+
 def score_predictions(slices: pd.DataFrame, truth: pd.DataFrame, prefix: str = "p_") -> dict[str, Any]:
     """Slice and study figures of ``slices`` (predict's per-slice table) against ``truth`` (wide, by SOP UID).
 
@@ -44,7 +54,7 @@ def score_predictions(slices: pd.DataFrame, truth: pd.DataFrame, prefix: str = "
     missing = [c for c in ["sop_uid", "study_uid", *cols] if c not in slices.columns]
     if missing:
         raise ValueError(f"predictions lack columns {missing}; expected ichd predict's slices.csv")
-    pred = slices.drop_duplicates("sop_uid").set_index("sop_uid")
+    pred = expand_slabs(slices).drop_duplicates("sop_uid").set_index("sop_uid")
     common = pred.index.intersection(truth.index)
     if len(common) == 0:
         raise ValueError("no predicted slice has a truth row (SOP UIDs do not match)")

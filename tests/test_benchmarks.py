@@ -67,7 +67,7 @@ def test_predict_profiles_writes_the_contract(trained, tmp_path):
 
     bench = _load("predict")
     params = tmp_path / "params.yaml"
-    params.write_text(dump_params(trained))
+    params.write_text(dump_params(trained, params))  # root relative to the file
     out = tmp_path / "p.json"
     assert bench.main(["--profiles", "--timing-params", str(params), "--accuracy-params", str(params),
                        "--slices", "6", "--size", "64", "--json", str(out)]) == 0

@@ -301,7 +301,7 @@ def test_one_explain_path_reads_the_preprocessing_from_the_model(phantoms, ubund
     # the whole slice (crop 1.0): no hard-edged centre-crop rectangle of map values (issue 24)
     want = explain(model, cache[rows[o.row]][None], [o.label], predictor.P.cam, out_size=loaded.hu[o.row].shape,
                    crop=1.0)[0, 0]
-    np.testing.assert_allclose(o.cam, want, atol=1e-6)
+    np.testing.assert_allclose(o.cam, want, atol=1e-5)  # same path; float noise of a resize
     cropped = explain(model, cache[rows[o.row]][None], [o.label], predictor.P.cam,
                       out_size=loaded.hu[o.row].shape)[0, 0]
     h, w = cropped.shape

@@ -305,8 +305,10 @@ def test_resume_after_kill_stores_nothing_twice(pacs, creds, tmp_path, capsys, m
 
     problems = pd.read_csv(out / "problems.csv", dtype=str)
     left_out = problems[problems["series_uid"] == pacs["extra_series"]]
-    assert len(left_out) == 2 and all(p.startswith(f"{pacs['web']}/studies/{uid_d}/series/{pacs['extra_series']}"
-                                                   "/instances/") for p in left_out["path"])
+    # one row for the series left out whole (series choice), naming its first instance on the PACS and the count
+    assert len(left_out) == 1 and "(2 image(s))" in left_out["message"].iloc[0]
+    assert all(p.startswith(f"{pacs['web']}/studies/{uid_d}/series/{pacs['extra_series']}/instances/")
+               for p in left_out["path"])
     assert not any(Path(p).exists() or "/tmp" in p for p in problems["path"])
     assert_no_secret(out, printed.out, printed.err)
 

@@ -111,7 +111,7 @@ def test_fast_bundle_through_predict_and_dicom_out(trained, tmp_path):
     from ichdlib.config import dump_params
 
     params = tmp_path / "params.yaml"
-    params.write_text(dump_params(trained))
+    params.write_text(dump_params(trained, params))  # root relative to the file
     path = tmp_path / "fast"
     assert ichd(["export", "--run", str(params), "--out", str(path), "--profile", "fast", "--runtime", "onnx",
                  "--max-wll-ratio", "1.5"]) == 0

@@ -457,8 +457,8 @@ def test_ichd_run_leaves_stage_07_out_without_external_data(repo, tmp_path):
     from ichdlib.run import plan
 
     smoke = repo / "params" / "smoke.yaml"
-    assert [d.stage.number for d in plan(smoke, overrides={"root": str(tmp_path)})] == ["01", "02", "03", "04", "05",
-                                                                                         "06"]
+    assert [d.stage.number for d in plan(smoke, overrides={"root": str(tmp_path)})] == [
+        "01", "02", "02b", "03", "04", "05", "06"]  # 02b: listed, switched off by cnn3d.enabled
     with pytest.raises(ValueError, match="needs params external.data"):
         plan(smoke, only=["07"], overrides={"root": str(tmp_path)})
     over = {"root": str(tmp_path), "external": {"data": str(tmp_path / "ext")}}

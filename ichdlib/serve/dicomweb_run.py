@@ -146,6 +146,15 @@ def _gather(out: Path, uids: list[str], threshold: float, seconds: dict[str, flo
     return Prediction(sl, summarize_studies(sl, threshold), pr.reindex(columns=PROBLEM_COLUMNS), seconds, cams)
 
 
+def _pacs_path(path: Any, where: dict[str, str], study_url: str) -> Any:
+    """A local path of a downloaded instance as its WADO-RS address; a series left out whole is named by its
+    first file and ``(+N more)``: the suffix is kept. Anything else of the study: the study's address."""
+    if not isinstance(path, str) or not path:
+        return path
+    first, sep, more = path.partition(" (+")
+    return where.get(str(Path(first).resolve()), study_url) + (sep + more if sep else "")
+
+
 def _sops(paths: list[Path]) -> list[list[str]]:
     """[path, SeriesInstanceUID, SOPInstanceUID] of each output file."""
     with lenient_uids():
@@ -177,7 +186,7 @@ class _Study:
             study_url = f"{self.server.url}/studies/{self.uid}"
             for frame in (pred.slices, pred.problems):
                 if "path" in frame:
-                    frame["path"] = [where.get(str(Path(p).resolve()), study_url) if p else p for p in frame["path"]]
+                    frame["path"] = [_pacs_path(p, where, study_url) for p in frame["path"]]
         for k in ("read", "model"):
             c["seconds"][k] = c["seconds"].get(k, 0.0) + float(pred.seconds.get(k, 0.0))
         _write_parts(c["out"], self.uid, pred.slices, pred.problems)

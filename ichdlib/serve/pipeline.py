@@ -161,6 +161,8 @@ class Predictor:
             "sop_uid": sl["sop_uid"].to_numpy(str), "slice_index": sl["slice_index"].to_numpy(int),
             "slice": sl["slice_index"].to_numpy(int) + 1,  # what people read: 1..n in z order (0-based above)
             "z": sl["z"].to_numpy(float), "path": sl["path"].to_numpy(str)})
+        if "slab" in sl.columns:  # a thin series read as slabs: the SOPs averaged into each row, joined by ';'
+            frame["slab"] = sl["slab"].to_numpy(str)
         for k, c in enumerate(LABELS):
             frame[f"p2d_{c}"] = p2d[:, k]
         for k, c in enumerate(LABELS):
