@@ -237,7 +237,7 @@ class RunLayout:
         return ModelDir(self.work / SEQ / name)
 
     def distill(self, key: str) -> ModelDir:
-        """``distill/<key>``: the student's fold models, OOF/test tables and ``done.json`` (07)."""
+        """``distill/<key>``: the student's fold models, OOF/test tables and ``done.json`` (08)."""
         return ModelDir(self.work / DISTILL / key)
 
     def cnn3d(self, key: str) -> ModelDir:

@@ -50,6 +50,16 @@ def _from_dict(cls: Any, d: dict[str, Any], what: str, convert: Any) -> Any:
         raise SpecError(f"{what}: {exc}") from None
 
 
+def _check_shared(what: str, size: int, labels: Any, windows: Any, in_chans: int) -> None:
+    """The checks every spec kind shares: input size, label order, one window per channel."""
+    if not 16 <= int(size) <= 2048:
+        raise SpecError(f"{what}: size {size} outside 16..2048 px")
+    if tuple(labels) != tuple(LABELS):
+        raise SpecError(f"{what}: label order {list(labels)} differs from {list(LABELS)}")
+    if len(windows) != in_chans:
+        raise SpecError(f"{what}: {len(windows)} windows for {in_chans} channels")
+
+
 @dataclass(frozen=True)
 class CnnSpec:
     """What a 2D fold model is and how it reads a slice."""
@@ -75,14 +85,9 @@ class CnnSpec:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise SpecError(f"model spec: unknown recipe {self.recipe!r} (one of {', '.join(RECIPES)})")
-        if not 16 <= int(self.size) <= 2048:
-            raise SpecError(f"model spec: size {self.size} outside 16..2048 px")
+        _check_shared("model spec", self.size, self.labels, self.windows, self.in_chans)
         if not 0.1 <= float(self.val_center_crop) <= 1.0:
             raise SpecError(f"model spec: val_center_crop {self.val_center_crop} outside 0.1..1")
-        if tuple(self.labels) != tuple(LABELS):
-            raise SpecError(f"model spec: label order {list(self.labels)} differs from {list(LABELS)}")
-        if len(self.windows) != self.in_chans:
-            raise SpecError(f"model spec: {len(self.windows)} windows for {self.in_chans} channels")
 
     # -- writing -----------------------------------------------------------------------------------------
     @classmethod
@@ -175,12 +180,7 @@ class VolumeSpec:
             raise SpecError(f"3D model spec: kind {self.kind!r} is not 'cnn3d'")
         if self.arch != "resnet" or int(self.depth) not in (10, 18, 34):
             raise SpecError(f"3D model spec: {self.arch}{self.depth} is not resnet10/18/34")
-        if not 16 <= int(self.size) <= 2048:
-            raise SpecError(f"3D model spec: size {self.size} outside 16..2048 px")
-        if tuple(self.labels) != tuple(LABELS):
-            raise SpecError(f"3D model spec: label order {list(self.labels)} differs from {list(LABELS)}")
-        if len(self.windows) != self.in_chans:
-            raise SpecError(f"3D model spec: {len(self.windows)} windows for {self.in_chans} channels")
+        _check_shared("3D model spec", self.size, self.labels, self.windows, self.in_chans)
 
     @classmethod
     def from_params(cls, P: Params) -> VolumeSpec:
