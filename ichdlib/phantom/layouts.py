@@ -62,6 +62,7 @@ from ichdlib.files import write_text
 from ichdlib.labels import SUBTYPES
 from ichdlib.phantom.anatomy import render_study
 from ichdlib.phantom.encoding import write_ct_dicom
+from ichdlib.phantom.shift import get_shift
 from ichdlib.phantom.synth import StudyPlan, plan_phantom, valid_uid
 from ichdlib.runtime import LazyPool, run_tasks
 
@@ -259,9 +260,13 @@ def _write_ctich_study(job: tuple[StudyPlan, int, str, int, int]) -> dict[str, A
 # Entry point
 # ----------------------------------------------------------------------------------------------------
 def generate_layout(out: str | os.PathLike, layout: str, studies: int = 12, seed: int = 0, size: int = 128,
-                    workers: int = 0, progress: bool = True) -> dict[str, Any]:
+                    workers: int = 0, progress: bool = True, shift: str = "none") -> dict[str, Any]:
     """Write ``studies`` phantom studies in the ``layout`` (``cq500`` or ``ctich``) under ``out``; returns a
-    summary (also written as ``phantom_layout.json``). Same arguments -> same files."""
+    summary (also written as ``phantom_layout.json``). Same arguments -> same files.
+
+    ``shift`` (a :data:`ichdlib.phantom.shift.SHIFTS` name) renders the studies as that scanner would: its
+    field of view, noise, kernel and HU calibration; the layout keeps its own slice thicknesses (0.625 mm
+    thin, 5 mm thick)."""
 
     if layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -272,7 +277,7 @@ def generate_layout(out: str | os.PathLike, layout: str, studies: int = 12, seed
         raise ValueError(f"{out}: exists, is not empty and holds no phantom_layout.json; choose another --out")
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    plans, _ = plan_phantom(studies, seed, size)
+    plans, _ = plan_phantom(studies, seed, size, shift=shift)
     if layout == "cq500":
         fn, jobs = _write_cq500_study, [(pl, k, str(out), size, seed) for k, pl in enumerate(plans)]
     else:
@@ -294,6 +299,6 @@ def generate_layout(out: str | os.PathLike, layout: str, studies: int = 12, seed
         write_text(out / CTICH_CSV, slices.to_csv(index=False))
     positive = sum(r["truth"]["any"] for r in results)
     summary = {"layout": layout, "studies": studies, "seed": seed, "size": size, "positive_studies": positive,
-               "seconds": round(time.perf_counter() - t0, 1)}
+               "shift": get_shift(shift).name, "seconds": round(time.perf_counter() - t0, 1)}
     write_text(out / "phantom_layout.json", json.dumps(summary, indent=1))
     return summary

@@ -27,7 +27,12 @@ def cli(args: argparse.Namespace) -> int:
     if args.layout == "rsna":
         args.size = args.size or SynthCfg.model_fields["size"].default
         return synth.cli(args)
-    s = generate_layout(args.out, args.layout, args.studies, args.seed, args.size or LAYOUT_SIZE, args.workers)
-    print(f"wrote {s['studies']} studies in the {args.layout} layout to {args.out} in {s['seconds']} s; "
+    if args.valid_uids:
+        raise SystemExit(f"ichd synth: --valid-uids applies to the rsna layout only ({args.layout} always writes "
+                         "numeric UIDs)")
+    s = generate_layout(args.out, args.layout, args.studies, args.seed, args.size or LAYOUT_SIZE, args.workers,
+                        shift=args.shift)
+    scanner = "" if s["shift"] == "none" else f" as scanner {s['shift']}"
+    print(f"wrote {s['studies']} studies in the {args.layout} layout{scanner} to {args.out} in {s['seconds']} s; "
           f"{s['positive_studies']} positive studies")
     return 0
