@@ -563,27 +563,45 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _read_params_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One params YAML as a dict, with its ``extends:`` chain merged in (the file's own keys win)."""
+    if path in chain:
+        raise ParamsError(f"{path}: 'extends' goes round in a circle ({' -> '.join(p.name for p in (*chain, path))})")
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: cannot read ({exc})") from exc
+    if data is None:
+        raise ParamsError(f"{path}: empty params file (write at least 'run: NAME'; see params/demo.yaml)")
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys at the top level, got a "
+                          f"{type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ParamsError(f"{path}: extends: expected the path of another params file, e.g. demo.yaml "
+                          f"(got {base!r})")
+    parent = (path.parent / Path(base).expanduser()).resolve()
+    return _deep_merge(_read_params_file(parent, (*chain, path)), data)
+
+
 def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate a params YAML (or the defaults when ``path`` is None), with nested overrides."""
+    """Load and validate a params YAML (or the defaults when ``path`` is None), with nested overrides.
+
+    ``extends: other.yaml`` (a path relative to the file) starts from that file's keys; the file's own keys
+    are merged over them section by section (a list replaces the list)."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     root: Path | None = None
     if path is not None:
         path = Path(path).expanduser().resolve()
         source = str(path)
-        if not path.is_file():
-            raise ParamsError(f"params file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ParamsError(f"{path}: cannot read ({exc})") from exc
-        if data is None:
-            raise ParamsError(f"{path}: empty params file (write at least 'run: NAME'; see params/demo.yaml)")
-        if not isinstance(data, dict):
-            raise ParamsError(f"{path}: expected a mapping of keys at the top level, got a "
-                              f"{type(data).__name__}")
+        data = _read_params_file(path)
         root = path.parent.parent
     if overrides:
         data = _deep_merge(data, overrides)

@@ -45,7 +45,7 @@ def test_wide_to_long_is_kaggle_order():
     assert long.Label.tolist()[-1] == 0.0 and long.Label.tolist()[0] == 0.1
 
 
-@pytest.mark.parametrize("name", ["smoke", "demo", "rsna_gpu"])
+@pytest.mark.parametrize("name", ["smoke", "demo", "rsna_gpu", "demo_external", "demo_robust"])
 def test_shipped_params_validate(name):
     P = load_params(f"params/{name}.yaml")
     assert P.run and P.work_dir.is_absolute()
@@ -69,3 +69,29 @@ def test_overrides_and_root_resolution(tmp_path):
     assert P.ingest.size == 64 and P.work_dir == tmp_path / "work" / "r2"
     with pytest.raises(ParamsError, match="KEY=VALUE"):
         parse_overrides(["oops"])
+
+
+def test_extends_merges_the_base_file_and_the_file_wins(tmp_path):
+    d = tmp_path / "params"
+    d.mkdir()
+    (d / "base.yaml").write_text("run: base\nseed: 7\ncnn:\n  cpu_threads: 2\n  augment:\n    hflip: 0.2\n"
+                                 "  backbones:\n    - name: test_resnet\n      epochs: 3\n    - name: resnet18\n")
+    (d / "child.yaml").write_text("extends: base.yaml\nrun: child\ncnn:\n  augment:\n    erase: 0.0\n"
+                                  "  backbones:\n    - name: test_resnet\n      epochs: 5\n")
+    P = load_params(d / "child.yaml")
+    assert (P.run, P.seed, P.cnn.cpu_threads) == ("child", 7, 2)           # inherited, own key wins
+    assert (P.cnn.augment.hflip, P.cnn.augment.erase) == (0.2, 0.0)        # sections merge key by key
+    assert [(b.name, b.epochs) for b in P.cnn.backbones] == [("test_resnet", 5)]  # a list replaces the list
+    assert P.root == tmp_path  # the root follows the file that was loaded
+
+
+@pytest.mark.parametrize("files, match", [
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}, r"goes round in a circle \(a.yaml -> b.yaml -> a.yaml\)"),
+    ({"a.yaml": "extends: nope.yaml\n"}, r"params file not found: .*nope.yaml \(extended by .*a.yaml\)"),
+    ({"a.yaml": "extends: 3\n"}, r"a.yaml: extends: expected the path of another params file"),
+])
+def test_extends_errors_are_one_line(tmp_path, files, match):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ParamsError, match=match):
+        load_params(tmp_path / "a.yaml")
