@@ -395,6 +395,8 @@ class ExternalCfg(_Strict):
     phantom: Literal["cq500", "ctich"] | None = None
     phantom_studies: int = Field(20, ge=2)
     phantom_size: int = Field(128, ge=32)
+    #: The demo phantom drawn as another scanner (``ichd synth --shift``: ``scannerB``, ``scannerC``).
+    phantom_shift: str = "none"
 
 
 class Cnn3dCfg(_Strict):

@@ -33,3 +33,22 @@ def test_layout_unknown_shift_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="unknown scanner shift 'scannerZ'"):
         generate_layout(tmp_path / "c", "cq500", studies=2, seed=0, size=32, workers=1, progress=False,
                         shift="scannerZ")
+
+
+def test_demo_external_phantom_follows_its_params(tmp_path):
+    """Stage 07's demo phantom is rewritten when its params change (e.g. phantom_shift), real data never."""
+    from ichdlib.config import ExternalCfg
+    from ichdlib.validate.run import _ensure_phantom
+
+    data = tmp_path / "ext"
+    E = ExternalCfg(data=data, phantom="ctich", phantom_studies=2, phantom_size=32)
+    _ensure_phantom(data, E, seed=1, progress=False)
+    first = (data / "phantom_layout.json").stat().st_mtime_ns
+    _ensure_phantom(data, E, seed=1, progress=False)  # same settings: reused
+    assert (data / "phantom_layout.json").stat().st_mtime_ns == first
+    _ensure_phantom(data, E.model_copy(update={"phantom_shift": "scannerC"}), seed=1, progress=False)
+    assert json.loads((data / "phantom_layout.json").read_text())["shift"] == "scannerC"
+    real = tmp_path / "real"
+    (real / "ct_scans").mkdir(parents=True)
+    _ensure_phantom(real, E, seed=1, progress=False)
+    assert sorted(p.name for p in real.iterdir()) == ["ct_scans"]

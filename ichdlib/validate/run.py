@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,6 +460,24 @@ def cli(args: argparse.Namespace) -> int:
     return 0 if len(v.studies) else 1
 
 
+def _ensure_phantom(data: Path, E: Any, seed: int, progress: bool) -> None:
+    """The demo's external phantom at ``data``: written when missing, rewritten when the one there was drawn
+    with other settings (layout, studies, seed, size, scanner); a folder that is not a phantom is never touched."""
+    from ichdlib.phantom.layouts import generate_layout  # noqa: PLC0415  (the demo only: never for real data)
+
+    want = {"layout": E.phantom, "studies": E.phantom_studies, "seed": seed, "size": E.phantom_size,
+            "shift": E.phantom_shift}
+    marker = data / "phantom_layout.json"
+    if data.exists() and marker.is_file():
+        have = json.loads(marker.read_text())
+        if {k: have.get(k, "none" if k == "shift" else None) for k in want} == want:
+            return
+        shutil.rmtree(data)
+    elif data.exists():
+        return  # real data (or anything else) at that path: validated as it is
+    generate_layout(data, E.phantom, E.phantom_studies, seed, E.phantom_size, progress=progress, shift=E.phantom_shift)
+
+
 def run_external(P: Any, progress: bool = False) -> Validation:
     """Notebook 07: validate on ``P.external.data`` the bundle ``P.external.bundle`` (default: this run's
     own models, exported to ``work/<run>/bundle``) and any ``P.external.compare`` bundles; outputs under
@@ -469,10 +488,8 @@ def run_external(P: Any, progress: bool = False) -> Validation:
     if E.data is None:
         raise ValueError("params external.data is not set: no external dataset to validate on")
     data = P._resolve(E.data)
-    if E.phantom is not None and not data.exists():
-        from ichdlib.phantom.layouts import generate_layout  # noqa: PLC0415  (the demo only: never for real data)
-
-        generate_layout(data, E.phantom, E.phantom_studies, P.synth.seed + 1, E.phantom_size, progress=progress)
+    if E.phantom is not None:
+        _ensure_phantom(data, E, P.synth.seed + 1, progress)
     bundle: Any = P._resolve(E.bundle) if E.bundle is not None else export(P, P.layout.bundle, force=True)
     return validate(data, [bundle, *[P._resolve(b) for b in E.compare]], P.layout.external(E.out), fmt=E.format,
                     labels=P._resolve(E.labels) if E.labels is not None else None, aggregate=E.aggregate,
