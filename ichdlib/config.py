@@ -241,6 +241,9 @@ class CnnCfg(_Strict):
     #: CPU one thread avoids the many-fold slowdown of OpenMP threads competing with other processes.
     cpu_threads: int | None = Field(None, ge=1)
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
+    #: Folds trained side by side, each in its own process with ``cpu_threads`` threads (same results as one
+    #: after another; not under torchrun; on one GPU the folds share it). Not part of the stage stamp.
+    fold_jobs: int = Field(1, ge=1)
 
     @field_validator("class_weights")
     @classmethod

@@ -192,10 +192,23 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+#: Settings that change how fast a stage runs, never what it writes: left out of the stamps, so flipping
+#: them reruns nothing (and stamps written before they existed stay current).
+UNSTAMPED = (("cnn", "fold_jobs"),)
+
+
+def _without_unstamped(dump: dict[str, Any]) -> dict[str, Any]:
+    out = dict(dump)
+    for section, key in UNSTAMPED:
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
 def params_digest(P: Params, sections: Iterable[str], dump: dict[str, Any] | None = None) -> str:
     """Digest of the named params sections (dotted paths such as ``cnn.backbones`` allowed; ``*`` = all but
     paths, root, device and run). ``dump``: ``P.model_dump(mode="json")`` when the caller has it already."""
-    dump = P.model_dump(mode="json") if dump is None else dump
+    dump = _without_unstamped(P.model_dump(mode="json") if dump is None else dump)
     skip = {"paths", "root", "device", "run"}
     keys = sorted(k for k in dump if k not in skip) if "*" in sections else sorted(sections)
     return _sha(yaml.safe_dump({k: nested_get(dump, *k.split(".")) for k in keys}, sort_keys=True).encode())

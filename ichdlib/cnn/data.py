@@ -108,18 +108,26 @@ class SliceDataset(torch.utils.data.Dataset):
 
     # a memmap must not be pickled into worker processes (that would copy the whole cache): reopen it
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        c = self.cache
-        if isinstance(c, np.memmap) and getattr(c, "filename", None):
-            state["cache"] = ("memmap", c.filename, c.dtype.str, c.shape, int(c.offset))
-        return state
+        return dict(self.__dict__, cache=mapped_ref(self.cache))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        c = state["cache"]
-        if isinstance(c, tuple) and c and c[0] == "memmap":
-            _, fn, dt, shape, off = c
-            state["cache"] = np.memmap(fn, dtype=np.dtype(dt), mode="r", shape=tuple(shape), offset=off)
-        self.__dict__.update(state)
+        self.__dict__.update(state, cache=reopen_mapped(state["cache"]))
+
+
+def mapped_ref(cache: Any) -> Any:
+    """What to send another process for ``cache``: a file-backed memmap as a small reference to its file
+    (:func:`reopen_mapped` maps it again read-only), anything else as it is."""
+    if isinstance(cache, np.memmap) and getattr(cache, "filename", None):
+        return ("memmap", cache.filename, cache.dtype.str, cache.shape, int(cache.offset))
+    return cache
+
+
+def reopen_mapped(ref: Any) -> Any:
+    """The array behind a :func:`mapped_ref` reference (mapped read-only); other values unchanged."""
+    if isinstance(ref, tuple) and ref and ref[0] == "memmap":
+        _, fn, dt, shape, off = ref
+        return np.memmap(fn, dtype=np.dtype(dt), mode="r", shape=tuple(shape), offset=off)
+    return ref
 
 
 def _collate_batched(batch: Any) -> Any:

@@ -19,7 +19,8 @@ Same code on CPU and GPU; on CUDA with bf16 (or fp16 + GradScaler) autocast, cha
 ``torch.compile``. Under ``torchrun`` (see :mod:`ichdlib.cnn.distributed` and ``docs/distributed.md``) the loop
 runs DistributedDataParallel: every rank takes its share of each global batch, validation and test
 prediction are sharded and gathered in catalog order, and rank 0 writes the files. Each fold is written
-under a lock (``fold<k>.lock``), so independent fold jobs can share one work folder.
+under a lock (``fold<k>.lock``), so independent fold jobs can share one work folder; ``cnn.fold_jobs`` runs
+the folds side by side in worker processes of one run (:mod:`ichdlib.foldjobs`, :func:`fold_job`).
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ from ichdlib.cnn.data import (
     SliceDataset,
     StudyBatchSampler,
     make_loader,
+    mapped_ref,
+    reopen_mapped,
     to_device,
 )
 from ichdlib.cnn.infer import eval_loader, predict, predict_sharded, probs_frame, subset
 from ichdlib.cnn.models import CnnNet, build_cnn
 from ichdlib.config import BackboneCfg, CnnCfg, Params
 from ichdlib.files import atomic_write, save_parquet
+from ichdlib.foldjobs import QueueProgress, run_fold_jobs
 from ichdlib.ingest.native import open_slices
 from ichdlib.ingest.table import load_catalog
 from ichdlib.labels import LABELS
@@ -63,7 +67,15 @@ from ichdlib.locks import output_lock
 from ichdlib.metrics import per_class_auc, prior_baseline, weighted_log_loss
 from ichdlib.progress import TrainingProgress
 from ichdlib.resources import check_training_memory
-from ichdlib.runtime import amp_mode, cpu_threads, derive_seed, prepare_model, save_torch
+from ichdlib.runtime import (
+    amp_mode,
+    cpu_threads,
+    derive_seed,
+    prepare_model,
+    resolve_workers,
+    save_torch,
+    torch_threads,
+)
 from ichdlib.runtime import autocast as _autocast
 from ichdlib.spec import ModelSpec
 from ichdlib.stages import StageReport
@@ -584,22 +596,52 @@ def train_cnn(P: Params, backbone_cfg: BackboneCfg, folds: Iterable[int] | str |
     line: where each fold's model came from, e.g. loaded from an ``ichd train`` run), and, once every fold
     is done, ``oof_wll`` beside ``prior_wll`` (label frequencies of the training slices) and per-class AUC.
     Finished folds (same settings and data) are loaded, not retrained. ``origin`` is recorded in new
-    checkpoints' provenance. Under torchrun every rank calls it (DDP); fold jobs may run side by side.
+    checkpoints' provenance. Under torchrun every rank calls it (DDP); fold jobs may run side by side. With
+    ``cnn.fold_jobs`` > 1 (one process, not torchrun) the folds still to train run in that many worker
+    processes at a time, with the same results; their epochs are reported here.
     ``catalog``/``cache`` default to ``work/<run>/catalog.parquet`` and the cache at the backbone's size.
     """
 
     t0 = time.perf_counter()
+    given = (catalog, cache)
     cat, cache = _load_inputs(P, backbone_cfg, catalog, cache)
     d = P.layout.cnn(backbone_cfg.key)
     out = d.path
     summary: dict[str, Any] = {"key": backbone_cfg.key, "dir": str(out), "folds": {}}
+    numbers = fold_numbers(P, cat, folds)
+    # cnn.fold_jobs: the folds still to train side by side in worker processes (not under torchrun)
+    todo = [] if D.is_dist() else [k for k in numbers if force or not _fold_finished(_Fold(out, k))]
+    jobs = min(P.cnn.fold_jobs, len(todo))
+    if jobs > 1:
+        threads = P.cnn.cpu_threads or max(1, resolve_workers(0) // jobs)  # the cores shared out
+        args = {k: (P, backbone_cfg, k, force, origin, given[0], mapped_ref(given[1]), threads) for k in todo}
+        summary["folds"].update(run_fold_jobs(
+            fold_job, args, jobs, lambda k: TrainingProgress(backbone_cfg.key, curve=False),
+            what=f"train {backbone_cfg.key} ({jobs} fold jobs)"))
     with cpu_threads(P), TrainingProgress(backbone_cfg.key) as progress:
-        for k in fold_numbers(P, cat, folds):
-            # one writer per fold: a second job on the same fold stops at once and names the holder
-            with D.main_lock(d.fold_lock(k), what=f"train {backbone_cfg.key} fold {k}"):
-                summary["folds"][k] = train_fold(P, backbone_cfg, k, cat, cache, force=force, origin=origin,
-                                                 progress=progress)
+        for k in numbers:
+            if k not in summary["folds"]:
+                summary["folds"][k] = _locked_fold(P, backbone_cfg, k, cat, cache, force, origin, progress)
+    summary["folds"] = {k: summary["folds"][k] for k in numbers}
     return complete_summary(P, cat, d, summary, t0)
+
+
+def _locked_fold(P: Params, cfg: BackboneCfg, fold: int, cat: pd.DataFrame, cache: np.ndarray, force: bool,
+                 origin: str, progress: TrainingProgress) -> dict[str, Any]:
+    """:func:`train_fold` under the fold's lock: a second job on the same fold stops at once and names the
+    holder."""
+    with D.main_lock(P.layout.cnn(cfg.key).fold_lock(fold), what=f"train {cfg.key} fold {fold}"):
+        return train_fold(P, cfg, fold, cat, cache, force=force, origin=origin, progress=progress)
+
+
+def fold_job(P: Params, cfg: BackboneCfg, fold: int, force: bool, origin: str, catalog: pd.DataFrame | None,
+             cache_ref: Any, threads: int, events: Any) -> dict[str, Any]:
+    """One fold of :func:`train_cnn` in a worker process (``cnn.fold_jobs``, :mod:`ichdlib.foldjobs`): opens
+    the catalog and the cache itself (mapped read-only), trains with ``threads`` torch threads and reports
+    its epochs to ``events``; returns the fold's summary."""
+    cat, cache = _load_inputs(P, cfg, catalog, reopen_mapped(cache_ref))
+    with torch_threads(threads, P.torch_device()):
+        return _locked_fold(P, cfg, fold, cat, cache, force, origin, QueueProgress(cfg.key, events))
 
 
 def complete_summary(P: Params, cat: pd.DataFrame, d: ModelDir, summary: dict[str, Any], t0: float) -> dict[str, Any]:
