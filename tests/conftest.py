@@ -120,3 +120,38 @@ def smoke_run(tmp_path_factory):
             os.close(saved[1])
     P = load_params(REPO / "params" / "smoke.yaml", over)
     return SimpleNamespace(P=P, results=results, overrides=over, console=console.read_text(errors="replace"))
+
+
+@pytest.fixture(scope="session")
+def validate_bundle(smoke_params, tmp_path_factory) -> Path:
+    """An untrained one-fold smoke bundle for ``ichd validate`` tests (seconds, no training) with a training
+    thickness and an operating point as ``ichd export`` records them."""
+    from ichdlib.labels import LABELS
+    from ichdlib.serve.bundle import Bundle
+
+    b = Bundle.untrained(smoke_params, folds=1)
+    b.manifest["training"] = {"slice_thickness_mm": 5.0, "spacing_z_mm": 5.0, "pixel_spacing_mm": 0.9,
+                              "n_studies": 8, "source": "test"}
+    thresholds = {c: 0.3 + 0.05 * k for k, c in enumerate(LABELS)}
+    b.manifest["operating_point"] = {"rule": "youden", "aggregate": "max", "thresholds": thresholds,
+                                     "rules": {"youden": thresholds}, "fallback": [], "n_studies": 8,
+                                     "n_pos": dict.fromkeys(LABELS, 3), "source": "test"}
+    return b.save(tmp_path_factory.mktemp("validate_bundle") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def external_layout(tmp_path_factory):
+    """``external_layout("cq500" | "ctich", studies, seed)``: the phantom in that layout at 32 px (``ichd synth
+    --layout``), written once per session for each combination. Copy it before changing it."""
+    from ichdlib.phantom.layouts import generate_layout
+
+    made: dict[tuple[str, int, int], Path] = {}
+
+    def make(layout: str, studies: int, seed: int) -> Path:
+        key = (layout, studies, seed)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp(f"{layout}_{studies}_{seed}") / layout
+            generate_layout(made[key], layout, studies=studies, seed=seed, size=32, workers=1, progress=False)
+        return made[key]
+
+    return make

@@ -15,7 +15,6 @@ import pytest
 from ichdlib.cli import main as ichd
 from ichdlib.external_sets import CTICH_COLUMNS
 from ichdlib.labels import LABELS
-from ichdlib.phantom.layouts import generate_layout
 from ichdlib.serve.series import (
     SeriesInfo,
     choose_series,
@@ -33,33 +32,19 @@ from ichdlib.validate.metrics import PROB_COLUMNS, STUDY_COLUMNS, compute_metric
 # Fixtures: the phantom in both layouts (small), a trained smoke bundle
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cq500(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cq500") / "cq500"
-    generate_layout(out, "cq500", studies=5, seed=2, size=32, workers=1, progress=False)
-    return out
+def cq500(external_layout) -> Path:
+    return external_layout("cq500", 5, 2)
 
 
 @pytest.fixture(scope="module")
-def ctich(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ctich") / "ctich"
-    generate_layout(out, "ctich", studies=4, seed=1, size=32, workers=1, progress=False)
-    return out
+def ctich(external_layout) -> Path:
+    return external_layout("ctich", 4, 1)
 
 
 @pytest.fixture(scope="module")
-def bundle(smoke_params, tmp_path_factory) -> Path:
-    """An untrained one-fold smoke bundle (seconds, no training) with a training thickness and an operating
-    point as ``ichd export`` records them (the export itself is tested on the trained run below)."""
-    from ichdlib.serve.bundle import Bundle
-
-    b = Bundle.untrained(smoke_params, folds=1)
-    b.manifest["training"] = {"slice_thickness_mm": 5.0, "spacing_z_mm": 5.0, "pixel_spacing_mm": 0.9,
-                              "n_studies": 8, "source": "test"}
-    thresholds = {c: 0.3 + 0.05 * k for k, c in enumerate(LABELS)}
-    b.manifest["operating_point"] = {"rule": "youden", "aggregate": "max", "thresholds": thresholds,
-                                     "rules": {"youden": thresholds}, "fallback": [], "n_studies": 8,
-                                     "n_pos": dict.fromkeys(LABELS, 3), "source": "test"}
-    return b.save(tmp_path_factory.mktemp("validate_bundle") / "bundle")
+def bundle(validate_bundle) -> Path:
+    """The untrained smoke bundle of ``tests/conftest.py`` (the export itself is tested on the trained run below)."""
+    return validate_bundle
 
 
 @pytest.fixture(scope="module")

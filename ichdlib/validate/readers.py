@@ -33,23 +33,48 @@ import pandas as pd
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 
-from ichdlib.external_sets import CQ500_LABELS, CTICH_CSV, CTICH_LABELS, CTICH_MASKS, CTICH_SCANS
+from ichdlib.external_sets import (
+    CQ500_FINDINGS,
+    CQ500_LABELS,
+    CQ500_READS,
+    CTICH_CSV,
+    CTICH_LABELS,
+    CTICH_MASKS,
+    CTICH_SCANS,
+)
+from ichdlib.ingest.validity import list_files
 from ichdlib.labels import LABELS
 from ichdlib.serve.discover import (
     SKIPPED,
     WARNING,
+    Discovery,
     LoadedStudy,
     StudyScan,
-    discover_all,
     load_study,
     order_slices,
     problem,
+    scan_headers,
+    select_series,
 )
 from ichdlib.serve.series import DEFAULT_THICKNESS_MM, SERIES_COLUMNS
+from ichdlib.validate.inputs import (
+    as_written,
+    binary_values,
+    find_root,
+    numbered_files,
+    read_table,
+    rename_columns,
+    row_numbers,
+    subdirs,
+)
 
 FORMATS = ("cq500", "ctich", "dicom")
-_CQ500_DIR = re.compile(r"^CQ500CT(\d+)(?: CQ500CT\1)?$")
-_CQ500_NAME = re.compile(r"^CQ500-CT-(\d+)$")
+#: A CQ500 study folder: ``CQ500CT<n> CQ500CT<n>`` (the zips), ``CQ500CT<n>``, ``CQ500-CT-<n>`` (a folder per zip).
+_CQ500_DIR = re.compile(r"^CQ500[-_ ]?CT[-_ ]?(\d+)(?:\s+CQ500[-_ ]?CT[-_ ]?\1)?$", re.IGNORECASE)
+#: A ``reads.csv`` name: ``CQ500-CT-<n>`` (also ``CQ500CT<n>``).
+_CQ500_NAME = re.compile(r"^CQ500[-_ ]?CT[-_ ]?(\d+)$", re.IGNORECASE)
+#: How deep study folders are looked for under the CQ500 root (``root/batch/CQ500CT<n> CQ500CT<n>``).
+CQ500_DEPTH = 3
 #: A volume whose 1st percentile is above this is not in HU (no air around the head).
 HU_AIR_MAX = -500.0
 
@@ -89,29 +114,36 @@ class LoadedCase:
     problems: list[dict] = field(default_factory=list)
 
 
+def _format_here(folder: Path) -> str | None:
+    if (folder / CQ500_READS).is_file() or any(_CQ500_DIR.match(d.name) for d in subdirs(folder)):
+        return "cq500"
+    if (folder / CTICH_SCANS).is_dir() or (folder / CTICH_CSV).is_file():
+        return "ctich"
+    return None
+
+
 def detect_format(root: str | os.PathLike) -> str:
-    """``cq500`` (``reads.csv`` or ``CQ500CT*`` folders), ``ctich`` (``ct_scans/`` or the slice CSV) or ``dicom``."""
+    """``cq500`` (``reads.csv`` or ``CQ500CT*`` folders), ``ctich`` (``ct_scans/`` or the slice CSV) or ``dicom``;
+    a dataset unzipped into a top folder of its own is recognised one level down."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder")
-    if (root / "reads.csv").is_file() or any(_CQ500_DIR.match(p.name) for p in root.iterdir() if p.is_dir()):
-        return "cq500"
-    if (root / CTICH_SCANS).is_dir() or (root / CTICH_CSV).is_file():
-        return "ctich"
-    return "dicom"
+    return _format_here(find_root(root, lambda d: _format_here(d) is not None)) or "dicom"
 
 
 def _binary(frame: pd.DataFrame, cols: list[str], source: Path, key: str) -> tuple[pd.DataFrame, list[dict]]:
-    """Rows whose ``cols`` are all 0/1 (as int), and one problem per study (``key``) with other values,
-    naming it, the file, how many rows and the first bad value. A study with any bad row loses all its rows."""
-    values = frame[cols].apply(pd.to_numeric, errors="coerce")
+    """Rows whose ``cols`` are all 0/1 (:func:`ichdlib.validate.inputs.binary_values`: also ``1.0``, ``True``),
+    as int, and one problem per study (``key``) with other values, naming it, the file, how many rows and the
+    first bad row and column. A study with any bad row loses all its rows."""
+    values = binary_values(frame, cols)
     ok = values.isin([0, 1]).all(axis=1).to_numpy()
+    lines = row_numbers(frame)
     problems, bad_keys = [], []
     for study, idx in pd.Series(np.flatnonzero(~ok)).groupby(frame[key].astype(str).to_numpy()[~ok], sort=False):
         i = int(idx.iloc[0])
-        first = next(f"{c}={frame.iloc[i][c]!r}" for c in cols if values.iloc[i][c] not in (0, 1))
+        first = next(f"{as_written(frame, c)}={frame.iloc[i][c]!r}" for c in cols if values.iloc[i][c] not in (0, 1))
         problems.append(problem(f"study {study}: label values outside {{0, 1}} in {len(idx)} row(s) of "
-                                f"{source.name} (row {i + 2}: {first}); its reference labels are left out (the "
+                                f"{source.name} (row {lines[i]}: {first}); its reference labels are left out (the "
                                 "study is still scored)", study_uid=str(study), path=source))
         bad_keys.append(str(study))
     keep = ok & ~frame[key].astype(str).isin(bad_keys).to_numpy()
@@ -120,24 +152,15 @@ def _binary(frame: pd.DataFrame, cols: list[str], source: Path, key: str) -> tup
     return clean, problems
 
 
-def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
-    frame.columns = [c.strip() for c in frame.columns]
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(frame.columns[:12])})")
-    return frame
-
-
 # ----------------------------------------------------------------------------------------------------
 # CQ500
 # ----------------------------------------------------------------------------------------------------
 def reader_majority(reads: pd.DataFrame, source: Path) -> tuple[pd.DataFrame, list[dict]]:
     """``reads.csv`` -> reference labels (index ``name``): per RSNA label, the majority of the readers
-    ``R1``, ``R2``, ``R3`` (at least two of three say 1). Rows with values outside {0, 1} are left out."""
+    ``R1``, ``R2``, ``R3`` (at least two of three say 1). Reader columns may be spelled ``R1: ICH`` or
+    ``r1:ich``; rows with values outside {0, 1} (``1.0`` and ``True`` are 1) and names given twice are left
+    out, each with one problem."""
+    reads = rename_columns(reads, [f"R{k}:{f}" for k in range(1, 10) for f in CQ500_FINDINGS])
     readers = sorted({c.split(":", 1)[0] for c in reads.columns if re.match(r"^R\d+:", c)})
     if len(readers) < 1:
         raise ValueError(f"{source}: no reader columns (R1:ICH, R2:ICH, ...)")
@@ -145,8 +168,15 @@ def reader_majority(reads: pd.DataFrame, source: Path) -> tuple[pd.DataFrame, li
     missing = [c for c in cols if c not in reads.columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {', '.join(missing[:6])}")
+    reads = reads.assign(name=reads["name"].astype(str).str.strip())
     clean, problems = _binary(reads, cols, source, "name")
-    out = pd.DataFrame(index=clean["name"].astype(str).str.strip())
+    twice = clean["name"].duplicated(keep=False)
+    for name in sorted(set(clean.loc[twice, "name"])):
+        problems.append(problem(f"study {name}: {int((clean['name'] == name).sum())} rows in {source.name}; its "
+                                "reference labels are left out (the study is still scored)", study_uid=name,
+                                path=source))
+    clean = clean.loc[~twice]
+    out = pd.DataFrame(index=clean["name"])
     need = len(readers) // 2 + 1
     for finding, label in CQ500_LABELS.items():
         votes = clean[[f"{r}:{finding}" for r in readers]].sum(axis=1).to_numpy()
@@ -154,15 +184,34 @@ def reader_majority(reads: pd.DataFrame, source: Path) -> tuple[pd.DataFrame, li
     return out[list(LABELS)], problems
 
 
+def _cq500_folders(root: Path) -> dict[int, list[Path]]:
+    """Study folders under ``root`` (up to :data:`CQ500_DEPTH` levels; not inside a study folder) by number."""
+    found: dict[int, list[Path]] = {}
+    level = [root]
+    for _ in range(CQ500_DEPTH):
+        deeper = []
+        for folder in level:
+            for d in subdirs(folder):
+                m = _CQ500_DIR.match(d.name)
+                if m:
+                    found.setdefault(int(m.group(1)), []).append(d)
+                else:
+                    deeper.append(d)
+        level = deeper
+    return found
+
+
 def read_cq500(root: str | os.PathLike, training_mm: float = DEFAULT_THICKNESS_MM,
                progress: bool = False) -> ExternalData:
-    """The CQ500 layout (module docstring)."""
+    """The CQ500 layout (module docstring). Study folders may be named ``CQ500CT<n> CQ500CT<n>``,
+    ``CQ500CT<n>`` or ``CQ500-CT-<n>`` (nested folders too) and lie up to :data:`CQ500_DEPTH` levels down;
+    ``reads.csv`` may lie one level down."""
 
-    root = Path(root)
-    reads_path = root / "reads.csv"
+    root = find_root(Path(root), lambda d: (d / CQ500_READS).is_file())
+    reads_path = root / CQ500_READS
     if not reads_path.is_file():
         raise FileNotFoundError(f"{reads_path}: not found; CQ500 reference labels come from reads.csv")
-    reads = _read_csv(reads_path, ["name"])
+    reads = read_table(reads_path, ["name"])
     labels, problems = reader_majority(reads, reads_path)
     by_number: dict[int, str] = {}
     for name in labels.index:
@@ -170,12 +219,24 @@ def read_cq500(root: str | os.PathLike, training_mm: float = DEFAULT_THICKNESS_M
         if m is None:
             problems.append(problem(f"study {name}: name is not CQ500-CT-<n>; left out", study_uid=name,
                                     path=reads_path))
-            continue
-        by_number[int(m.group(1))] = name
-    folders = {int(m.group(1)): p for p in sorted(root.iterdir()) if p.is_dir() and (m := _CQ500_DIR.match(p.name))}
+        elif int(m.group(1)) in by_number:
+            problems.append(problem(f"study {name}: same number as {by_number[int(m.group(1))]} in reads.csv; "
+                                    "left out", study_uid=name, path=reads_path))
+        else:
+            by_number[int(m.group(1))] = name
+    found = _cq500_folders(root)
+    folders = {}
+    for n, paths in sorted(found.items()):
+        if len(paths) > 1:  # two copies of one study (unzipped twice?): the one with most files is read
+            paths = sorted(paths, key=lambda d: -sum(len(f) for _, _, f in os.walk(d)))
+            name = by_number.get(n, f"CQ500-CT-{n}")
+            problems.append(problem(f"study {name}: {len(paths)} folders ({', '.join(p.name for p in paths)}); read "
+                                    f"{paths[0]} (most files), the others left out", study_uid=name, path=paths[1],
+                                    severity=WARNING))
+        folders[n] = paths[0]
     for n in sorted(set(by_number) - set(folders)):
-        problems.append(problem(f"study {by_number[n]}: in reads.csv but no folder CQ500CT{n} CQ500CT{n}; not scored",
-                                study_uid=by_number[n], path=reads_path))
+        problems.append(problem(f"study {by_number[n]}: in reads.csv but no folder CQ500CT{n} CQ500CT{n} (or "
+                                f"CQ500-CT-{n}); not scored", study_uid=by_number[n], path=reads_path))
     items, series = [], []
     for n, folder in tqdm(sorted(folders.items()), desc="studies", unit="study", disable=not progress):
         name = by_number.get(n, f"CQ500-CT-{n}")
@@ -191,40 +252,57 @@ def read_cq500(root: str | os.PathLike, training_mm: float = DEFAULT_THICKNESS_M
                         pd.DataFrame(series, columns=SERIES_COLUMNS), problems)
 
 
+def _scan_folder(folder: Path, progress: bool = False) -> tuple[pd.DataFrame, list[dict]]:
+    """Headers of every file under ``folder`` (any name, with or without ``.dcm``) and the problems: what was
+    not opened (hidden files such as ``.DS_Store``, FIFOs, ...), ``DICOMDIR`` indexes (listed, not read as a
+    series) and files that are not DICOM (``Thumbs.db``, notes)."""
+    paths, skipped = list_files(folder)
+    problems = [problem(why, path=p) for p, why in skipped]
+    index = [p for p in paths if Path(p).name.upper() == "DICOMDIR"]
+    problems += [problem("skipped: a DICOMDIR (an index of the files, not an image)", path=p) for p in index]
+    paths = [p for p in paths if Path(p).name.upper() != "DICOMDIR"]
+    table, unreadable = scan_headers(paths, progress=progress) if paths else (pd.DataFrame(), [])
+    return table, problems + unreadable
+
+
 def _dicom_items(folder: Path, name: str, training_mm: float) -> tuple[list[Item], list[dict], list[dict]]:
-    """One study folder -> its item (the chosen series), series rows and problems, all named ``name``."""
-    try:
-        found = discover_all(folder, training_mm=training_mm, fallback=False)
-    except OSError as exc:
-        return [], [], [problem(f"study {name}: folder not readable ({exc}); not scored", study_uid=name, path=folder)]
-    problems = [dict(p, study_uid=name) for p in found.problems]
-    rows = [dict(s.as_row(), study=name) for s in found.series]
-    if not found.series:
+    """One study folder -> its item (the chosen series), series rows and problems, all named ``name``. Files
+    are grouped into series by SeriesInstanceUID (any folders, any file names); the folder is the study, so
+    series with several StudyInstanceUIDs in it are chosen among together (with a warning)."""
+    table, found = _scan_folder(folder)
+    problems = [dict(p, study_uid=name, message=f"study {name}: {p['message']}") for p in found]
+    if table.empty:
         problems.append(problem(f"study {name}: study folder holds no images; not scored", study_uid=name,
                                 path=folder))
-        return [], rows, problems
-    if not found.scans:
-        return [], rows, problems  # discover said why (only bone/contrast series, no axial CT, ...)
-    if len(found.scans) > 1:
-        problems.append(problem(f"study {name}: {len(found.scans)} StudyInstanceUIDs in one folder; scored the "
-                                f"first ({found.scans[0].study_uid})", study_uid=name, path=folder, severity=WARNING))
-    return [Item(name, scan=found.scans[0])], rows, problems
+        return [], [], problems
+    uids = table["study_uid"].value_counts()
+    if len(uids) > 1:
+        real = [u for u in uids.index if not u.startswith("(no StudyInstanceUID)")]
+        if len(real) > 1:
+            problems.append(problem(f"study {name}: {len(real)} StudyInstanceUIDs in one study folder; its series "
+                                    f"are read as one study ({real[0]})", study_uid=name, path=folder,
+                                    severity=WARNING))
+        table["study_uid"] = real[0] if real else uids.index[0]
+    scans, more, found = select_series(table, training_mm, fallback=False)
+    problems += [dict(p, study_uid=name) for p in more]
+    rows = [dict(s.as_row(), study=name) for s in found]
+    return [Item(name, scan=scans[0])] if scans else [], rows, problems
 
 
 # ----------------------------------------------------------------------------------------------------
 # Generic DICOM + labels CSV
 # ----------------------------------------------------------------------------------------------------
 def read_labels_csv(path: Path) -> tuple[pd.DataFrame, str, list[dict]]:
-    """A study-level labels CSV -> (labels indexed by the key, key column, problems)."""
-    frame = _read_csv(path, [])
+    """A study-level labels CSV -> (labels indexed by the key, key column, problems). Column names are matched
+    in any case (``studyinstanceuid``, ``Any``); values ``1.0``/``True`` count as 1."""
+    frame = read_table(path, [])
+    frame = rename_columns(frame, ["StudyInstanceUID", "PatientID", *LABELS])
     key = next((k for k in ("StudyInstanceUID", "PatientID") if k in frame.columns), None)
     if key is None:
-        raise ValueError(f"{path}: needs a StudyInstanceUID or PatientID column")
-    lower = {c.lower(): c for c in frame.columns}
-    missing = [c for c in LABELS if c not in lower]
+        raise ValueError(f"{path}: needs a StudyInstanceUID or PatientID column (has {', '.join(frame.columns[:12])})")
+    missing = [c for c in LABELS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing label column(s) {', '.join(missing)}")
-    frame = frame.rename(columns={lower[c]: c for c in LABELS})
     frame[key] = frame[key].astype(str).str.strip()
     clean, problems = _binary(frame, list(LABELS), path, key)
     dup = clean[key].duplicated(keep=False)
@@ -244,7 +322,11 @@ def read_dicom(root: str | os.PathLike, labels_csv: str | os.PathLike | None,
                          "and the six labels)")
     labels_csv = Path(labels_csv)
     labels, key, problems = read_labels_csv(labels_csv)
-    found = discover_all(root, progress=progress, training_mm=training_mm, fallback=False)
+    table, more = _scan_folder(root, progress)
+    problems += more
+    if table.empty:
+        problems.append(problem("no readable DICOM file found", path=root))
+    found = Discovery(*select_series(table, training_mm, fallback=False)) if len(table) else Discovery([], [], [])
     problems += found.problems
     items = [Item(scan.study_uid, scan=scan) for scan in found.scans]
     if key == "PatientID":
@@ -280,68 +362,96 @@ def read_dicom(root: str | os.PathLike, labels_csv: str | os.PathLike | None,
 # ----------------------------------------------------------------------------------------------------
 # PhysioNet CT-ICH
 # ----------------------------------------------------------------------------------------------------
+def _is_ctich_root(folder: Path) -> bool:
+    return (folder / CTICH_CSV).is_file() or (folder / CTICH_SCANS).is_dir()
+
+
+def _slice_table(csv_path: Path) -> tuple[pd.DataFrame, list[dict]]:
+    """The slice CSV with whole ``PatientNumber`` (as str) and ``SliceNumber`` (int); rows without them are
+    left out with one problem naming how many and the first."""
+    slices = read_table(csv_path, ["PatientNumber", "SliceNumber", *CTICH_LABELS], optional=["No_Hemorrhage"])
+    numbers = slices[["PatientNumber", "SliceNumber"]].apply(lambda c: pd.to_numeric(c.str.strip(), errors="coerce"))
+    bad = (numbers.isna() | (numbers % 1 != 0)).any(axis=1) | (numbers["SliceNumber"] < 1)
+    problems = []
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        problems.append(problem(
+            f"{int(bad.sum())} row(s) of {csv_path.name} without a whole PatientNumber and SliceNumber (from 1) "
+            f"(row {row_numbers(slices)[i]}: PatientNumber={slices['PatientNumber'].iloc[i]!r}, "
+            f"SliceNumber={slices['SliceNumber'].iloc[i]!r}); left out", path=csv_path))
+    ok = ~bad
+    return slices.loc[ok].assign(PatientNumber=numbers.loc[ok, "PatientNumber"].astype(int).astype(str),
+                                 SliceNumber=numbers.loc[ok, "SliceNumber"].astype(int)), problems
+
+
 def read_ctich(root: str | os.PathLike) -> ExternalData:
-    """The CT-ICH layout (module docstring); volumes are opened later, one at a time (:func:`load_item`)."""
-    root = Path(root)
+    """The CT-ICH layout (module docstring); volumes are opened later, one at a time (:func:`load_item`).
+    Also read: the dataset one folder down, ``.nii.gz``, file names with or without zero padding, a slice CSV
+    with another column order, extra columns, spaces or a byte-order mark; other files (``Patients_CT/``,
+    ``Patient_demographics.csv``) are not looked at."""
+    root = find_root(Path(root), _is_ctich_root)
     csv_path = root / CTICH_CSV
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: not found; CT-ICH labels come from the slice CSV")
-    slices = _read_csv(csv_path, ["PatientNumber", "SliceNumber", *CTICH_LABELS])
-    extra = [c for c in ("No_Hemorrhage",) if c in slices.columns]
-    numeric = pd.to_numeric(slices["PatientNumber"], errors="coerce")
-    problems = [problem(f"row {i + 2}: PatientNumber {slices['PatientNumber'].iloc[i]!r} is not a number; left out",
-                        path=csv_path) for i in np.flatnonzero(numeric.isna().to_numpy())]
-    slices = slices.loc[numeric.notna()].assign(PatientNumber=numeric.dropna().astype(int).astype(str))
-    clean, more = _binary(slices, [*CTICH_LABELS, *extra], csv_path, "PatientNumber")
+    slices, problems = _slice_table(csv_path)
+    cols = [*CTICH_LABELS, *[c for c in ("No_Hemorrhage",) if c in slices.columns]]
+    clean, more = _binary(slices, cols, csv_path, "PatientNumber")
     problems += more
     bad_patients = set(slices["PatientNumber"]) - set(clean["PatientNumber"])
-    clean["SliceNumber"] = pd.to_numeric(clean["SliceNumber"], errors="coerce")
     labels = {}
     per_patient = {}
     for pid, g in clean.groupby("PatientNumber", sort=False):
+        if g["SliceNumber"].duplicated().any():
+            twice = sorted(set(g.loc[g["SliceNumber"].duplicated(), "SliceNumber"]))
+            problems.append(problem(f"study {pid}: SliceNumber {', '.join(map(str, twice[:5]))} given more than once "
+                                    f"in {CTICH_CSV}; a slice is positive if any of its rows is", study_uid=pid,
+                                    path=csv_path, severity=WARNING))
+        g = g.groupby("SliceNumber")[cols].max()
         sub = {v: int(g[c].max()) for c, v in CTICH_LABELS.items()}
         has = any(sub.values()) or (bool((g["No_Hemorrhage"] == 0).any()) if "No_Hemorrhage" in g else False)
         labels[pid] = {"any": int(has), **sub}
-        per_patient[pid] = g.rename(columns=CTICH_LABELS).set_index("SliceNumber")[list(CTICH_LABELS.values())]
-    volumes = {}
-    for p in sorted((root / CTICH_SCANS).glob("*.nii*")) if (root / CTICH_SCANS).is_dir() else []:
-        stem = p.name.split(".")[0]
-        if stem.isdigit():
-            volumes[str(int(stem))] = p
-        else:
-            problems.append(problem(f"{p.name}: file name is not a patient number; left out", path=p))
+        per_patient[pid] = g.rename(columns=CTICH_LABELS)[list(CTICH_LABELS.values())]
+    volumes, left = numbered_files(root / CTICH_SCANS)
+    masks, left_masks = numbered_files(root / CTICH_MASKS)
+    problems += [problem(f"{p.name}: {why}; left out", path=p) for p, why in left + left_masks]
     items = []
-    for pid, vol in sorted(volumes.items(), key=lambda kv: int(kv[0])):
-        masks = sorted((root / CTICH_MASKS).glob(f"{vol.name.split('.')[0]}.nii*")) if (root / CTICH_MASKS).is_dir() else []
-        if not masks:
-            problems.append(problem(f"study {pid}: no mask file masks/{vol.name}; scored without the pointing game",
-                                    study_uid=pid, path=vol, severity=WARNING))
+    for n, vol in sorted(volumes.items()):
+        pid = str(n)
+        if n not in masks:
+            problems.append(problem(f"study {pid}: no mask file {CTICH_MASKS}/{vol.name}; scored without the pointing "
+                                    "game", study_uid=pid, path=vol, severity=WARNING))
         if pid not in labels and pid not in bad_patients:
             problems.append(problem(f"study {pid}: no rows in {CTICH_CSV}; scored, but not in the metrics",
                                     study_uid=pid, path=vol, severity=WARNING))
-        items.append(Item(pid, volume=vol, mask=masks[0] if masks else None, slice_labels=per_patient.get(pid)))
-    for pid in sorted(set(labels) - set(volumes), key=int):
-        problems.append(problem(f"study {pid}: in {CTICH_CSV} but no volume ct_scans/{int(pid):03d}.nii; not scored",
-                                study_uid=pid, path=csv_path))
+        items.append(Item(pid, volume=vol, mask=masks.get(n), slice_labels=per_patient.get(pid)))
+    for n in sorted(set(masks) - set(volumes)):
+        problems.append(problem(f"study {n}: a mask but no volume in {CTICH_SCANS}/; mask not used", study_uid=str(n),
+                                path=masks[n], severity=WARNING))
+    for pid in sorted(set(labels) - {str(n) for n in volumes}, key=int):
+        problems.append(problem(f"study {pid}: in {CTICH_CSV} but no volume {CTICH_SCANS}/{int(pid):03d}.nii (or "
+                                ".nii.gz); not scored", study_uid=pid, path=csv_path))
     frame = pd.DataFrame.from_dict(labels, orient="index", columns=list(LABELS)).astype(int)
     frame.index = frame.index.astype(str)
     return ExternalData("ctich", root, items, frame, f"{CTICH_CSV}: any positive slice", problems=problems)
 
 
-def canonical(img: Any) -> tuple[np.ndarray, int, bool, float]:
-    """A nibabel image's data reoriented to rows posterior / columns patient-left / slices superior (the
-    DICOM display of axial slices), as ``(slices, rows, cols)`` float32; also the stored axis the slices
-    came from, whether it was reversed, and the slice spacing (mm)."""
+def canonical(img: Any, like: Any = None) -> tuple[np.ndarray, int, bool, float]:
+    """A nibabel image's data (scaled by its ``scl_slope``/``scl_inter``; a trailing axis of length 1 dropped)
+    reoriented to rows posterior / columns patient-left / slices superior (the DICOM display of axial slices),
+    as ``(slices, rows, cols)`` float32; also the stored axis the slices came from, whether it was reversed,
+    and the slice spacing (mm). ``like``: take the orientation from that image's affine instead (a mask is
+    aligned voxel by voxel with its volume, whatever affine the tool that wrote it put in)."""
 
     data = np.asanyarray(img.dataobj)
-    if data.ndim == 4 and data.shape[3] == 1:
+    while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"expected a 3-D volume, got shape {data.shape}")
-    tr = ornt_transform(io_orientation(img.affine), axcodes2ornt(("L", "P", "S")))
+    ref = img if like is None else like
+    tr = ornt_transform(io_orientation(ref.affine), axcodes2ornt(("L", "P", "S")))
     out = apply_orientation(data, tr)  # [L, P, S]
     axis = int(np.flatnonzero(tr[:, 0] == 2)[0])
-    zooms = img.header.get_zooms()
+    zooms = ref.header.get_zooms()
     spacing = float(abs(zooms[axis])) if len(zooms) > axis else 1.0
     return np.ascontiguousarray(np.transpose(out, (2, 1, 0)), dtype=np.float32), axis, bool(tr[axis, 1] < 0), spacing
 
@@ -384,14 +494,23 @@ def _load_nifti(item: Item) -> LoadedCase | tuple[None, list[dict]]:
             mimg = nib.load(str(item.mask))
             if tuple(mimg.shape[:3]) != tuple(img.shape[:3]):
                 raise ValueError(f"mask shape {tuple(mimg.shape)} differs from the volume's {tuple(img.shape)}")
-            m, _, _, _ = canonical(mimg)
-            masks = [m[k] > 0 for k in range(n)]
+            m, _, _, _ = canonical(mimg, like=img)
+            masks = [m[k] > 0 for k in range(n)]  # 0/1, 0/255, float or label masks; NaN is background
+            if not np.array_equal(io_orientation(mimg.affine), io_orientation(img.affine)):
+                probs.append(problem(f"study {item.study}: the mask's affine orients it differently from the volume; "
+                                     "the mask is aligned voxel by voxel with the volume", study_uid=item.study,
+                                     path=item.mask, severity=WARNING))
         except Exception as exc:
             probs.append(problem(f"study {item.study}: mask not used ({type(exc).__name__}: {exc}); scored without the "
                                  "pointing game", study_uid=item.study, path=item.mask, severity=SKIPPED))
     labels = None
     if item.slice_labels is not None and axis == 2:
         labels = item.slice_labels.reindex(slices["slice_number"].to_numpy()).fillna(0).astype(int)
+        numbers = item.slice_labels.index
+        if len(numbers) != n or numbers.max() > n:
+            probs.append(problem(f"study {item.study}: {CTICH_CSV} has {len(numbers)} slice row(s) (SliceNumber up to "
+                                 f"{numbers.max()}), the volume {n} slices; slices without a row count as negative",
+                                 study_uid=item.study, path=item.volume, severity=WARNING))
     loaded = LoadedStudy(scan, slices, [hu[k] for k in range(n)], [])
     return LoadedCase(loaded, masks, labels, probs)
 
