@@ -62,7 +62,7 @@ def _csv_rows(pid: int, n: int = N_SLICES) -> list[dict]:
 @pytest.fixture(scope="module")
 def ctich_download(tmp_path_factory) -> Path:
     """A CT-ICH 1.3.1 download as unzipped: a top folder, .nii and .nii.gz, padded and unpadded names, the
-    JPG folder and the demographics CSV, macOS metadata; patient 52 in the CSV only, 53 without a mask, 51 with
+    JPG folder and the demographics CSV, macOS metadata, ``Masks/``; patient 52 in the CSV only, 53 without a mask, 51 with
     CSV rows for 4 of its 6 slices."""
     top = tmp_path_factory.mktemp("ctich_download")
     root = top / "computed-tomography-images-for-intracranial-hemorrhage-detection-and-segmentation-1.3.1"
@@ -72,7 +72,7 @@ def ctich_download(tmp_path_factory) -> Path:
         hu, m = _head(pid)
         _save(root / "ct_scans" / vol, hu)
         if mask:
-            _save(root / "masks" / mask, m)
+            _save(root / "Masks" / mask, m)  # another tool's spelling of masks/
     (root / "ct_scans" / "._049.nii").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
     jpg = root / "Patients_CT" / "049" / "brain"
     jpg.mkdir(parents=True)
@@ -122,7 +122,8 @@ def test_ctich_csv_spellings(ctich_download, tmp_path):
     odd["Intraparenchymal"] = odd["Intraparenchymal"].map({0: "0.0", 1: "1.0"})
     odd["Subdural"] = odd["Subdural"].map({0: "False", 1: "True"})
     odd.columns = [" sliceNumber", "PatientNumber ", *CTICH_COLUMNS[2:], "Note"]
-    (d / CTICH_CSV).write_text(odd.to_csv(index=False), encoding="utf-8-sig")  # with a byte-order mark
+    text = odd.to_csv(index=False) + ",,,,,,,,,\n" * 3  # a byte-order mark, blank rows from a spreadsheet
+    (d / CTICH_CSV).write_text(text, encoding="utf-8-sig")
     ds = rd.read_ctich(d)
     assert ds.labels.equals(clean.labels) and not [p for p in ds.problems if "outside" in p["message"]]
     for a, b in zip(ds.items, clean.items, strict=True):
@@ -196,6 +197,7 @@ def test_cq500_folder_names_nesting_and_reads_spellings(cq_small, cq_reference, 
         reads[c] = reads[c].map({0: "0.0", 1: "1.0"})
     reads.columns = [c.replace(":", ": ") for c in reads.columns]
     (root / "reads.csv").write_text(reads.to_csv(index=False), encoding="utf-8-sig")
+    (root / "CQ500-CT-7.zip").write_bytes(b"PK\x03\x04")  # downloaded, not unzipped
     assert rd.detect_format(top) == "cq500"
     ds = rd.read_cq500(top, 5.0)
     assert ds.root == root
@@ -204,7 +206,7 @@ def test_cq500_folder_names_nesting_and_reads_spellings(cq_small, cq_reference, 
     (twice,) = [p for p in ds.problems if "2 folders" in p["message"]]
     assert twice["study_uid"] == "CQ500-CT-0" and twice["path"].endswith("CQ500CT0")
     (missing,) = [p for p in ds.problems if p["study_uid"] == "CQ500-CT-7"]
-    assert "no folder" in missing["message"] and missing["path"].endswith("reads.csv")
+    assert "only as CQ500-CT-7.zip, not unzipped" in missing["message"] and missing["path"].endswith(".zip")
     assert not [p for p in ds.problems if p["severity"] == "skipped" and "series" not in p["message"]
                 and p["study_uid"] != "CQ500-CT-7"], ds.problems
 
@@ -217,8 +219,11 @@ def _rewrite(paths: list[Path], **tags: str) -> None:
         ds.save_as(p)
 
 
-def test_cq500_file_names_junk_and_series_by_uid(cq_small, cq_reference, tmp_path):
-    root = shutil.copytree(cq_small, tmp_path / "cq")
+def _odd_cq500_copy(cq_small: Path, cq_reference: rd.ExternalData, dst: Path) -> Path:
+    """CQ500-CT-0 with files without ``.dcm``, a DICOMDIR, ``.DS_Store`` and ``Thumbs.db``; CQ500-CT-1 with the
+    bone series in the thick series' folder, the thick series split over two folders and given a
+    StudyInstanceUID of its own (series are told apart by SeriesInstanceUID, the folder is the study)."""
+    root = shutil.copytree(cq_small, dst)
     series = cq_reference.series.set_index(["study", "role"])
     s0 = root / "CQ500CT0 CQ500CT0"
     thick0 = s0 / "Unknown Study" / series.loc[("CQ500-CT-0", "thick_soft"), "description"]
@@ -234,8 +239,6 @@ def test_cq500_file_names_junk_and_series_by_uid(cq_small, cq_reference, tmp_pat
     dicomdir.save_as(s0 / "DICOMDIR", enforce_file_format=True)
     (s0 / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (s0 / "Unknown Study" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not DICOM" * 8)
-    # CQ500-CT-1: the bone series in the thick series' folder, the thick series split over two folders and
-    # given a StudyInstanceUID of its own (series are told apart by SeriesInstanceUID, the folder is the study)
     study1 = root / "CQ500CT1 CQ500CT1" / "Unknown Study"
     thick1 = study1 / series.loc[("CQ500-CT-1", "thick_soft"), "description"]
     bone1 = study1 / series.loc[("CQ500-CT-1", "bone"), "description"]
@@ -247,17 +250,34 @@ def test_cq500_file_names_junk_and_series_by_uid(cq_small, cq_reference, tmp_pat
     for f in files[: len(files) // 2]:
         f.rename(study1 / "part 2" / f.name)
     _rewrite([*files[len(files) // 2:], *(study1 / "part 2").iterdir()], StudyInstanceUID=pydicom.uid.generate_uid())
-    ds = rd.read_cq500(root, 5.0)
+    return root
+
+
+def test_cq500_file_names_junk_and_series_by_uid(cq_small, cq_reference, tmp_path):
+    ds = rd.read_cq500(_odd_cq500_copy(cq_small, cq_reference, tmp_path / "cq"), 5.0)
     assert _read_series(ds) == _read_series(cq_reference)
     by_study = ds.series.groupby("study")["role"].apply(sorted)
     assert by_study.equals(cq_reference.series.groupby("study")["role"].apply(sorted))
     msgs = pd.DataFrame(ds.problems)
     junk = msgs[msgs["path"].str.contains("DICOMDIR|DS_Store|Thumbs", regex=True)]
-    assert set(junk["study_uid"]) == {"CQ500-CT-0"} and len(junk) >= 2
-    assert msgs["path"].str.endswith("Thumbs.db").any() and msgs["path"].str.endswith(".DS_Store").any()
+    assert set(junk["study_uid"]) == {"CQ500-CT-0"} and len(junk) == 3  # each listed once, none a series
+    assert "a DICOMDIR" in junk.loc[junk["path"].str.endswith("DICOMDIR"), "message"].item()
     (two,) = msgs[msgs["message"].str.contains("StudyInstanceUIDs")].itertuples()
     assert two.study_uid == "CQ500-CT-1" and two.severity == "warning"
     assert not msgs["message"].str.contains("not scored").any()
+
+
+def test_validate_on_a_cq500_copy(cq_small, cq_reference, validate_bundle, tmp_path):
+    from ichdlib.validate.run import validate
+
+    root = _odd_cq500_copy(cq_small, cq_reference, tmp_path / "cq")
+    v = validate(root, [validate_bundle], tmp_path / "out", device="cpu", n_boot=0)
+    studies = pd.read_csv(tmp_path / "out" / "studies.csv")
+    assert studies["study"].tolist() == ["CQ500-CT-0", "CQ500-CT-1"] and v.metrics["n_studies"] == 2
+    assert np.isfinite(studies[PROB_COLUMNS].to_numpy(float)).all()
+    problems = pd.read_csv(tmp_path / "out" / "problems.csv", dtype=str, keep_default_na=False)
+    assert not problems["message"].str.contains("\n").any()
+    assert problems.loc[problems["path"].str.endswith("Thumbs.db"), "study_uid"].tolist() == ["CQ500-CT-0"]
 
 
 # ----------------------------------------------------------------------------------------------------

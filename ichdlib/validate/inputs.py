@@ -9,8 +9,10 @@ Copies of CQ500 and CT-ICH pass through spreadsheets, unzip tools and conversion
 - **0/1 values** (:func:`binary_values`): ``0``/``1``, ``0.0``/``1.0``, ``True``/``False`` (any case,
   surrounding spaces) are read as 0/1; anything else (``2``, ``yes``, an empty cell) is refused, and the
   caller names the row and the column.
-- **Dataset roots** (:func:`subdirs`, :func:`find_root`): a download unzipped into a top folder of its own
-  (``ct-ich-1.3.1/ct_scans/...``) is found one level down.
+- **Dataset roots** (:func:`subdirs`, :func:`find_root`, :func:`child`): a download unzipped into a top folder
+  of its own (``ct-ich-1.3.1/ct_scans/...``) is found one level down; file and folder names match in any
+  letter case (``CT_Scans``, ``Reads.csv``).
+- **Blank rows** (``,,,,`` left by spreadsheets) are not data and are not read.
 - **Numbered files** (:func:`numbered_files`): ``049.nii``, ``49.nii`` and ``049.nii.gz`` all name patient 49;
   two files for one number are listed, the first (sorted) is used.
 """
@@ -36,14 +38,15 @@ def read_table(path: Path, required: Iterable[str] = (), optional: Iterable[str]
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     frame.columns = [str(c).replace("\ufeff", "").strip() for c in frame.columns]
     frame = rename_columns(frame, [*required, *optional])
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(frame.columns[:12])})")
     frame[ROW] = np.arange(len(frame)) + 2
-    return frame
+    blank = frame.drop(columns=ROW).apply(lambda c: c.str.strip() == "").all(axis=1)
+    return frame.loc[~blank]
 
 
 def canonical_names(columns: Iterable[str], wanted: Iterable[str]) -> dict[str, str]:
@@ -101,6 +104,17 @@ def subdirs(folder: Path) -> list[Path]:
         return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return []
+
+
+def child(folder: Path, name: str) -> Path:
+    """``folder / name``, or the entry of ``folder`` that spells ``name`` in another letter case."""
+    path = folder / name
+    if path.exists():
+        return path
+    try:
+        return next((p for p in sorted(folder.iterdir()) if p.name.lower() == name.lower()), path)
+    except OSError:
+        return path
 
 
 def find_root(root: Path, is_root: Callable[[Path], bool]) -> Path:

@@ -60,6 +60,7 @@ from ichdlib.serve.series import DEFAULT_THICKNESS_MM, SERIES_COLUMNS
 from ichdlib.validate.inputs import (
     as_written,
     binary_values,
+    child,
     find_root,
     numbered_files,
     read_table,
@@ -115,9 +116,9 @@ class LoadedCase:
 
 
 def _format_here(folder: Path) -> str | None:
-    if (folder / CQ500_READS).is_file() or any(_CQ500_DIR.match(d.name) for d in subdirs(folder)):
+    if child(folder, CQ500_READS).is_file() or any(_CQ500_DIR.match(d.name) for d in subdirs(folder)):
         return "cq500"
-    if (folder / CTICH_SCANS).is_dir() or (folder / CTICH_CSV).is_file():
+    if child(folder, CTICH_SCANS).is_dir() or child(folder, CTICH_CSV).is_file():
         return "ctich"
     return None
 
@@ -207,8 +208,8 @@ def read_cq500(root: str | os.PathLike, training_mm: float = DEFAULT_THICKNESS_M
     ``CQ500CT<n>`` or ``CQ500-CT-<n>`` (nested folders too) and lie up to :data:`CQ500_DEPTH` levels down;
     ``reads.csv`` may lie one level down."""
 
-    root = find_root(Path(root), lambda d: (d / CQ500_READS).is_file())
-    reads_path = root / CQ500_READS
+    root = find_root(Path(root), lambda d: child(d, CQ500_READS).is_file())
+    reads_path = child(root, CQ500_READS)
     if not reads_path.is_file():
         raise FileNotFoundError(f"{reads_path}: not found; CQ500 reference labels come from reads.csv")
     reads = read_table(reads_path, ["name"])
@@ -234,9 +235,14 @@ def read_cq500(root: str | os.PathLike, training_mm: float = DEFAULT_THICKNESS_M
                                     f"{paths[0]} (most files), the others left out", study_uid=name, path=paths[1],
                                     severity=WARNING))
         folders[n] = paths[0]
+    zips = {int(m.group(1)): p for p in sorted(root.glob("*.zip")) if (m := _CQ500_NAME.match(p.stem))}
     for n in sorted(set(by_number) - set(folders)):
-        problems.append(problem(f"study {by_number[n]}: in reads.csv but no folder CQ500CT{n} CQ500CT{n} (or "
-                                f"CQ500-CT-{n}); not scored", study_uid=by_number[n], path=reads_path))
+        if n in zips:
+            problems.append(problem(f"study {by_number[n]}: in reads.csv but only as {zips[n].name}, not unzipped; not "
+                                    "scored", study_uid=by_number[n], path=zips[n]))
+        else:
+            problems.append(problem(f"study {by_number[n]}: in reads.csv but no folder CQ500CT{n} CQ500CT{n} (or "
+                                    f"CQ500-CT-{n}); not scored", study_uid=by_number[n], path=reads_path))
     items, series = [], []
     for n, folder in tqdm(sorted(folders.items()), desc="studies", unit="study", disable=not progress):
         name = by_number.get(n, f"CQ500-CT-{n}")
@@ -363,7 +369,7 @@ def read_dicom(root: str | os.PathLike, labels_csv: str | os.PathLike | None,
 # PhysioNet CT-ICH
 # ----------------------------------------------------------------------------------------------------
 def _is_ctich_root(folder: Path) -> bool:
-    return (folder / CTICH_CSV).is_file() or (folder / CTICH_SCANS).is_dir()
+    return child(folder, CTICH_CSV).is_file() or child(folder, CTICH_SCANS).is_dir()
 
 
 def _slice_table(csv_path: Path) -> tuple[pd.DataFrame, list[dict]]:
@@ -390,7 +396,7 @@ def read_ctich(root: str | os.PathLike) -> ExternalData:
     with another column order, extra columns, spaces or a byte-order mark; other files (``Patients_CT/``,
     ``Patient_demographics.csv``) are not looked at."""
     root = find_root(Path(root), _is_ctich_root)
-    csv_path = root / CTICH_CSV
+    csv_path = child(root, CTICH_CSV)
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: not found; CT-ICH labels come from the slice CSV")
     slices, problems = _slice_table(csv_path)
@@ -411,8 +417,8 @@ def read_ctich(root: str | os.PathLike) -> ExternalData:
         has = any(sub.values()) or (bool((g["No_Hemorrhage"] == 0).any()) if "No_Hemorrhage" in g else False)
         labels[pid] = {"any": int(has), **sub}
         per_patient[pid] = g.rename(columns=CTICH_LABELS)[list(CTICH_LABELS.values())]
-    volumes, left = numbered_files(root / CTICH_SCANS)
-    masks, left_masks = numbered_files(root / CTICH_MASKS)
+    volumes, left = numbered_files(child(root, CTICH_SCANS))
+    masks, left_masks = numbered_files(child(root, CTICH_MASKS))
     problems += [problem(f"{p.name}: {why}; left out", path=p) for p, why in left + left_masks]
     items = []
     for n, vol in sorted(volumes.items()):
