@@ -17,6 +17,11 @@ naming the study and the file, and the other studies go on.
   slice positive. Voxels must be HU (air near -1000); masks must have the volume's shape.
 - **DICOM** (:func:`read_dicom`): any folder of DICOM studies and a labels CSV with ``StudyInstanceUID`` or
   ``PatientID`` and the six label columns (0/1).
+
+Copies written by other tools are read too (the variants are listed in ``docs/validation.md``): a dataset in a
+top folder of its own, other CQ500 folder names and nesting, ``.nii.gz`` and unpadded file numbers, CSV headers
+and 0/1 values in other spellings (:mod:`ichdlib.validate.inputs`), files without ``.dcm``, series split or
+mixed across folders (grouped by SeriesInstanceUID), ``DICOMDIR`` and non-DICOM files (listed, not read).
 """
 
 from __future__ import annotations
