@@ -254,7 +254,12 @@ def _odd_cq500_copy(cq_small: Path, cq_reference: rd.ExternalData, dst: Path) ->
 
 
 def test_cq500_file_names_junk_and_series_by_uid(cq_small, cq_reference, tmp_path):
-    ds = rd.read_cq500(_odd_cq500_copy(cq_small, cq_reference, tmp_path / "cq"), 5.0)
+    from ichdlib.serve.discover import discover_all
+
+    root = _odd_cq500_copy(cq_small, cq_reference, tmp_path / "cq")
+    found = discover_all(root / "CQ500CT0 CQ500CT0")  # ichd predict's discovery: the DICOMDIR is no study either
+    assert len({s.study_uid for s in found.series}) == 1 and len(found.scans) == 1
+    ds = rd.read_cq500(root, 5.0)
     assert _read_series(ds) == _read_series(cq_reference)
     by_study = ds.series.groupby("study")["role"].apply(sorted)
     assert by_study.equals(cq_reference.series.groupby("study")["role"].apply(sorted))

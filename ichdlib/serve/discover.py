@@ -5,7 +5,7 @@
    is chosen by :mod:`ichdlib.serve.series` (soft-tissue, non-contrast axial CT whose thickness is closest to
    the model's training data, then most slices; a thin-only study is read as slabs); non-CT series,
    localizers/scouts (ImageType ``LOCALIZER`` or a non-axial orientation), the other series (one row each,
-   with why), non-DICOM and unreadable files are listed in ``problems`` with the reason. Only regular files are opened; hidden files, FIFOs, devices and unreadable folders are listed
+   with why), non-DICOM and unreadable files and ``DICOMDIR`` indexes are listed in ``problems`` with the reason. Only regular files are opened; hidden files, FIFOs, devices and unreadable folders are listed
    (:func:`ichdlib.ingest.validity.list_files`), and each slice must pass :func:`ichdlib.ingest.validity.slice_problem`,
    the rule ingest applies. Slices are ordered by z exactly as the catalog orders them (ties by SOPInstanceUID; duplicate
    positions are kept, as in training, with a warning).
@@ -80,6 +80,14 @@ def find_files(root: str | os.PathLike) -> list[Path]:
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
     return [Path(p) for p in list_files(root)[0]]
+
+
+def without_dicomdir(paths: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """``paths`` without ``DICOMDIR`` files (a media index, not an image: read as one it would make a study of
+    its own), and one problem naming each."""
+    index = [p for p in paths if Path(p).name.upper() == "DICOMDIR"]
+    return ([p for p in paths if Path(p).name.upper() != "DICOMDIR"],
+            [problem("skipped: a DICOMDIR (an index of the files, not an image)", path=p) for p in index])
 
 
 def _image_type(meta: dict[str, Any]) -> str:
@@ -336,7 +344,8 @@ def discover_all(root: str | os.PathLike, progress: bool = False, training_mm: f
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
     paths, skipped = list_files(root)
-    not_opened = [problem(why, path=p) for p, why in skipped]  # "skipped: hidden file", "skipped: a FIFO ..."
+    paths, index = without_dicomdir(paths)
+    not_opened = [problem(why, path=p) for p, why in skipped] + index  # "skipped: hidden file", "skipped: a FIFO ..."
     if not paths:
         return Discovery([], not_opened + [problem("no files found", path=root)], [])
     table, problems = scan_headers(paths, progress=progress)

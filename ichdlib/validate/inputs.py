@@ -19,6 +19,7 @@ Copies of CQ500 and CT-ICH pass through spreadsheets, unzip tools and conversion
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def row_numbers(frame: pd.DataFrame) -> np.ndarray:
 def subdirs(folder: Path) -> list[Path]:
     """Visible sub-folders of ``folder``, sorted (none when it cannot be read)."""
     try:
-        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        with os.scandir(folder) as entries:  # file types from the directory listing: no stat per file
+            return sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
     except OSError:
         return []
 
@@ -112,7 +114,8 @@ def child(folder: Path, name: str) -> Path:
     if path.exists():
         return path
     try:
-        return next((p for p in sorted(folder.iterdir()) if p.name.lower() == name.lower()), path)
+        with os.scandir(folder) as entries:
+            return min((Path(e.path) for e in entries if e.name.lower() == name.lower()), default=path)
     except OSError:
         return path
 

@@ -60,6 +60,7 @@ from ichdlib.serve.discover import (
     problem,
     scan_headers,
     select_series,
+    without_dicomdir,
 )
 from ichdlib.serve.series import DEFAULT_THICKNESS_MM, SERIES_COLUMNS
 from ichdlib.validate.inputs import (
@@ -268,12 +269,9 @@ def _scan_folder(folder: Path, progress: bool = False) -> tuple[pd.DataFrame, li
     not opened (hidden files such as ``.DS_Store``, FIFOs, ...), ``DICOMDIR`` indexes (listed, not read as a
     series) and files that are not DICOM (``Thumbs.db``, notes)."""
     paths, skipped = list_files(folder)
-    problems = [problem(why, path=p) for p, why in skipped]
-    index = [p for p in paths if Path(p).name.upper() == "DICOMDIR"]
-    problems += [problem("skipped: a DICOMDIR (an index of the files, not an image)", path=p) for p in index]
-    paths = [p for p in paths if Path(p).name.upper() != "DICOMDIR"]
+    paths, index = without_dicomdir(paths)
     table, unreadable = scan_headers(paths, progress=progress) if paths else (pd.DataFrame(), [])
-    return table, problems + unreadable
+    return table, [problem(why, path=p) for p, why in skipped] + index + unreadable
 
 
 def _dicom_items(folder: Path, name: str, training_mm: float) -> tuple[list[Item], list[dict], list[dict]]:
