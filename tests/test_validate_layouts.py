@@ -189,6 +189,8 @@ def test_cq500_folder_names_nesting_and_reads_spellings(cq_small, cq_reference, 
     (root / "qct02" / "CQ500-CT-1").mkdir(parents=True)  # in a batch folder, the zip's own folder inside
     shutil.move(root / "CQ500CT1 CQ500CT1", root / "qct02" / "CQ500-CT-1" / "CQ500CT1 CQ500CT1")
     (root / "CQ500CT0").mkdir()  # an empty second copy of CQ500-CT-0: listed, the full one read
+    (root / "__MACOSX" / "CQ500CT0 CQ500CT0").mkdir(parents=True)  # macOS unzip debris: not a copy
+    (root / "__MACOSX" / "CQ500CT0 CQ500CT0" / "._CT000000.dcm").write_bytes(b"\x00\x05\x16\x07")
     reads = pd.read_csv(root / "reads.csv").drop(columns="Category")
     reads = pd.concat([reads, reads.iloc[[0]].assign(name="CQ500-CT-7")], ignore_index=True).astype(object)
     for c in [c for c in reads.columns if c.startswith("R2:")]:

@@ -99,11 +99,16 @@ def row_numbers(frame: pd.DataFrame) -> np.ndarray:
     return np.arange(len(frame)) + 2
 
 
+#: Folders that unzip tools add and that hold no data (macOS resource forks).
+JUNK_FOLDERS = ("__MACOSX",)
+
+
 def subdirs(folder: Path) -> list[Path]:
-    """Visible sub-folders of ``folder``, sorted (none when it cannot be read)."""
+    """Visible sub-folders of ``folder``, sorted, without :data:`JUNK_FOLDERS` (none when it cannot be read)."""
     try:
         with os.scandir(folder) as entries:  # file types from the directory listing: no stat per file
-            return sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
+            return sorted(Path(e.path) for e in entries
+                          if not e.name.startswith(".") and e.name not in JUNK_FOLDERS and e.is_dir())
     except OSError:
         return []
 
