@@ -128,11 +128,12 @@ def test_ctich_csv_spellings(ctich_download, tmp_path):
     assert ds.labels.equals(clean.labels) and not [p for p in ds.problems if "outside" in p["message"]]
     for a, b in zip(ds.items, clean.items, strict=True):
         assert a.slice_labels.equals(b.slice_labels)
-    odd.loc[3, "Epidural"] = "yes"  # refused: row 5 of the file (header = 1), column Epidural
-    (d / CTICH_CSV).write_text(odd.to_csv(index=False))
+    odd.loc[3, "Epidural"] = "yes"  # refused: line 6 of the file (header, an empty line, 3 rows), column Epidural
+    lines = odd.to_csv(index=False).splitlines(keepends=True)
+    (d / CTICH_CSV).write_text("".join([lines[0], "\n", *lines[1:]]))
     ds = rd.read_ctich(d)
     (bad,) = [p for p in ds.problems if "outside" in p["message"]]
-    assert "study 49" in bad["message"] and "row 5: Epidural='yes'" in bad["message"]
+    assert "study 49" in bad["message"] and "row 6: Epidural='yes'" in bad["message"]
     assert "49" not in ds.labels.index and "50" in ds.labels.index
 
 

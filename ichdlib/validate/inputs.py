@@ -37,7 +37,8 @@ def read_table(path: Path, required: Iterable[str] = (), optional: Iterable[str]
     :data:`ROW`. A missing required column raises ``ValueError`` naming the file."""
     required = list(required)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True,
+                            skip_blank_lines=False)  # empty lines kept (and dropped below) so row numbers are lines
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     frame.columns = [str(c).replace("\ufeff", "").strip() for c in frame.columns]
