@@ -40,8 +40,9 @@ def phantom(root: Path, shift: str, studies: int, seed: int, size: int) -> Path:
 
 
 def evaluate(bundle: Path, shifts: list[str], studies: int, seed: int, size: int, work: Path,
-             device: str = "auto") -> dict:
-    """``{shift: {"final": scores, "cnn2d": scores, "seconds": s}}`` for one bundle."""
+             device: str = "auto", fov_norm: bool = True) -> dict:
+    """``{shift: {"final": scores, "cnn2d": scores, "seconds": s, "resampled": n}}`` for one bundle (``fov_norm``:
+    the in-plane field-of-view normalisation, :mod:`ichdlib.serve.inplane`; ``resampled``: studies it resampled)."""
     import time
 
     from ichdlib.external import phantom_truth, score_predictions
@@ -49,7 +50,7 @@ def evaluate(bundle: Path, shifts: list[str], studies: int, seed: int, size: int
     from ichdlib.serve.predict import Predictor, predict_dir
 
     b = Bundle.load(bundle)
-    predictor = Predictor(b, device)
+    predictor = Predictor(b, device, fov_norm=fov_norm)
     results = {}
     for shift in shifts:
         root = phantom(work, shift, studies, seed, size)
@@ -60,7 +61,8 @@ def evaluate(bundle: Path, shifts: list[str], studies: int, seed: int, size: int
         truth = phantom_truth(root)
         results[shift] = {"final": score_predictions(pred.slices, truth, "p_"),
                           "cnn2d": score_predictions(pred.slices, truth, "p2d_"),
-                          "problems": len(pred.problems), "seconds": round(time.perf_counter() - t0, 1)}
+                          "problems": len(pred.problems), "seconds": round(time.perf_counter() - t0, 1),
+                          "resampled": int((pred.studies["inplane"] != "").sum()) if len(pred.studies) else 0}
     return results
 
 
@@ -93,12 +95,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=REPO / "work" / "shift_phantoms", help="where phantoms go")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--no-fov-norm", action="store_true", help="without the in-plane field-of-view normalisation")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     shifts = args.shift or ["none", "scannerB", "scannerC"]
-    res = evaluate(args.bundle, shifts, args.studies, args.seed, args.size, args.work, args.device)
+    res = evaluate(args.bundle, shifts, args.studies, args.seed, args.size, args.work, args.device,
+                   fov_norm=not args.no_fov_norm)
     print(table(res))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

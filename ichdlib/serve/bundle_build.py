@@ -24,6 +24,7 @@ from ichdlib.predictions import resolve_members, stage_files
 from ichdlib.seq.inputs import backbone_keys, seq_arch
 from ichdlib.seq.models import build_seq_model
 from ichdlib.serve.bundle_schema import FORMAT, FORMAT_VERSION, BundleError
+from ichdlib.serve.inplane import inplane_section
 from ichdlib.serve.operating import internal_oof_studies, operating_points
 from ichdlib.spec import ModelSpec, VolumeSpec
 from ichdlib.windows import WINDOWS
@@ -224,7 +225,8 @@ def _manifest(P: Params, cnn: dict[str, Member], seq: dict[str, Member], seq_key
 
 def training_section(P: Params) -> dict[str, Any] | None:
     """``training``: the training studies' slice thickness (the median over studies of their z spacing: RSNA
-    files carry no SliceThickness and their slices are contiguous), z spacing and pixel spacing."""
+    files carry no SliceThickness and their slices are contiguous), z spacing, pixel spacing and in-plane field of
+    view (``inplane``, :func:`ichdlib.serve.inplane.inplane_section`)."""
     try:
         cat = pd.read_parquet(P.layout.catalog, columns=["study_uid", "split", "spacing_z", "pixel_spacing"])
     except (OSError, ValueError, KeyError):
@@ -235,9 +237,17 @@ def training_section(P: Params) -> dict[str, Any] | None:
     if dz.empty:
         return None
     ps = pd.to_numeric(train["pixel_spacing"], errors="coerce").dropna()
-    return {"slice_thickness_mm": round(float(dz.median()), 3), "spacing_z_mm": round(float(dz.median()), 3),
-            "pixel_spacing_mm": round(float(ps.median()), 4) if len(ps) else None, "n_studies": int(len(dz)),
-            "source": "median z spacing of the training studies (the catalog)"}
+    out = {"slice_thickness_mm": round(float(dz.median()), 3), "spacing_z_mm": round(float(dz.median()), 3),
+           "pixel_spacing_mm": round(float(ps.median()), 4) if len(ps) else None, "n_studies": int(len(dz)),
+           "source": "median z spacing of the training studies (the catalog)"}
+    try:  # the in-plane field of view (ichdlib.serve.inplane); a catalog without rows/cols leaves it out
+        inplane = inplane_section(pd.read_parquet(P.layout.catalog, columns=[
+            "study_uid", "split", "pixel_spacing", "rows", "cols"]))
+    except (OSError, ValueError, KeyError):
+        inplane = None
+    if inplane is not None:
+        out["inplane"] = inplane
+    return out
 
 
 def operating_point_section(P: Params, weights: dict[str, float]) -> dict[str, Any]:

@@ -164,6 +164,29 @@ class WindowsSection(_Schema):
     presets: dict[str, tuple[float, float]]
 
 
+class FovRange(_Schema):
+    """A field of view (mm) over the training studies: 2nd percentile, median, 98th percentile."""
+
+    p02: Annotated[float, Field(gt=0, le=2000)]
+    median: Annotated[float, Field(gt=0, le=2000)]
+    p98: Annotated[float, Field(gt=0, le=2000)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FovRange:
+        if not self.p02 <= self.median <= self.p98:
+            raise ValueError(f"expected p02 <= median <= p98, got {self.p02}, {self.median}, {self.p98}")
+        return self
+
+
+class InplaneSection(_Schema):
+    """The training slices' in-plane field of view (``training.inplane``, :mod:`ichdlib.serve.inplane`)."""
+
+    fov_x_mm: FovRange
+    fov_y_mm: FovRange
+    n_studies: Annotated[int, Field(ge=0)]
+    source: str = ""
+
+
 class TrainingSection(_Schema):
     """What the training data looked like (``training``; optional: older bundles lack it)."""
 
@@ -172,6 +195,8 @@ class TrainingSection(_Schema):
     pixel_spacing_mm: Annotated[float, Field(gt=0, le=10)] | None = None
     n_studies: Annotated[int, Field(ge=0)]
     source: str
+    #: Optional: bundles exported before the in-plane normalisation lack it (and are not normalised).
+    inplane: InplaneSection | None = None
 
 
 def _threshold(value: float) -> float:

@@ -263,7 +263,7 @@ def run(args: Any, bundle: Any) -> RunResult:
                     outputs = ledger.last[uid]["outputs"] if state == "predicted" else _outputs_of(ledger, uid)
                 else:
                     if "predictor" not in ctx:
-                        ctx["predictor"] = Predictor(bundle, args.device)
+                        ctx["predictor"] = Predictor(bundle, args.device, fov_norm=not getattr(args, "no_fov_norm", False))
                     outputs = trip.predict()
                 n = trip.store(outputs, resumed=state in ("storing", "store_failed")) if do_store else len(outputs)
                 counts["stored" if do_store else "predicted"] += 1

@@ -40,6 +40,7 @@ from ichdlib.ingest.validity import (  # noqa: F401  (is_axial, slice_normal: re
     slice_normal,
     slice_problem,
 )
+from ichdlib.serve.inplane import parse_spacing
 from ichdlib.serve.series import (
     DEFAULT_THICKNESS_MM,
     SeriesInfo,
@@ -150,6 +151,8 @@ class StudyScan:
     series: list[SeriesInfo] = field(default_factory=list)
     #: Slab thickness (mm) when the chosen series is thin and is averaged into slabs at load, else None.
     slab_mm: float | None = None
+    #: PixelSpacing ``(row mm, col mm)`` of the series (None when its files do not say; :mod:`ichdlib.serve.inplane`).
+    pixel_spacing: tuple[float, float] | None = None
 
     @property
     def n_slices(self) -> int:
@@ -209,13 +212,17 @@ def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM
         study_problems: list[dict] = []
         infos: list[SeriesInfo] = []
         groups: dict[str, pd.DataFrame] = {}
+        spacings: dict[str, tuple[float, float] | None] = {}
         for series_uid, group in study.groupby("series_uid", sort=True):
             kind, reason = _series_kind(group)
             tags = series_tags(str(group["path"].iloc[0]))
             thick = series_thickness(tags, pd.to_numeric(group["z"], errors="coerce").to_numpy(float))
+            spacing = parse_spacing(tags["PixelSpacing"])
             info = SeriesInfo(study_uid, series_uid, len(group), classify(kind, tags, thick, training_mm),
                               tags["SeriesDescription"], tags["ConvolutionKernel"], tags["ContrastBolusAgent"], thick,
-                              reason=f"not read: {reason}" if kind != "ok" else "")
+                              reason=f"not read: {reason}" if kind != "ok" else "",
+                              fov_mm=_fov_mm(spacing, group["cols"]))
+            spacings[series_uid] = spacing
             infos.append(info)
             groups[series_uid] = group
             if kind != "ok":
@@ -256,10 +263,16 @@ def select_series(table: pd.DataFrame, training_mm: float = DEFAULT_THICKNESS_MM
                 path=slices["path"].iloc[0], severity=WARNING))
         patient = str(slices["patient_id"].iloc[0] or "")
         scan = StudyScan(study_uid, patient, series_uid, slices, study_problems, infos,
-                         training_mm if chosen.role == "thin" else None)
+                         training_mm if chosen.role == "thin" else None, spacings[series_uid])
         scans.append(scan)
         problems += study_problems
     return scans, problems, all_series
+
+
+def _fov_mm(spacing: tuple[float, float] | None, cols: pd.Series) -> float | None:
+    """A series' field of view across its columns (mm): PixelSpacing x the median Columns."""
+    n = pd.to_numeric(cols, errors="coerce").dropna()
+    return None if spacing is None or n.empty else round(spacing[1] * float(n.median()), 1)
 
 
 def _one_path(group: pd.DataFrame) -> str:

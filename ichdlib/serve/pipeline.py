@@ -21,7 +21,6 @@ from ichdlib.cnn.infer import eval_augment, feature_views, fold_feature_mean
 from ichdlib.cnn3d.data import VolumeAugment
 from ichdlib.cnn3d.infer import predict_volume
 from ichdlib.ensemble.weights import apply_weights
-from ichdlib.ingest.cache import resize_hu
 from ichdlib.ingest.validity import capped_z
 from ichdlib.labels import LABELS
 from ichdlib.registry import CAM_METHODS
@@ -41,6 +40,7 @@ from ichdlib.serve.discover import (
     problems_frame,
     safe_name,
 )
+from ichdlib.serve.inplane import InplanePlan, TrainingFov, identity_plan, plan_series, say_once
 from ichdlib.serve.onnx_runtime import bundle_engine, cnn_runners, profile_views
 from ichdlib.serve.series import SERIES_COLUMNS
 
@@ -48,11 +48,12 @@ from ichdlib.serve.series import SERIES_COLUMNS
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-def study_cache(loaded: LoadedStudy, size: int) -> tuple[np.ndarray, np.ndarray]:
+def study_cache(loaded: LoadedStudy, size: int, plan: InplanePlan | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A study's slices as the training pipeline sees them: the HU cache rows at ``size``
-    (:func:`ichdlib.ingest.cache.resize_hu`) and the ``(n, 3)`` stack rows (s-1, s, s+1)."""
+    (:func:`ichdlib.ingest.cache.resize_hu`, through ``plan``'s in-plane boxes when given:
+    :mod:`ichdlib.serve.inplane`) and the ``(n, 3)`` stack rows (s-1, s, s+1)."""
 
-    cache = np.stack([resize_hu(h, size) for h in loaded.hu]) if loaded.hu else np.zeros((0, size, size), np.int16)
+    cache = (plan or identity_plan(loaded.hu)).cache(loaded.hu, size)
     rows = loaded.slices[["prev_index", "slice_index", "next_index"]].to_numpy(dtype=np.int64)
     return cache, rows
 
@@ -72,10 +73,12 @@ class CnnOutput:
 class Predictor:
     """A bundle's models on one device, ready to predict studies. The 2D models run in the engine the bundle
     names (``runtime``: ``torch`` or an ONNX engine, :mod:`ichdlib.serve.onnx_runtime`; CUDA always torch),
-    with the TTA views its ``profile`` keeps."""
+    with the TTA views its ``profile`` keeps. ``fov_norm``: resample a series whose in-plane field of view lies
+    outside the training range to the training median (:mod:`ichdlib.serve.inplane`; needs a bundle that records
+    it)."""
 
     def __init__(self, bundle: Any, device: str | None = "auto", batch: int | None = None,
-                 runtime: str | None = None) -> None:
+                 runtime: str | None = None, fov_norm: bool = True) -> None:
 
         self.bundle = bundle
         self.device = resolve_device(device)
@@ -94,6 +97,15 @@ class Predictor:
         self.seq = {name: member.build(self.device) for name, member in bundle.seq.items()}
         self.views = profile_views(bundle, feature_views(self.P))
         self.cnn3d, self.aug3d = self._volume_models(bundle)
+        self.fov = TrainingFov.from_manifest(bundle.manifest) if fov_norm else None
+        if fov_norm and self.fov is None:
+            say_once(str(bundle.source), f"bundle {bundle.source or bundle.manifest.get('run')}: no training field of "
+                     "view recorded (exported before the in-plane normalisation): series are not resampled in plane")
+
+    def inplane(self, loaded: LoadedStudy) -> InplanePlan:
+        """What happens in plane to this study's slices (:func:`ichdlib.serve.inplane.plan_series`): the identity
+        unless its field of view lies outside the training range."""
+        return plan_series(loaded.hu, getattr(loaded.scan, "pixel_spacing", None), self.fov)
 
     def _volume_models(self, bundle: Any) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
         """The 3D member's fold models and their evaluation views (none for bundles without one)."""
@@ -106,8 +118,9 @@ class Predictor:
         """Per-slice probabilities ``(n, 6)`` of the 3D member (mean over its fold models) on the whole study,
         as notebook 02b predicts test studies (:func:`ichdlib.cnn3d.infer.predict_volume`)."""
         out = {}
+        plan = self.inplane(loaded) if self.cnn3d else None
         for name, models in self.cnn3d.items():
-            vol = study_cache(loaded, self.aug3d[name][0].size)[0]
+            vol = study_cache(loaded, self.aug3d[name][0].size, plan)[0]
             out[name] = np.mean([predict_volume(m, a, vol, self.device, self.amp)
                                  for m, a in zip(models, self.aug3d[name], strict=True)], axis=0)
         return out
@@ -136,8 +149,9 @@ class Predictor:
         sl = loaded.slices
         n = len(sl)
         outs: dict[str, CnnOutput] = {}
+        plan = self.inplane(loaded)
         for key in self.cnn:
-            cache, rows = study_cache(loaded, int(self.bundle.backbone(key)["size"]))
+            cache, rows = study_cache(loaded, int(self.bundle.backbone(key)["size"]), plan)
             outs[key] = self.cnn_outputs(key, cache, rows)
         stage: dict[str, np.ndarray] = {f"cnn:{k}": o.prob for k, o in outs.items()}
         if self.seq:
@@ -229,7 +243,8 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
                 threshold: float | dict[str, float] | None = None,
                 cam_dir: str | os.PathLike | None = None, progress: bool = False,
                 predictor: Predictor | None = None,
-                on_study: Callable[[Predictor, LoadedStudy, pd.DataFrame], Any] | None = None) -> Prediction:
+                on_study: Callable[[Predictor, LoadedStudy, pd.DataFrame], Any] | None = None,
+                fov_norm: bool = True) -> Prediction:
     """Discover, read and predict every study under ``dicom_dir`` with ``bundle`` (a :class:`ichdlib.serve.bundle.Bundle`
     or a bundle folder). Bad input never raises: it ends up in ``problems``. With ``cam_dir``, Grad-CAM
     overlays of the positive slices are written there (at the ``any`` threshold). ``threshold``: one number,
@@ -237,18 +252,21 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
     :mod:`ichdlib.serve.series` for the bundle's training thickness; ``series`` lists every series with its
     role and why it was (not) read. ``on_study(predictor, loaded, frame)`` is called after
     each study is predicted (e.g. :class:`ichdlib.serve.dicom_out.DicomWriter`); the problem rows it returns and what
-    it raises go to ``problems``."""
+    it raises go to ``problems``. ``fov_norm`` (when no ``predictor`` is given): the in-plane field-of-view
+    normalisation (:mod:`ichdlib.serve.inplane`); what it did per study is in ``studies`` (``fov_mm``,
+    ``inplane``), ``series`` and a warning in ``problems``."""
 
     t0 = time.perf_counter()
     if not hasattr(bundle, "cnn"):
 
         bundle = Bundle.load(bundle)
-    predictor = predictor or Predictor(bundle, device)
+    predictor = predictor or Predictor(bundle, device, fov_norm=fov_norm)
     thr = label_thresholds(threshold, bundle)
     t_load_models = time.perf_counter() - t0
     found = discover_all(dicom_dir, progress=progress, training_mm=bundle.training_mm)
     scans, problems = found.scans, found.problems
     frames, cams = [], []
+    inplane: dict[str, InplanePlan] = {}
     t_read, t_model = time.perf_counter() - t0 - t_load_models, 0.0
     for scan in tqdm(scans, desc="studies", unit="study", disable=not progress):
         t1 = time.perf_counter()
@@ -259,6 +277,8 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
             problems.append(problem("no readable slice; study not predicted", study_uid=scan.study_uid,
                                     series_uid=scan.series_uid))
             continue
+        inplane[scan.study_uid] = plan = predictor.inplane(loaded)
+        problems += inplane_problems(plan, scan.study_uid, scan.series_uid)
         t1 = time.perf_counter()
         try:
             frame = predictor.predict(loaded)
@@ -287,10 +307,21 @@ def predict_dir(dicom_dir: str | os.PathLike, bundle: Any, *, device: str | None
                                         study_uid=scan.study_uid, series_uid=scan.series_uid))
     slices = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     studies = summarize_studies(slices, thr)
+    studies["fov_mm"] = [inplane[u].fov_mm if u in inplane else None for u in studies["study_uid"]]
+    studies["inplane"] = [inplane[u].note if u in inplane else "" for u in studies["study_uid"]]
     seconds = {"load_models": t_load_models, "read": t_read, "model": t_model,
                "total": time.perf_counter() - t0, "studies": len(frames)}
+    for s in found.series:
+        if s.read and s.study_uid in inplane:
+            s.inplane = inplane[s.study_uid].note
     series = pd.DataFrame([s.as_row() for s in found.series], columns=SERIES_COLUMNS)
     return Prediction(slices, studies, problems_frame(problems), seconds, cams, series)
+
+
+def inplane_problems(plan: InplanePlan, study: str, series_uid: str, path: str = "") -> list[dict]:
+    """Warning rows of ``problems.csv`` for a series resampled in plane, or one that could not be (no PixelSpacing)."""
+    return [problem(text, study_uid=study, series_uid=series_uid, path=path, severity=WARNING)
+            for text in (plan.note, plan.warning) if text]
 
 
 def predict_study(dicom_dir: str | os.PathLike, bundle: Any, **kwargs: Any) -> pd.DataFrame:
@@ -328,13 +359,17 @@ def explain_study(predictor: Predictor, loaded: LoadedStudy, frame: pd.DataFrame
         return []
     key = next(iter(predictor.cnn))
     model = predictor.bundle.cnn[key].build(predictor.device)[0]  # torch (built here for an ONNX bundle)
-    cache, rows = study_cache(loaded, int(model.spec.size))
+    plan = predictor.inplane(loaded)
+    cache, rows = study_cache(loaded, int(model.spec.size), plan)
     out = []
     for i in pos:
         labels = [c for c in LABELS if frame[f"p_{c}"].iloc[i] >= threshold]
         hu = loaded.hu[i]
-        # the whole slice (crop=1.0), not a hard-edged centre-crop rectangle of map values
-        maps = explain(model, cache[rows[i]][None], labels, predictor.P.cam, out_size=hu.shape, crop=1.0)[0]
+        # the whole slice (crop=1.0), not a hard-edged centre-crop rectangle of map values; computed over the
+        # slice's in-plane box, then placed on the slice's own pixel grid (the inverse of the crop/pad)
+        box = plan.boxes[i]
+        maps = box.to_original(explain(model, cache[rows[i]][None], labels, predictor.P.cam, out_size=box.size,
+                                       crop=1.0)[0])
         out += [CamOverlay(int(i), c, float(frame[f"p_{c}"].iloc[i]), overlay(hu, m), np.asarray(m, dtype=np.float32))
                 for c, m in zip(labels, maps, strict=True)]
     return out

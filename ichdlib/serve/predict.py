@@ -60,6 +60,7 @@ def write_outputs(pred: Prediction, out: str | os.PathLike, bundle: Any = None,
         studies.append({
             "study_uid": st["study_uid"], "series_uid": st["series_uid"], "n_slices": int(st["n_slices"]),
             "series_reason": why.get(st["study_uid"], ""),
+            "fov_mm": st.get("fov_mm"), "inplane": st.get("inplane") or "",
             "max_any": st["max_any"], "positive": st["positive"],
             "findings": [{"label": c, "max_prob": st[f"max_{c}"], "slices": st[f"slices_{c}"]}
                          for c in labels[1:] if st[f"max_{c}"] >= thr[c]],
@@ -89,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cam", action="store_true", help="write Grad-CAM overlay PNGs for positive slices")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to run the models (default: cuda when available)")
+    parser.add_argument("--no-fov-norm", action="store_true",
+                        help="do not resample series whose in-plane field of view lies outside the training range "
+                             "(docs/validation.md)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="probability for a finding, every label (default: the bundle's operating point per "
                              "label, chosen at export on the out-of-fold studies; 0.5 for older bundles)")
@@ -148,7 +152,7 @@ def cli(args: argparse.Namespace) -> int:
                                  png_dir=args.out / "cam" if args.cam else None, pmap=getattr(args, "pmap", False))
         cam_dir = args.out / "cam" if args.cam and writer is None else None
         pred = predict_dir(args.dir, bundle, device=args.device, threshold=thr, cam_dir=cam_dir,
-                           progress=True, on_study=writer)
+                           progress=True, on_study=writer, fov_norm=not getattr(args, "no_fov_norm", False))
     if writer is not None and args.cam and not dicomweb:
         pred.cams = writer.pngs
     paths = write_outputs(pred, args.out, bundle, thr)
@@ -163,6 +167,8 @@ def cli(args: argparse.Namespace) -> int:
         print(f"  {st.study_uid}: max any {st.max_any:.3f}" + (f"; {st.findings}" if st.findings else ""))
         if read is not None and st.study_uid in read.index:
             print(f"    series {st.series_uid}: {read.loc[st.study_uid, 'reason']}")
+        if st.inplane:
+            print(f"    in plane: {st.inplane}")
     if len(pred.studies) > 20:
         print(f"  ... {len(pred.studies) - 20} more in {paths['studies']}")
     for p in pred.problems.head(10).itertuples():

@@ -49,7 +49,7 @@ DEFAULT_THICKNESS_MM = 5.0
 THIN_FRACTION = 0.6
 
 #: Series-level DICOM attributes read from one file per series (read_header does not keep them).
-SERIES_TAGS = ("SeriesDescription", "ConvolutionKernel", "ContrastBolusAgent", "SliceThickness")
+SERIES_TAGS = ("SeriesDescription", "ConvolutionKernel", "ContrastBolusAgent", "SliceThickness", "PixelSpacing")
 
 _NOT_CONTRAST = re.compile(r"NON[\s_-]*CON|PRE[\s_-]*CON|W/?O\b|WITHOUT|PLAIN|NATIVE|NC\b", re.I)
 _CONTRAST = re.compile(r"C\+|\+C\b|CONTRAST|POST[\s_-]*(CON|GAD|IV)|ENHANC|\bCE\b|\bCECT\b|ANGIO|CTA\b", re.I)
@@ -71,16 +71,21 @@ class SeriesInfo:
     thickness: float | None = None
     read: bool = False
     reason: str = ""
+    #: In-plane field of view (mm, PixelSpacing x Columns; None without PixelSpacing) and, for the series read,
+    #: what the in-plane normalisation did (:mod:`ichdlib.serve.inplane`; empty: nothing).
+    fov_mm: float | None = None
+    inplane: str = ""
 
     def as_row(self) -> dict[str, Any]:
         return {"study": self.study_uid, "series_uid": self.series_uid, "description": self.description,
                 "kernel": self.kernel, "contrast_agent": self.contrast_agent,
                 "thickness_mm": "" if self.thickness is None else round(float(self.thickness), 3),
-                "n_images": self.n_images, "role": self.role, "read": self.read, "reason": self.reason}
+                "n_images": self.n_images, "role": self.role, "read": self.read, "reason": self.reason,
+                "fov_mm": "" if self.fov_mm is None else round(float(self.fov_mm), 1), "inplane": self.inplane}
 
 
 SERIES_COLUMNS = ["study", "series_uid", "description", "kernel", "contrast_agent", "thickness_mm", "n_images",
-                  "role", "read", "reason"]
+                  "role", "read", "reason", "fov_mm", "inplane"]
 
 
 def series_tags(path: str) -> dict[str, str]:

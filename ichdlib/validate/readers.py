@@ -465,6 +465,18 @@ def canonical(img: Any, like: Any = None) -> tuple[np.ndarray, int, bool, float]
     return np.ascontiguousarray(np.transpose(out, (2, 1, 0)), dtype=np.float32), axis, bool(tr[axis, 1] < 0), spacing
 
 
+def inplane_spacing(img: Any) -> tuple[float, float] | None:
+    """Pixel spacing ``(row mm, col mm)`` of :func:`canonical`'s slices (rows posterior, columns patient-left),
+    from the voxel sizes of the stored axes they came from; None when not positive and finite."""
+    tr = ornt_transform(io_orientation(img.affine), axcodes2ornt(("L", "P", "S")))
+    zooms = img.header.get_zooms()
+    try:
+        row, col = (float(abs(zooms[int(np.flatnonzero(tr[:, 0] == k)[0])])) for k in (1, 0))
+    except (IndexError, TypeError, ValueError):
+        return None
+    return (row, col) if all(np.isfinite(v) and v > 0 for v in (row, col)) else None
+
+
 def _load_nifti(item: Item) -> LoadedCase | tuple[None, list[dict]]:
 
     probs: list[dict] = []
@@ -496,7 +508,7 @@ def _load_nifti(item: Item) -> LoadedCase | tuple[None, list[dict]]:
                            "path": str(item.volume), "study_uid": item.study, "patient_id": item.study,
                            "series_uid": "", "slice_number": stored + 1})
     slices = order_slices(slices)
-    scan = StudyScan(item.study, item.study, "", slices, [])
+    scan = StudyScan(item.study, item.study, "", slices, [], pixel_spacing=inplane_spacing(img))
     masks = None
     if item.mask is not None:
         try:

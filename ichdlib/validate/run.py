@@ -55,7 +55,7 @@ from ichdlib.review.pointing import peak_distances
 from ichdlib.serve.bundle import Bundle, export
 from ichdlib.serve.discover import WARNING, problem, problems_frame
 from ichdlib.serve.operating import AGGREGATES, study_probability
-from ichdlib.serve.pipeline import Predictor, label_thresholds, study_cache
+from ichdlib.serve.pipeline import Predictor, inplane_problems, label_thresholds, study_cache
 from ichdlib.stages import StageReport
 from ichdlib.validate.metrics import (
     PROB_COLUMNS,
@@ -118,6 +118,7 @@ def _pointing(predictor: Predictor, case: Any, frame: pd.DataFrame, thr_any: flo
     key = next(iter(predictor.cnn))
     model = predictor.bundle.cnn[key].models[0]  # the first backbone's first fold, as ichd predict --cam explains
     cache = None
+    plan = predictor.inplane(case.loaded)
     p_any = frame["p_any"].to_numpy()
     for i, mask in enumerate(case.masks):
         if not mask.any() or p_any[i] < thr_any:
@@ -126,8 +127,10 @@ def _pointing(predictor: Predictor, case: Any, frame: pd.DataFrame, thr_any: flo
         if case.slice_labels is not None:
             labels += [c for c in LABELS[1:] if c in case.slice_labels.columns and case.slice_labels[c].iloc[i]]
         if cache is None:
-            cache, rows_idx = study_cache(case.loaded, int(model.spec.size))
-        maps = list(explain(model, cache[rows_idx[i]][None], labels, predictor.P.cam, out_size=mask.shape)[0])
+            cache, rows_idx = study_cache(case.loaded, int(model.spec.size), plan)
+        box = plan.boxes[i]  # the map over the slice's in-plane box, back on the slice's (and mask's) pixel grid
+        maps = list(box.to_original(explain(model, cache[rows_idx[i]][None], labels, predictor.P.cam,
+                                            out_size=box.size)[0]))
         dist = peak_distances(maps, [mask] * len(maps))
         tol = STANDARD_TOLERANCE * mask.shape[0] / 224.0
         for c, d in zip(labels, dist, strict=True):
@@ -153,9 +156,10 @@ def _pointing_summary(rows: list[dict]) -> dict[str, Any] | None:
 def validate(data: str | os.PathLike, bundles: list[Any], out: str | os.PathLike, *, fmt: str = "auto",
              labels: str | os.PathLike | None = None, aggregate: str = "max",
              threshold: float | None = None, device: str | None = "auto", n_boot: int = 1000, seed: int = 0,
-             pointing: bool = True, progress: bool = False) -> Validation:
+             pointing: bool = True, progress: bool = False, fov_norm: bool = True) -> Validation:
     """Score ``bundles`` (folders or :class:`ichdlib.serve.bundle.Bundle`) on the dataset at ``data`` and
-    write the outputs under ``out`` (module docstring). One bad study never stops the run."""
+    write the outputs under ``out`` (module docstring). One bad study never stops the run. ``fov_norm``: the
+    in-plane field-of-view normalisation (:mod:`ichdlib.serve.inplane`; ``series.csv`` ``fov_mm``/``inplane``)."""
 
     t0 = time.perf_counter()
     if not bundles:
@@ -172,7 +176,8 @@ def validate(data: str | os.PathLike, bundles: list[Any], out: str | os.PathLike
     if threshold is None and first.aggregate != aggregate:
         problems.append(problem(f"the bundle's thresholds were chosen for '{first.aggregate}' study probabilities, "
                                 f"this run aggregates with '{aggregate}'", severity=WARNING))
-    predictors = [Predictor(b, device) for b in bundles]
+    predictors = [Predictor(b, device, fov_norm=fov_norm) for b in bundles]
+    inplane: dict[tuple[str, str], str] = {}
     rows: list[list[dict]] = [[] for _ in bundles]
     slice_rows, point_rows = [], []
     for item in tqdm(ds.items, desc="studies", unit="study", disable=not progress):
@@ -196,6 +201,10 @@ def validate(data: str | os.PathLike, bundles: list[Any], out: str | os.PathLike
             rows[k].append({"study": item.study, "series_uid": item.scan.series_uid if item.scan else "",
                             "n_slices": len(frame), **dict(zip(PROB_COLUMNS, map(float, study_p), strict=True))})
             if k == 0:
+                plan = pred.inplane(case.loaded)
+                series_uid = item.scan.series_uid if item.scan else ""
+                inplane[(item.study, series_uid)] = plan.note
+                problems += inplane_problems(plan, item.study, series_uid, _where(item))
                 slice_rows.append(frame[["slice_index", "z", *[f"p_{c}" for c in PROB_COLUMNS]]]
                                   .assign(study=item.study, sop_uid=frame["sop_uid"]))
                 if pointing and case.masks is not None:
@@ -213,11 +222,21 @@ def validate(data: str | os.PathLike, bundles: list[Any], out: str | os.PathLike
         metrics["comparison"] = {names[k]: compare_bundles(studies[0], studies[k], ds.labels)
                                  for k in range(1, len(bundles))}
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    v = Validation(Path(out), ds, studies[0], metrics, ds.series, problems_frame(problems),
+    v = Validation(Path(out), ds, studies[0], metrics, _with_inplane(ds.series, inplane), problems_frame(problems),
                    {names[k]: studies[k] for k in range(1, len(bundles))})
     slices = pd.concat(slice_rows, ignore_index=True) if slice_rows else pd.DataFrame()
     write_outputs(v, bundles, slices, thr, aggregate, n_boot, seed)
     return v
+
+
+def _with_inplane(series: pd.DataFrame, notes: dict[tuple[str, str], str]) -> pd.DataFrame:
+    """``series.csv`` with the in-plane note of each series read (``inplane``; empty: nothing done)."""
+    if series.empty or "inplane" not in series.columns:
+        return series
+    series = series.copy()
+    keys = zip(series["study"].astype(str), series["series_uid"].astype(str), strict=True)
+    series["inplane"] = [notes.get(k, "") if r else "" for k, r in zip(keys, series["read"].astype(bool), strict=True)]
+    return series
 
 
 def _where(item: Any) -> str:
@@ -416,6 +435,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for auc_ci_bootstrap (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--no-pointing", action="store_true", help="skip the pointing game on lesion masks")
+    parser.add_argument("--no-fov-norm", action="store_true",
+                        help="do not resample series whose in-plane field of view lies outside the training range")
 
 
 def summary_lines(v: Validation) -> list[str]:
@@ -455,7 +476,7 @@ def cli(args: argparse.Namespace) -> int:
     """``ichd validate``: exit 0 when at least one study was scored, 1 when none could be."""
     v = validate(args.data, args.bundle, args.out, fmt=args.format, labels=args.labels, aggregate=args.aggregate,
                  threshold=args.threshold, device=args.device, n_boot=args.n_boot, seed=args.seed,
-                 pointing=not args.no_pointing, progress=True)
+                 pointing=not args.no_pointing, progress=True, fov_norm=not getattr(args, "no_fov_norm", False))
     print("\n".join(summary_lines(v)))
     return 0 if len(v.studies) else 1
 
