@@ -200,3 +200,23 @@ def test_predictions_identical_inside_the_range_and_resampled_outside(ubundle, t
     box = predictor.inplane(loaded).boxes[0]
     assert overlays and all(o.cam.shape == loaded.hu[o.row].shape for o in overlays)
     assert box.top > 0 and all(o.cam[: box.top].max() == 0 and o.cam[:, : box.left].max() == 0 for o in overlays)
+
+
+def test_validate_resamples_a_wide_nifti_and_maps_the_pointing_game_back(ubundle, tmp_path):
+    """CT-ICH-style volumes with a 2x wider field of view: every study is resampled (problems.csv says so), and the
+    pointing game still runs on the masks' own grid through the inverse box."""
+    from ichdlib.phantom.layouts import generate_layout
+    from ichdlib.validate.run import validate
+
+    data = tmp_path / "ctich"
+    generate_layout(data, "ctich", studies=3, seed=1, size=32, workers=1, progress=False)  # one with a lesion
+    for path in sorted((data / "ct_scans").glob("*.nii")):
+        img = nib.load(str(path), mmap=False)  # read into memory: the file is written over below
+        aff = img.affine.copy()
+        aff[:3, :2] *= 2.0  # the same pixels, each twice as wide: a 2x field of view
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), aff, img.header), str(path))
+    v = validate(data, [ubundle], tmp_path / "out", device="cpu", n_boot=0, threshold=0.0)  # every mask slice
+    msgs = v.problems["message"]
+    assert msgs.str.contains("to 230 mm field of view").sum() == len(v.studies) == 3
+    assert not msgs.str.contains("pointing game skipped").any()
+    assert v.metrics["pointing"] is not None  # the maps were compared with the masks

@@ -15,7 +15,9 @@ executing pickled code.
 folds, feature dim, checkpoint meta, files), ``seq`` (backbone keys in input order, models with their folds,
 meta and files), ``ensemble`` (method, members, weights), ``params`` (the params as JSON), ``versions``
 (ichdlib, python, torch, timm, numpy, pydicom, safetensors), ``files`` (sha256 of every weights file,
-checked at load) and ``integrity`` (sha256 of the manifest itself without this key, checked at load).
+checked at load) and ``integrity`` (sha256 of the manifest itself without this key, checked at load); optional
+``training`` (the training data's slice thickness, z and pixel spacing and in-plane field of view,
+:mod:`ichdlib.serve.inplane`) and ``operating_point``.
 
 ``bundle.json`` is not trusted as written: :class:`Manifest` (pydantic; the per-backbone entry is its own
 model, :class:`BackboneEntry`) checks it at load. File entries must be plain relative names inside the
