@@ -400,6 +400,8 @@ class ExternalCfg(_Strict):
     phantom_size: int = Field(128, ge=32)
     #: The demo phantom drawn as another scanner (``ichd synth --shift``: ``scannerB``, ``scannerC``).
     phantom_shift: str = "none"
+    #: Resample series whose in-plane field of view lies outside the training range (``ichdlib.serve.inplane``).
+    fov_norm: bool = True
 
 
 class Cnn3dCfg(_Strict):

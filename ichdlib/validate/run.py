@@ -514,7 +514,8 @@ def run_external(P: Any, progress: bool = False) -> Validation:
     bundle: Any = P._resolve(E.bundle) if E.bundle is not None else export(P, P.layout.bundle, force=True)
     return validate(data, [bundle, *[P._resolve(b) for b in E.compare]], P.layout.external(E.out), fmt=E.format,
                     labels=P._resolve(E.labels) if E.labels is not None else None, aggregate=E.aggregate,
-                    device=P.device, n_boot=E.n_boot, seed=P.seed, pointing=E.pointing, progress=progress)
+                    device=P.device, n_boot=E.n_boot, seed=P.seed, pointing=E.pointing, progress=progress,
+                    fov_norm=E.fov_norm)
 
 
 def run_stage(P: Any, force: bool = False) -> StageReport:
