@@ -167,7 +167,7 @@ def cli(args: argparse.Namespace) -> int:
         print(f"  {st.study_uid}: max any {st.max_any:.3f}" + (f"; {st.findings}" if st.findings else ""))
         if read is not None and st.study_uid in read.index:
             print(f"    series {st.series_uid}: {read.loc[st.study_uid, 'reason']}")
-        if st.inplane:
+        if getattr(st, "inplane", ""):  # (--dicomweb gathers studies from parts: its problems.csv says it)
             print(f"    in plane: {st.inplane}")
     if len(pred.studies) > 20:
         print(f"  ... {len(pred.studies) - 20} more in {paths['studies']}")
