@@ -299,6 +299,9 @@ class SeqCfg(_Strict):
     #: CPU threads for this stage's small tensors (None = torch's default). One thread is as fast as two
     #: here and avoids the 5-10x slowdown of spinning OpenMP threads on a busy, shared CPU.
     cpu_threads: int | None = Field(1, ge=1)
+    #: (model, fold) pairs trained side by side in worker processes, like ``cnn.fold_jobs`` (same results; not
+    #: under torchrun; not part of the stage stamp).
+    fold_jobs: int = Field(1, ge=1)
     #: Which epoch a fold keeps: ``last`` (honest OOF) or ``best`` val loss (the original; biases OOF low).
     select: Literal["last", "best"] = "last"
 

@@ -1,4 +1,4 @@
-"""Folds trained side by side in worker processes (``cnn.fold_jobs``).
+"""Folds trained side by side in worker processes (``cnn.fold_jobs``, ``seq.fold_jobs``).
 
 On a CPU, one fold trained with one torch thread leaves the other cores idle, and more threads on one fold
 compete (OpenMP) more than they add up on a small shared machine. :func:`run_fold_jobs` trains the folds
@@ -40,35 +40,39 @@ class FoldJobError(RuntimeError):
 
 class QueueProgress(TrainingProgress):
     """A worker's progress: fold starts and finished epochs go to the parent through ``events`` (a
-    ``multiprocessing.Manager().Queue()``); nothing is printed in the worker."""
+    ``multiprocessing.Manager().Queue()``) under the job's ``key`` (default: the fold); nothing is printed in
+    the worker."""
 
-    def __init__(self, model: str, events: Any) -> None:
+    def __init__(self, model: str, events: Any, key: Any = None) -> None:
         super().__init__(model, live=False, lines_per_fold=0)
-        self.events = events
+        self.events, self.key = events, key
 
     def fold(self, fold: int | str, epochs: int, start: int = 0, best: float | None = None) -> None:
         self._fold = fold
-        self.events.put(("fold", fold, epochs, start, best))
+        self.events.put(("fold", self._key(), fold, epochs, start, best))
 
     def epoch(self, epoch: int, train_loss: float, val_wll: float | None = None,
               images_per_s: float | None = None, seconds: float | None = None) -> str:
-        self.events.put(("epoch", self._fold, epoch, train_loss, val_wll, images_per_s, seconds))
+        self.events.put(("epoch", self._key(), epoch, train_loss, val_wll, images_per_s, seconds))
         return ""
+
+    def _key(self) -> Any:
+        return self._fold if self.key is None else self.key
 
 
 def _drain(events: Any, shown: dict[Any, TrainingProgress], progress: Callable[[Any], TrainingProgress]) -> None:
-    """Replay the workers' events on the parent's per-fold progress."""
+    """Replay the workers' events on the parent's progress, one per job key."""
     while True:
         try:
-            kind, fold, *args = events.get_nowait()
+            kind, key, *args = events.get_nowait()
         except queue.Empty:
             return
-        if fold not in shown:
-            shown[fold] = progress(fold)
+        if key not in shown:
+            shown[key] = progress(key)
         if kind == "fold":
-            shown[fold].fold(fold, *args)
+            shown[key].fold(*args)
         else:
-            shown[fold].epoch(*args)
+            shown[key].epoch(*args)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -194,7 +194,7 @@ def _sha(data: bytes) -> str:
 
 #: Settings that change how fast a stage runs, never what it writes: left out of the stamps, so flipping
 #: them reruns nothing (and stamps written before they existed stay current).
-UNSTAMPED = (("cnn", "fold_jobs"),)
+UNSTAMPED = (("cnn", "fold_jobs"), ("seq", "fold_jobs"))
 
 
 def _without_unstamped(dump: dict[str, Any]) -> dict[str, Any]:

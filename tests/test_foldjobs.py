@@ -1,4 +1,4 @@
-"""``cnn.fold_jobs``: folds trained side by side in spawned worker processes give the results of training them
+"""``cnn.fold_jobs`` / ``seq.fold_jobs``: folds trained side by side in spawned worker processes give the results of training them
 one after another, report their epochs through the parent, fail loudly per fold, and change no stamp."""
 
 from __future__ import annotations
@@ -123,9 +123,49 @@ def test_an_interrupted_run_resumes_in_the_workers(repo, both, toy, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(res["oof"]), pd.read_parquet(both[1][1]["oof"]))
 
 
+def test_seq_folds_side_by_side_give_the_sequential_results(tmp_path):
+    import contextlib
+    import io
+
+    import pandas as pd
+    from builders import fabricate_level1, smoke, two_backbones
+
+    import ichdlib.seq.train as S
+
+    out, pools = {}, []
+    real = S.run_fold_jobs
+
+    def spied(target, jobs, workers, *args, **kw):
+        pools.append((sorted(jobs), workers))
+        return real(target, jobs, workers, *args, **kw)
+
+    for jobs in (1, 3):
+        P = smoke(tmp_path / f"j{jobs}", **two_backbones(), seq={"fold_jobs": jobs})
+        fabricate_level1(P)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(S, "run_fold_jobs", spied)
+            out[jobs] = S.run_stage(P).result, buf.getvalue()
+    pairs = [(m, k) for m in P.seq.models for k in range(P.ingest.folds)]
+    assert pools == [(sorted(pairs), 3)]  # every (model, fold) of the stage in one pool of three workers
+    for m in P.seq.models:
+        a, b = out[1][0][m], out[3][0][m]
+        pd.testing.assert_frame_equal(a.oof, b.oof)
+        pd.testing.assert_frame_equal(a.test, b.test)
+        pd.testing.assert_frame_equal(a.history.drop(columns="seconds"), b.history.drop(columns="seconds"))
+    for m, k in pairs:  # each fold's summary line, printed by this process
+        assert f"{m} fold {k}: {P.seq.epochs} epoch(s)" in out[3][1]
+    flipped = smoke(tmp_path / "j1", **two_backbones(), seq={"fold_jobs": 3})  # the run with fold_jobs 1
+    with pytest.MonkeyPatch.context() as mp:  # finished folds: no workers, nothing retrained
+        mp.setattr(S, "run_fold_jobs", None)
+        mp.setattr(S, "_train_fold", None)
+        again = S.run_stage(flipped).result
+    pd.testing.assert_frame_equal(again["seq1"].oof, out[3][0]["seq1"].oof)
+
+
 def _job(fold: int, events) -> int:
     """A fold job for the pool tests (spawned workers import it from this module, whose imports are light)."""
-    events.put(("fold", fold, 1, 0, None))
+    events.put(("fold", fold, fold, 1, 0, None))
     if fold == 1:
         raise ValueError("fold one's input is bad\n(second line)")
     if fold == 3:
@@ -163,9 +203,10 @@ def test_fold_jobs_change_no_stamp(repo, tmp_path):
     from ichdlib.stages import STAGES, StampStore, decide
 
     P1, P2 = _params(repo, tmp_path, 1), _params(repo, tmp_path, 2)
+    P2.seq.fold_jobs = 3
     known = list(STAGES)
     store = StampStore(P1)
-    for number in ("02", "03"):
+    for number in ("02", "03", "04"):
         first = decide(store, STAGES[number], None, known)
         store.mark_done(number, first.parts, 1.0)
         assert not decide(StampStore(P2), STAGES[number], None, known).run

@@ -23,11 +23,14 @@ even at RSNA's size (``benchmarks/scale.py``, stage ``seq_epoch_host``). :meth:`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -39,12 +42,13 @@ from matplotlib.ticker import MaxNLocator
 from ichdlib.cnn import distributed as D
 from ichdlib.config import Params
 from ichdlib.files import atomic_write, save_parquet
+from ichdlib.foldjobs import QueueProgress, run_fold_jobs
 from ichdlib.labels import LABELS, short_uid
 from ichdlib.layout import ModelDir
 from ichdlib.metrics import weighted_log_loss
 from ichdlib.predictions import load_stage
 from ichdlib.progress import TrainingProgress
-from ichdlib.runtime import derive_seed, save_torch, torch_threads
+from ichdlib.runtime import derive_seed, resolve_workers, save_torch, torch_threads
 from ichdlib.seq.infer import load_seq_model, predict_studies
 from ichdlib.seq.inputs import (
     MODELS,
@@ -101,7 +105,7 @@ def fold_split(inputs: SeqInputs, fold: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _signature(P: Params, model_name: str, inputs: SeqInputs) -> dict:
-    cfg = P.seq.model_dump(mode="json", exclude={"models"})
+    cfg = P.seq.model_dump(mode="json", exclude={"models", "fold_jobs"})  # fold_jobs changes no result
     # the level-1 probabilities identify the inputs cheaply: retrained CNNs give other numbers
     digest = hashlib.sha256(np.ascontiguousarray(inputs.probs).tobytes()).hexdigest()[:16]
     return {"model": model_name, "seq": cfg, "backbones": inputs.keys, "dims": [f.shape[1] for f in inputs.feats],
@@ -218,29 +222,74 @@ def _frame(inputs: SeqInputs, probs: np.ndarray, with_fold: bool) -> pd.DataFram
     return df
 
 
-def train_seq(P: Params, model_name: str, force: bool = False) -> SeqResult:
+def train_seq(P: Params, model_name: str, force: bool = False, *, fresh: Iterable[int] = ()) -> SeqResult:
     """Train ``seq1`` or ``seq2`` on every catalog fold and write ``work/seq/<model>/{oof,test}.parquet``.
 
     OOF: each training slice from the fold model that did not see its patient (flip TTA). Test: the mean
     over all fold models and both directions. Finished outputs are reused unless ``force`` (or unless the
-    settings changed); an interrupted fold resumes from its last epoch.
+    settings changed); an interrupted fold resumes from its last epoch. ``fresh``: folds just trained
+    (by :func:`train_side_by_side`), not retrained even with ``force``.
     """
     MODELS.check(model_name)
     with D.main_lock(P.layout.seq(model_name).path, what=f"seq {model_name}"), \
             torch_threads(P.seq.cpu_threads, P.torch_device()):
-        return _train_seq(P, model_name, force)
+        return _train_seq(P, model_name, force, set(fresh))
+
+
+def _fold_current(d: ModelDir, fold: int, signature: dict) -> bool:
+    """Whether a fold's final checkpoint and log exist and were trained with ``signature``."""
+    final = d.checkpoint(fold)
+    if not (final.is_file() and d.log(fold).is_file()):
+        return False
+    return torch.load(final, map_location="cpu", weights_only=True)["meta"].get("signature") == signature
+
+
+def train_side_by_side(P: Params, models: list[str], force: bool = False) -> dict[str, list[int]]:
+    """``seq.fold_jobs``: train the (model, fold) pairs that need it in up to that many worker processes at
+    a time (:mod:`ichdlib.foldjobs`; the models' folders locked meanwhile); returns the folds trained per
+    model. :func:`train_seq` then assembles each model's OOF and test tables as usual."""
+    tr_in = load_inputs(P, "train", _load_catalog(P))
+    check_level2_folds(tr_in)
+    folds = sorted(set(tr_in.study_fold().tolist()))
+    todo = {(m, k): (P, m, k, force, P.seq.cpu_threads or max(1, resolve_workers(0) // P.seq.fold_jobs))
+            for m in models for k in folds
+            if force or not _fold_current(P.layout.seq(m), k, _signature(P, m, tr_in))}
+    if len(todo) < 2:  # nothing to share out: train_seq trains it here
+        return {}
+    with contextlib.ExitStack() as locks:
+        for m in models:
+            P.layout.seq(m).path.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(D.main_lock(P.layout.seq(m).path, what=f"seq {m}"))
+        run_fold_jobs(fold_job, todo, P.seq.fold_jobs,
+                      lambda key: TrainingProgress(key[0], lines_per_fold=0, curve=False),
+                      what=f"seq models ({P.seq.fold_jobs} fold jobs)")
+    return {m: [k for mm, k in todo if mm == m] for m in models}
+
+
+def fold_job(P: Params, model_name: str, fold: int, force: bool, threads: int, events: Any) -> int:
+    """One (model, fold) of :func:`train_side_by_side` in a worker process: loads the level-2 inputs itself
+    (features mapped read-only), trains the fold with ``threads`` torch threads, reports its epochs to
+    ``events``; returns the number of epochs logged."""
+    tr_in = load_inputs(P, "train", _load_catalog(P))
+    with torch_threads(threads, P.torch_device()):
+        log = train_fold(P, model_name, tr_in, fold, P.layout.seq(model_name).path, force=force,
+                         signature=_signature(P, model_name, tr_in),
+                         progress=QueueProgress(model_name, events, key=(model_name, fold)))
+    return len(log)
 
 
 def run_stage(P: Params, force: bool = False) -> StageReport:
     """Stage 04 (:data:`ichdlib.stages.STAGES`): :func:`train_seq` for every model of ``seq.models``; the
-    report's ``result`` is ``{model: SeqResult}``."""
-    results = {m: train_seq(P, m, force=force) for m in P.seq.models}
+    report's ``result`` is ``{model: SeqResult}``. With ``seq.fold_jobs`` > 1 (not under torchrun) the folds
+    of all models train side by side first (:func:`train_side_by_side`), with the same results."""
+    fresh = train_side_by_side(P, list(P.seq.models), force) if P.seq.fold_jobs > 1 and not D.is_dist() else {}
+    results = {m: train_seq(P, m, force=force, fresh=fresh.get(m, ())) for m in P.seq.models}
     rows = [{"model": m, "oof rows": len(r.oof), "test rows": len(r.test), "folder": str(r.out_dir)}
             for m, r in results.items()]
     return StageReport("seq", rows, result=results)
 
 
-def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
+def _train_seq(P: Params, model_name: str, force: bool, fresh: set[int] = frozenset()) -> SeqResult:
     d = P.layout.seq(model_name)
     out_dir = d.path
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,12 +301,13 @@ def _train_seq(P: Params, model_name: str, force: bool) -> SeqResult:
     test_digest = hashlib.sha256(np.ascontiguousarray(te_in.probs).tobytes()).hexdigest()[:16]
     out_signature = {**signature, "test_inputs": test_digest}
     folds = sorted(set(tr_in.study_fold().tolist()))
-    if not force and _outputs_current(out_dir, out_signature):
+    if not force and not fresh and _outputs_current(out_dir, out_signature):
         hist = pd.concat([pd.read_csv(d.log(k)) for k in folds], ignore_index=True)
         return SeqResult(model_name, pd.read_parquet(d.oof), pd.read_parquet(d.test), hist, out_dir)
     with TrainingProgress(model_name, lines_per_fold=0) as progress:
         for k in D.shard_list(folds):  # under torchrun the folds fan out across ranks (all of them alone)
-            train_fold(P, model_name, tr_in, k, out_dir, force=force, signature=signature, progress=progress)
+            train_fold(P, model_name, tr_in, k, out_dir, force=force and k not in fresh, signature=signature,
+                       progress=progress)
     D.barrier()
     logs = [train_fold(P, model_name, tr_in, k, out_dir, signature=signature) for k in folds]  # read back
     device = P.torch_device()
