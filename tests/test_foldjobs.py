@@ -20,6 +20,16 @@ def _params(repo, root, fold_jobs: int):
     return load_params(repo / "params" / "smoke.yaml", over)
 
 
+def _spy(module, pools: list):
+    """``module.run_fold_jobs`` recording each pool's jobs and workers (the run goes on as usual)."""
+    real = module.run_fold_jobs
+
+    def spied(target, jobs, workers, *args, **kw):
+        pools.append((sorted(jobs), workers))
+        return real(target, jobs, workers, *args, **kw)
+    return spied
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """Two folds of a tiny toy catalog; the cache as a read-only map (as ``open_slices`` gives it), which the
@@ -43,11 +53,7 @@ def both(repo, toy, tmp_path_factory):
 
     cat, cache = toy
     out, pools = {}, []
-    real = T.run_fold_jobs
-
-    def spied(target, jobs, workers, *args, **kw):
-        pools.append((sorted(jobs), workers))
-        return real(target, jobs, workers, *args, **kw)
+    spied = _spy(T, pools)
 
     for jobs in (1, 2):
         P = _params(repo, tmp_path_factory.mktemp(f"jobs{jobs}"), jobs)
@@ -133,11 +139,7 @@ def test_seq_folds_side_by_side_give_the_sequential_results(tmp_path):
     import ichdlib.seq.train as S
 
     out, pools = {}, []
-    real = S.run_fold_jobs
-
-    def spied(target, jobs, workers, *args, **kw):
-        pools.append((sorted(jobs), workers))
-        return real(target, jobs, workers, *args, **kw)
+    spied = _spy(S, pools)
 
     for jobs in (1, 3):
         P = smoke(tmp_path / f"j{jobs}", **two_backbones(), seq={"fold_jobs": jobs})
