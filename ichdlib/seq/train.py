@@ -289,7 +289,7 @@ def run_stage(P: Params, force: bool = False) -> StageReport:
     return StageReport("seq", rows, result=results)
 
 
-def _train_seq(P: Params, model_name: str, force: bool, fresh: set[int] = frozenset()) -> SeqResult:
+def _train_seq(P: Params, model_name: str, force: bool, fresh: frozenset[int] | set[int] = frozenset()) -> SeqResult:
     d = P.layout.seq(model_name)
     out_dir = d.path
     out_dir.mkdir(parents=True, exist_ok=True)
