@@ -476,7 +476,7 @@ def cli(args: argparse.Namespace) -> int:
     """``ichd validate``: exit 0 when at least one study was scored, 1 when none could be."""
     v = validate(args.data, args.bundle, args.out, fmt=args.format, labels=args.labels, aggregate=args.aggregate,
                  threshold=args.threshold, device=args.device, n_boot=args.n_boot, seed=args.seed,
-                 pointing=not args.no_pointing, progress=True, fov_norm=not getattr(args, "no_fov_norm", False))
+                 pointing=not args.no_pointing, progress=True, fov_norm=not args.no_fov_norm)
     print("\n".join(summary_lines(v)))
     return 0 if len(v.studies) else 1
 
